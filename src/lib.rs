@@ -1,0 +1,18 @@
+//! sifucall: an AI voice agent on Asterisk AudioSocket calls.
+//!
+//! # Layout
+//! - [`audiosocket`]: the wire protocol (typed frames, strict codec).
+//! - [`audio`]: G.711, WAV, resampling and voice-activity detection.
+//! - [`call`]: one call: the session task, real-time playout, echo and the conversation.
+//! - [`server`]: the listener: allowlist, call cap, graceful shutdown.
+//! - [`providers`]: Azure STT, OpenRouter and ElevenLabs clients behind one trait each.
+//! - [`sandbox`]: fake providers speaking the same wire formats, for tests and the demo.
+//! - [`caller`]: a synthetic Asterisk that places calls, for operators, tests and benchmarks.
+//! - [`ops`]: configuration, logging, metrics, admin HTTP, systemd, call records.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod audiosocket;
+pub mod ops;
+pub mod audio;
+pub mod providers;
+pub mod sandbox;

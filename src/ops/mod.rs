@@ -1,0 +1,4 @@
+//! Everything an operator touches: configuration, logs, metrics, the admin HTTP server,
+//! systemd integration and call records.
+
+pub mod config;

@@ -1,0 +1,113 @@
+//! The language model: a streamed chat completion per turn.
+
+// pub mod openrouter;
+// pub mod sse;
+
+use futures_util::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use super::BoxFuture;
+
+/// One message of the conversation history, in OpenAI chat format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The text (may be empty for an assistant message that only calls tools).
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self { role: role.to_owned(), content: content.into() }
+    }
+}
+
+/// One completion request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    /// System prompt first, then the history.
+    pub messages: Vec<ChatMessage>,
+    /// Offer the `end_call` tool.
+    pub offer_end_call: bool,
+    /// The call's id, for logs.
+    pub call_id: String,
+}
+
+/// Something the model streamed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LlmEvent {
+    /// A piece of the reply's text.
+    Text(String),
+    /// A complete tool call (arguments concatenated across deltas).
+    ToolCall {
+        /// The call id the model chose.
+        id: String,
+        /// The function name, e.g. `end_call`.
+        name: String,
+        /// The JSON arguments as text.
+        arguments: String,
+    },
+    /// Token usage and cost, when the service reports them.
+    Usage {
+        /// Prompt tokens.
+        prompt_tokens: u64,
+        /// Completion tokens.
+        completion_tokens: u64,
+        /// Cost in credits (USD), if reported.
+        cost: Option<f64>,
+    },
+    /// The reply is complete.
+    Done {
+        /// `stop`, `length`, `tool_calls`, ...
+        finish_reason: Option<String>,
+    },
+}
+
+/// Why a completion failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum LlmError {
+    /// An HTTP error status before the stream started (after the one retry, if any).
+    #[error("LLM request failed with HTTP {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The service's message.
+        message: String,
+    },
+    /// No first token before the deadline.
+    #[error("no first token within {0} ms")]
+    FirstTokenTimeout(u64),
+    /// The stream stalled mid-reply.
+    #[error("stream stalled for {0} ms")]
+    Stalled(u64),
+    /// An `error` event inside an HTTP 200 stream.
+    #[error("LLM stream error {code}: {message}")]
+    MidStream {
+        /// The error code (number or string in the wild).
+        code: String,
+        /// The message.
+        message: String,
+    },
+    /// Data that is not what the protocol says.
+    #[error("malformed LLM stream: {0}")]
+    Malformed(String),
+    /// Connection-level failure.
+    #[error("LLM transport error: {0}")]
+    Transport(String),
+    /// The configuration is unusable.
+    #[error("LLM is misconfigured: {0}")]
+    Config(String),
+}
+
+/// A stream of events for one reply; it ends after `Done` or an error.
+pub type LlmStream = BoxStream<'static, Result<LlmEvent, LlmError>>;
+
+/// A chat-completion provider.
+pub trait LlmProvider: Send + Sync + 'static {
+    /// Starts a streamed completion. Resolves once the response headers arrived (after the
+    /// pre-stream retry); the first-token deadline applies to the returned stream.
+    fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<LlmStream, LlmError>>;
+}

@@ -11,8 +11,11 @@
 //! - [`ops`]: configuration, logging, metrics, admin HTTP, systemd, call records.
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod audiosocket;
-pub mod ops;
+pub mod app;
 pub mod audio;
+pub mod audiosocket;
+pub mod call;
+pub mod ops;
 pub mod providers;
 pub mod sandbox;
+pub mod server;

@@ -31,7 +31,9 @@ pub enum FrameError {
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
     /// The stream ended inside a message.
-    #[error("truncated frame: kind 0x{kind:02x} announced {expected} payload bytes, stream ended after {got}")]
+    #[error(
+        "truncated frame: kind 0x{kind:02x} announced {expected} payload bytes, stream ended after {got}"
+    )]
     Truncated {
         /// The kind of the unfinished message.
         kind: u8,
@@ -141,7 +143,7 @@ impl ServerCodec {
             KIND_ERROR => Ok(Inbound::Error(payload)),
             other => match SampleRate::from_kind(other) {
                 Some(_) if payload.is_empty() => Err(FrameError::EmptyAudio(other)),
-                Some(_) if payload.len() % 2 != 0 => Err(FrameError::OddAudio {
+                Some(_) if !payload.len().is_multiple_of(2) => Err(FrameError::OddAudio {
                     kind: other,
                     len: payload.len(),
                 }),
@@ -295,7 +297,10 @@ mod tests {
         for (i, rate) in SampleRate::ALL.into_iter().enumerate() {
             assert_eq!(
                 msgs[2 + i],
-                Inbound::Audio { rate, pcm: Bytes::from_static(&[1, 0, 2, 0]) }
+                Inbound::Audio {
+                    rate,
+                    pcm: Bytes::from_static(&[1, 0, 2, 0])
+                }
             );
         }
         assert_eq!(msgs[11], Inbound::Error(Bytes::from_static(&[4])));
@@ -324,14 +329,20 @@ mod tests {
             ([uuid_frame(), frame(0x12, &[1, 2, 3])].concat(), "OddAudio"),
             ([uuid_frame(), frame(0x02, &[])].concat(), "UnknownKind"),
             ([uuid_frame(), frame(0x19, &[0, 0])].concat(), "UnknownKind"),
-            ([uuid_frame(), frame(0x00, &[1])].concat(), "HangupWithPayload"),
+            (
+                [uuid_frame(), frame(0x00, &[1])].concat(),
+                "HangupWithPayload",
+            ),
             ([uuid_frame(), vec![0x10, 0x01]].concat(), "TruncatedHeader"),
-            ([uuid_frame(), vec![0x10, 0x01, 0x40, 0, 0]].concat(), "Truncated"),
+            (
+                [uuid_frame(), vec![0x10, 0x01, 0x40, 0, 0]].concat(),
+                "Truncated",
+            ),
         ];
         for (bytes, want) in cases {
             let err = decode_all(&bytes).expect_err(want);
             let got = format!("{err:?}");
-            assert!(got.starts_with(&format!("{want}")), "want {want}, got {got}");
+            assert!(got.starts_with(&want.to_string()), "want {want}, got {got}");
         }
     }
 
@@ -354,7 +365,10 @@ mod tests {
     #[test]
     fn outbound_refuses_invalid_audio() {
         use crate::audiosocket::OutboundError;
-        assert_eq!(Outbound::audio(SampleRate::Hz8000, Bytes::new()), Err(OutboundError::Empty));
+        assert_eq!(
+            Outbound::audio(SampleRate::Hz8000, Bytes::new()),
+            Err(OutboundError::Empty)
+        );
         assert_eq!(
             Outbound::audio(SampleRate::Hz8000, Bytes::from_static(&[1, 2, 3])),
             Err(OutboundError::OddLength(3))
@@ -370,7 +384,10 @@ mod tests {
         let msgs = vec![
             Inbound::Uuid(Uuid::new_v4()),
             Inbound::Dtmf(Digit::new(b'5').unwrap()),
-            Inbound::Audio { rate: SampleRate::Hz8000, pcm: Bytes::from(vec![3u8; 320]) },
+            Inbound::Audio {
+                rate: SampleRate::Hz8000,
+                pcm: Bytes::from(vec![3u8; 320]),
+            },
             Inbound::Error(Bytes::new()),
             Inbound::Hangup,
         ];
@@ -398,7 +415,10 @@ mod tests {
                 if v.is_empty() {
                     v = vec![0, 0];
                 }
-                Inbound::Audio { rate: SampleRate::ALL[r], pcm: Bytes::from(v) }
+                Inbound::Audio {
+                    rate: SampleRate::ALL[r],
+                    pcm: Bytes::from(v),
+                }
             }),
             prop::collection::vec(any::<u8>(), 0..4).prop_map(|v| Inbound::Error(Bytes::from(v))),
         ]

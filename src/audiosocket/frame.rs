@@ -202,7 +202,7 @@ impl Outbound {
         if pcm.is_empty() {
             return Err(OutboundError::Empty);
         }
-        if pcm.len() % 2 != 0 {
+        if !pcm.len().is_multiple_of(2) {
             return Err(OutboundError::OddLength(pcm.len()));
         }
         if pcm.len() > usize::from(u16::MAX) {

@@ -48,13 +48,21 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_some() { "\"<redacted>\"" } else { "<unset>" })
+        f.write_str(if self.0.is_some() {
+            "\"<redacted>\""
+        } else {
+            "<unset>"
+        })
     }
 }
 
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.0.is_some() { "<redacted>" } else { "<unset>" })
+        s.serialize_str(if self.0.is_some() {
+            "<redacted>"
+        } else {
+            "<unset>"
+        })
     }
 }
 
@@ -341,12 +349,17 @@ impl Settings {
         let mut b = Loader::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(path) = file {
             if !path.exists() {
-                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
             }
             b = b.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
-        let vars: std::collections::HashMap<String, String> =
-            env.into_iter().filter(|(k, _)| k.starts_with("SIFUCALL_")).collect();
+        let vars: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SIFUCALL_"))
+            .collect();
         let env_src = Environment::with_prefix("SIFUCALL")
             .prefix_separator("_")
             .separator("__")
@@ -356,29 +369,43 @@ impl Settings {
             .try_parsing(true)
             .source(Some(vars.clone()));
         b = b.add_source(env_src);
-        let loaded = b.build().map_err(|e| ConfigError(describe(e, file, &vars)))?;
-        let settings: Self =
-            loaded.try_deserialize().map_err(|e| ConfigError(describe(e, file, &vars)))?;
+        let loaded = b
+            .build()
+            .map_err(|e| ConfigError(describe(e, file, &vars)))?;
+        let settings: Self = loaded
+            .try_deserialize()
+            .map_err(|e| ConfigError(describe(e, file, &vars)))?;
         settings.validate()?;
         Ok(settings)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: &str| Err(ConfigError(format!("invalid value for key `{key}`: {why}")));
+        let bad = |key: &str, why: &str| {
+            Err(ConfigError(format!("invalid value for key `{key}`: {why}")))
+        };
         if self.audiosocket.max_calls == 0 {
             return bad("audiosocket.max_calls", "must be at least 1");
         }
         if self.audiosocket.allow.is_empty() {
-            return bad("audiosocket.allow", "an empty allowlist refuses every connection");
+            return bad(
+                "audiosocket.allow",
+                "an empty allowlist refuses every connection",
+            );
         }
         if !(100..=5000).contains(&self.stt.segmentation_silence_ms) {
-            return bad("stt.segmentation_silence_ms", "must be between 100 and 5000 (Azure's range)");
+            return bad(
+                "stt.segmentation_silence_ms",
+                "must be between 100 and 5000 (Azure's range)",
+            );
         }
         if self.stt.provider != "azure" {
             return bad("stt.provider", "only \"azure\" is supported");
         }
         if self.llm.provider != "openrouter" {
-            return bad("llm.provider", "only \"openrouter\" (any OpenAI-compatible server) is supported");
+            return bad(
+                "llm.provider",
+                "only \"openrouter\" (any OpenAI-compatible server) is supported",
+            );
         }
         if self.tts.provider != "elevenlabs" {
             return bad("tts.provider", "only \"elevenlabs\" is supported");
@@ -389,14 +416,16 @@ impl Settings {
         if !(0.0..=1.0).contains(&self.agent.vad_threshold) {
             return bad("agent.vad_threshold", "must be between 0 and 1");
         }
-        for (key, url) in [("llm.base_url", &self.llm.base_url), ("tts.base_url", &self.tts.base_url)] {
+        for (key, url) in [
+            ("llm.base_url", &self.llm.base_url),
+            ("tts.base_url", &self.tts.base_url),
+        ] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return bad(key, "must be an http:// or https:// URL");
             }
         }
-        if !self.stt.endpoint.is_empty()
-            && !(self.stt.endpoint.starts_with("ws://") || self.stt.endpoint.starts_with("wss://"))
-        {
+        let ep = &self.stt.endpoint;
+        if !(ep.is_empty() || ep.starts_with("ws://") || ep.starts_with("wss://")) {
             return bad("stt.endpoint", "must be a ws:// or wss:// URL");
         }
         Ok(())
@@ -411,15 +440,19 @@ fn describe(
 ) -> String {
     let msg = e.to_string();
     // The crate names the key ("for key `a.b`") but not always the source for env values.
-    if let Some(key) = msg.split("for key `").nth(1).and_then(|r| r.split('`').next()) {
+    if let Some(key) = msg
+        .split("for key `")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+    {
         let var = format!("SIFUCALL_{}", key.to_uppercase().replace('.', "__"));
         if env.contains_key(&var) && !msg.contains("environment") {
             return format!("{msg} (set by environment variable {var})");
         }
-        if let Some(f) = file {
-            if !msg.contains(&f.display().to_string()) {
-                return format!("{msg} (in {} or the built-in defaults)", f.display());
-            }
+        if let Some(f) = file
+            && !msg.contains(&f.display().to_string())
+        {
+            return format!("{msg} (in {} or the built-in defaults)", f.display());
         }
     }
     msg
@@ -430,7 +463,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -440,7 +476,12 @@ mod tests {
         assert_eq!(s.agent.mode, AgentMode::Ai);
         assert_eq!(s.stt.segmentation_silence_ms, 300);
         assert_eq!(s.tts.output_format, OutputFormat::Ulaw8000);
-        assert!(s.audiosocket.allow.iter().any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap())));
+        assert!(
+            s.audiosocket
+                .allow
+                .iter()
+                .any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()))
+        );
     }
 
     #[test]
@@ -464,13 +505,19 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = Settings::load_from(None, env(&[("SIFUCALL_AUDIOSOCKET__MAX_CALLS", "lots")])).unwrap_err();
+        let e = Settings::load_from(None, env(&[("SIFUCALL_AUDIOSOCKET__MAX_CALLS", "lots")]))
+            .unwrap_err();
         assert!(e.0.contains("max_calls"), "{e}");
         let e = Settings::load_from(None, env(&[("SIFUCALL_AGENT__MODE", "karaoke")])).unwrap_err();
         assert!(e.0.contains("mode"), "{e}");
-        let e = Settings::load_from(None, env(&[("SIFUCALL_STT__SEGMENTATION_SILENCE_MS", "50")])).unwrap_err();
+        let e = Settings::load_from(
+            None,
+            env(&[("SIFUCALL_STT__SEGMENTATION_SILENCE_MS", "50")]),
+        )
+        .unwrap_err();
         assert!(e.0.contains("stt.segmentation_silence_ms"), "{e}");
-        let e = Settings::load_from(None, env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "not-a-net")])).unwrap_err();
+        let e = Settings::load_from(None, env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "not-a-net")]))
+            .unwrap_err();
         assert!(e.0.contains("allow"), "{e}");
     }
 

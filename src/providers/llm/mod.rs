@@ -20,7 +20,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role.
     pub fn new(role: &str, content: impl Into<String>) -> Self {
-        Self { role: role.to_owned(), content: content.into() }
+        Self {
+            role: role.to_owned(),
+            content: content.into(),
+        }
     }
 }
 

@@ -1,0 +1,6 @@
+//! One call: the session task that owns the socket and the clock, the real-time playout
+//! buffer, and what the call does (echo, or the voice agent).
+
+pub mod agent;
+pub mod playout;
+pub mod session;

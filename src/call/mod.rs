@@ -4,3 +4,5 @@
 pub mod agent;
 pub mod playout;
 pub mod session;
+pub mod clauses;
+pub mod turn;

@@ -5,3 +5,4 @@
 
 pub mod pcm;
 pub mod wav;
+pub mod vad;

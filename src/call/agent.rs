@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -64,6 +64,54 @@ pub struct AgentHandle {
     pub input: mpsc::Sender<AgentInput>,
     /// Commands from the agent.
     pub commands: mpsc::Receiver<AgentCommand>,
+    /// Commands applied before the first frame (the cached greeting), so they cost no
+    /// channel hop and the greeting starts in the call's first frame.
+    pub initial: Vec<AgentCommand>,
+    /// The agent's account of the call, sent when it stops.
+    pub report: Option<oneshot::Receiver<AgentReport>>,
+}
+
+/// One line of the call's transcript.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TranscriptLine {
+    /// `caller`, `agent` or `dtmf`.
+    pub role: &'static str,
+    /// What was said (for the agent: what the caller actually heard).
+    pub text: String,
+    /// Milliseconds since the call started.
+    pub at_ms: u64,
+    /// The agent was cut off by the caller.
+    pub interrupted: bool,
+}
+
+/// Per-turn latency marks, in ms since the call started.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TurnTimings {
+    /// The caller stopped speaking (VAD).
+    pub speech_end_ms: Option<u64>,
+    /// The final transcript arrived.
+    pub stt_final_ms: Option<u64>,
+    /// The LLM's first token arrived.
+    pub llm_first_token_ms: Option<u64>,
+    /// The first TTS audio arrived.
+    pub tts_first_audio_ms: Option<u64>,
+    /// The first frame of the reply went on the wire.
+    pub first_frame_ms: Option<u64>,
+}
+
+/// What the agent reports at the end of a call.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct AgentReport {
+    /// The conversation.
+    pub transcript: Vec<TranscriptLine>,
+    /// Latency marks per turn.
+    pub turns: Vec<TurnTimings>,
+    /// LLM cost in credits, when reported.
+    pub llm_cost: Option<f64>,
+    /// Provider errors seen.
+    pub errors: Vec<String>,
+    /// Times the caller interrupted the agent.
+    pub barge_ins: u32,
 }
 
 /// Starts an agent for each call.

@@ -6,3 +6,5 @@ pub mod playout;
 pub mod session;
 pub mod clauses;
 pub mod turn;
+pub mod prompts;
+pub mod conversation;

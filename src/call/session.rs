@@ -87,6 +87,8 @@ pub struct CallSummary {
     pub inbound_dropped: u64,
     /// DTMF digits in order.
     pub dtmf: String,
+    /// The agent's transcript and timings (AI mode).
+    pub agent: Option<super::agent::AgentReport>,
 }
 
 /// Counters kept while the call runs.
@@ -125,6 +127,7 @@ pub async fn run(
         underruns: 0,
         inbound_dropped: 0,
         dtmf: String::new(),
+        agent: None,
     };
 
     // The first message must be the UUID, promptly.
@@ -175,6 +178,7 @@ pub async fn run(
         rate: None,
         playout: None,
         agent: None,
+        report: None,
         agent_cancel: CancellationToken::new(),
         counters: Counters {
             frames_in: 1,
@@ -187,6 +191,9 @@ pub async fn run(
     };
     let (reason, detail) = call.run().instrument(span.clone()).await;
     call.agent_cancel.cancel();
+    if let Some(rx) = call.report.take() {
+        summary.agent = timeout(Duration::from_millis(500), rx).await.ok().and_then(Result::ok);
+    }
     summary.reason = reason;
     summary.detail = detail;
     summary.rate = call.rate;
@@ -236,6 +243,7 @@ struct ActiveCall {
     rate: Option<SampleRate>,
     playout: Option<Playout>,
     agent: Option<AgentHandle>,
+    report: Option<tokio::sync::oneshot::Receiver<super::agent::AgentReport>>,
     agent_cancel: CancellationToken,
     counters: Counters,
     echo: EchoState,
@@ -348,7 +356,12 @@ impl ActiveCall {
                 rate,
                 started: self.started,
             };
-            self.agent = Some(factory.start(info, self.agent_cancel.clone()));
+            let mut handle = factory.start(info, self.agent_cancel.clone());
+            self.report = handle.report.take();
+            for cmd in std::mem::take(&mut handle.initial) {
+                self.apply_command(cmd);
+            }
+            self.agent = Some(handle);
         }
     }
 
@@ -394,8 +407,13 @@ impl ActiveCall {
             self.maybe_schedule_hangup();
             return Flow::Continue;
         };
+        self.apply_command(cmd);
+        Flow::Continue
+    }
+
+    fn apply_command(&mut self, cmd: AgentCommand) {
         let Some(playout) = self.playout.as_mut() else {
-            return Flow::Continue;
+            return;
         };
         match cmd {
             AgentCommand::Play { utterance, pcm } => {
@@ -415,7 +433,6 @@ impl ActiveCall {
                 self.maybe_schedule_hangup();
             }
         }
-        Flow::Continue
     }
 
     fn maybe_schedule_hangup(&mut self) {

@@ -54,3 +54,13 @@ impl Metrics {
     pub fn inbound_dropped(&self, n: u64) {}
     pub fn pacing_lateness(&self, d: Duration) {}
 }
+#[derive(Debug, Clone, Copy)]
+pub enum Stage { VadEndToSttFinal, SttFinalToLlmFirstToken, LlmFirstTokenToTtsFirstAudio, TtsFirstAudioToWire, SpeechEndToFirstAudio }
+#[derive(Debug, Clone, Copy)]
+pub enum Provider { Stt, Llm, Tts }
+impl Metrics {
+    pub fn turn_stage(&self, s: Stage, d: Duration) {}
+    pub fn provider_error(&self, p: Provider, kind: &str) {}
+    pub fn barge_in(&self) {}
+    pub fn llm_usage(&self, prompt: u64, completion: u64, cost: Option<f64>) {}
+}

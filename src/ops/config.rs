@@ -161,8 +161,16 @@ pub struct AgentSettings {
     pub system_prompt: String,
     /// Spoken when a provider fails.
     pub apology: String,
+    /// Spoken when a reply is slow to start.
+    pub hold_prompt: String,
+    /// How slow, ms.
+    pub hold_after_ms: u64,
     /// Caller speech needed to interrupt the agent, ms.
     pub barge_in_min_speech_ms: u64,
+    /// Echo guard margin, dB.
+    pub echo_margin_db: f64,
+    /// DTMF entry timeout, ms.
+    pub dtmf_timeout_ms: u64,
     /// VAD speech probability threshold.
     pub vad_threshold: f32,
     /// Hang up after this much caller silence; 0 disables.

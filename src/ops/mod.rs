@@ -2,3 +2,4 @@
 //! systemd integration and call records.
 
 pub mod config;
+pub mod metrics;

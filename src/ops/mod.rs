@@ -3,3 +3,6 @@
 
 pub mod config;
 pub mod metrics;
+pub mod admin;
+pub mod logging;
+pub mod systemd;

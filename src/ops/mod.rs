@@ -6,3 +6,4 @@ pub mod metrics;
 pub mod admin;
 pub mod logging;
 pub mod systemd;
+pub mod records;

@@ -50,7 +50,11 @@ impl ReadyFlag {
             self.0.store(READY, Ordering::SeqCst);
         } else {
             // Never go back from draining/ready to starting.
-            let _ = self.0.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| (s != STARTING).then_some(DRAINING));
+            let _ = self
+                .0
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                    (s != STARTING).then_some(DRAINING)
+                });
         }
     }
 
@@ -105,12 +109,20 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Serves the admin routes on `listener` until `shutdown` is cancelled, then lets open
 /// requests finish (at most a few seconds) and returns.
-pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "admin HTTP server listening");
     }
@@ -135,7 +147,12 @@ mod tests {
     use crate::ops::metrics::EndReason;
     use std::future::IntoFuture as _;
 
-    async fn start() -> (String, AdminState, CancellationToken, tokio::task::JoinHandle<std::io::Result<()>>) {
+    async fn start() -> (
+        String,
+        AdminState,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let state = AdminState::new(Arc::new(Metrics::new()), ReadyFlag::new());
@@ -145,7 +162,10 @@ mod tests {
     }
 
     fn client() -> reqwest::Client {
-        reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
     }
 
     #[test]
@@ -153,7 +173,10 @@ mod tests {
         let f = ReadyFlag::new();
         assert!(!f.is_ready() && !f.is_draining());
         f.set_ready(false);
-        assert!(!f.is_ready() && !f.is_draining(), "not ready before start is still starting");
+        assert!(
+            !f.is_ready() && !f.is_draining(),
+            "not ready before start is still starting"
+        );
         let g = f.clone();
         g.set_ready(true);
         assert!(f.is_ready());
@@ -183,19 +206,29 @@ mod tests {
         assert_eq!(r.text().await.unwrap(), "draining");
 
         state.metrics.call_started();
-        state.metrics.call_ended(EndReason::HangupFrame, Duration::from_secs(3));
+        state
+            .metrics
+            .call_ended(EndReason::HangupFrame, Duration::from_secs(3));
         let r = c.get(format!("{base}/metrics")).send().await.unwrap();
         assert_eq!(r.status(), 200);
-        assert_eq!(r.headers().get("content-type").unwrap().to_str().unwrap(), CONTENT_TYPE);
+        assert_eq!(
+            r.headers().get("content-type").unwrap().to_str().unwrap(),
+            CONTENT_TYPE
+        );
         let body = r.text().await.unwrap();
-        assert!(body.contains("sifucall_calls_total{end_reason=\"hangup_frame\"} 1\n"), "{body}");
+        assert!(
+            body.contains("sifucall_calls_total{end_reason=\"hangup_frame\"} 1\n"),
+            "{body}"
+        );
         assert!(body.ends_with("# EOF\n"));
 
         let r = c.get(format!("{base}/nope")).send().await.unwrap();
         assert_eq!(r.status(), 404);
 
         token.cancel();
-        let done = tokio::time::timeout(Duration::from_secs(30), task).await.expect("serve returns after cancel");
+        let done = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("serve returns after cancel");
         done.unwrap().unwrap();
     }
 
@@ -204,7 +237,11 @@ mod tests {
         let (base, _state, token, task) = start().await;
         let addr = base.trim_start_matches("http://").to_owned();
         token.cancel();
-        tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         // The listener is dropped once serve returns, so new connections are refused.
         assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
     }
@@ -218,11 +255,17 @@ mod tests {
         let task = tokio::spawn(serve(listener, state, token.clone()));
         // A connection that sends half a request and then nothing keeps hyper busy.
         let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut stuck, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stuck, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
         tokio::task::yield_now().await;
         token.cancel();
         // Paused time auto-advances through the grace sleep.
-        tokio::time::timeout(Duration::from_secs(60), task.into_future()).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), task.into_future())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         drop(stuck);
     }
 }

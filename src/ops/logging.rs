@@ -35,30 +35,43 @@ pub enum LoggingError {
 /// and non-empty, otherwise by `level` (an `EnvFilter` directive such as `info` or
 /// `info,sifucall::providers=debug`). Calling it again returns [`LoggingError::AlreadySet`].
 pub fn init(format: LogFormat, level: &str) -> Result<(), LoggingError> {
-    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
     let filter = match rust_log {
         Some(v) => parse_filter(&v, "RUST_LOG")?,
         None => parse_filter(level, "log.level")?,
     };
     // Also routes `log` records from dependencies through tracing.
-    build(format, filter, io::stderr).try_init().map_err(|e| LoggingError::AlreadySet(e.to_string()))
+    build(format, filter, io::stderr)
+        .try_init()
+        .map_err(|e| LoggingError::AlreadySet(e.to_string()))
 }
 
 /// Parses a filter directive, naming where it came from on error.
 pub fn parse_filter(directive: &str, source_name: &'static str) -> Result<EnvFilter, LoggingError> {
-    EnvFilter::builder().parse(directive).map_err(|e| LoggingError::Filter {
-        directive: directive.to_owned(),
-        source_name,
-        reason: e.to_string(),
-    })
+    EnvFilter::builder()
+        .parse(directive)
+        .map_err(|e| LoggingError::Filter {
+            directive: directive.to_owned(),
+            source_name,
+            reason: e.to_string(),
+        })
 }
 
 /// The subscriber [`init`] installs, writing to `writer` (tests pass a buffer).
-pub fn build<W>(format: LogFormat, filter: EnvFilter, writer: W) -> Box<dyn Subscriber + Send + Sync>
+pub fn build<W>(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(true);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_target(true);
     match format {
         LogFormat::Json => Box::new(
             builder
@@ -106,9 +119,17 @@ mod tests {
     #[test]
     fn json_lines_carry_span_fields() {
         let buf = Buf::default();
-        let sub = build(LogFormat::Json, parse_filter("info", "log.level").unwrap(), buf.clone());
+        let sub = build(
+            LogFormat::Json,
+            parse_filter("info", "log.level").unwrap(),
+            buf.clone(),
+        );
         tracing::subscriber::with_default(sub, || {
-            let span = tracing::info_span!("call", call_id = "0b8a4a62-3c55-4f43-9a5b-2d7f0a4e8c11", peer = "10.0.0.5:4242");
+            let span = tracing::info_span!(
+                "call",
+                call_id = "0b8a4a62-3c55-4f43-9a5b-2d7f0a4e8c11",
+                peer = "10.0.0.5:4242"
+            );
             let _g = span.enter();
             tracing::info!(frames = 3u64, "call ended");
             tracing::debug!("filtered out");
@@ -121,7 +142,10 @@ mod tests {
         assert_eq!(v["message"], "call ended");
         assert_eq!(v["frames"], 3);
         assert_eq!(v["target"], module_path!());
-        assert!(v["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+        assert!(
+            v["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{v}"
+        );
         assert_eq!(v["span"]["call_id"], "0b8a4a62-3c55-4f43-9a5b-2d7f0a4e8c11");
         assert_eq!(v["span"]["name"], "call");
         assert_eq!(v["spans"][0]["peer"], "10.0.0.5:4242");
@@ -130,10 +154,17 @@ mod tests {
     #[test]
     fn pretty_is_plain_text() {
         let buf = Buf::default();
-        let sub = build(LogFormat::Pretty, parse_filter("debug", "log.level").unwrap(), buf.clone());
+        let sub = build(
+            LogFormat::Pretty,
+            parse_filter("debug", "log.level").unwrap(),
+            buf.clone(),
+        );
         tracing::subscriber::with_default(sub, || tracing::debug!(x = 1, "hello"));
         let text = buf.text();
-        assert!(text.contains("hello") && text.contains("x=1") && text.contains("DEBUG"), "{text}");
+        assert!(
+            text.contains("hello") && text.contains("x=1") && text.contains("DEBUG"),
+            "{text}"
+        );
         assert!(!text.contains('\u{1b}'), "no ANSI escapes in journald");
     }
 

@@ -12,8 +12,8 @@
 //!   nanoseconds, because `prometheus-client`'s own `Histogram` takes a mutex per observation.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::{
@@ -31,12 +31,17 @@ use serde::{Deserialize, Serialize};
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds of the pacing-lateness histogram, seconds.
-const PACING_BUCKETS: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
+const PACING_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+];
 /// Upper bounds of the per-turn stage latency histogram, seconds.
-const STAGE_BUCKETS: [f64; 13] = [0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0];
+const STAGE_BUCKETS: [f64; 13] = [
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+];
 /// Upper bounds of the call duration histogram, seconds.
-const CALL_DURATION_BUCKETS: [f64; 11] =
-    [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0];
+const CALL_DURATION_BUCKETS: [f64; 11] = [
+    1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+];
 
 /// Distinct `kind` values kept per scrape for `provider_errors_total` before new ones are
 /// folded into `other` (a free-form kind must not explode the series count).
@@ -255,7 +260,11 @@ impl DurationHistogram {
     /// A histogram with these upper bounds in seconds (non-finite or negative bounds are
     /// ignored; they are sorted; `+Inf` is implicit).
     pub fn new(bounds_secs: &[f64]) -> Self {
-        let mut bounds: Vec<f64> = bounds_secs.iter().copied().filter(|b| b.is_finite() && *b >= 0.0).collect();
+        let mut bounds: Vec<f64> = bounds_secs
+            .iter()
+            .copied()
+            .filter(|b| b.is_finite() && *b >= 0.0)
+            .collect();
         bounds.sort_by(f64::total_cmp);
         bounds.dedup();
         let bounds_nanos = bounds.iter().map(|b| (b * 1e9).round() as u64).collect();
@@ -273,7 +282,12 @@ impl DurationHistogram {
     /// Records one duration.
     pub fn observe(&self, d: Duration) {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let idx = self.inner.bounds_nanos.iter().position(|b| nanos <= *b).unwrap_or(self.inner.bounds_nanos.len());
+        let idx = self
+            .inner
+            .bounds_nanos
+            .iter()
+            .position(|b| nanos <= *b)
+            .unwrap_or(self.inner.bounds_nanos.len());
         if let Some(c) = self.inner.counts.get(idx) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -282,7 +296,11 @@ impl DurationHistogram {
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.inner.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.inner
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Sum of all observations.
@@ -306,7 +324,12 @@ impl TypedMetric for DurationHistogram {
 
 impl EncodeMetric for DurationHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
-        let counts: Vec<u64> = self.inner.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .inner
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
         let count = counts.iter().sum();
         let sum = self.inner.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
         let buckets: Vec<(f64, u64)> = self
@@ -331,7 +354,8 @@ impl EncodeMetric for DurationHistogram {
 }
 
 type LabelledCounter = Family<[(&'static str, &'static str); 1], Counter>;
-type HistogramFamily = Family<[(&'static str, &'static str); 1], DurationHistogram, fn() -> DurationHistogram>;
+type HistogramFamily =
+    Family<[(&'static str, &'static str); 1], DurationHistogram, fn() -> DurationHistogram>;
 
 fn stage_histogram() -> DurationHistogram {
     DurationHistogram::new(&STAGE_BUCKETS)
@@ -362,7 +386,9 @@ pub struct Metrics {
 
 impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Metrics").field("active_calls", &self.active_calls.get()).finish_non_exhaustive()
+        f.debug_struct("Metrics")
+            .field("active_calls", &self.active_calls.get())
+            .finish_non_exhaustive()
     }
 }
 
@@ -382,7 +408,8 @@ impl Metrics {
 
         let calls = LabelledCounter::default();
         registry.register("calls", "Calls ended, by end reason", calls.clone());
-        let calls_by_reason = EndReason::ALL.map(|r| calls.get_or_create_owned(&[("end_reason", r.as_str())]));
+        let calls_by_reason =
+            EndReason::ALL.map(|r| calls.get_or_create_owned(&[("end_reason", r.as_str())]));
 
         let refused = LabelledCounter::default();
         registry.register(
@@ -390,12 +417,21 @@ impl Metrics {
             "AudioSocket connections refused before becoming a call, by reason",
             refused.clone(),
         );
-        let refused_by_reason = RefuseReason::ALL.map(|r| refused.get_or_create_owned(&[("reason", r.as_str())]));
+        let refused_by_reason =
+            RefuseReason::ALL.map(|r| refused.get_or_create_owned(&[("reason", r.as_str())]));
 
         let frames_in = Counter::default();
-        registry.register("frames_in", "Audio frames received from Asterisk", frames_in.clone());
+        registry.register(
+            "frames_in",
+            "Audio frames received from Asterisk",
+            frames_in.clone(),
+        );
         let frames_out = Counter::default();
-        registry.register("frames_out", "Audio frames sent to Asterisk", frames_out.clone());
+        registry.register(
+            "frames_out",
+            "Audio frames sent to Asterisk",
+            frames_out.clone(),
+        );
         let underruns = Counter::default();
         registry.register(
             "underruns",
@@ -436,10 +472,18 @@ impl Metrics {
         );
 
         let barge_ins = Counter::default();
-        registry.register("barge_ins", "Times the caller interrupted the agent", barge_ins.clone());
+        registry.register(
+            "barge_ins",
+            "Times the caller interrupted the agent",
+            barge_ins.clone(),
+        );
 
         let llm_cost = Counter::<f64, AtomicU64>::default();
-        registry.register("llm_cost", "LLM cost reported by the provider, in credits (USD)", llm_cost.clone());
+        registry.register(
+            "llm_cost",
+            "LLM cost reported by the provider, in credits (USD)",
+            llm_cost.clone(),
+        );
 
         let tokens = LabelledCounter::default();
         registry.register("llm_tokens", "LLM tokens used, by kind", tokens.clone());
@@ -447,7 +491,12 @@ impl Metrics {
         let completion_tokens = tokens.get_or_create_owned(&[("kind", "completion")]);
 
         let call_duration = DurationHistogram::new(&CALL_DURATION_BUCKETS);
-        registry.register_with_unit("call_duration", "Duration of ended calls", Unit::Seconds, call_duration.clone());
+        registry.register_with_unit(
+            "call_duration",
+            "Duration of ended calls",
+            Unit::Seconds,
+            call_duration.clone(),
+        );
 
         Self {
             registry,
@@ -533,10 +582,16 @@ impl Metrics {
     /// `stalled`, `mid_stream`, `connect` or `auth`; it is normalised to `[a-z0-9_]`, capped
     /// in length, and folded into `other` once too many distinct kinds have been seen.
     pub fn provider_error(&self, provider: Provider, kind: &str) {
-        let mut labels = ProviderErrorLabels { provider: provider.as_str(), kind: normalise_kind(kind) };
+        let mut labels = ProviderErrorLabels {
+            provider: provider.as_str(),
+            kind: normalise_kind(kind),
+        };
         let counter = {
             // Errors are rare; the lock makes the series cap exact.
-            let mut series = self.provider_error_series.lock().unwrap_or_else(|p| p.into_inner());
+            let mut series = self
+                .provider_error_series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let known = self.provider_errors.get(&labels).is_some();
             if !known {
                 if *series >= MAX_PROVIDER_ERROR_SERIES {
@@ -584,7 +639,10 @@ impl Metrics {
     pub fn sample(&self, series: &str) -> Option<f64> {
         self.render()
             .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
     }
@@ -595,7 +653,13 @@ fn normalise_kind(kind: &str) -> String {
         .trim()
         .chars()
         .take(MAX_KIND_LEN)
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     if out.is_empty() {
         out.push_str("unknown");
@@ -608,7 +672,9 @@ mod tests {
     use super::*;
 
     fn line(text: &str, series: &str) -> Option<String> {
-        text.lines().find(|l| l.strip_prefix(series).is_some_and(|r| r.starts_with(' '))).map(str::to_owned)
+        text.lines()
+            .find(|l| l.strip_prefix(series).is_some_and(|r| r.starts_with(' ')))
+            .map(str::to_owned)
     }
 
     #[test]
@@ -617,17 +683,26 @@ mod tests {
         let text = m.render();
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("# TYPE sifucall_active_calls gauge"));
-        assert_eq!(line(&text, "sifucall_active_calls").as_deref(), Some("sifucall_active_calls 0"));
+        assert_eq!(
+            line(&text, "sifucall_active_calls").as_deref(),
+            Some("sifucall_active_calls 0")
+        );
         for r in EndReason::ALL {
             let s = format!("sifucall_calls_total{{end_reason=\"{}\"}}", r.as_str());
             assert_eq!(m.sample(&s), Some(0.0), "{s} missing in\n{text}");
         }
         for r in RefuseReason::ALL {
-            let s = format!("sifucall_connections_refused_total{{reason=\"{}\"}}", r.as_str());
+            let s = format!(
+                "sifucall_connections_refused_total{{reason=\"{}\"}}",
+                r.as_str()
+            );
             assert_eq!(m.sample(&s), Some(0.0), "{s}");
         }
         for s in Stage::ALL {
-            let series = format!("sifucall_turn_stage_seconds_count{{stage=\"{}\"}}", s.as_str());
+            let series = format!(
+                "sifucall_turn_stage_seconds_count{{stage=\"{}\"}}",
+                s.as_str()
+            );
             assert_eq!(m.sample(&series), Some(0.0), "{series}");
         }
         for name in [
@@ -660,17 +735,41 @@ mod tests {
         m.call_ended(EndReason::AgentHangup, Duration::from_millis(500));
         m.connection_refused(RefuseReason::OverCapacity);
         assert_eq!(m.sample("sifucall_active_calls"), Some(0.0));
-        assert_eq!(m.sample("sifucall_calls_total{end_reason=\"caller_hangup\"}"), Some(1.0));
-        assert_eq!(m.sample("sifucall_calls_total{end_reason=\"agent_hangup\"}"), Some(1.0));
-        assert_eq!(m.sample("sifucall_calls_total{end_reason=\"shutdown\"}"), Some(0.0));
-        assert_eq!(m.sample("sifucall_connections_refused_total{reason=\"over_capacity\"}"), Some(1.0));
+        assert_eq!(
+            m.sample("sifucall_calls_total{end_reason=\"caller_hangup\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_calls_total{end_reason=\"agent_hangup\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_calls_total{end_reason=\"shutdown\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_connections_refused_total{reason=\"over_capacity\"}"),
+            Some(1.0)
+        );
         assert_eq!(m.sample("sifucall_call_duration_seconds_count"), Some(2.0));
         assert_eq!(m.sample("sifucall_call_duration_seconds_sum"), Some(42.5));
         // 0.5 s is in the first bucket (le=1), 42 s in le=60; buckets are cumulative.
-        assert_eq!(m.sample("sifucall_call_duration_seconds_bucket{le=\"1.0\"}"), Some(1.0));
-        assert_eq!(m.sample("sifucall_call_duration_seconds_bucket{le=\"30.0\"}"), Some(1.0));
-        assert_eq!(m.sample("sifucall_call_duration_seconds_bucket{le=\"60.0\"}"), Some(2.0));
-        assert_eq!(m.sample("sifucall_call_duration_seconds_bucket{le=\"+Inf\"}"), Some(2.0));
+        assert_eq!(
+            m.sample("sifucall_call_duration_seconds_bucket{le=\"1.0\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_call_duration_seconds_bucket{le=\"30.0\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_call_duration_seconds_bucket{le=\"60.0\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_call_duration_seconds_bucket{le=\"+Inf\"}"),
+            Some(2.0)
+        );
     }
 
     #[test]
@@ -690,12 +789,30 @@ mod tests {
         assert_eq!(m.sample("sifucall_underruns_total"), Some(1.0));
         assert_eq!(m.sample("sifucall_dtmf_total"), Some(1.0));
         assert_eq!(m.sample("sifucall_inbound_dropped_total"), Some(4.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.0001\"}"), Some(1.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.0005\"}"), Some(1.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.001\"}"), Some(2.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.1\"}"), Some(2.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"+Inf\"}"), Some(3.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_count"), Some(3.0));
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.0001\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.0005\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.001\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"0.1\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"+Inf\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_count"),
+            Some(3.0)
+        );
         let sum = m.sample("sifucall_pacing_lateness_seconds_sum").unwrap();
         assert!((sum - 0.25085).abs() < 1e-9, "{sum}");
     }
@@ -712,7 +829,10 @@ mod tests {
         m.llm_usage(120, 30, Some(0.00125));
         m.llm_usage(80, 10, None);
         m.llm_usage(0, 0, Some(f64::NAN));
-        assert_eq!(m.sample("sifucall_turn_stage_seconds_count{stage=\"stt_final_to_llm_first_token\"}"), Some(1.0));
+        assert_eq!(
+            m.sample("sifucall_turn_stage_seconds_count{stage=\"stt_final_to_llm_first_token\"}"),
+            Some(1.0)
+        );
         assert_eq!(
             m.sample("sifucall_turn_stage_seconds_bucket{le=\"0.3\",stage=\"stt_final_to_llm_first_token\"}"),
             Some(0.0)
@@ -721,13 +841,31 @@ mod tests {
             m.sample("sifucall_turn_stage_seconds_bucket{le=\"0.5\",stage=\"stt_final_to_llm_first_token\"}"),
             Some(1.0)
         );
-        assert_eq!(m.sample("sifucall_turn_stage_seconds_count{stage=\"speech_end_to_first_audio\"}"), Some(1.0));
-        assert_eq!(m.sample("sifucall_turn_stage_seconds_count{stage=\"vad_end_to_stt_final\"}"), Some(0.0));
-        assert_eq!(m.sample("sifucall_provider_errors_total{provider=\"llm\",kind=\"status_429\"}"), Some(2.0));
-        assert_eq!(m.sample("sifucall_provider_errors_total{provider=\"tts\",kind=\"mid_stream_\"}"), Some(1.0));
+        assert_eq!(
+            m.sample("sifucall_turn_stage_seconds_count{stage=\"speech_end_to_first_audio\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_turn_stage_seconds_count{stage=\"vad_end_to_stt_final\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_provider_errors_total{provider=\"llm\",kind=\"status_429\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_provider_errors_total{provider=\"tts\",kind=\"mid_stream_\"}"),
+            Some(1.0)
+        );
         assert_eq!(m.sample("sifucall_barge_ins_total"), Some(1.0));
-        assert_eq!(m.sample("sifucall_llm_tokens_total{kind=\"prompt\"}"), Some(200.0));
-        assert_eq!(m.sample("sifucall_llm_tokens_total{kind=\"completion\"}"), Some(40.0));
+        assert_eq!(
+            m.sample("sifucall_llm_tokens_total{kind=\"prompt\"}"),
+            Some(200.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_llm_tokens_total{kind=\"completion\"}"),
+            Some(40.0)
+        );
         assert_eq!(m.sample("sifucall_llm_cost_total"), Some(0.00125));
     }
 
@@ -738,9 +876,15 @@ mod tests {
             m.provider_error(Provider::Stt, &format!("weird error {i}"));
         }
         let text = m.render();
-        let series = text.lines().filter(|l| l.starts_with("sifucall_provider_errors_total{")).count();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("sifucall_provider_errors_total{"))
+            .count();
         assert_eq!(series, MAX_PROVIDER_ERROR_SERIES + 1, "{text}");
-        assert_eq!(m.sample("sifucall_provider_errors_total{provider=\"stt\",kind=\"other\"}"), Some(10.0));
+        assert_eq!(
+            m.sample("sifucall_provider_errors_total{provider=\"stt\",kind=\"other\"}"),
+            Some(10.0)
+        );
         let long = "x".repeat(200);
         m.provider_error(Provider::Stt, &long);
         assert!(!m.render().contains(&long));
@@ -773,14 +917,23 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(m.sample("sifucall_frames_out_total"), Some(4000.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_count"), Some(4000.0));
-        assert_eq!(m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"+Inf\"}"), Some(4000.0));
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_count"),
+            Some(4000.0)
+        );
+        assert_eq!(
+            m.sample("sifucall_pacing_lateness_seconds_bucket{le=\"+Inf\"}"),
+            Some(4000.0)
+        );
     }
 
     #[test]
     fn end_reason_serializes_as_label() {
         for r in EndReason::ALL {
-            assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{}\"", r.as_str()));
+            assert_eq!(
+                serde_json::to_string(&r).unwrap(),
+                format!("\"{}\"", r.as_str())
+            );
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Everything an operator touches: configuration, logs, metrics, the admin HTTP server,
 //! systemd integration and call records.
 
-pub mod config;
-pub mod metrics;
 pub mod admin;
+pub mod config;
 pub mod logging;
-pub mod systemd;
+pub mod metrics;
 pub mod records;
+pub mod systemd;

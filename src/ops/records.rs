@@ -211,7 +211,12 @@ impl RecordSink {
         if let Some(path) = file_path {
             let file = open_append(&path)?;
             let (tx, rx) = mpsc::channel(FILE_QUEUE);
-            workers.push(rt.spawn(file_writer(tokio::fs::File::from_std(file), path, rx, sink.closing.clone())));
+            workers.push(rt.spawn(file_writer(
+                tokio::fs::File::from_std(file),
+                path,
+                rx,
+                sink.closing.clone(),
+            )));
             sink.file = Some(tx);
         }
         if let Some(url) = webhook_url {
@@ -280,7 +285,10 @@ impl RecordSink {
         let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
         let all = futures_util::future::join_all(workers);
         if tokio::time::timeout(grace, all).await.is_err() {
-            tracing::warn!(?grace, "call records still pending at shutdown were abandoned");
+            tracing::warn!(
+                ?grace,
+                "call records still pending at shutdown were abandoned"
+            );
             for a in aborts {
                 a.abort();
             }
@@ -293,7 +301,10 @@ fn parse_records_url(s: &str) -> Result<Option<PathBuf>, RecordsError> {
     if s.is_empty() {
         return Ok(None);
     }
-    let bad = |reason: String| RecordsError::Config { key: "records.url", reason };
+    let bad = |reason: String| RecordsError::Config {
+        key: "records.url",
+        reason,
+    };
     let url = Url::parse(s).map_err(|e| bad(format!("{s:?} is not a URL ({e})")))?;
     if url.scheme() != "file" {
         return Err(bad(format!(
@@ -301,9 +312,11 @@ fn parse_records_url(s: &str) -> Result<Option<PathBuf>, RecordsError> {
             url.scheme()
         )));
     }
-    let path = url
-        .to_file_path()
-        .map_err(|()| bad(format!("{s:?} is not a local absolute path (write file:///var/lib/...)")))?;
+    let path = url.to_file_path().map_err(|()| {
+        bad(format!(
+            "{s:?} is not a local absolute path (write file:///var/lib/...)"
+        ))
+    })?;
     if path.file_name().is_none() || s.ends_with('/') {
         return Err(bad(format!("{s:?} names a directory, not a file")));
     }
@@ -315,21 +328,34 @@ fn parse_webhook_url(s: &str) -> Result<Option<Url>, RecordsError> {
     if s.is_empty() {
         return Ok(None);
     }
-    let bad = |reason: String| RecordsError::Config { key: "webhook.url", reason };
+    let bad = |reason: String| RecordsError::Config {
+        key: "webhook.url",
+        reason,
+    };
     let url = Url::parse(s).map_err(|e| bad(format!("not a URL ({e})")))?;
     match url.scheme() {
         "http" | "https" if url.host().is_some() => Ok(Some(url)),
         "http" | "https" => Err(bad("the URL has no host".to_owned())),
-        other => Err(bad(format!("scheme {other:?} is not supported; use http:// or https://"))),
+        other => Err(bad(format!(
+            "scheme {other:?} is not supported; use http:// or https://"
+        ))),
     }
 }
 
 fn open_append(path: &Path) -> Result<std::fs::File, RecordsError> {
-    let io = |source| RecordsError::Io { path: path.to_owned(), source };
+    let io = |source| RecordsError::Io {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    OpenOptions::new().create(true).append(true).mode(0o640).open(path).map_err(io)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .map_err(io)
 }
 
 /// Receives the next queued item; once `closing` fires, stops accepting new items and
@@ -432,22 +458,52 @@ mod tests {
             underruns: 2,
             dtmf: "12#".into(),
             transcript: vec![
-                TranscriptEntry { role: Role::Agent, text: "Selamat datang".into(), at_ms: 40, interrupted: false },
-                TranscriptEntry { role: Role::Caller, text: format!("Saya mahu \"tempah\"\nmeja {n}"), at_ms: 2100, interrupted: false },
-                TranscriptEntry { role: Role::Dtmf, text: "1".into(), at_ms: 3000, interrupted: false },
+                TranscriptEntry {
+                    role: Role::Agent,
+                    text: "Selamat datang".into(),
+                    at_ms: 40,
+                    interrupted: false,
+                },
+                TranscriptEntry {
+                    role: Role::Caller,
+                    text: format!("Saya mahu \"tempah\"\nmeja {n}"),
+                    at_ms: 2100,
+                    interrupted: false,
+                },
+                TranscriptEntry {
+                    role: Role::Dtmf,
+                    text: "1".into(),
+                    at_ms: 3000,
+                    interrupted: false,
+                },
             ],
-            turns: vec![TurnTiming { speech_end_ms: Some(2000), stt_final_ms: Some(2300), ..Default::default() }],
+            turns: vec![TurnTiming {
+                speech_end_ms: Some(2000),
+                stt_final_ms: Some(2300),
+                ..Default::default()
+            }],
             llm_cost: Some(0.00042),
             errors: vec![],
         }
     }
 
     fn settings(records: &str, webhook: &str) -> (RecordsSettings, WebhookSettings) {
-        (RecordsSettings { url: records.into() }, WebhookSettings { url: webhook.into() })
+        (
+            RecordsSettings {
+                url: records.into(),
+            },
+            WebhookSettings {
+                url: webhook.into(),
+            },
+        )
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("sifucall-rec-{tag}-{}-{}", std::process::id(), uuid::Uuid::new_v4()));
+        let d = std::env::temp_dir().join(format!(
+            "sifucall-rec-{tag}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
@@ -461,7 +517,10 @@ mod tests {
         assert_eq!(at(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(at(1_709_251_199_000), "2024-02-29T23:59:59.000Z");
         assert_eq!(at(4_102_444_800_000), "2100-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_utc(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 
     #[test]
@@ -510,7 +569,10 @@ mod tests {
     fn enabled_sink_outside_a_runtime_is_an_error() {
         let dir = temp_dir("nort");
         let (rs, ws) = settings(&format!("file://{}/c.jsonl", dir.display()), "");
-        assert!(matches!(RecordSink::new(&rs, &ws), Err(RecordsError::NoRuntime)));
+        assert!(matches!(
+            RecordSink::new(&rs, &ws),
+            Err(RecordsError::NoRuntime)
+        ));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -548,14 +610,21 @@ mod tests {
 
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.ends_with('\n'));
-        let parsed: Vec<CallRecord> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let parsed: Vec<CallRecord> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         let mut got: Vec<_> = parsed.iter().map(|r| r.call_id).collect();
         assert_eq!(parsed.last(), Some(&last));
         got.sort();
         expected.sort();
         assert_eq!(got, expected);
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o007, 0, "not world-readable");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o007,
+            0,
+            "not world-readable"
+        );
 
         // Submitting after close is counted as dropped, not a panic.
         sink2.submit(record(5));
@@ -563,9 +632,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    async fn hook_server(
-        hang: bool,
-    ) -> (String, mpsc::Receiver<(Option<String>, Bytes)>) {
+    async fn hook_server(hang: bool) -> (String, mpsc::Receiver<(Option<String>, Bytes)>) {
         use axum::http::HeaderMap;
         let (tx, rx) = mpsc::channel(16);
         let app = axum::Router::new().route(
@@ -576,14 +643,20 @@ mod tests {
                     if hang {
                         std::future::pending::<()>().await;
                     }
-                    let ct = headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    let ct = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     let _ = tx.send((ct, body)).await;
                     "ok"
                 }
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook?token=s3cret", listener.local_addr().unwrap());
+        let url = format!(
+            "http://{}/hook?token=s3cret",
+            listener.local_addr().unwrap()
+        );
         tokio::spawn(async move { axum::serve(listener, app).await });
         (url, rx)
     }
@@ -595,7 +668,10 @@ mod tests {
         let sink = RecordSink::new(&rs, &ws).unwrap();
         let rec = record(7);
         sink.submit(rec.clone());
-        let (ct, body) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.unwrap().unwrap();
+        let (ct, body) = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(ct.as_deref(), Some("application/json"));
         assert!(!body.ends_with(b"\n"));
         let got: CallRecord = serde_json::from_slice(&body).unwrap();
@@ -616,6 +692,11 @@ mod tests {
         }
         assert_eq!(sink.dropped(), 300 - WEBHOOK_QUEUE as u64);
         // The server never answers; close gives up after the grace instead of hanging.
-        tokio::time::timeout(Duration::from_secs(30), sink.close(Duration::from_millis(200))).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            sink.close(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap();
     }
 }

@@ -94,17 +94,27 @@ mod tests {
         let path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&path);
         let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
 
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "ops::systemd::tests::child_sends_notifications", "--ignored", "--test-threads=1"])
+            .args([
+                "--exact",
+                "ops::systemd::tests::child_sends_notifications",
+                "--ignored",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, "1")
             .env("NOTIFY_SOCKET", &path)
             .env("WATCHDOG_USEC", "5000000")
             .env_remove("WATCHDOG_PID")
             .output()
             .unwrap();
-        assert!(out.status.success(), "child failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "child failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
 
         let mut got = Vec::new();
         let mut buf = [0u8; 512];
@@ -112,7 +122,15 @@ mod tests {
             let n = sock.recv(&mut buf).unwrap();
             got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
-        assert_eq!(got, ["STATUS=2 calls active\n", "READY=1\n", "WATCHDOG=1\n", "STOPPING=1\n"]);
+        assert_eq!(
+            got,
+            [
+                "STATUS=2 calls active\n",
+                "READY=1\n",
+                "WATCHDOG=1\n",
+                "STOPPING=1\n"
+            ]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -121,11 +139,18 @@ mod tests {
         // This process has no WATCHDOG_USEC for this pid (the unit test runner is not a
         // systemd service with WatchdogSec), so the loop must return at once.
         if watchdog_interval().is_none() {
-            tokio::time::timeout(Duration::from_secs(30), watchdog_loop(CancellationToken::new())).await.unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                watchdog_loop(CancellationToken::new()),
+            )
+            .await
+            .unwrap();
         } else {
             let token = CancellationToken::new();
             token.cancel();
-            tokio::time::timeout(Duration::from_secs(30), watchdog_loop(token)).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(30), watchdog_loop(token))
+                .await
+                .unwrap();
         }
     }
 }

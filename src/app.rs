@@ -1,18 +1,21 @@
 //! Wires the daemon together from [`Settings`]: the AudioSocket listener, the admin server,
-//! systemd notifications and the per-call behaviour. `main` only parses arguments, loads
-//! the configuration and calls [`run`].
+//! systemd notifications, call records and the per-call behaviour. `main` only parses
+//! arguments, loads the configuration, starts logging and calls [`run`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::call::session::{Behaviour, SessionConfig};
+use crate::call::session::{Behaviour, CallSummary, SessionConfig};
+use crate::ops::admin::{self, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::metrics::Metrics;
-use crate::server::{self, Readiness, ServerConfig};
+use crate::ops::records::{CallRecord, RecordSink};
+use crate::ops::systemd;
+use crate::server::{self, OnCallEnd, ServerConfig};
 
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,21 +33,44 @@ pub enum StartError {
     /// The agent could not be built (e.g. missing API key).
     #[error("{0}")]
     Agent(String),
+    /// Call records are misconfigured.
+    #[error("{0}")]
+    Records(String),
 }
 
 /// Builds the per-call behaviour from the settings.
-pub async fn behaviour(settings: &Settings) -> Result<Behaviour, StartError> {
+pub async fn behaviour(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Behaviour, StartError> {
     match settings.agent.mode {
         AgentMode::Echo => Ok(Behaviour::Echo),
-        AgentMode::Ai => Err(StartError::Agent(
-            "agent.mode = \"ai\" is not available in this build yet; set agent.mode = \"echo\""
-                .into(),
-        )),
+        AgentMode::Ai => {
+            let _ = metrics;
+            Err(StartError::Agent(
+                "agent.mode = \"ai\" is not available in this build yet; set agent.mode = \"echo\""
+                    .into(),
+            ))
+        }
     }
 }
 
-/// Runs the daemon until `shutdown` fires and every call has drained.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), StartError> {
+/// Where a started daemon listens (useful when the settings asked for port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The AudioSocket listener.
+    pub audiosocket: std::net::SocketAddr,
+    /// The admin HTTP listener.
+    pub admin: std::net::SocketAddr,
+}
+
+/// Runs the daemon until `shutdown` fires and every call has drained. `on_bound` is told
+/// the listening addresses once both sockets are bound.
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    on_bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<(), StartError> {
     let listener = TcpListener::bind(settings.audiosocket.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -60,8 +86,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             source,
         })?;
     let metrics = Arc::new(Metrics::new());
-    let ready = Readiness::default();
-    let behaviour = behaviour(&settings).await?;
+    let ready = ReadyFlag::new();
+    let records = Arc::new(
+        RecordSink::new(&settings.records, &settings.webhook)
+            .map_err(|e| StartError::Records(e.to_string()))?,
+    );
+    let behaviour = behaviour(&settings, &metrics).await?;
     let cfg = ServerConfig {
         allow: settings.audiosocket.allow.clone(),
         max_calls: settings.audiosocket.max_calls,
@@ -73,8 +103,87 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             behaviour,
         },
     };
-    let _ = admin_listener;
-    info!(mode = ?settings.agent.mode, "sifucall starting");
-    server::serve(listener, cfg, metrics, ready, None, shutdown).await;
+
+    let admin_stop = CancellationToken::new();
+    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone());
+    let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state,
+        admin_stop.clone(),
+    ));
+    let watchdog = tokio::spawn(systemd::watchdog_loop(admin_stop.clone()));
+
+    let on_end: Option<OnCallEnd> = records.is_enabled().then(|| {
+        let records = Arc::clone(&records);
+        let mode = settings.agent.mode;
+        Arc::new(move |s: CallSummary| {
+            if let Some(rec) = to_record(s, mode) {
+                records.submit(rec);
+            }
+        }) as OnCallEnd
+    });
+
+    let audiosocket_addr = listener.local_addr().unwrap_or(settings.audiosocket.listen);
+    info!(
+        audiosocket = %audiosocket_addr,
+        admin = %admin_addr,
+        mode = ?settings.agent.mode,
+        version = env!("CARGO_PKG_VERSION"),
+        "sifucall started"
+    );
+    if let Some(tx) = on_bound {
+        let _ = tx.send(Bound {
+            audiosocket: audiosocket_addr,
+            admin: admin_addr,
+        });
+    }
+    systemd::notify_ready();
+    let stopping = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            systemd::notify_stopping();
+        })
+    };
+    server::serve(listener, cfg, Arc::clone(&metrics), ready, on_end, shutdown).await;
+    let _ = stopping.await;
+    records.close(Duration::from_secs(5)).await;
+    admin_stop.cancel();
+    if let Ok(Err(e)) = admin_task.await {
+        warn!(error = %e, "admin server error");
+    }
+    let _ = watchdog.await;
+    info!("sifucall stopped");
     Ok(())
+}
+
+/// Turns a call summary into a stored record; calls that never sent a UUID are not calls.
+pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
+    let call_id = s.call_id?;
+    let started = SystemTime::now()
+        .checked_sub(s.duration)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let agent = s.agent.unwrap_or_default();
+    let mut errors = agent.errors;
+    if let Some(d) = s.detail {
+        errors.insert(0, d);
+    }
+    Some(CallRecord {
+        call_id,
+        peer: s.peer,
+        started_at: crate::ops::records::rfc3339_utc(started),
+        duration_ms: s.duration.as_millis() as u64,
+        end_reason: s.reason,
+        mode,
+        sample_rate: s.rate.map_or(0, |r| r.hz()),
+        frames_in: s.frames_in,
+        frames_out: s.frames_out,
+        underruns: s.underruns,
+        dtmf: s.dtmf,
+        transcript: agent.transcript,
+        turns: agent.turns,
+        llm_cost: agent.llm_cost,
+        errors,
+    })
 }

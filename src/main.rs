@@ -65,6 +65,10 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
+            if let Err(e) = sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
+                eprintln!("sifucall: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             match runtime().and_then(|rt| rt.block_on(run(settings))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -88,13 +92,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    if let Err(e) = sifucall::ops::rlimit::raise_nofile_limit() {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         signals.cancel();
     });
-    sifucall::app::run(settings, shutdown).await?;
+    sifucall::app::run(settings, shutdown, None).await?;
     Ok(())
 }
 

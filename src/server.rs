@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -20,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::call::session::{self, CallSummary, SessionConfig};
+use crate::ops::admin::ReadyFlag;
 use crate::ops::metrics::{Metrics, RefuseReason};
 
 /// The 0x00 hangup message, sent to connections we refuse.
@@ -43,28 +43,12 @@ pub struct ServerConfig {
 /// Called with each finished call's summary (call records, webhooks).
 pub type OnCallEnd = Arc<dyn Fn(CallSummary) + Send + Sync>;
 
-/// State shared with the admin server.
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    /// Whether the daemon takes calls.
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// Sets readiness.
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
-    }
-}
-
 /// Runs the listener until `shutdown` fires, then drains. Returns when every call has ended.
 pub async fn serve(
     listener: TcpListener,
     cfg: ServerConfig,
     metrics: Arc<Metrics>,
-    ready: Readiness,
+    ready: ReadyFlag,
     on_call_end: Option<OnCallEnd>,
     shutdown: CancellationToken,
 ) {
@@ -72,7 +56,7 @@ pub async fn serve(
     let cancel_calls = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(cfg.max_calls));
     let cfg = Arc::new(cfg);
-    ready.set(true);
+    ready.set_ready(true);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, max_calls = cfg.max_calls, "AudioSocket listener ready");
     }
@@ -116,7 +100,7 @@ pub async fn serve(
         calls.spawn(run_call(stream, peer, cfg, metrics, on_end, cancel, permit));
     }
 
-    ready.set(false);
+    ready.set_ready(false);
     info!(
         active = calls.len(),
         grace_secs = cfg.shutdown_grace.as_secs(),

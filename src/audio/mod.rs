@@ -4,5 +4,5 @@
 //! edge (ElevenLabs `ulaw_8000`), and the VAD model wants 16 kHz, hence the resampler.
 
 pub mod pcm;
-pub mod wav;
 pub mod vad;
+pub mod wav;

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::playout::{PlayoutEvent, Progress, UtteranceId};
 use crate::audiosocket::{Digit, SampleRate};
+use crate::ops::records::{TranscriptEntry, TurnTiming};
 
 /// What the agent learns about the call when it starts.
 #[derive(Debug, Clone)]
@@ -71,41 +72,13 @@ pub struct AgentHandle {
     pub report: Option<oneshot::Receiver<AgentReport>>,
 }
 
-/// One line of the call's transcript.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct TranscriptLine {
-    /// `caller`, `agent` or `dtmf`.
-    pub role: &'static str,
-    /// What was said (for the agent: what the caller actually heard).
-    pub text: String,
-    /// Milliseconds since the call started.
-    pub at_ms: u64,
-    /// The agent was cut off by the caller.
-    pub interrupted: bool,
-}
-
-/// Per-turn latency marks, in ms since the call started.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct TurnTimings {
-    /// The caller stopped speaking (VAD).
-    pub speech_end_ms: Option<u64>,
-    /// The final transcript arrived.
-    pub stt_final_ms: Option<u64>,
-    /// The LLM's first token arrived.
-    pub llm_first_token_ms: Option<u64>,
-    /// The first TTS audio arrived.
-    pub tts_first_audio_ms: Option<u64>,
-    /// The first frame of the reply went on the wire.
-    pub first_frame_ms: Option<u64>,
-}
-
 /// What the agent reports at the end of a call.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct AgentReport {
     /// The conversation.
-    pub transcript: Vec<TranscriptLine>,
+    pub transcript: Vec<TranscriptEntry>,
     /// Latency marks per turn.
-    pub turns: Vec<TurnTimings>,
+    pub turns: Vec<TurnTiming>,
     /// LLM cost in credits, when reported.
     pub llm_cost: Option<f64>,
     /// Provider errors seen.

@@ -30,7 +30,13 @@ impl ClauseSplitter {
     /// `first_min_chars`: shortest first clause; `min_chars`: shortest later clause (shorter
     /// ones wait for more text unless a sentence ends); `max_chars`: force a break at a space.
     pub fn new(first_min_chars: usize, min_chars: usize, max_chars: usize) -> Self {
-        Self { buf: String::new(), emitted: 0, first_min_chars, min_chars, max_chars }
+        Self {
+            buf: String::new(),
+            emitted: 0,
+            first_min_chars,
+            min_chars,
+            max_chars,
+        }
     }
 
     /// Adds streamed text; returns the clauses now complete, each ending with a space.
@@ -62,7 +68,11 @@ impl ClauseSplitter {
     }
 
     fn find_cut(&self) -> Option<usize> {
-        let min = if self.emitted == 0 { self.first_min_chars } else { self.min_chars };
+        let min = if self.emitted == 0 {
+            self.first_min_chars
+        } else {
+            self.min_chars
+        };
         let mut last_space = None;
         let mut chars = self.buf.char_indices().peekable();
         let mut count = 0;
@@ -73,7 +83,9 @@ impl ClauseSplitter {
             let followed_by_space = next.is_some_and(char::is_whitespace);
             if followed_by_space {
                 let end = i + c.len_utf8();
-                if SENTENCE_END.contains(&c) && (count >= min.min(self.first_min_chars) || self.emitted == 0 && count >= 4) {
+                if SENTENCE_END.contains(&c)
+                    && (count >= min.min(self.first_min_chars) || self.emitted == 0 && count >= 4)
+                {
                     return Some(end);
                 }
                 if CLAUSE_END.contains(&c) && count >= min {
@@ -108,7 +120,10 @@ mod tests {
     #[test]
     fn first_clause_is_released_early() {
         let mut s = ClauseSplitter::default();
-        assert!(s.push("Baiklah,").is_empty(), "too short, and the break is not confirmed yet");
+        assert!(
+            s.push("Baiklah,").is_empty(),
+            "too short, and the break is not confirmed yet"
+        );
         assert!(s.push(" harga pakej").is_empty());
         let got = s.push(" kami bermula, dan");
         assert_eq!(got, vec!["Baiklah, harga pakej kami bermula, ".to_string()]);
@@ -129,7 +144,10 @@ mod tests {
     #[test]
     fn decimals_are_not_split() {
         let clauses = split_all(&["Harganya RM3", ".50 sahaja hari ini untuk anda semua."]);
-        assert_eq!(clauses, vec!["Harganya RM3.50 sahaja hari ini untuk anda semua. "]);
+        assert_eq!(
+            clauses,
+            vec!["Harganya RM3.50 sahaja hari ini untuk anda semua. "]
+        );
     }
 
     #[test]
@@ -145,8 +163,12 @@ mod tests {
     fn any_chunking_gives_the_same_words() {
         let text = "Ya, boleh. Saya akan semak sekarang; sila tunggu sebentar! Terima kasih.";
         for size in 1..8 {
-            let chunks: Vec<String> =
-                text.chars().collect::<Vec<_>>().chunks(size).map(|c| c.iter().collect()).collect();
+            let chunks: Vec<String> = text
+                .chars()
+                .collect::<Vec<_>>()
+                .chunks(size)
+                .map(|c| c.iter().collect())
+                .collect();
             let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
             let clauses = split_all(&refs);
             assert_eq!(clauses.concat().trim_end(), text, "chunk size {size}");

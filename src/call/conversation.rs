@@ -15,9 +15,7 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
-use super::agent::{
-    AgentCommand, AgentFactory, AgentHandle, AgentInput, AgentReport, CallInfo, TranscriptLine, TurnTimings,
-};
+use super::agent::{AgentCommand, AgentFactory, AgentHandle, AgentInput, AgentReport, CallInfo};
 use super::clauses::ClauseSplitter;
 use super::playout::{PlayoutEvent, Progress, UtteranceId};
 use super::prompts::{PromptCache, PromptKind};
@@ -25,6 +23,7 @@ use super::turn::{TurnConfig, TurnDetector, TurnEvent};
 use crate::audio::pcm;
 use crate::audio::vad::Vad;
 use crate::ops::metrics::{Metrics, Provider, Stage};
+use crate::ops::records::{Role, TranscriptEntry, TurnTiming as TurnTimings};
 use crate::providers::llm::{ChatMessage, ChatRequest, LlmEvent, LlmProvider};
 use crate::providers::stt::{SttEvent, SttParams, SttProvider, SttSession};
 use crate::providers::tts::{TtsInput, TtsOutput, TtsParams, TtsProvider};
@@ -67,8 +66,18 @@ pub struct AiAgentFactory {
 
 impl AiAgentFactory {
     /// A factory sharing providers and cached prompts across calls.
-    pub fn new(providers: Providers, prompts: Arc<PromptCache>, cfg: AgentConfig, metrics: Arc<Metrics>) -> Self {
-        Self { providers, prompts, cfg: Arc::new(cfg), metrics }
+    pub fn new(
+        providers: Providers,
+        prompts: Arc<PromptCache>,
+        cfg: AgentConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            providers,
+            prompts,
+            cfg: Arc::new(cfg),
+            metrics,
+        }
     }
 }
 
@@ -83,7 +92,10 @@ impl AgentFactory for AiAgentFactory {
         let mut initial = Vec::new();
         let greeting_cached = match self.prompts.cached(PromptKind::Greeting, rate) {
             Some(pcm) => {
-                initial.push(AgentCommand::Play { utterance: GREETING, pcm: pcm.to_vec() });
+                initial.push(AgentCommand::Play {
+                    utterance: GREETING,
+                    pcm: pcm.to_vec(),
+                });
                 initial.push(AgentCommand::Finish(GREETING));
                 true
             }
@@ -99,8 +111,16 @@ impl AgentFactory for AiAgentFactory {
             cmd_tx,
             cancel,
         );
-        tokio::spawn(conv.run(input_rx, greeting_cached, report_tx).instrument(span));
-        AgentHandle { input: input_tx, commands: cmd_rx, initial, report: Some(report_rx) }
+        tokio::spawn(
+            conv.run(input_rx, greeting_cached, report_tx)
+                .instrument(span),
+        );
+        AgentHandle {
+            input: input_tx,
+            commands: cmd_rx,
+            initial,
+            report: Some(report_rx),
+        }
     }
 }
 
@@ -149,10 +169,17 @@ enum ReplyEvent {
     Clause(String),
     Audio(Vec<i16>),
     EndCall,
-    Usage { prompt: u64, completion: u64, cost: Option<f64> },
+    Usage {
+        prompt: u64,
+        completion: u64,
+        cost: Option<f64>,
+    },
     /// Both the LLM and TTS are done.
     Done,
-    Failed { provider: Provider, error: String },
+    Failed {
+        provider: Provider,
+        error: String,
+    },
 }
 
 struct Conversation {
@@ -238,7 +265,11 @@ impl Conversation {
             self.register(GREETING, SpokenKind::Greeting, &greeting_text);
         } else if !greeting_text.trim().is_empty() {
             // Not cached (TTS was down at startup): synthesize it now.
-            match self.prompts.get(PromptKind::Greeting, self.call.rate.hz()).await {
+            match self
+                .prompts
+                .get(PromptKind::Greeting, self.call.rate.hz())
+                .await
+            {
                 Ok(pcm) => {
                     self.register(GREETING, SpokenKind::Greeting, &greeting_text);
                     self.play_whole(GREETING, pcm.to_vec()).await;
@@ -289,17 +320,34 @@ impl Conversation {
     }
 
     fn next_timer(&self) -> Option<Instant> {
-        [self.dtmf_deadline, self.reply.as_ref().and_then(|r| r.hold_at), self.stt_retry_at].into_iter().flatten().min()
+        [
+            self.dtmf_deadline,
+            self.reply.as_ref().and_then(|r| r.hold_at),
+            self.stt_retry_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn register(&mut self, id: UtteranceId, kind: SpokenKind, text: &str) {
-        let history_index = matches!(kind, SpokenKind::Greeting | SpokenKind::Apology | SpokenKind::Reply).then(|| {
+        let history_index = matches!(
+            kind,
+            SpokenKind::Greeting | SpokenKind::Apology | SpokenKind::Reply
+        )
+        .then(|| {
             self.history.push(ChatMessage::new("assistant", ""));
             self.history.len() - 1
         });
         self.utterances.insert(
             id,
-            Spoken { kind, text: text.to_owned(), samples: 0, history_index, playing: false },
+            Spoken {
+                kind,
+                text: text.to_owned(),
+                samples: 0,
+                history_index,
+                playing: false,
+            },
         );
     }
 
@@ -347,8 +395,8 @@ impl Conversation {
             AgentInput::Dtmf(d) => {
                 let now = Instant::now();
                 self.dtmf.push(d.as_char());
-                self.report.transcript.push(TranscriptLine {
-                    role: "dtmf",
+                self.report.transcript.push(TranscriptEntry {
+                    role: Role::Dtmf,
                     text: d.to_string(),
                     at_ms: self.ms(now),
                     interrupted: false,
@@ -398,7 +446,10 @@ impl Conversation {
                 self.last_speech_end = Some(at);
             }
             TurnEvent::BargeIn { at } => {
-                info!(at_ms = self.ms(at), "barge-in: caller talked over the agent; stopping playout");
+                info!(
+                    at_ms = self.ms(at),
+                    "barge-in: caller talked over the agent; stopping playout"
+                );
                 self.metrics.barge_in();
                 self.report.barge_ins += 1;
                 if let Some(r) = self.reply.take() {
@@ -439,29 +490,45 @@ impl Conversation {
                 self.update_agent_speaking();
                 self.maybe_hang_up().await;
             }
-            PlayoutEvent::Underrun { utterance } => debug!(?utterance, "playout underrun (TTS slower than real time)"),
+            PlayoutEvent::Underrun { utterance } => {
+                debug!(?utterance, "playout underrun (TTS slower than real time)")
+            }
         }
     }
 
     fn update_agent_speaking(&mut self) {
         let playing: Vec<&Spoken> = self.utterances.values().filter(|u| u.playing).collect();
-        let level = self.reply.as_ref().filter(|r| r.level_n > 0).map_or(-20.0, |r| r.level_sum / r.level_n as f64);
+        let level = self
+            .reply
+            .as_ref()
+            .filter(|r| r.level_n > 0)
+            .map_or(-20.0, |r| r.level_sum / r.level_n as f64);
         self.turns.set_agent_speaking(!playing.is_empty(), level);
     }
 
     /// An utterance finished playing or was flushed: record what the caller heard.
     fn utterance_ended(&mut self, p: Progress, flushed: bool) {
-        let Some(u) = self.utterances.remove(&p.utterance) else { return };
+        let Some(u) = self.utterances.remove(&p.utterance) else {
+            return;
+        };
         let interrupted = flushed && p.dropped_samples > 0 || flushed && !p.input_finished;
-        let heard = if interrupted { heard_prefix(&u.text, p.sent_samples, u.samples.max(1)) } else { u.text.trim().to_owned() };
+        let heard = if interrupted {
+            heard_prefix(&u.text, p.sent_samples, u.samples.max(1))
+        } else {
+            u.text.trim().to_owned()
+        };
         if let Some(i) = u.history_index {
             if let Some(m) = self.history.get_mut(i) {
-                m.content = if interrupted && !heard.is_empty() { format!("{heard}…") } else { heard.clone() };
+                m.content = if interrupted && !heard.is_empty() {
+                    format!("{heard}…")
+                } else {
+                    heard.clone()
+                };
             }
         }
         if u.kind != SpokenKind::Hold && !heard.is_empty() {
-            self.report.transcript.push(TranscriptLine {
-                role: "agent",
+            self.report.transcript.push(TranscriptEntry {
+                role: Role::Agent,
                 text: heard,
                 at_ms: self.ms(Instant::now()),
                 interrupted,
@@ -510,7 +577,12 @@ impl Conversation {
                     return;
                 }
                 info!(%text, "caller said");
-                self.report.transcript.push(TranscriptLine { role: "caller", text: text.clone(), at_ms: self.ms(now), interrupted: false });
+                self.report.transcript.push(TranscriptEntry {
+                    role: Role::Caller,
+                    text: text.clone(),
+                    at_ms: self.ms(now),
+                    interrupted: false,
+                });
                 if agent_playing {
                     // Real speech over the agent that the VAD gate did not already act on.
                     self.metrics.barge_in();
@@ -552,7 +624,11 @@ impl Conversation {
                 self.history.truncate(prev.user_history_index);
                 self.utterances.remove(&prev.utterance);
                 if timing.speech_end_ms.is_none() {
-                    timing.speech_end_ms = self.report.turns.get(prev.turn_index).and_then(|t| t.speech_end_ms);
+                    timing.speech_end_ms = self
+                        .report
+                        .turns
+                        .get(prev.turn_index)
+                        .and_then(|t| t.speech_end_ms);
                 }
             }
         }
@@ -561,13 +637,26 @@ impl Conversation {
         let utterance = self.new_utterance();
         self.register(utterance, SpokenKind::Reply, "");
         let mut messages = vec![ChatMessage::new("system", self.cfg.system_prompt.clone())];
-        messages.extend(self.history.iter().filter(|m| !m.content.is_empty()).cloned());
-        let req = ChatRequest { messages, offer_end_call: true, call_id: self.call.call_id.to_string() };
-        let tts_params = TtsParams { sample_rate: self.call.rate.hz(), call_id: self.call.call_id.to_string() };
+        messages.extend(
+            self.history
+                .iter()
+                .filter(|m| !m.content.is_empty())
+                .cloned(),
+        );
+        let req = ChatRequest {
+            messages,
+            offer_end_call: true,
+            call_id: self.call.call_id.to_string(),
+        };
+        let tts_params = TtsParams {
+            sample_rate: self.call.rate.hz(),
+            call_id: self.call.call_id.to_string(),
+        };
         let cancel = self.cancel.child_token();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(
-            reply_task(self.providers.clone(), req, tts_params, tx, cancel.clone()).instrument(tracing::Span::current()),
+            reply_task(self.providers.clone(), req, tts_params, tx, cancel.clone())
+                .instrument(tracing::Span::current()),
         );
         self.report.turns.push(timing.clone());
         self.reply = Some(Reply {
@@ -588,7 +677,9 @@ impl Conversation {
     }
 
     async fn on_reply_event(&mut self, ev: Option<ReplyEvent>) {
-        let Some(reply) = self.reply.as_mut() else { return };
+        let Some(reply) = self.reply.as_mut() else {
+            return;
+        };
         let now = Instant::now();
         let now_ms = now.saturating_duration_since(self.call.started).as_millis() as u64;
         let Some(ev) = ev else {
@@ -618,13 +709,21 @@ impl Conversation {
                 reply.level_sum += pcm::dbfs(&samples);
                 reply.level_n += 1;
                 let u = reply.utterance;
-                self.send(AgentCommand::Play { utterance: u, pcm: samples }).await;
+                self.send(AgentCommand::Play {
+                    utterance: u,
+                    pcm: samples,
+                })
+                .await;
             }
             ReplyEvent::EndCall => {
                 info!("the model ended the call");
                 reply.end_call = true;
             }
-            ReplyEvent::Usage { prompt, completion, cost } => {
+            ReplyEvent::Usage {
+                prompt,
+                completion,
+                cost,
+            } => {
                 self.metrics.llm_usage(prompt, completion, cost);
                 if let Some(c) = cost {
                     *self.report.llm_cost.get_or_insert(0.0) += c;
@@ -639,7 +738,12 @@ impl Conversation {
                 if !spoke {
                     // No audio at all (e.g. only a tool call): nothing will play.
                     self.utterance_ended(
-                        Progress { utterance: u, sent_samples: 0, dropped_samples: 0, input_finished: true },
+                        Progress {
+                            utterance: u,
+                            sent_samples: 0,
+                            dropped_samples: 0,
+                            input_finished: true,
+                        },
                         false,
                     );
                 }
@@ -680,10 +784,22 @@ impl Conversation {
         };
         let stages = [
             (Stage::VadEndToSttFinal, d(t.speech_end_ms, t.stt_final_ms)),
-            (Stage::SttFinalToLlmFirstToken, d(t.stt_final_ms, t.llm_first_token_ms)),
-            (Stage::LlmFirstTokenToTtsFirstAudio, d(t.llm_first_token_ms, t.tts_first_audio_ms)),
-            (Stage::TtsFirstAudioToWire, d(t.tts_first_audio_ms, t.first_frame_ms)),
-            (Stage::SpeechEndToFirstAudio, d(t.speech_end_ms.or(t.stt_final_ms), t.first_frame_ms)),
+            (
+                Stage::SttFinalToLlmFirstToken,
+                d(t.stt_final_ms, t.llm_first_token_ms),
+            ),
+            (
+                Stage::LlmFirstTokenToTtsFirstAudio,
+                d(t.llm_first_token_ms, t.tts_first_audio_ms),
+            ),
+            (
+                Stage::TtsFirstAudioToWire,
+                d(t.tts_first_audio_ms, t.first_frame_ms),
+            ),
+            (
+                Stage::SpeechEndToFirstAudio,
+                d(t.speech_end_ms.or(t.stt_final_ms), t.first_frame_ms),
+            ),
         ];
         for (stage, v) in stages {
             if let Some(ms) = v {
@@ -716,7 +832,11 @@ impl Conversation {
             self.stt_retry_at = None;
             self.start_stt().await;
         }
-        let hold_due = self.reply.as_ref().and_then(|r| r.hold_at).is_some_and(|d| now >= d);
+        let hold_due = self
+            .reply
+            .as_ref()
+            .and_then(|r| r.hold_at)
+            .is_some_and(|d| now >= d);
         if hold_due {
             if let Some(r) = self.reply.as_mut() {
                 r.hold_at = None;
@@ -892,13 +1012,19 @@ mod tests {
         assert_eq!(heard_prefix(t, 0, 100), "");
         assert_eq!(heard_prefix(t, 100, 100), t);
         let half = heard_prefix(t, 50, 100);
-        assert!(t.starts_with(&half) && half.len() < t.len() && !half.ends_with(' '), "{half}");
+        assert!(
+            t.starts_with(&half) && half.len() < t.len() && !half.ends_with(' '),
+            "{half}"
+        );
     }
 
     #[test]
     fn errors_are_classified() {
         assert_eq!(classify("no first token within 2500 ms"), "timeout");
-        assert_eq!(classify("LLM request failed with HTTP 429: slow down"), "status_429");
+        assert_eq!(
+            classify("LLM request failed with HTTP 429: slow down"),
+            "status_429"
+        );
         assert_eq!(classify("LLM stream error 429: Rate limit"), "status_429");
         assert_eq!(classify("stream stalled for 3000 ms"), "stalled");
     }

@@ -2,9 +2,9 @@
 //! buffer, and what the call does (echo, or the voice agent).
 
 pub mod agent;
-pub mod playout;
-pub mod session;
 pub mod clauses;
-pub mod turn;
-pub mod prompts;
 pub mod conversation;
+pub mod playout;
+pub mod prompts;
+pub mod session;
+pub mod turn;

@@ -53,7 +53,9 @@ pub struct PromptCache {
 
 impl std::fmt::Debug for PromptCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PromptCache").field("texts", &self.texts).finish_non_exhaustive()
+        f.debug_struct("PromptCache")
+            .field("texts", &self.texts)
+            .finish_non_exhaustive()
     }
 }
 
@@ -63,7 +65,11 @@ const SYNTH_TIMEOUT: Duration = Duration::from_secs(15);
 impl PromptCache {
     /// An empty cache.
     pub fn new(texts: PromptTexts, tts: Arc<dyn TtsProvider>) -> Self {
-        Self { texts, tts, audio: RwLock::new(HashMap::new()) }
+        Self {
+            texts,
+            tts,
+            audio: RwLock::new(HashMap::new()),
+        }
     }
 
     /// The texts.
@@ -76,8 +82,15 @@ impl PromptCache {
         for &rate in rates {
             for kind in [PromptKind::Greeting, PromptKind::Apology, PromptKind::Hold] {
                 match self.synthesize(kind, rate).await {
-                    Ok(pcm) => info!(?kind, rate, ms = pcm.len() as u64 * 1000 / u64::from(rate), "prompt cached"),
-                    Err(e) => warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use"),
+                    Ok(pcm) => info!(
+                        ?kind,
+                        rate,
+                        ms = pcm.len() as u64 * 1000 / u64::from(rate),
+                        "prompt cached"
+                    ),
+                    Err(e) => {
+                        warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use")
+                    }
                 }
             }
         }
@@ -85,7 +98,10 @@ impl PromptCache {
 
     /// The cached audio, if ready (never waits).
     pub fn cached(&self, kind: PromptKind, rate: u32) -> Option<Arc<Vec<i16>>> {
-        self.audio.try_read().ok().and_then(|m| m.get(&(kind, rate)).cloned())
+        self.audio
+            .try_read()
+            .ok()
+            .and_then(|m| m.get(&(kind, rate)).cloned())
     }
 
     /// The audio, synthesizing it now if it is not cached.
@@ -101,21 +117,42 @@ impl PromptCache {
         if text.trim().is_empty() {
             return Err("empty prompt text".into());
         }
-        let params = TtsParams { sample_rate: rate, call_id: format!("prompt-{kind:?}") };
-        let pcm = tokio::time::timeout(SYNTH_TIMEOUT, synthesize_text(self.tts.as_ref(), params, text))
-            .await
-            .map_err(|_| format!("timed out after {SYNTH_TIMEOUT:?}"))??;
+        let params = TtsParams {
+            sample_rate: rate,
+            call_id: format!("prompt-{kind:?}"),
+        };
+        let pcm = tokio::time::timeout(
+            SYNTH_TIMEOUT,
+            synthesize_text(self.tts.as_ref(), params, text),
+        )
+        .await
+        .map_err(|_| format!("timed out after {SYNTH_TIMEOUT:?}"))??;
         let pcm = Arc::new(pcm);
-        self.audio.write().await.insert((kind, rate), Arc::clone(&pcm));
+        self.audio
+            .write()
+            .await
+            .insert((kind, rate), Arc::clone(&pcm));
         Ok(pcm)
     }
 }
 
 /// Synthesizes a whole text through a streaming provider.
-pub async fn synthesize_text(tts: &dyn TtsProvider, params: TtsParams, text: &str) -> Result<Vec<i16>, String> {
+pub async fn synthesize_text(
+    tts: &dyn TtsProvider,
+    params: TtsParams,
+    text: &str,
+) -> Result<Vec<i16>, String> {
     let mut stream = tts.open(params).await.map_err(|e| e.to_string())?;
-    stream.text.send(TtsInput::Text(format!("{} ", text.trim()))).await.map_err(|_| "TTS stream closed")?;
-    stream.text.send(TtsInput::Finish).await.map_err(|_| "TTS stream closed")?;
+    stream
+        .text
+        .send(TtsInput::Text(format!("{} ", text.trim())))
+        .await
+        .map_err(|_| "TTS stream closed")?;
+    stream
+        .text
+        .send(TtsInput::Finish)
+        .await
+        .map_err(|_| "TTS stream closed")?;
     let mut pcm = Vec::new();
     while let Some(out) = stream.audio.recv().await {
         match out {

@@ -192,7 +192,10 @@ pub async fn run(
     let (reason, detail) = call.run().instrument(span.clone()).await;
     call.agent_cancel.cancel();
     if let Some(rx) = call.report.take() {
-        summary.agent = timeout(Duration::from_millis(500), rx).await.ok().and_then(Result::ok);
+        summary.agent = timeout(Duration::from_millis(500), rx)
+            .await
+            .ok()
+            .and_then(Result::ok);
     }
     summary.reason = reason;
     summary.detail = detail;

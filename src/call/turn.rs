@@ -133,18 +133,26 @@ impl TurnDetector {
         if self.agent_speaking && is_speech && self.speech_run >= self.cfg.min_speech {
             self.caller_spoke_over_agent = true;
         }
-        if self.agent_speaking && !self.barged && is_speech && self.speech_run >= self.cfg.barge_in_min_speech {
+        if self.agent_speaking
+            && !self.barged
+            && is_speech
+            && self.speech_run >= self.cfg.barge_in_min_speech
+        {
             self.barged = true;
             self.speaking = true;
             return Some(TurnEvent::BargeIn { at: end });
         }
         if !self.speaking && is_speech && self.speech_run >= self.cfg.min_speech {
             self.speaking = true;
-            return Some(TurnEvent::SpeechStarted { at: self.run_start.unwrap_or(end) });
+            return Some(TurnEvent::SpeechStarted {
+                at: self.run_start.unwrap_or(end),
+            });
         }
         if self.speaking && !is_speech && self.silence_run >= self.cfg.min_silence {
             self.speaking = false;
-            return Some(TurnEvent::SpeechEnded { at: self.last_speech_end.unwrap_or(end) });
+            return Some(TurnEvent::SpeechEnded {
+                at: self.last_speech_end.unwrap_or(end),
+            });
         }
         None
     }
@@ -156,7 +164,13 @@ mod tests {
 
     const MS16: Duration = Duration::from_millis(16);
 
-    fn feed(d: &mut TurnDetector, t: &mut Instant, windows: usize, prob: f32, db: f64) -> Vec<TurnEvent> {
+    fn feed(
+        d: &mut TurnDetector,
+        t: &mut Instant,
+        windows: usize,
+        prob: f32,
+        db: f64,
+    ) -> Vec<TurnEvent> {
         (0..windows)
             .filter_map(|_| {
                 *t += MS16;
@@ -195,7 +209,10 @@ mod tests {
         d.set_agent_speaking(true, -20.0);
         // 240 ms of caller speech: reported as speech, not yet an interruption.
         let ev = feed(&mut d, &mut t, 15, 0.9, -18.0);
-        assert!(matches!(ev[..], [TurnEvent::SpeechStarted { .. }]), "{ev:?}");
+        assert!(
+            matches!(ev[..], [TurnEvent::SpeechStarted { .. }]),
+            "{ev:?}"
+        );
         let ev = feed(&mut d, &mut t, 5, 0.9, -18.0);
         assert!(matches!(ev[..], [TurnEvent::BargeIn { .. }]), "{ev:?}");
         // Only once per agent utterance.
@@ -221,10 +238,18 @@ mod tests {
         let mut t = Instant::now();
         let mut d = TurnDetector::new(TurnConfig::default());
         d.set_agent_speaking(true, -20.0);
-        assert!(feed(&mut d, &mut t, 25, 0.9, -15.0).iter().any(|e| matches!(e, TurnEvent::BargeIn { .. })));
+        assert!(
+            feed(&mut d, &mut t, 25, 0.9, -15.0)
+                .iter()
+                .any(|e| matches!(e, TurnEvent::BargeIn { .. }))
+        );
         d.set_agent_speaking(false, -120.0);
         feed(&mut d, &mut t, 30, 0.1, -60.0);
         d.set_agent_speaking(true, -20.0);
-        assert!(feed(&mut d, &mut t, 25, 0.9, -15.0).iter().any(|e| matches!(e, TurnEvent::BargeIn { .. })));
+        assert!(
+            feed(&mut d, &mut t, 25, 0.9, -15.0)
+                .iter()
+                .any(|e| matches!(e, TurnEvent::BargeIn { .. }))
+        );
     }
 }

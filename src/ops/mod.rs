@@ -1,6 +1,10 @@
 //! Everything an operator touches: configuration, logs, metrics, the admin HTTP server,
 //! systemd integration and call records.
 
+pub mod admin;
 pub mod config;
+pub mod logging;
 pub mod metrics;
+pub mod records;
 pub mod rlimit;
+pub mod systemd;

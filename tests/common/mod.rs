@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sifucall::call::session::{Behaviour, CallSummary, SessionConfig};
+use sifucall::ops::admin::ReadyFlag;
 use sifucall::ops::metrics::Metrics;
-use sifucall::server::{self, Readiness, ServerConfig};
+use sifucall::server::{self, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ pub struct TestDaemon {
     pub shutdown: CancellationToken,
     pub summaries: mpsc::UnboundedReceiver<CallSummary>,
     pub metrics: Arc<Metrics>,
-    pub ready: Readiness,
+    pub ready: ReadyFlag,
     pub task: JoinHandle<()>,
 }
 
@@ -45,7 +46,7 @@ pub async fn start(cfg: ServerConfig) -> TestDaemon {
     let shutdown = CancellationToken::new();
     let (tx, summaries) = mpsc::unbounded_channel();
     let metrics = Arc::new(Metrics::new());
-    let ready = Readiness::default();
+    let ready = ReadyFlag::default();
     let on_end: server::OnCallEnd = Arc::new(move |s| {
         let _ = tx.send(s);
     });

@@ -9,7 +9,6 @@
 //! - [`sandbox`]: fake providers speaking the same wire formats, for tests and the demo.
 //! - [`caller`]: a synthetic Asterisk that places calls, for operators, tests and benchmarks.
 //! - [`ops`]: configuration, logging, metrics, admin HTTP, systemd, call records.
-#![warn(missing_docs, unreachable_pub)]
 
 pub mod app;
 pub mod audio;

@@ -511,7 +511,7 @@ impl Conversation {
         let Some(u) = self.utterances.remove(&p.utterance) else {
             return;
         };
-        let interrupted = flushed && p.dropped_samples > 0 || flushed && !p.input_finished;
+        let interrupted = flushed && (p.dropped_samples > 0 || !p.input_finished);
         let heard = if interrupted {
             heard_prefix(&u.text, p.sent_samples, u.samples.max(1))
         } else {

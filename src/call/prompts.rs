@@ -44,11 +44,14 @@ impl PromptTexts {
     }
 }
 
+/// Shared synthesized audio.
+type Pcm = Arc<Vec<i16>>;
+
 /// Synthesized phrases by (kind, rate).
 pub struct PromptCache {
     texts: PromptTexts,
     tts: Arc<dyn TtsProvider>,
-    audio: RwLock<HashMap<(PromptKind, u32), Arc<Vec<i16>>>>,
+    audio: RwLock<HashMap<(PromptKind, u32), Pcm>>,
 }
 
 impl std::fmt::Debug for PromptCache {

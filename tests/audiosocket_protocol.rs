@@ -1,3 +1,4 @@
+#![allow(missing_docs)]
 //! The daemon over TCP with raw AudioSocket bytes, as Asterisk sends them.
 
 mod common;

@@ -1,6 +1,6 @@
 //! Test harness: a daemon on 127.0.0.1:0 and a raw-bytes AudioSocket peer that behaves like
 //! Asterisk and checks every byte the daemon sends against what Asterisk accepts.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -373,6 +373,7 @@ pub struct Metrics {
     dtmf: Counter,
     inbound_dropped: Counter,
     pacing_lateness: DurationHistogram,
+    pacing_lateness_max_us: Gauge,
     stage: [DurationHistogram; 5],
     provider_errors: Family<ProviderErrorLabels, Counter>,
     /// Distinct `provider_errors` series created so far.
@@ -455,6 +456,13 @@ impl Metrics {
             pacing_lateness.clone(),
         );
 
+        let pacing_lateness_max_us = Gauge::default();
+        registry.register(
+            "pacing_lateness_max_microseconds",
+            "Worst outbound frame lateness since start, microseconds",
+            pacing_lateness_max_us.clone(),
+        );
+
         let stages = HistogramFamily::new_with_constructor(stage_histogram);
         registry.register_with_unit(
             "turn_stage",
@@ -509,6 +517,7 @@ impl Metrics {
             dtmf,
             inbound_dropped,
             pacing_lateness,
+            pacing_lateness_max_us,
             stage,
             provider_errors,
             provider_error_series: Mutex::new(0),
@@ -569,6 +578,8 @@ impl Metrics {
     /// An outbound frame went out this late relative to its schedule.
     pub fn pacing_lateness(&self, late: Duration) {
         self.pacing_lateness.observe(late);
+        let us = i64::try_from(late.as_micros()).unwrap_or(i64::MAX);
+        self.pacing_lateness_max_us.inner().fetch_max(us, Ordering::Relaxed);
     }
 
     /// One stage of a turn took `d`.

@@ -14,5 +14,6 @@
 pub mod audiosocket;
 pub mod ops;
 pub mod audio;
+pub mod caller;
 pub mod providers;
 pub mod sandbox;

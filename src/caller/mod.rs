@@ -43,6 +43,8 @@ use script::{Action, Script, ScriptSpec};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default upper bound on a whole call.
 pub const MAX_CALL: Duration = Duration::from_secs(600);
+/// The largest accepted [`CallOptions::max_duration`].
+pub const MAX_CALL_LIMIT: Duration = Duration::from_secs(24 * 3600);
 /// Default silence sent after the audio before hanging up.
 pub const DEFAULT_TAIL: Duration = Duration::from_secs(3);
 /// When the first digit of a [`parse_dtmf`] string is sent.
@@ -280,7 +282,10 @@ pub fn parse_dtmf(spec: &str) -> Result<Vec<(Duration, Digit)>, CallerError> {
 pub fn load_wav(path: &Path, rate: SampleRate) -> Result<Vec<i16>, CallerError> {
     let audio = wav::read(path)?;
     if audio.rate == 0 {
-        return Err(CallerError::InvalidOption(format!("{}: sample rate 0", path.display())));
+        return Err(CallerError::InvalidOption(format!(
+            "{}: sample rate 0",
+            path.display()
+        )));
     }
     Ok(resample_linear(&audio.samples, audio.rate, rate.hz()))
 }
@@ -290,8 +295,8 @@ fn resample_linear(input: &[i16], from: u32, to: u32) -> Vec<i16> {
     if from == to || input.is_empty() || from == 0 || to == 0 {
         return input.to_vec();
     }
-    let out_len = ((input.len() as u128 * u128::from(to) + u128::from(from) / 2)
-        / u128::from(from)) as usize;
+    let out_len =
+        ((input.len() as u128 * u128::from(to) + u128::from(from) / 2) / u128::from(from)) as usize;
     let step = f64::from(from) / f64::from(to);
     let last = input.len() - 1;
     (0..out_len)
@@ -313,12 +318,14 @@ fn frame_pattern(opts: &CallOptions) -> Result<Vec<usize>, CallerError> {
         return Ok(vec![opts.rate.samples_per_frame()]);
     };
     if bytes.is_empty() {
-        return Err(CallerError::InvalidOption("frame_bytes_pattern is empty".into()));
+        return Err(CallerError::InvalidOption(
+            "frame_bytes_pattern is empty".into(),
+        ));
     }
     bytes
         .iter()
         .map(|&n| {
-            if n == 0 || n % 2 != 0 || n > MAX_PAYLOAD {
+            if n == 0 || !n.is_multiple_of(2) || n > MAX_PAYLOAD {
                 Err(CallerError::InvalidOption(format!(
                     "audio frame size {n}: must be even, non-zero and at most {MAX_PAYLOAD} bytes"
                 )))
@@ -333,7 +340,10 @@ async fn connect(addr: &str, limit: Duration) -> Result<TcpStream, CallerError> 
     let attempt = async {
         let addrs = tokio::net::lookup_host(addr)
             .await
-            .map_err(|source| CallerError::Resolve { addr: addr.to_owned(), source })?;
+            .map_err(|source| CallerError::Resolve {
+                addr: addr.to_owned(),
+                source,
+            })?;
         let mut last = None;
         for a in addrs {
             match TcpStream::connect(a).await {
@@ -342,26 +352,37 @@ async fn connect(addr: &str, limit: Duration) -> Result<TcpStream, CallerError> 
             }
         }
         Err(match last {
-            Some(source) => CallerError::Connect { addr: addr.to_owned(), source },
+            Some(source) => CallerError::Connect {
+                addr: addr.to_owned(),
+                source,
+            },
             None => CallerError::NoAddress(addr.to_owned()),
         })
     };
     timeout(limit, attempt)
         .await
-        .map_err(|_| CallerError::ConnectTimeout { addr: addr.to_owned(), timeout: limit })?
+        .map_err(|_| CallerError::ConnectTimeout {
+            addr: addr.to_owned(),
+            timeout: limit,
+        })?
 }
 
 /// Places one call and reports on it. Errors only if the call cannot start; a call that
 /// goes wrong once connected still yields a report (`closed_by: error`).
 pub async fn place_call(opts: CallOptions) -> Result<CallReport, CallerError> {
     let pattern = frame_pattern(&opts)?;
-    if opts.max_duration.is_zero() {
-        return Err(CallerError::InvalidOption("max_duration must be positive".into()));
+    if opts.max_duration.is_zero() || opts.max_duration > MAX_CALL_LIMIT {
+        return Err(CallerError::InvalidOption(format!(
+            "max_duration must be positive and at most {MAX_CALL_LIMIT:?}"
+        )));
     }
     let mut stream = connect(&opts.addr, opts.connect_timeout).await?;
     stream
         .set_nodelay(true)
-        .map_err(|source| CallerError::Connect { addr: opts.addr.clone(), source })?;
+        .map_err(|source| CallerError::Connect {
+            addr: opts.addr.clone(),
+            source,
+        })?;
     let script = Script::new(ScriptSpec {
         rate: opts.rate,
         play: &opts.play,
@@ -381,7 +402,15 @@ pub async fn place_call(opts: CallOptions) -> Result<CallReport, CallerError> {
     let (r, w) = stream.split();
     let (read_end, write_end) = tokio::join!(
         read_side(r, &mut obs, start, &tokens, &play_done),
-        write_side(w, script, opts.call_id, opts.rate, start, &tokens, &play_done),
+        write_side(
+            w,
+            script,
+            opts.call_id,
+            opts.rate,
+            start,
+            &tokens,
+            &play_done
+        ),
     );
     // Closing the socket is the caller's hangup (and ends the call in every other case).
     drop(stream);
@@ -394,15 +423,15 @@ pub async fn place_call(opts: CallOptions) -> Result<CallReport, CallerError> {
         }
         (ReadEnd::Stopped, WriteOutcome::Failed(e, at)) => (ClosedBy::Error, Some(e.clone()), *at),
         (ReadEnd::Stopped, WriteOutcome::Hangup(at)) => (ClosedBy::Caller, None, *at),
-        (ReadEnd::Stopped, WriteOutcome::ServerEnded) => {
-            (ClosedBy::Error, Some("call ended without a cause".into()), start.elapsed())
-        }
+        (ReadEnd::Stopped, WriteOutcome::ServerEnded) => (
+            ClosedBy::Error,
+            Some("call ended without a cause".into()),
+            start.elapsed(),
+        ),
     };
     let violations = obs.finish(end);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let since_first_sent = |t: Option<Duration>| {
-        Some(ms(t?) - ms(write_end.first_audio_at?))
-    };
+    let since_first_sent = |t: Option<Duration>| Some(ms(t?) - ms(write_end.first_audio_at?));
     Ok(CallReport {
         call_id: opts.call_id,
         rate_hz: opts.rate.hz(),
@@ -485,7 +514,10 @@ async fn read_side(
         match item {
             None => break ReadEnd::Closed(at),
             Some(Err(e)) => {
-                if matches!(e, FrameError::Truncated { .. } | FrameError::TruncatedHeader(_)) {
+                if matches!(
+                    e,
+                    FrameError::Truncated { .. } | FrameError::TruncatedHeader(_)
+                ) {
                     obs.violation_from_error(&e);
                 }
                 break ReadEnd::Failed(e.to_string(), at);
@@ -620,11 +652,17 @@ async fn write_side(
                 return end;
             }
             Action::Dtmf(d) => Inbound::Dtmf(d),
-            Action::Audio { samples, ends_play: last } => {
+            Action::Audio {
+                samples,
+                ends_play: last,
+            } => {
                 ends_play = last;
                 let mut pcm_bytes = Vec::with_capacity(samples.len() * 2);
                 pcm::samples_to_le_bytes(&samples, &mut pcm_bytes);
-                Inbound::Audio { rate, pcm: Bytes::from(pcm_bytes) }
+                Inbound::Audio {
+                    rate,
+                    pcm: Bytes::from(pcm_bytes),
+                }
             }
         });
     }

@@ -91,7 +91,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.clamp(1, sorted.len()) - 1).copied().unwrap_or(0.0)
+    sorted
+        .get(rank.clamp(1, sorted.len()) - 1)
+        .copied()
+        .unwrap_or(0.0)
 }
 
 impl Observer {
@@ -141,7 +144,11 @@ impl Observer {
 
     fn fatal(&mut self, msg: String) -> Verdict {
         self.violation(msg.clone());
-        if self.abort_on_violation { Verdict::Abort(msg) } else { Verdict::Continue }
+        if self.abort_on_violation {
+            Verdict::Abort(msg)
+        } else {
+            Verdict::Continue
+        }
     }
 
     /// Takes one message that arrived `at` after the call start. `play_done` is when the
@@ -181,7 +188,7 @@ impl Observer {
                 frame.kind
             ));
         }
-        if len % 2 != 0 {
+        if !len.is_multiple_of(2) {
             let odd = self.odd.get_or_insert((0, len));
             odd.0 += 1;
         }
@@ -230,7 +237,8 @@ impl Observer {
         if room < samples.len() {
             self.recording_truncated = true;
         }
-        self.recording.extend_from_slice(&samples[..room.min(samples.len())]);
+        self.recording
+            .extend_from_slice(&samples[..room.min(samples.len())]);
         let end = sample_time(self.recording.len(), self.rate);
         let arrived_end = at + sample_time(samples.len(), self.rate);
         self.max_queue = self.max_queue.max(end.saturating_sub(arrived_end));
@@ -265,7 +273,8 @@ impl Observer {
         }
         if self.violation_count > self.violations.len() as u64 {
             let more = self.violation_count - self.violations.len() as u64;
-            self.violations.push(format!("... and {more} more violation(s)"));
+            self.violations
+                .push(format!("... and {more} more violation(s)"));
         }
         std::mem::take(&mut self.violations)
     }
@@ -290,7 +299,10 @@ mod tests {
     fn audio(kind: u8, samples: &[i16]) -> RawFrame {
         let mut b = Vec::new();
         pcm::samples_to_le_bytes(samples, &mut b);
-        RawFrame { kind, payload: Bytes::from(b) }
+        RawFrame {
+            kind,
+            payload: Bytes::from(b),
+        }
     }
 
     fn t(ms: u64) -> Duration {
@@ -347,13 +359,30 @@ mod tests {
     fn forbidden_kinds_abort_like_asterisk() {
         for kind in [0x01u8, 0x03, 0x02, 0x19, 0xff] {
             let mut o = obs();
-            let v = o.on_frame(t(1), RawFrame { kind, payload: Bytes::from_static(&[1; 16]) }, None);
+            let v = o.on_frame(
+                t(1),
+                RawFrame {
+                    kind,
+                    payload: Bytes::from_static(&[1; 16]),
+                },
+                None,
+            );
             assert!(matches!(v, Verdict::Abort(ref m) if m.contains(&format!("0x{kind:02x}"))));
         }
         let mut o = obs();
-        assert!(matches!(o.on_frame(t(1), audio(0x10, &[]), None), Verdict::Abort(_)));
+        assert!(matches!(
+            o.on_frame(t(1), audio(0x10, &[]), None),
+            Verdict::Abort(_)
+        ));
         let mut lenient = Observer::new(SampleRate::Hz8000, false, t(1000));
-        let v = lenient.on_frame(t(1), RawFrame { kind: 0x01, payload: Bytes::new() }, None);
+        let v = lenient.on_frame(
+            t(1),
+            RawFrame {
+                kind: 0x01,
+                payload: Bytes::new(),
+            },
+            None,
+        );
         assert_eq!(v, Verdict::Continue);
         assert_eq!(lenient.finish(t(2)).len(), 1);
     }
@@ -361,10 +390,27 @@ mod tests {
     #[test]
     fn soft_violations_are_summarised() {
         let mut o = obs();
-        o.on_frame(t(0), RawFrame { kind: 0x10, payload: Bytes::from_static(&[1, 2, 3]) }, None);
+        o.on_frame(
+            t(0),
+            RawFrame {
+                kind: 0x10,
+                payload: Bytes::from_static(&[1, 2, 3]),
+            },
+            None,
+        );
         o.on_frame(t(20), audio(0x12, &[500; 320]), None);
         o.on_frame(t(40), audio(0x12, &[500; 320]), None);
-        assert_eq!(o.on_frame(t(60), RawFrame { kind: 0, payload: Bytes::new() }, None), Verdict::Hangup);
+        assert_eq!(
+            o.on_frame(
+                t(60),
+                RawFrame {
+                    kind: 0,
+                    payload: Bytes::new()
+                },
+                None
+            ),
+            Verdict::Hangup
+        );
         o.on_frame(t(61), audio(0x10, &[1; 160]), None);
         let v = o.finish(t(100));
         assert_eq!(v.len(), 3, "{v:?}");

@@ -31,10 +31,10 @@ pub(super) enum Action {
 #[derive(Debug)]
 pub(super) struct Script {
     rate: SampleRate,
-    /// Lead silence followed by the played audio.
-    audio: Vec<i16>,
-    /// `audio[..play_start]` is lead silence.
-    play_start: usize,
+    /// Samples of lead silence before `play`.
+    lead: usize,
+    /// The played audio.
+    play: Vec<i16>,
     /// Samples per frame, cycled.
     pattern: Vec<usize>,
     next_pattern: usize,
@@ -80,14 +80,14 @@ impl Script {
             pattern.push(spec.rate.samples_per_frame());
         }
         let lead = samples_in(spec.lead_silence, spec.rate);
-        let mut audio = vec![0i16; lead];
-        audio.extend_from_slice(spec.play);
         let natural_end = if spec.until_server_hangup {
             None
         } else {
             // The audio and the tail go out as whole frames; hang up when the next frame
             // would be due.
-            let total = audio.len() + samples_in(spec.tail, spec.rate);
+            let total = lead
+                .saturating_add(spec.play.len())
+                .saturating_add(samples_in(spec.tail, spec.rate));
             let mut pos = 0usize;
             for len in pattern.iter().cycle() {
                 if pos >= total {
@@ -106,8 +106,8 @@ impl Script {
         dtmf.sort_by_key(|&(at, _)| at);
         Self {
             rate: spec.rate,
-            audio,
-            play_start: lead,
+            lead,
+            play: spec.play.to_vec(),
             pattern,
             next_pattern: 0,
             pos: 0,
@@ -145,12 +145,19 @@ impl Script {
         let start = self.pos;
         let end = start + len;
         let mut samples = vec![0i16; len];
-        if start < self.audio.len() {
-            let have = self.audio.len().min(end) - start;
-            samples[..have].copy_from_slice(&self.audio[start..start + have]);
+        let play_end = self.lead + self.play.len();
+        // The part of [start, end) that overlaps the played audio.
+        let from = start.max(self.lead);
+        let to = end.min(play_end);
+        if from < to
+            && let (Some(dst), Some(src)) = (
+                samples.get_mut(from - start..to - start),
+                self.play.get(from - self.lead..to - self.lead),
+            )
+        {
+            dst.copy_from_slice(src);
         }
-        let play_end = self.audio.len();
-        let ends_play = play_end > self.play_start && start < play_end && play_end <= end;
+        let ends_play = !self.play.is_empty() && start < play_end && play_end <= end;
         self.pos = end;
         (frame_at, Action::Audio { samples, ends_play })
     }
@@ -201,16 +208,30 @@ mod tests {
         let times: Vec<Duration> = out.iter().map(|(t, _)| *t).collect();
         assert_eq!(times, (0..=6).map(|n| ms(20 * n)).collect::<Vec<_>>());
         assert_eq!(out.last().map(|(_, a)| a), Some(&Action::Hangup));
-        let Action::Audio { samples, ends_play } = &out[0].1 else { panic!("not audio") };
+        let Action::Audio { samples, ends_play } = &out[0].1 else {
+            panic!("not audio")
+        };
         assert!(samples.iter().all(|&s| s == 0) && !ends_play);
-        let Action::Audio { samples, .. } = &out[1].1 else { panic!("not audio") };
+        let Action::Audio { samples, .. } = &out[1].1 else {
+            panic!("not audio")
+        };
         assert_eq!(samples[0], 1);
-        let Action::Audio { samples, ends_play } = &out[3].1 else { panic!("not audio") };
+        let Action::Audio { samples, ends_play } = &out[3].1 else {
+            panic!("not audio")
+        };
         // Frame 3 holds play samples 320..400 then silence.
         assert!(*ends_play);
         assert_eq!(samples[79], 400);
         assert_eq!(samples[80], 0);
-        let ends = out.iter().filter(|(_, a)| matches!(a, Action::Audio { ends_play: true, .. }));
+        let ends = out.iter().filter(|(_, a)| {
+            matches!(
+                a,
+                Action::Audio {
+                    ends_play: true,
+                    ..
+                }
+            )
+        });
         assert_eq!(ends.count(), 1);
     }
 
@@ -252,7 +273,10 @@ mod tests {
                 Action::Hangup => format!("h{}", t.as_millis()),
             })
             .collect();
-        assert_eq!(kinds, ["a0", "a20", "d#30", "a40", "d540", "a60", "a80", "h100"]);
+        assert_eq!(
+            kinds,
+            ["a0", "a20", "d#30", "a40", "d540", "a60", "a80", "h100"]
+        );
     }
 
     #[test]
@@ -268,8 +292,14 @@ mod tests {
     #[test]
     fn sample_conversions() {
         assert_eq!(sample_time(882, SampleRate::Hz44100), ms(20));
-        assert_eq!(sample_time(3, SampleRate::Hz8000), Duration::from_nanos(375_000));
+        assert_eq!(
+            sample_time(3, SampleRate::Hz8000),
+            Duration::from_nanos(375_000)
+        );
         assert_eq!(samples_in(ms(20), SampleRate::Hz16000), 320);
-        assert_eq!(samples_in(Duration::from_nanos(62_500), SampleRate::Hz8000), 1);
+        assert_eq!(
+            samples_in(Duration::from_nanos(62_500), SampleRate::Hz8000),
+            1
+        );
     }
 }

@@ -72,16 +72,22 @@ async fn fake_server(mode: Mode) -> (String, JoinHandle<Seen>) {
                 seen.after_end += 1;
             }
             seen.msgs.push(msg.clone());
-            let Inbound::Audio { rate, pcm } = msg else { continue };
+            let Inbound::Audio { rate, pcm } = msg else {
+                continue;
+            };
             if ended {
                 continue;
             }
             audio += 1;
             out.clear();
-            ServerCodec::new().encode(Outbound::audio(rate, pcm).unwrap(), &mut out).unwrap();
+            ServerCodec::new()
+                .encode(Outbound::audio(rate, pcm).unwrap(), &mut out)
+                .unwrap();
             match mode {
                 Mode::HangupAfter(n) | Mode::HangupThenAudio(n) if audio == n => {
-                    ServerCodec::new().encode(Outbound::Hangup, &mut out).unwrap();
+                    ServerCodec::new()
+                        .encode(Outbound::Hangup, &mut out)
+                        .unwrap();
                     if matches!(mode, Mode::HangupThenAudio(_)) {
                         out.extend_from_slice(&[0x10, 0, 2, 1, 0]);
                     }
@@ -144,7 +150,11 @@ async fn echo_call(rate: SampleRate) {
     assert_eq!(seen.msgs.first(), Some(&Inbound::Uuid(id)));
     let frames = audio_frames(&seen);
     assert_eq!(frames.len(), 15);
-    assert_eq!(seen.msgs.len(), 16, "nothing but the UUID and audio, and never 0x00");
+    assert_eq!(
+        seen.msgs.len(),
+        16,
+        "nothing but the UUID and audio, and never 0x00"
+    );
     let bytes = rate.samples_per_frame() * 2;
     assert!(frames.iter().all(|&f| f == (rate, bytes)), "{frames:?}");
 
@@ -153,16 +163,27 @@ async fn echo_call(rate: SampleRate) {
     assert_eq!(report.frames_sent, 15);
     assert_eq!(report.frames_received, 15);
     assert_eq!(report.received_rates, vec![rate.hz()]);
-    assert!(report.protocol_violations.is_empty(), "{:?}", report.protocol_violations);
+    assert!(
+        report.protocol_violations.is_empty(),
+        "{:?}",
+        report.protocol_violations
+    );
     assert!(report.first_audio_latency_ms.is_some() && report.reply_latency_ms.is_some());
     // The echo comes back paced by our own frames: the recording is what we played, then
     // the echoed tail silence.
     let rec = &report.recording;
     let start = rec.iter().position(|&s| s != 0).unwrap();
-    assert!(start < rate.samples_per_frame(), "echo starts {start} samples late");
+    assert!(
+        start < rate.samples_per_frame(),
+        "echo starts {start} samples late"
+    );
     assert_eq!(&rec[start..start + play.len()], &play[..]);
     let sent = 15 * rate.samples_per_frame();
-    assert!(rec.len() >= sent && rec.len() <= sent + rate.samples_per_frame(), "{}", rec.len());
+    assert!(
+        rec.len() >= sent && rec.len() <= sent + rate.samples_per_frame(),
+        "{}",
+        rec.len()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -222,7 +243,11 @@ async fn server_hangup_ends_the_call() {
     assert_eq!(report.closed_by, ClosedBy::ServerHangup);
     assert!(report.server_hangup);
     assert_eq!(report.frames_sent, 5);
-    assert!(report.protocol_violations.is_empty(), "{:?}", report.protocol_violations);
+    assert!(
+        report.protocol_violations.is_empty(),
+        "{:?}",
+        report.protocol_violations
+    );
     assert_eq!(seen.after_end, 0, "the caller stops sending after 0x00");
     assert!(seen.eof);
 }
@@ -235,7 +260,12 @@ async fn bytes_after_server_hangup_are_a_violation() {
     let report = place_call(opts).await.unwrap();
     server.await.unwrap();
     assert_eq!(report.closed_by, ClosedBy::ServerHangup);
-    assert_eq!(report.protocol_violations.len(), 1, "{:?}", report.protocol_violations);
+    assert_eq!(
+        report.protocol_violations.len(),
+        1,
+        "{:?}",
+        report.protocol_violations
+    );
     assert!(report.protocol_violations[0].contains("after the server's hangup"));
 }
 
@@ -247,7 +277,11 @@ async fn forbidden_kind_drops_the_call_like_asterisk() {
     let report = place_call(opts).await.unwrap();
     let seen = server.await.unwrap();
     assert_eq!(report.closed_by, ClosedBy::Error);
-    assert!(report.error.as_deref().is_some_and(|e| e.contains("0x01")), "{:?}", report.error);
+    assert!(
+        report.error.as_deref().is_some_and(|e| e.contains("0x01")),
+        "{:?}",
+        report.error
+    );
     assert_eq!(report.protocol_violations.len(), 1);
     assert!(report.protocol_violations[0].contains("forbidden message kind 0x01"));
     assert_eq!(report.frames_sent, 3);
@@ -307,7 +341,12 @@ async fn truncated_frame_is_an_error() {
     let report = place_call(opts).await.unwrap();
     server.await.unwrap();
     assert_eq!(report.closed_by, ClosedBy::Error);
-    assert!(report.protocol_violations.iter().any(|v| v.contains("truncated")));
+    assert!(
+        report
+            .protocol_violations
+            .iter()
+            .any(|v| v.contains("truncated"))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -321,7 +360,10 @@ async fn frame_size_pattern_is_cycled() {
     let seen = server.await.unwrap();
     let lens: Vec<usize> = audio_frames(&seen).iter().map(|&(_, n)| n).collect();
     // 160/144-sample frames: 11 of them (1680 samples) are the first to cover 1600.
-    assert_eq!(lens, [320, 288, 320, 288, 320, 288, 320, 288, 320, 288, 320]);
+    assert_eq!(
+        lens,
+        [320, 288, 320, 288, 320, 288, 320, 288, 320, 288, 320]
+    );
     assert_eq!(report.frames_sent, 11);
 }
 
@@ -329,7 +371,10 @@ async fn frame_size_pattern_is_cycled() {
 async fn invalid_options_and_refused_connections_are_errors() {
     let mut opts = CallOptions::new("127.0.0.1:1");
     opts.frame_bytes_pattern = Some(vec![321]);
-    assert!(matches!(place_call(opts).await, Err(CallerError::InvalidOption(_))));
+    assert!(matches!(
+        place_call(opts).await,
+        Err(CallerError::InvalidOption(_))
+    ));
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -352,8 +397,14 @@ fn dtmf_strings() {
 
 #[test]
 fn linear_resampler() {
-    assert_eq!(resample_linear(&[0, 100, 200], 8000, 16000), vec![0, 50, 100, 150, 200, 200]);
-    assert_eq!(resample_linear(&[0, 50, 100, 150], 16000, 8000), vec![0, 100]);
+    assert_eq!(
+        resample_linear(&[0, 100, 200], 8000, 16000),
+        vec![0, 50, 100, 150, 200, 200]
+    );
+    assert_eq!(
+        resample_linear(&[0, 50, 100, 150], 16000, 8000),
+        vec![0, 100]
+    );
     assert_eq!(resample_linear(&[1, 2, 3], 8000, 8000), vec![1, 2, 3]);
     assert_eq!(resample_linear(&vec![7; 441], 44100, 8000).len(), 80);
 }
@@ -381,4 +432,40 @@ async fn summary_json_skips_the_recording() {
     assert_eq!(v["frames_sent"], 2);
     assert!(v.get("recording").is_none());
     assert!(v["frame_jitter_ms"]["p99"].is_number());
+}
+
+/// The same call on the real clock: only structure is asserted, never timing.
+#[tokio::test]
+async fn echo_call_real_time() {
+    let (addr, server) = fake_server(Mode::Echo).await;
+    let play: Vec<i16> = tone(1600, SampleRate::Hz8000)
+        .into_iter()
+        .map(|s| s | 1)
+        .collect();
+    let mut opts = CallOptions::new(addr);
+    opts.play = play.clone();
+    opts.lead_silence = Duration::from_millis(40);
+    opts.tail = Duration::from_millis(500);
+    let report = place_call(opts).await.unwrap();
+    let seen = server.await.unwrap();
+    assert!(seen.eof, "{:?}", seen.error);
+    // 2 lead + 10 played + 25 tail frames.
+    assert_eq!(audio_frames(&seen).len(), 37);
+    assert_eq!(report.frames_sent, 37);
+    assert_eq!(report.closed_by, ClosedBy::Caller);
+    assert!(
+        report.protocol_violations.is_empty(),
+        "{:?}",
+        report.protocol_violations
+    );
+    // Every played sample came back, in order; where silence was inserted depends on the
+    // host's scheduling, so it is ignored here.
+    let voiced: Vec<i16> = report
+        .recording
+        .iter()
+        .copied()
+        .filter(|&s| s != 0)
+        .collect();
+    assert_eq!(voiced, play);
+    assert!(report.frame_jitter_ms.count > 0);
 }

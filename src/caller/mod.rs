@@ -9,7 +9,7 @@
 //! Asterisk would: a forbidden kind or an empty audio frame ends the call (unless
 //! [`CallOptions::abort_on_violation`] is off), 0x00 or a close is a graceful end.
 //!
-//! The send plan ([`script`]) and the analysis of what comes back ([`observer`]) are sans-IO;
+//! The send plan (`script`) and the analysis of what comes back (`observer`) are sans-IO;
 //! [`place_call`] is the thin driver that runs both halves of the socket concurrently in one
 //! task and closes it when either side ends the call.
 
@@ -18,8 +18,8 @@ mod script;
 #[cfg(test)]
 mod tests;
 
-use std::cell::Cell;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -397,7 +397,7 @@ pub async fn place_call(opts: CallOptions) -> Result<CallReport, CallerError> {
     let limit = script.hangup_at() * 2 + Duration::from_secs(10);
     let mut obs = Observer::new(opts.rate, opts.abort_on_violation, limit);
     let tokens = Tokens::default();
-    let play_done = Cell::new(None);
+    let play_done = PlayDone::default();
     let start = Instant::now();
     let (r, w) = stream.split();
     let (read_end, write_end) = tokio::join!(
@@ -462,6 +462,29 @@ pub async fn place_call(opts: CallOptions) -> Result<CallReport, CallerError> {
     })
 }
 
+/// When the frame holding the last played sample was sent (shared by the two halves; an
+/// atomic rather than a `Cell` so that [`place_call`]'s future stays `Send`).
+#[derive(Debug)]
+struct PlayDone(AtomicU64);
+
+impl Default for PlayDone {
+    fn default() -> Self {
+        Self(AtomicU64::new(u64::MAX))
+    }
+}
+
+impl PlayDone {
+    fn set(&self, at: Duration) {
+        let nanos = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.0.store(nanos, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<Duration> {
+        let nanos = self.0.load(Ordering::Relaxed);
+        (nanos != u64::MAX).then(|| Duration::from_nanos(nanos))
+    }
+}
+
 /// How the two halves of the call tell each other to stop.
 #[derive(Debug, Default)]
 struct Tokens {
@@ -493,7 +516,7 @@ async fn read_side(
     obs: &mut Observer,
     start: Instant,
     tokens: &Tokens,
-    play_done: &Cell<Option<Duration>>,
+    play_done: &PlayDone,
 ) -> ReadEnd {
     let mut framed = FramedRead::new(r, CallerCodec);
     let mut drain_until: Option<Instant> = None;
@@ -594,7 +617,7 @@ async fn write_side(
     rate: SampleRate,
     start: Instant,
     tokens: &Tokens,
-    play_done: &Cell<Option<Duration>>,
+    play_done: &PlayDone,
 ) -> WriteEnd {
     let mut end = WriteEnd {
         outcome: WriteOutcome::ServerEnded,
@@ -629,7 +652,7 @@ async fn write_side(
                     end.frames_sent += 1;
                     end.first_audio_at.get_or_insert(sent_at);
                     if ends_play {
-                        play_done.set(Some(sent_at));
+                        play_done.set(sent_at);
                     }
                 }
                 None => {}

@@ -384,6 +384,12 @@ async fn invalid_options_and_refused_connections_are_errors() {
 }
 
 #[test]
+fn place_call_can_be_spawned() {
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send(&place_call(CallOptions::new("127.0.0.1:1")));
+}
+
+#[test]
 fn dtmf_strings() {
     let got = parse_dtmf("12w#a").unwrap();
     let want = [(1000, '1'), (1500, '2'), (2500, '#'), (3000, 'A')];

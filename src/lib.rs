@@ -14,6 +14,7 @@ pub mod app;
 pub mod audio;
 pub mod audiosocket;
 pub mod call;
+pub mod caller;
 pub mod ops;
 pub mod providers;
 pub mod sandbox;

@@ -88,7 +88,9 @@ impl Default for FakeOpenRouterConfig {
             first_token_delay_ms: 350,
             tokens_per_sec: 60.0,
             replies: Vec::new(),
-            hang_up_words: ["selamat tinggal", "bye", "itu sahaja"].map(String::from).to_vec(),
+            hang_up_words: ["selamat tinggal", "bye", "itu sahaja"]
+                .map(String::from)
+                .to_vec(),
             fault: LlmFault::None,
         }
     }
@@ -125,7 +127,9 @@ pub struct FakeOpenRouter {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -236,7 +240,8 @@ fn error_response(status: u16, message: &str) -> Response {
     let body = json!({"error": {"code": status, "message": message, "metadata": {"error_type": error_type}}});
     let mut resp = (code, axum::Json(body)).into_response();
     if status == 429 || status == 503 {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
@@ -302,7 +307,10 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     let mut aborting = false;
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
         if aborting {
-            return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::ConnectionReset, "fault: disconnect"))));
+            return Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "fault: disconnect",
+            ))));
         }
         match rx.poll_recv(cx) {
             Poll::Ready(Some(Frame::Data(b))) => Poll::Ready(Some(Ok(b))),
@@ -319,7 +327,10 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     }));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert("x-generation-id", v);
@@ -328,13 +339,17 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
 }
 
 fn validate(req: &Value) -> Result<(), String> {
-    let obj = req.as_object().ok_or("The request body must be a JSON object")?;
+    let obj = req
+        .as_object()
+        .ok_or("The request body must be a JSON object")?;
     match obj.get("model") {
         Some(Value::String(m)) if !m.trim().is_empty() => {}
         _ => return Err("`model` is required".into()),
     }
     if let Some(models) = obj.get("models") {
-        let ok = models.as_array().is_some_and(|a| !a.is_empty() && a.iter().all(Value::is_string));
+        let ok = models
+            .as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(Value::is_string));
         if !ok {
             return Err("`models` must be a non-empty array of model ids".into());
         }
@@ -350,29 +365,37 @@ fn validate(req: &Value) -> Result<(), String> {
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
         if !ROLES.contains(&role) {
-            return Err(format!("messages[{i}].role {role:?} is not one of {ROLES:?}"));
+            return Err(format!(
+                "messages[{i}].role {role:?} is not one of {ROLES:?}"
+            ));
         }
         match m.get("content") {
             Some(Value::String(_) | Value::Array(_)) => {}
             Some(Value::Null) | None if role == "assistant" => {}
-            _ => return Err(format!("messages[{i}].content must be a string or an array")),
+            _ => {
+                return Err(format!(
+                    "messages[{i}].content must be a string or an array"
+                ));
+            }
         }
     }
-    if let Some(v) = obj.get("max_tokens") {
-        if v.as_u64().is_none_or(|n| n == 0) {
-            return Err("`max_tokens` must be a positive integer".into());
-        }
+    if obj
+        .get("max_tokens")
+        .is_some_and(|v| v.as_u64().is_none_or(|n| n == 0))
+    {
+        return Err("`max_tokens` must be a positive integer".into());
     }
-    if let Some(v) = obj.get("temperature") {
-        if v.as_f64().is_none_or(|t| !(0.0..=2.0).contains(&t)) {
-            return Err("`temperature` must be a number between 0 and 2".into());
-        }
+    let temperature = obj.get("temperature");
+    if temperature.is_some_and(|v| v.as_f64().is_none_or(|t| !(0.0..=2.0).contains(&t))) {
+        return Err("`temperature` must be a number between 0 and 2".into());
     }
     if let Some(tools) = obj.get("tools") {
         let ok = tools.as_array().is_some_and(|a| {
             a.iter().all(|t| {
                 t.get("type").and_then(Value::as_str) == Some("function")
-                    && t.pointer("/function/name").and_then(Value::as_str).is_some()
+                    && t.pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .is_some()
             })
         });
         if !ok {
@@ -383,14 +406,18 @@ fn validate(req: &Value) -> Result<(), String> {
 }
 
 fn unix_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The text of the last user message (`content` as a string or as text parts).
 fn last_user_text(req: &Value) -> String {
     let messages = req.get("messages").and_then(Value::as_array);
     let last = messages.and_then(|m| {
-        m.iter().rev().find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        m.iter()
+            .rev()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
     });
     match last.and_then(|m| m.get("content")) {
         Some(Value::String(s)) => s.clone(),
@@ -426,14 +453,23 @@ fn split_tokens(text: &str) -> Vec<String> {
 /// Deterministic: the same message always gets the same reply.
 pub fn malay_reply(user: &str) -> String {
     let lower = user.to_lowercase();
-    let words: Vec<&str> =
-        lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
     let joined = words.join(" ");
     let has = |keys: &[&str]| {
-        keys.iter().any(|k| if k.contains(' ') { joined.contains(k) } else { words.contains(k) })
+        keys.iter().any(|k| {
+            if k.contains(' ') {
+                joined.contains(k)
+            } else {
+                words.contains(k)
+            }
+        })
     };
     if words.is_empty() {
-        return "Maaf, saya tidak dapat mendengar anda dengan jelas. Boleh ulang sekali lagi?".into();
+        return "Maaf, saya tidak dapat mendengar anda dengan jelas. Boleh ulang sekali lagi?"
+            .into();
     }
     if has(&["waktu", "jam", "buka", "tutup", "pukul", "operasi"]) {
         return "Kami dibuka setiap hari dari pukul 9 pagi hingga 6 petang. \
@@ -441,19 +477,30 @@ pub fn malay_reply(user: &str) -> String {
                 Ada apa-apa lagi yang boleh saya bantu?"
             .into();
     }
-    if has(&["harga", "berapa", "kos", "bayaran", "yuran", "mahal", "murah", "price", "rm"]) {
+    if has(&[
+        "harga", "berapa", "kos", "bayaran", "yuran", "mahal", "murah", "price", "rm",
+    ]) {
         return "Untuk soalan tentang harga, pakej asas kami bermula dari RM99 sebulan. \
                 Pakej premium pula RM199 sebulan dan termasuk sokongan 24 jam. \
                 Pakej mana yang anda minati?"
             .into();
     }
-    if has(&["alamat", "lokasi", "di mana", "kat mana", "pejabat", "cawangan"]) {
+    if has(&[
+        "alamat", "lokasi", "di mana", "kat mana", "pejabat", "cawangan",
+    ]) {
         return "Pejabat kami terletak di Jalan Ampang, Kuala Lumpur, berhampiran stesen LRT \
                 Ampang Park. Ada tempat letak kereta di bangunan yang sama. \
                 Mahu saya hantarkan pautan peta melalui SMS?"
             .into();
     }
-    if has(&["tempah", "tempahan", "temujanji", "janji temu", "booking", "appointment"]) {
+    if has(&[
+        "tempah",
+        "tempahan",
+        "temujanji",
+        "janji temu",
+        "booking",
+        "appointment",
+    ]) {
         return "Boleh, saya boleh bantu anda membuat temujanji. \
                 Hari dan masa apakah yang paling sesuai untuk anda?"
             .into();
@@ -463,7 +510,14 @@ pub fn malay_reply(user: &str) -> String {
                 Apa yang boleh saya bantu hari ini?"
             .into();
     }
-    if has(&["helo", "hello", "hai", "hi", "selamat pagi", "selamat petang"]) {
+    if has(&[
+        "helo",
+        "hello",
+        "hai",
+        "hi",
+        "selamat pagi",
+        "selamat petang",
+    ]) {
         return "Hai, terima kasih kerana menghubungi kami. Apa yang boleh saya bantu hari ini?"
             .into();
     }
@@ -496,17 +550,24 @@ impl Script {
             .iter()
             .any(|w| !w.trim().is_empty() && lower.contains(&w.to_lowercase()));
         let offers_end_call = req.get("tools").and_then(Value::as_array).is_some_and(|t| {
-            t.iter().any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some("end_call"))
+            t.iter()
+                .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some("end_call"))
         });
         let text = if hang_up {
             GOODBYE.to_owned()
         } else if cfg.replies.is_empty() {
             malay_reply(&user)
         } else {
-            cfg.replies.get(served % cfg.replies.len()).cloned().unwrap_or_default()
+            cfg.replies
+                .get(served % cfg.replies.len())
+                .cloned()
+                .unwrap_or_default()
         };
         let mut tokens = split_tokens(&text);
-        let max = req.get("max_tokens").and_then(Value::as_u64).unwrap_or(u64::MAX);
+        let max = req
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(u64::MAX);
         let truncated = tokens.len() as u64 > max;
         tokens.truncate(usize::try_from(max).unwrap_or(usize::MAX));
         let end_call = hang_up && offers_end_call && !truncated;
@@ -516,7 +577,11 @@ impl Script {
             .map(|m| m.iter().map(|m| m.to_string().len()).sum())
             .unwrap_or(0);
         Self {
-            model: req.get("model").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            model: req
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
             tokens,
             end_call,
             finish_reason: if end_call {
@@ -546,13 +611,20 @@ impl Script {
         let _ = self.run_inner(&out, &cfg, attempt).await;
     }
 
-    async fn run_inner(&self, out: &Emitter, cfg: &FakeOpenRouterConfig, attempt: usize) -> Option<()> {
+    async fn run_inner(
+        &self,
+        out: &Emitter,
+        cfg: &FakeOpenRouterConfig,
+        attempt: usize,
+    ) -> Option<()> {
         out.comment().await?;
-        out.wait(Duration::from_millis(cfg.first_token_delay_ms)).await?;
+        out.wait(Duration::from_millis(cfg.first_token_delay_ms))
+            .await?;
         if cfg.fault == LlmFault::StallBeforeFirstToken {
             return out.stall().await;
         }
-        out.data(&self.chunk(&out.id, json!({"role": "assistant", "content": ""}), None)).await?;
+        out.data(&self.chunk(&out.id, json!({"role": "assistant", "content": ""}), None))
+            .await?;
         let gap = if cfg.tokens_per_sec > 0.0 && cfg.tokens_per_sec.is_finite() {
             Duration::from_secs_f64(1.0 / cfg.tokens_per_sec)
         } else {
@@ -569,12 +641,18 @@ impl Script {
             if fault_at == Some(i) {
                 return self.inject(out, cfg.fault, attempt).await;
             }
-            let Some(token) = self.tokens.get(i) else { break };
+            let Some(token) = self.tokens.get(i) else {
+                break;
+            };
             if i > 0 {
                 out.wait(gap).await?;
             }
-            out.data(&self.chunk(&out.id, json!({"role": "assistant", "content": token}), None))
-                .await?;
+            out.data(&self.chunk(
+                &out.id,
+                json!({"role": "assistant", "content": token}),
+                None,
+            ))
+            .await?;
         }
         if self.end_call {
             let call_id = format!("call_{}", out.id.rsplit('-').next().unwrap_or("0"));
@@ -586,11 +664,16 @@ impl Script {
             ];
             for f in fragments {
                 out.wait(gap).await?;
-                out.data(&self.chunk(&out.id, json!({"role": "assistant", "content": null, "tool_calls": [f]}), None))
-                    .await?;
+                out.data(&self.chunk(
+                    &out.id,
+                    json!({"role": "assistant", "content": null, "tool_calls": [f]}),
+                    None,
+                ))
+                .await?;
             }
         }
-        out.data(&self.chunk(&out.id, json!({"content": ""}), Some(self.finish_reason))).await?;
+        out.data(&self.chunk(&out.id, json!({"content": ""}), Some(self.finish_reason)))
+            .await?;
         let completion = self.tokens.len() as u64 + if self.end_call { 5 } else { 0 };
         let cost = (self.prompt_tokens as f64 * 0.15 + completion as f64 * 0.6) / 1_000_000.0;
         out.data(&json!({
@@ -609,7 +692,7 @@ impl Script {
         match fault {
             LlmFault::StallAfterTokens(_) => out.stall().await,
             LlmFault::MidStreamError { .. } => {
-                let error = if attempt % 2 == 0 {
+                let error = if attempt.is_multiple_of(2) {
                     json!({"code": 429, "message": "Rate limit exceeded",
                            "metadata": {"error_type": "rate_limit_exceeded"}})
                 } else {
@@ -623,8 +706,10 @@ impl Script {
                 out.data(&chunk).await
             }
             LlmFault::Malformed { .. } => {
-                out.raw(Bytes::from_static(b"data: {\"id\":\"gen-x\",\"choices\":[{\"delta\":{\"content\":\n\n"))
-                    .await
+                out.raw(Bytes::from_static(
+                    b"data: {\"id\":\"gen-x\",\"choices\":[{\"delta\":{\"content\":\n\n",
+                ))
+                .await
             }
             LlmFault::Disconnect { .. } => {
                 let _ = out.tx.send(Frame::Abort).await;
@@ -654,7 +739,8 @@ impl Emitter {
     }
 
     async fn comment(&self) -> Option<()> {
-        self.raw(Bytes::from_static(b": OPENROUTER PROCESSING\n\n")).await
+        self.raw(Bytes::from_static(b": OPENROUTER PROCESSING\n\n"))
+            .await
     }
 
     async fn data(&self, v: &Value) -> Option<()> {
@@ -689,10 +775,19 @@ mod tests {
 
     #[test]
     fn tokens_concatenate_to_the_reply() {
-        for s in ["Harga pakej  ialah RM99.", " leading space", "one", "", "a\nb  c "] {
+        for s in [
+            "Harga pakej  ialah RM99.",
+            " leading space",
+            "one",
+            "",
+            "a\nb  c ",
+        ] {
             assert_eq!(split_tokens(s).concat(), s);
         }
-        assert_eq!(split_tokens("Harga pakej ialah"), vec!["Harga", " pakej", " ialah"]);
+        assert_eq!(
+            split_tokens("Harga pakej ialah"),
+            vec!["Harga", " pakej", " ialah"]
+        );
     }
 
     #[test]
@@ -710,15 +805,34 @@ mod tests {
 
     #[test]
     fn validation_rejects_bad_requests() {
-        let ok = json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+        let ok =
+            json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
         assert_eq!(validate(&ok), Ok(()));
         for (bad, what) in [
-            (json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]}), "model"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}), "stream"),
-            (json!({"model": "m", "stream": true, "messages": []}), "messages"),
-            (json!({"model": "m", "stream": true, "messages": [{"role": "robot", "content": "x"}]}), "role"),
-            (json!({"model": "m", "stream": true, "messages": [{"role": "user"}]}), "content"),
-            (json!({"model": "m", "stream": true, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}), "temperature"),
+            (
+                json!({"stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+                "model",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+                "stream",
+            ),
+            (
+                json!({"model": "m", "stream": true, "messages": []}),
+                "messages",
+            ),
+            (
+                json!({"model": "m", "stream": true, "messages": [{"role": "robot", "content": "x"}]}),
+                "role",
+            ),
+            (
+                json!({"model": "m", "stream": true, "messages": [{"role": "user"}]}),
+                "content",
+            ),
+            (
+                json!({"model": "m", "stream": true, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}),
+                "temperature",
+            ),
         ] {
             let e = validate(&bad).unwrap_err();
             assert!(e.contains(what), "{e} should mention {what}");

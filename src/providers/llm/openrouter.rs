@@ -183,7 +183,9 @@ impl ChunkDecoder {
             return self.complete();
         }
         self.done = true;
-        Err(LlmError::Transport("the stream ended before the reply finished".into()))
+        Err(LlmError::Transport(
+            "the stream ended before the reply finished".into(),
+        ))
     }
 
     /// Whether the reply is over (`Done` or an error was produced).
@@ -204,7 +206,9 @@ impl ChunkDecoder {
 
     fn complete(&mut self) -> Result<Vec<LlmEvent>, LlmError> {
         let mut out = self.take_tool_calls()?;
-        out.push(LlmEvent::Done { finish_reason: self.finish_reason.clone() });
+        out.push(LlmEvent::Done {
+            finish_reason: self.finish_reason.clone(),
+        });
         self.done = true;
         Ok(out)
     }
@@ -214,13 +218,15 @@ impl ChunkDecoder {
         let index = tc.index.unwrap_or(0);
         if !self.tool_calls.contains_key(&index) && self.tool_calls.len() >= MAX_TOOL_CALLS {
             self.done = true;
-            return Err(LlmError::Malformed(format!("more than {MAX_TOOL_CALLS} tool calls")));
+            return Err(LlmError::Malformed(format!(
+                "more than {MAX_TOOL_CALLS} tool calls"
+            )));
         }
         let slot = self.tool_calls.entry(index).or_default();
-        if let Some(id) = tc.id.filter(|i| !i.is_empty()) {
-            if slot.id.is_empty() {
-                slot.id = id;
-            }
+        if let Some(id) = tc.id.filter(|i| !i.is_empty())
+            && slot.id.is_empty()
+        {
+            slot.id = id;
         }
         if let Some(f) = tc.function {
             if let Some(name) = f.name.filter(|n| !n.is_empty()) {
@@ -247,12 +253,22 @@ impl ChunkDecoder {
         for (index, call) in calls {
             if call.name.is_empty() {
                 self.done = true;
-                return Err(LlmError::Malformed(format!("tool call {index} has no function name")));
+                return Err(LlmError::Malformed(format!(
+                    "tool call {index} has no function name"
+                )));
             }
             out.push(LlmEvent::ToolCall {
-                id: if call.id.is_empty() { format!("call_{index}") } else { call.id },
+                id: if call.id.is_empty() {
+                    format!("call_{index}")
+                } else {
+                    call.id
+                },
                 name: call.name,
-                arguments: if call.arguments.trim().is_empty() { "{}".into() } else { call.arguments },
+                arguments: if call.arguments.trim().is_empty() {
+                    "{}".into()
+                } else {
+                    call.arguments
+                },
             });
         }
         Ok(out)
@@ -268,7 +284,10 @@ fn mid_stream_error(err: &Value) -> LlmError {
                 Some(Value::Number(n)) => n.to_string(),
                 _ => "unknown".into(),
             },
-            o.get("message").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            o.get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
         ),
         Value::String(s) => ("unknown".into(), s.clone()),
         other => ("unknown".into(), other.to_string()),
@@ -282,9 +301,15 @@ fn is_retryable(e: &LlmError) -> bool {
         LlmError::Transport(_) => true,
         LlmError::MidStream { code, .. } => match code.parse::<u16>() {
             Ok(n) => n == 408 || n == 429 || (500..=599).contains(&n),
-            Err(_) => ["server_error", "rate_limit", "overloaded", "unavailable", "timeout"]
-                .iter()
-                .any(|k| code.contains(k)),
+            Err(_) => [
+                "server_error",
+                "rate_limit",
+                "overloaded",
+                "unavailable",
+                "timeout",
+            ]
+            .iter()
+            .any(|k| code.contains(k)),
         },
         _ => false,
     }
@@ -411,7 +436,9 @@ impl OpenRouter {
         let parsed = reqwest::Url::parse(base)
             .map_err(|e| LlmError::Config(format!("llm.base_url {base:?}: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(LlmError::Config(format!("llm.base_url {base:?} is not http(s)")));
+            return Err(LlmError::Config(format!(
+                "llm.base_url {base:?} is not http(s)"
+            )));
         }
         if settings.model.trim().is_empty() {
             return Err(LlmError::Config("llm.model is empty".into()));
@@ -456,7 +483,11 @@ impl OpenRouter {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let req = self.inner.client.head(&self.inner.models_url).timeout(Duration::from_secs(10));
+        let req = self
+            .inner
+            .client
+            .head(&self.inner.models_url)
+            .timeout(Duration::from_secs(10));
         rt.spawn(async move {
             match req.send().await {
                 Ok(r) => tracing::debug!(status = r.status().as_u16(), "LLM connection warmed up"),
@@ -518,7 +549,9 @@ impl Inner {
                 .header("X-OpenRouter-Title", APP_TITLE)
                 .body(body.clone())
                 .send();
-            let sent = tokio::time::timeout_at(deadline, send).await.map_err(|_| timed_out())?;
+            let sent = tokio::time::timeout_at(deadline, send)
+                .await
+                .map_err(|_| timed_out())?;
             let (delay, why) = match sent {
                 Ok(resp) if resp.status().is_success() => return Ok(resp),
                 Ok(mut resp) => {
@@ -531,7 +564,10 @@ impl Inner {
                     let message = error_message(status.as_u16(), &body);
                     let retryable = status.as_u16() == 429 || status.is_server_error();
                     if !retryable || *retries == 0 {
-                        return Err(LlmError::Status { status: status.as_u16(), message });
+                        return Err(LlmError::Status {
+                            status: status.as_u16(),
+                            message,
+                        });
                     }
                     (delay, format!("HTTP {}: {message}", status.as_u16()))
                 }
@@ -540,7 +576,9 @@ impl Inner {
             };
             *retries -= 1;
             tracing::warn!(call_id, reason = %why, delay_ms = delay.as_millis() as u64, "LLM request failed, retrying once");
-            tokio::time::timeout_at(deadline, tokio::time::sleep(delay)).await.map_err(|_| timed_out())?;
+            tokio::time::timeout_at(deadline, tokio::time::sleep(delay))
+                .await
+                .map_err(|_| timed_out())?;
         }
     }
 }
@@ -564,7 +602,9 @@ impl LlmProvider for OpenRouter {
             let deadline = Instant::now() + inner.first_token;
             let body = inner.body(&req)?;
             let mut retries = 1;
-            let resp = inner.open(&body, deadline, &mut retries, &req.call_id).await?;
+            let resp = inner
+                .open(&body, deadline, &mut retries, &req.call_id)
+                .await?;
             let state = StreamState {
                 body: resp.bytes_stream().boxed(),
                 inner,
@@ -631,15 +671,18 @@ impl StreamState {
                 continue;
             }
             let started = self.decoder.has_output();
-            let deadline =
-                if started { self.last_event_at + self.inner.stall } else { self.first_deadline };
+            let deadline = if started {
+                self.last_event_at + self.inner.stall
+            } else {
+                self.first_deadline
+            };
             match tokio::time::timeout_at(deadline, self.body.try_next()).await {
+                // The reply is complete; only the usage chunk or `[DONE]` is missing.
+                Err(_) if self.decoder.finish_reason().is_some() => self.end_of_stream().await,
                 Err(_) if !started => {
                     let ms = self.inner.first_token.as_millis() as u64;
                     self.queue.push_back(Err(LlmError::FirstTokenTimeout(ms)));
                 }
-                // The reply is complete; only the usage chunk or `[DONE]` is missing.
-                Err(_) if self.decoder.finish_reason().is_some() => self.end_of_stream().await,
                 Err(_) => {
                     let ms = self.inner.stall.as_millis() as u64;
                     self.queue.push_back(Err(LlmError::Stalled(ms)));
@@ -695,7 +738,15 @@ impl StreamState {
         }
         let mut retries = 0;
         let inner = Arc::clone(&self.inner);
-        match inner.open(&self.request, self.first_deadline, &mut retries, &self.call_id).await {
+        match inner
+            .open(
+                &self.request,
+                self.first_deadline,
+                &mut retries,
+                &self.call_id,
+            )
+            .await
+        {
             Ok(resp) => {
                 self.body = resp.bytes_stream().boxed();
                 self.sse = SseParser::new();
@@ -722,11 +773,17 @@ mod tests {
     const MID_ERROR: &str = r#"{"id":"gen-abc","object":"chat.completion.chunk","created":1234567890,"model":"openai/gpt-4o","provider":"OpenAI","error":{"code":429,"message":"Rate limit exceeded","metadata":{"error_type":"rate_limit_exceeded"}},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}"#;
 
     fn usage(p: u64, c: u64, cost: Option<f64>) -> LlmEvent {
-        LlmEvent::Usage { prompt_tokens: p, completion_tokens: c, cost }
+        LlmEvent::Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            cost,
+        }
     }
 
     fn done(r: &str) -> LlmEvent {
-        LlmEvent::Done { finish_reason: Some(r.into()) }
+        LlmEvent::Done {
+            finish_reason: Some(r.into()),
+        }
     }
 
     #[test]
@@ -734,7 +791,10 @@ mod tests {
         let mut d = ChunkDecoder::new();
         assert_eq!(d.decode(ROLE).unwrap(), vec![]);
         assert!(!d.has_output(), "the empty role chunk is not a first token");
-        assert_eq!(d.decode(HELLO).unwrap(), vec![LlmEvent::Text("Hello".into())]);
+        assert_eq!(
+            d.decode(HELLO).unwrap(),
+            vec![LlmEvent::Text("Hello".into())]
+        );
         assert!(d.has_output());
         assert_eq!(d.decode(STOP).unwrap(), vec![]);
         assert_eq!(d.finish_reason(), Some("stop"));
@@ -755,12 +815,22 @@ mod tests {
             r#"{"choices":null,"usage":{"prompt_tokens":5,"completion_tokens":2,"cost":0.01,"prompt_tokens_details":{"cached_tokens":0}}}"#,
         ];
         for f in forms {
-            assert_eq!(ChunkDecoder::new().decode(f).unwrap(), vec![usage(5, 2, Some(0.01))], "{f}");
+            assert_eq!(
+                ChunkDecoder::new().decode(f).unwrap(),
+                vec![usage(5, 2, Some(0.01))],
+                "{f}"
+            );
         }
         let no_cost = r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#;
-        assert_eq!(ChunkDecoder::new().decode(no_cost).unwrap(), vec![usage(5, 2, None)]);
+        assert_eq!(
+            ChunkDecoder::new().decode(no_cost).unwrap(),
+            vec![usage(5, 2, None)]
+        );
         let null_usage = r#"{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}"#;
-        assert_eq!(ChunkDecoder::new().decode(null_usage).unwrap(), vec![LlmEvent::Text("x".into())]);
+        assert_eq!(
+            ChunkDecoder::new().decode(null_usage).unwrap(),
+            vec![LlmEvent::Text("x".into())]
+        );
     }
 
     #[test]
@@ -775,13 +845,24 @@ mod tests {
         for f in frags {
             assert_eq!(d.decode(f).unwrap(), vec![]);
         }
-        assert!(d.has_output(), "tool-call fragments count as the first token");
+        assert!(
+            d.has_output(),
+            "tool-call fragments count as the first token"
+        );
         let fin = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#;
         assert_eq!(
             d.decode(fin).unwrap(),
             vec![
-                LlmEvent::ToolCall { id: "call_1".into(), name: "get_weather".into(), arguments: r#"{"city":"KL"}"#.into() },
-                LlmEvent::ToolCall { id: "call_2".into(), name: "end_call".into(), arguments: "{}".into() },
+                LlmEvent::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"KL"}"#.into()
+                },
+                LlmEvent::ToolCall {
+                    id: "call_2".into(),
+                    name: "end_call".into(),
+                    arguments: "{}".into()
+                },
             ]
         );
         assert_eq!(d.decode("[DONE]").unwrap(), vec![done("tool_calls")]);
@@ -793,7 +874,11 @@ mod tests {
         let f = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c","function":{"name":"end_call","arguments":"{}"}}]}}]}"#;
         d.decode(f).unwrap();
         d.decode(STOP).unwrap();
-        let tool = LlmEvent::ToolCall { id: "c".into(), name: "end_call".into(), arguments: "{}".into() };
+        let tool = LlmEvent::ToolCall {
+            id: "c".into(),
+            name: "end_call".into(),
+            arguments: "{}".into(),
+        };
         // Stream ends without [DONE]: the finish_reason makes it a complete reply.
         assert_eq!(d.finish().unwrap(), vec![tool, done("stop")]);
     }
@@ -801,22 +886,37 @@ mod tests {
     #[test]
     fn tool_call_without_name_is_malformed() {
         let mut d = ChunkDecoder::new();
-        d.decode(r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}"#).unwrap();
+        d.decode(
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}"#,
+        )
+        .unwrap();
         assert!(matches!(d.decode("[DONE]"), Err(LlmError::Malformed(_))));
     }
 
     #[test]
     fn mid_stream_errors_with_number_and_string_codes() {
         let e = ChunkDecoder::new().decode(MID_ERROR).unwrap_err();
-        assert!(matches!(&e, LlmError::MidStream { code, message } if code == "429" && message == "Rate limit exceeded"), "{e:?}");
+        assert!(
+            matches!(&e, LlmError::MidStream { code, message } if code == "429" && message == "Rate limit exceeded"),
+            "{e:?}"
+        );
         assert!(is_retryable(&e));
         let s = r#"{"id":"x","error":{"code":"server_error","message":"masked"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}"#;
         let e = ChunkDecoder::new().decode(s).unwrap_err();
-        assert!(matches!(&e, LlmError::MidStream { code, message } if code == "server_error" && message == "masked"), "{e:?}");
+        assert!(
+            matches!(&e, LlmError::MidStream { code, message } if code == "server_error" && message == "masked"),
+            "{e:?}"
+        );
         assert!(is_retryable(&e));
         let bare = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"error"}]}"#;
-        assert!(matches!(ChunkDecoder::new().decode(bare), Err(LlmError::MidStream { .. })));
-        let auth = LlmError::MidStream { code: "401".into(), message: String::new() };
+        assert!(matches!(
+            ChunkDecoder::new().decode(bare),
+            Err(LlmError::MidStream { .. })
+        ));
+        let auth = LlmError::MidStream {
+            code: "401".into(),
+            message: String::new(),
+        };
         assert!(!is_retryable(&auth));
     }
 
@@ -825,9 +925,19 @@ mod tests {
         let mut d = ChunkDecoder::new();
         let odd = r#"{"brand_new":{"x":[1,2]},"choices":[{"index":0,"delta":{"content":"a","reasoning":"hmm","annotations":[]},"extra":true}]}"#;
         assert_eq!(d.decode(odd).unwrap(), vec![LlmEvent::Text("a".into())]);
-        assert_eq!(d.decode("").unwrap(), vec![], "an empty data line is a keep-alive");
-        assert!(matches!(d.decode(r#"{"choices":[{"delta":{"content":"#), Err(LlmError::Malformed(_))));
-        assert!(matches!(ChunkDecoder::new().decode("[1,2]"), Err(LlmError::Malformed(_))));
+        assert_eq!(
+            d.decode("").unwrap(),
+            vec![],
+            "an empty data line is a keep-alive"
+        );
+        assert!(matches!(
+            d.decode(r#"{"choices":[{"delta":{"content":"#),
+            Err(LlmError::Malformed(_))
+        ));
+        assert!(matches!(
+            ChunkDecoder::new().decode("[1,2]"),
+            Err(LlmError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -856,8 +966,17 @@ mod tests {
 
     #[test]
     fn error_messages_from_bodies() {
-        assert_eq!(error_message(401, br#"{"error":{"message":"User not found.","code":401}}"#), "User not found.");
-        assert_eq!(error_message(502, b"  <html>Bad gateway</html>\n"), "<html>Bad gateway</html>");
+        assert_eq!(
+            error_message(
+                401,
+                br#"{"error":{"message":"User not found.","code":401}}"#
+            ),
+            "User not found."
+        );
+        assert_eq!(
+            error_message(502, b"  <html>Bad gateway</html>\n"),
+            "<html>Bad gateway</html>"
+        );
         assert_eq!(error_message(503, b""), "Service Unavailable");
         assert_eq!(error_message(400, br#"{"message":"flat"}"#), "flat");
     }
@@ -906,13 +1025,26 @@ mod tests {
         }
     }
 
-    async fn run(c: &OpenRouter, req: ChatRequest) -> Result<Vec<Result<LlmEvent, LlmError>>, LlmError> {
-        let stream = tokio::time::timeout(HANG, c.stream(req)).await.expect("hang guard")?;
-        Ok(tokio::time::timeout(HANG, stream.collect::<Vec<_>>()).await.expect("hang guard"))
+    async fn run(
+        c: &OpenRouter,
+        req: ChatRequest,
+    ) -> Result<Vec<Result<LlmEvent, LlmError>>, LlmError> {
+        let stream = tokio::time::timeout(HANG, c.stream(req))
+            .await
+            .expect("hang guard")?;
+        Ok(tokio::time::timeout(HANG, stream.collect::<Vec<_>>())
+            .await
+            .expect("hang guard"))
     }
 
     fn texts(events: &[Result<LlmEvent, LlmError>]) -> String {
-        events.iter().filter_map(|e| match e { Ok(LlmEvent::Text(t)) => Some(t.as_str()), _ => None }).collect()
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Ok(LlmEvent::Text(t)) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect()
     }
 
     const REPLY: &str = "Harga pakej asas ialah RM99 sebulan, termasuk data tanpa had.";
@@ -921,9 +1053,14 @@ mod tests {
     async fn streams_text_in_order_then_usage_then_done() {
         let srv = fake::spawn(fast(LlmFault::None, &[REPLY])).await.unwrap();
         let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("Berapa harga pakej?", false)).await.unwrap();
+        let events = run(&c, request("Berapa harga pakej?", false))
+            .await
+            .unwrap();
         let n_tokens = REPLY.split(' ').count();
-        let text_events: Vec<_> = events.iter().filter(|e| matches!(e, Ok(LlmEvent::Text(_)))).collect();
+        let text_events: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, Ok(LlmEvent::Text(_))))
+            .collect();
         assert_eq!(text_events.len(), n_tokens, "one event per streamed token");
         assert_eq!(texts(&events), REPLY);
         let tail = events.get(n_tokens..).unwrap();
@@ -957,7 +1094,9 @@ mod tests {
     async fn builtin_malay_responder_answers_the_question() {
         let srv = fake::spawn(fast(LlmFault::None, &[])).await.unwrap();
         let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("Berapa harga pakej bulanan?", false)).await.unwrap();
+        let events = run(&c, request("Berapa harga pakej bulanan?", false))
+            .await
+            .unwrap();
         let text = texts(&events);
         assert_eq!(text, fake::malay_reply("Berapa harga pakej bulanan?"));
         assert!(text.contains("harga"), "{text}");
@@ -968,15 +1107,22 @@ mod tests {
     async fn goodbye_ends_with_an_end_call_tool_call() {
         let srv = fake::spawn(fast(LlmFault::None, &[REPLY])).await.unwrap();
         let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("Okey, itu sahaja. Terima kasih!", true)).await.unwrap();
+        let events = run(&c, request("Okey, itu sahaja. Terima kasih!", true))
+            .await
+            .unwrap();
         assert!(texts(&events).contains("Selamat tinggal"));
-        let tools: Vec<_> = events.iter().filter(|e| matches!(e, Ok(LlmEvent::ToolCall { .. }))).collect();
+        let tools: Vec<_> = events
+            .iter()
+            .filter(|e| matches!(e, Ok(LlmEvent::ToolCall { .. })))
+            .collect();
         assert!(
             matches!(tools.as_slice(), [Ok(LlmEvent::ToolCall { id, name, arguments })]
                 if name == END_CALL_TOOL && arguments == "{}" && !id.is_empty()),
             "{tools:?}"
         );
-        assert!(matches!(events.last(), Some(Ok(LlmEvent::Done { finish_reason: Some(r) })) if r == "tool_calls"));
+        assert!(
+            matches!(events.last(), Some(Ok(LlmEvent::Done { finish_reason: Some(r) })) if r == "tool_calls")
+        );
         let body = srv.requests().pop().unwrap();
         assert_eq!(
             body.get("tools").unwrap(),
@@ -993,19 +1139,28 @@ mod tests {
     async fn fallback_models_are_sent() {
         let srv = fake::spawn(fast(LlmFault::None, &[REPLY])).await.unwrap();
         let mut s = settings(srv.base_url());
-        s.fallback_models = vec!["anthropic/claude-3.5-haiku".into(), "google/gemini-flash-1.5".into()];
+        s.fallback_models = vec![
+            "anthropic/claude-3.5-haiku".into(),
+            "google/gemini-flash-1.5".into(),
+        ];
         run(&client(&s), request("hai", false)).await.unwrap();
         let body = srv.requests().pop().unwrap();
         assert_eq!(
             body.get("models").unwrap(),
-            &json!(["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku", "google/gemini-flash-1.5"])
+            &json!([
+                "openai/gpt-4o-mini",
+                "anthropic/claude-3.5-haiku",
+                "google/gemini-flash-1.5"
+            ])
         );
         assert_eq!(body.get("model").unwrap(), "openai/gpt-4o-mini");
     }
 
     #[tokio::test]
     async fn retries_once_after_429() {
-        let srv = fake::spawn(fast(LlmFault::StatusOnce(429), &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::StatusOnce(429), &[REPLY]))
+            .await
+            .unwrap();
         let c = client(&settings(srv.base_url()));
         let events = run(&c, request("hai", false)).await.unwrap();
         assert_eq!(texts(&events), REPLY);
@@ -1016,10 +1171,15 @@ mod tests {
 
     #[tokio::test]
     async fn persistent_500_fails_after_exactly_two_requests() {
-        let srv = fake::spawn(fast(LlmFault::Status(500), &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::Status(500), &[REPLY]))
+            .await
+            .unwrap();
         let c = client(&settings(srv.base_url()));
         let err = run(&c, request("hai", false)).await.unwrap_err();
-        assert!(matches!(&err, LlmError::Status { status: 500, message } if message == "Internal Server Error"), "{err:?}");
+        assert!(
+            matches!(&err, LlmError::Status { status: 500, message } if message == "Internal Server Error"),
+            "{err:?}"
+        );
         assert_eq!(srv.request_count(), 2);
     }
 
@@ -1030,7 +1190,10 @@ mod tests {
         let srv = fake::spawn(cfg).await.unwrap();
         let c = client(&settings(srv.base_url()));
         let err = run(&c, request("hai", false)).await.unwrap_err();
-        assert!(matches!(&err, LlmError::Status { status: 401, message } if message == "User not found."), "{err:?}");
+        assert!(
+            matches!(&err, LlmError::Status { status: 401, message } if message == "User not found."),
+            "{err:?}"
+        );
         assert_eq!(srv.request_count(), 1);
     }
 
@@ -1042,7 +1205,10 @@ mod tests {
         let r = http.post(&url).body("{}").send().await.unwrap();
         assert_eq!(r.status(), 401);
         let v: Value = r.json().await.unwrap();
-        assert_eq!(v.pointer("/error/message").unwrap(), "No auth credentials found");
+        assert_eq!(
+            v.pointer("/error/message").unwrap(),
+            "No auth credentials found"
+        );
         assert_eq!(v.pointer("/error/code").unwrap(), 401);
         let r = http
             .post(format!("http://{}/v1/chat/completions", srv.addr()))
@@ -1054,7 +1220,11 @@ mod tests {
         assert_eq!(r.status(), 400);
         let v: Value = r.json().await.unwrap();
         assert_eq!(v.pointer("/error/code").unwrap(), 400);
-        let r = http.get(format!("{}/models", srv.base_url())).send().await.unwrap();
+        let r = http
+            .get(format!("{}/models", srv.base_url()))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success());
         let v: Value = r.json().await.unwrap();
         assert!(v.pointer("/data/0/id").is_some());
@@ -1062,32 +1232,46 @@ mod tests {
 
     #[tokio::test]
     async fn mid_stream_error_after_text() {
-        let srv = fake::spawn(fast(LlmFault::MidStreamError { after_tokens: 2 }, &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::MidStreamError { after_tokens: 2 }, &[REPLY]))
+            .await
+            .unwrap();
         let c = client(&settings(srv.base_url()));
         let events = run(&c, request("hai", false)).await.unwrap();
         assert_eq!(texts(&events), "Harga pakej");
         assert_eq!(events.len(), 3, "{events:?}");
-        assert!(matches!(events.last(), Some(Err(LlmError::MidStream { code, message })) if code == "429" && message == "Rate limit exceeded"));
+        assert!(
+            matches!(events.last(), Some(Err(LlmError::MidStream { code, message })) if code == "429" && message == "Rate limit exceeded")
+        );
         assert_eq!(srv.request_count(), 1, "no retry once text was produced");
     }
 
     #[tokio::test]
     async fn mid_stream_error_before_first_token_is_retried_once() {
-        let srv = fake::spawn(fast(LlmFault::MidStreamError { after_tokens: 0 }, &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::MidStreamError { after_tokens: 0 }, &[REPLY]))
+            .await
+            .unwrap();
         let c = client(&settings(srv.base_url()));
         let events = run(&c, request("hai", false)).await.unwrap();
         // The second attempt's error carries the string code.
-        assert!(matches!(events.as_slice(), [Err(LlmError::MidStream { code, .. })] if code == "server_error"), "{events:?}");
+        assert!(
+            matches!(events.as_slice(), [Err(LlmError::MidStream { code, .. })] if code == "server_error"),
+            "{events:?}"
+        );
         assert_eq!(srv.request_count(), 2);
     }
 
     #[tokio::test]
     async fn no_first_token_times_out() {
-        let srv = fake::spawn(fast(LlmFault::StallBeforeFirstToken, &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::StallBeforeFirstToken, &[REPLY]))
+            .await
+            .unwrap();
         let mut s = settings(srv.base_url());
         s.first_token_timeout_ms = 300;
         let events = run(&client(&s), request("hai", false)).await.unwrap();
-        assert!(matches!(events.as_slice(), [Err(LlmError::FirstTokenTimeout(300))]), "{events:?}");
+        assert!(
+            matches!(events.as_slice(), [Err(LlmError::FirstTokenTimeout(300))]),
+            "{events:?}"
+        );
         assert_eq!(srv.request_count(), 1);
     }
 
@@ -1110,51 +1294,83 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connection_is_a_transport_error() {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let err = run(&client(&settings(format!("http://{addr}/api/v1"))), request("hai", false)).await.unwrap_err();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = run(
+            &client(&settings(format!("http://{addr}/api/v1"))),
+            request("hai", false),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, LlmError::Transport(_)), "{err:?}");
     }
 
     #[tokio::test]
     async fn stall_mid_stream() {
-        let srv = fake::spawn(fast(LlmFault::StallAfterTokens(2), &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::StallAfterTokens(2), &[REPLY]))
+            .await
+            .unwrap();
         let mut s = settings(srv.base_url());
         s.stall_timeout_ms = 300;
         let events = run(&client(&s), request("hai", false)).await.unwrap();
         assert_eq!(texts(&events), "Harga pakej");
-        assert!(matches!(events.last(), Some(Err(LlmError::Stalled(300)))), "{events:?}");
+        assert!(
+            matches!(events.last(), Some(Err(LlmError::Stalled(300)))),
+            "{events:?}"
+        );
     }
 
     #[tokio::test]
     async fn disconnect_mid_stream() {
-        let srv = fake::spawn(fast(LlmFault::Disconnect { after_tokens: 3 }, &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::Disconnect { after_tokens: 3 }, &[REPLY]))
+            .await
+            .unwrap();
         let c = client(&settings(srv.base_url()));
         let events = run(&c, request("hai", false)).await.unwrap();
         assert_eq!(texts(&events), "Harga pakej asas", "{events:?}");
-        assert!(matches!(events.last(), Some(Err(LlmError::Transport(_)))), "{events:?}");
+        assert!(
+            matches!(events.last(), Some(Err(LlmError::Transport(_)))),
+            "{events:?}"
+        );
         assert_eq!(srv.request_count(), 1);
     }
 
     #[tokio::test]
     async fn disconnect_before_first_token_is_retried_once() {
-        let srv = fake::spawn(fast(LlmFault::Disconnect { after_tokens: 0 }, &[REPLY])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::Disconnect { after_tokens: 0 }, &[REPLY]))
+            .await
+            .unwrap();
         let c = client(&settings(srv.base_url()));
         let events = run(&c, request("hai", false)).await.unwrap();
-        assert!(matches!(events.as_slice(), [Err(LlmError::Transport(_))]), "{events:?}");
+        assert!(
+            matches!(events.as_slice(), [Err(LlmError::Transport(_))]),
+            "{events:?}"
+        );
         assert_eq!(srv.request_count(), 2);
     }
 
     #[tokio::test]
     async fn garbage_mid_stream_is_malformed() {
-        let srv = fake::spawn(fast(LlmFault::Malformed { after_tokens: 1 }, &[REPLY])).await.unwrap();
-        let events = run(&client(&settings(srv.base_url())), request("hai", false)).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::Malformed { after_tokens: 1 }, &[REPLY]))
+            .await
+            .unwrap();
+        let events = run(&client(&settings(srv.base_url())), request("hai", false))
+            .await
+            .unwrap();
         assert_eq!(texts(&events), "Harga");
-        assert!(matches!(events.last(), Some(Err(LlmError::Malformed(_)))), "{events:?}");
+        assert!(
+            matches!(events.last(), Some(Err(LlmError::Malformed(_)))),
+            "{events:?}"
+        );
     }
 
     #[tokio::test]
     async fn warm_up_and_turns_share_one_connection() {
-        let srv = fake::spawn(fast(LlmFault::None, &["Satu.", "Dua."])).await.unwrap();
+        let srv = fake::spawn(fast(LlmFault::None, &["Satu.", "Dua."]))
+            .await
+            .unwrap();
         let c = client(&settings(srv.base_url()));
         c.warm_up();
         tokio::time::timeout(HANG, async {
@@ -1166,16 +1382,103 @@ mod tests {
         .expect("warm-up request arrives");
         let first = run(&c, request("hai", false)).await.unwrap();
         let second = run(&c, request("lagi", false)).await.unwrap();
-        assert_eq!((texts(&first).as_str(), texts(&second).as_str()), ("Satu.", "Dua."));
-        assert_eq!(srv.connections(), 1, "warm-up and both turns reuse the pooled connection");
+        assert_eq!(
+            (texts(&first).as_str(), texts(&second).as_str()),
+            ("Satu.", "Dua.")
+        );
+        assert_eq!(
+            srv.connections(),
+            1,
+            "warm-up and both turns reuse the pooled connection"
+        );
+    }
+
+    /// A one-shot HTTP server that reads the request, answers 200 with `body` (delimited by
+    /// the connection's end) and then closes or, if `hang`, keeps the connection open.
+    async fn raw_server(body: String, hang: bool) -> (String, tokio::task::JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            loop {
+                let n = sock.read(&mut tmp).await.unwrap();
+                assert!(n > 0, "client closed early");
+                buf.extend_from_slice(&tmp[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let len: usize = text[..end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+            }
+            let head =
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+            sock.write_all(head.as_bytes()).await.unwrap();
+            sock.write_all(body.as_bytes()).await.unwrap();
+            sock.flush().await.unwrap();
+            if hang {
+                tokio::time::sleep(HANG).await;
+            }
+        });
+        (base, task)
+    }
+
+    #[tokio::test]
+    async fn finished_reply_without_done_still_completes() {
+        let body =
+            format!(": OPENROUTER PROCESSING\n\ndata: {ROLE}\n\ndata: {HELLO}\n\ndata: {STOP}\n\n");
+        for hang in [false, true] {
+            let (base, task) = raw_server(body.clone(), hang).await;
+            let mut s = settings(base);
+            s.stall_timeout_ms = 300;
+            let events = run(&client(&s), request("hai", false)).await.unwrap();
+            assert!(
+                matches!(events.as_slice(), [Ok(LlmEvent::Text(t)), Ok(LlmEvent::Done { finish_reason: Some(r) })] if t == "Hello" && r == "stop"),
+                "hang={hang}: {events:?}"
+            );
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn truncated_reply_is_an_error() {
+        let (base, task) = raw_server(format!("data: {HELLO}\n\n"), false).await;
+        let events = run(&client(&settings(base)), request("hai", false))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                events.as_slice(),
+                [Ok(LlmEvent::Text(_)), Err(LlmError::Transport(_))]
+            ),
+            "{events:?}"
+        );
+        task.abort();
     }
 
     #[test]
     fn config_errors() {
         let s = settings("http://127.0.0.1:1/api/v1".into());
-        assert!(matches!(OpenRouter::new(&s, Secret::default()), Err(LlmError::Config(_))));
+        assert!(matches!(
+            OpenRouter::new(&s, Secret::default()),
+            Err(LlmError::Config(_))
+        ));
         let bad = settings("ftp://x".into());
-        assert!(matches!(OpenRouter::new(&bad, Secret::new(Some(KEY.into()))), Err(LlmError::Config(_))));
+        assert!(matches!(
+            OpenRouter::new(&bad, Secret::new(Some(KEY.into()))),
+            Err(LlmError::Config(_))
+        ));
         let dbg = format!("{:?}", client(&s));
         assert!(!dbg.contains(KEY));
     }

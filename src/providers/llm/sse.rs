@@ -214,7 +214,11 @@ mod tests {
     }
 
     fn data(d: &str) -> SseEvent {
-        SseEvent { event: None, data: d.to_owned(), id: None }
+        SseEvent {
+            event: None,
+            data: d.to_owned(),
+            id: None,
+        }
     }
 
     #[test]
@@ -228,7 +232,14 @@ mod tests {
         let s = b"data: a\r\ndata:b\rdata:  c\n\r\nevent: x\nid: 7\ndata\n\n";
         let evs = parse_all(&[s]);
         assert_eq!(evs[0], data("a\nb\n c"));
-        assert_eq!(evs[1], SseEvent { event: Some("x".into()), data: String::new(), id: Some("7".into()) });
+        assert_eq!(
+            evs[1],
+            SseEvent {
+                event: Some("x".into()),
+                data: String::new(),
+                id: Some("7".into())
+            }
+        );
         assert_eq!(evs.len(), 2);
     }
 
@@ -258,9 +269,14 @@ mod tests {
 
     #[test]
     fn unknown_fields_bom_and_id_persistence() {
-        let evs = parse_all(&[b"\xEF\xBB\xBFid: 1\nfoo: bar\nretry: 250\ndata: a\n\ndata: b\n\nid\ndata: c\n\n"]);
+        let evs = parse_all(&[
+            b"\xEF\xBB\xBFid: 1\nfoo: bar\nretry: 250\ndata: a\n\ndata: b\n\nid\ndata: c\n\n",
+        ]);
         let ids: Vec<_> = evs.iter().map(|e| e.id.clone()).collect();
-        assert_eq!(ids, vec![Some("1".into()), Some("1".into()), Some(String::new())]);
+        assert_eq!(
+            ids,
+            vec![Some("1".into()), Some("1".into()), Some(String::new())]
+        );
         assert_eq!(evs[0].data, "a");
     }
 

@@ -7,4 +7,4 @@
 
 // pub mod azure;
 // pub mod elevenlabs;
-// pub mod openrouter;
+pub mod openrouter;

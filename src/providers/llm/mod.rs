@@ -1,7 +1,7 @@
 //! The language model: a streamed chat completion per turn.
 
-// pub mod openrouter;
-// pub mod sse;
+pub mod openrouter;
+pub mod sse;
 
 use futures_util::stream::BoxStream;
 use serde::{Deserialize, Serialize};

@@ -559,7 +559,9 @@ impl Connection {
                 json!({"context": {"serviceTag": protocol::new_id()}}),
             );
             let rest = body.get(pcm_at..).unwrap_or_default();
-            if !rest.is_empty() {
+            if body.is_empty() {
+                self.end_of_stream();
+            } else if !rest.is_empty() {
                 self.on_pcm(rest);
             }
             return Ok(());

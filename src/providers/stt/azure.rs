@@ -32,9 +32,10 @@ use crate::providers::BoxFuture;
 /// Capacity of [`SttSession::audio`]; the driver drains it continuously.
 pub const AUDIO_CHANNEL_CAPACITY: usize = 64;
 const EVENTS_CAPACITY: usize = 256;
-/// Outgoing messages queued for one connection (~10 s of 40 ms chunks): a full queue means
-/// the socket is stuck and the connection is abandoned.
-const WRITE_QUEUE_CAPACITY: usize = 256;
+/// Outgoing messages queued for one connection beyond a full replay: a full queue means the
+/// socket is stuck and the connection is abandoned. (Messages are allocated as they are
+/// queued, so a large bound costs nothing while the socket keeps up.)
+const WRITE_QUEUE_SLACK: usize = 256;
 
 /// Timeouts, retries and buffering of an [`AzureStt`] client.
 #[derive(Debug, Clone)]
@@ -261,7 +262,9 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
     };
     debug!(call_id = %cfg.params.call_id, connection_id = %conn_id, "speech websocket open");
     let (sink, input) = ws.split();
-    let (out, rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
+    // Room for the preamble, a full replay and whatever piled up while reconnecting.
+    let replay_chunks = (cfg.opts.max_replay_ms / cfg.opts.chunk_ms.clamp(20, 100)) as usize;
+    let (out, rx) = mpsc::channel(2 * replay_chunks + WRITE_QUEUE_SLACK);
     let writer = tokio::spawn(write_loop(sink, rx, cfg.opts.write_timeout));
     let conn = Conn {
         out,
@@ -390,7 +393,12 @@ impl Driver {
             };
             let replay = self.rec.begin_turn();
             let replayed_ms = self.rec.samples_to_ms(self.rec.unacked_samples());
-            if !replay.iter().all(|chunk| conn.send_audio(chunk)) {
+            // Then whatever the caller said while we were reconnecting.
+            let mut ok = replay.iter().all(|chunk| conn.send_audio(chunk));
+            while let Some(chunk) = self.rec.next_chunk(false) {
+                ok &= conn.send_audio(&chunk);
+            }
+            if !ok {
                 warn!(%call_id, "replay did not fit the write queue");
             }
             info!(%call_id, replayed_ms, "speech connection re-established");
@@ -445,7 +453,14 @@ impl Driver {
             let deadline = finish_deadline.or(if heard { None } else { Some(first_deadline) });
             tokio::select! {
                 biased;
-                _ = self.events.closed() => return (ConnEnd::Abandoned, progressed),
+                _ = self.events.closed() => {
+                    // The session was dropped: end the stream politely if we still can.
+                    if self.audio_open {
+                        self.audio_open = false;
+                        self.finish_audio(conn);
+                    }
+                    return (ConnEnd::Abandoned, progressed);
+                }
                 msg = conn.input.next() => {
                     let text = match msg {
                         None => return (ConnEnd::Lost("connection closed".into()), progressed),
@@ -609,7 +624,7 @@ impl Recognition {
 
     /// The next chunk to send (little-endian bytes), if a full one is pending or `flush`.
     fn next_chunk(&mut self, flush: bool) -> Option<Vec<u8>> {
-        if self.pending.len() < self.chunk && !(flush && !self.pending.is_empty()) {
+        if self.pending.is_empty() || (self.pending.len() < self.chunk && !flush) {
             return None;
         }
         let n = self.chunk.min(self.pending.len());
@@ -1136,31 +1151,41 @@ mod tests {
     async fn gives_up_when_service_never_answers() {
         let fake = FakeAzure::spawn(fake_cfg(AzureFault::Stall)).await.unwrap();
         let opts = AzureSttOptions {
-            first_message_timeout: Duration::from_millis(200),
+            first_message_timeout: Duration::from_millis(1000),
             reconnect_backoff: Duration::from_millis(10),
             max_reconnects: 2,
             ..Default::default()
         };
         let stt = client(&fake, "good-key", opts);
         let SttSession { audio, mut events } = stt.start(params(8000)).await.unwrap();
+        // 12 s of unbroken speech: nothing is ever acknowledged, so every reconnect replays
+        // all of it (300 chunks, more than a naive write queue would hold).
+        let tone: Vec<i16> = tone_bursts(8000, 12)
+            .chunks(16_000)
+            .flat_map(|c| c[..8000].to_vec())
+            .collect();
+        for frame in tone.chunks(160) {
+            audio.send(frame.to_vec()).await.unwrap();
+        }
         let mut got = Vec::new();
         let collect = async {
             while let Some(ev) = events.recv().await {
-                // Keep feeding so the call is "live".
-                let _ = audio.try_send(vec![0; 160]);
                 got.push(ev);
             }
         };
         timeout(Duration::from_secs(30), collect)
             .await
             .expect("hung");
+        drop(audio);
         assert_eq!(
             got.iter().filter(|e| **e == SttEvent::Reconnected).count(),
             2,
             "{got:?}"
         );
         assert!(matches!(got.last(), Some(SttEvent::Failed(_))), "{got:?}");
-        assert_eq!(fake.stats().connections, 3);
+        let stats = fake.stats();
+        assert_eq!(stats.connections, 3);
+        assert_eq!(stats.audio_bytes, 3 * 12 * 16_000, "{stats:?}");
     }
 
     #[tokio::test]

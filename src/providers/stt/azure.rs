@@ -354,7 +354,7 @@ impl Driver {
             if progressed {
                 failures = 0;
             }
-            if !self.audio_open && self.rec.unacked_samples() == 0 {
+            if !self.audio_open && self.rec.unacked_samples() == 0 && self.rec.pending.is_empty() {
                 return;
             }
             warn!(%call_id, %reason, "speech connection lost; reconnecting");

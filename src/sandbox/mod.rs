@@ -5,6 +5,6 @@
 //! can exercise the PBX plumbing without keys) and `sifucall demo`. The real clients talk
 //! to them unchanged: only the endpoint differs.
 
-// pub mod azure;
+pub mod azure;
 // pub mod elevenlabs;
 pub mod openrouter;

@@ -3,7 +3,8 @@
 //! A call opens an [`SttSession`] at call start (so no turn pays a handshake), pushes the
 //! caller's PCM into it as it arrives and reads [`SttEvent`]s out.
 
-// pub mod azure;
+pub mod azure;
+pub mod protocol;
 
 use tokio::sync::mpsc;
 

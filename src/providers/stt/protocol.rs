@@ -1,0 +1,1001 @@
+//! Azure Speech real-time websocket protocol, sans-IO: the exact client messages the
+//! JavaScript Speech SDK sends, and parsers for both directions.
+//!
+//! The async client ([`super::azure`]) and the fake server ([`crate::sandbox::azure`]) are
+//! thin drivers around these functions, so every byte on the wire is decided (and unit
+//! tested) here. Wire format reference: `shared/docs/provider-apis.md` section 1b.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+/// `speech.config`: once per connection, before anything else.
+pub const PATH_SPEECH_CONFIG: &str = "speech.config";
+/// `speech.context`: phrase detection (language, segmentation) for the turn.
+pub const PATH_SPEECH_CONTEXT: &str = "speech.context";
+/// `audio`: the WAV header, then raw PCM, then an empty body for end of stream.
+pub const PATH_AUDIO: &str = "audio";
+/// The SDK's `telemetry` message after `turn.end`.
+pub const PATH_TELEMETRY: &str = "telemetry";
+
+/// The most header bytes a message may carry (AZ-WSDOC).
+pub const MAX_HEADER_BYTES: usize = 8192;
+
+/// Length of the RIFF/WAVE header that opens the audio stream.
+pub const WAV_HEADER_LEN: usize = 44;
+
+/// One 100 ns tick per unit: what Azure offsets and durations are counted in.
+pub const TICKS_PER_SECOND: u64 = 10_000_000;
+
+/// A malformed message, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A binary frame shorter than its 2-byte header-length prefix or its declared headers.
+    #[error("binary frame truncated: {0}")]
+    Truncated(&'static str),
+    /// The header block exceeds [`MAX_HEADER_BYTES`].
+    #[error("header block of {0} bytes exceeds the 8192-byte limit")]
+    HeadersTooLong(usize),
+    /// Header bytes that are not ASCII/UTF-8.
+    #[error("headers are not valid UTF-8")]
+    HeadersNotUtf8,
+    /// A text frame without the blank line that separates headers from the body.
+    #[error("text frame has no blank line after its headers")]
+    NoHeaderTerminator,
+    /// A header line without a colon.
+    #[error("malformed header line {0:?}")]
+    BadHeaderLine(String),
+    /// A required header is absent.
+    #[error("missing header {0}")]
+    MissingHeader(&'static str),
+    /// `X-RequestId` is not 32 hex digits.
+    #[error("bad X-RequestId {0:?}")]
+    BadRequestId(String),
+    /// A JSON body that does not parse or lacks a required field.
+    #[error("bad {path} body: {reason}")]
+    BadBody {
+        /// The message's `Path`.
+        path: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A WAV header the service would not accept.
+    #[error("bad WAV header: {0}")]
+    BadWav(String),
+}
+
+/// Message headers in arrival order; lookups ignore case.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// The first value of `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// All headers, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Parses `Name: value` / `Name:value` lines separated by CRLF (a bare LF is tolerated);
+    /// blank lines are skipped, names and values trimmed.
+    pub fn parse(block: &str) -> Result<Self, ProtocolError> {
+        let mut out = Vec::new();
+        for line in block.split('\n') {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() {
+                continue;
+            }
+            let (name, value) = line
+                .split_once(':')
+                .ok_or_else(|| ProtocolError::BadHeaderLine(line.to_owned()))?;
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(ProtocolError::BadHeaderLine(line.to_owned()));
+            }
+            out.push((name.to_owned(), value.trim().to_owned()));
+        }
+        Ok(Self(out))
+    }
+}
+
+/// A fresh 32-upper-hex-digit id, as the SDK uses for `X-RequestId` and `X-ConnectionId`.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .to_ascii_uppercase()
+}
+
+/// Whether `id` is a valid `X-RequestId`: 32 hex digits, no dashes.
+pub fn is_valid_request_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `X-Timestamp` for `t`: ISO-8601 UTC with milliseconds, like JavaScript's
+/// `Date.toISOString()` (`2026-05-01T10:00:00.123Z`). Times before 1970 print as the epoch.
+pub fn format_timestamp(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let ms = since.subsec_millis();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
+/// (H. Hinnant's `civil_from_days`, restricted to non-negative day counts).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A text message: `Path`, `X-RequestId`, `X-Timestamp`, `Content-Type`, blank line, body.
+pub fn text_message(
+    path: &str,
+    request_id: &str,
+    timestamp: &str,
+    content_type: &str,
+    body: &str,
+) -> String {
+    format!(
+        "Path: {path}\r\nX-RequestId: {request_id}\r\nX-Timestamp: {timestamp}\r\nContent-Type: {content_type}\r\n\r\n{body}"
+    )
+}
+
+/// The `speech.config` body the JS SDK sends with telemetry off, plus RS-AZ's
+/// `recognition` hint.
+pub fn speech_config_body() -> String {
+    json!({
+        "context": {
+            "system": {
+                "name": "SpeechSDK",
+                "version": env!("CARGO_PKG_VERSION"),
+                "build": "JavaScript",
+                "lang": "JavaScript",
+            }
+        },
+        "recognition": "conversation",
+    })
+    .to_string()
+}
+
+/// The `speech.config` message.
+pub fn speech_config_message(request_id: &str, timestamp: &str) -> String {
+    text_message(
+        PATH_SPEECH_CONFIG,
+        request_id,
+        timestamp,
+        "application/json",
+        &speech_config_body(),
+    )
+}
+
+/// The `speech.context` body for continuous conversation recognition with custom
+/// segmentation silence.
+pub fn speech_context_body(language: &str, segmentation_silence_ms: u32) -> String {
+    // Built by hand (not `json!`) so key order matches the SDK byte for byte.
+    format!(
+        "{{\"phraseDetection\":{{\"mode\":\"Conversation\",\"language\":{},\"conversation\":{{\"segmentation\":{{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":{segmentation_silence_ms}}}}},\"enrichment\":{{}}}}}}",
+        Value::String(language.to_owned())
+    )
+}
+
+/// The `speech.context` message.
+pub fn speech_context_message(
+    request_id: &str,
+    timestamp: &str,
+    language: &str,
+    segmentation_silence_ms: u32,
+) -> String {
+    text_message(
+        PATH_SPEECH_CONTEXT,
+        request_id,
+        timestamp,
+        "application/json",
+        &speech_context_body(language, segmentation_silence_ms),
+    )
+}
+
+/// A binary `audio` message: big-endian u16 header length, the headers (no blank line, as
+/// the JS SDK does), then `payload`. `content_type` is set only on the WAV header message.
+pub fn audio_message(
+    request_id: &str,
+    timestamp: &str,
+    content_type: Option<&str>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut headers =
+        format!("Path: {PATH_AUDIO}\r\nX-RequestId: {request_id}\r\nX-Timestamp: {timestamp}\r\n");
+    if let Some(ct) = content_type {
+        headers.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    // Our headers are ~100 bytes, far below u16::MAX.
+    let len = u16::try_from(headers.len()).unwrap_or(u16::MAX);
+    let mut out = Vec::with_capacity(2 + headers.len() + payload.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(headers.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The 44-byte RIFF header for 16-bit mono PCM at `sample_rate`, with RIFF and data sizes
+/// 0 exactly as the JS SDK writes them for a stream of unknown length.
+pub fn wav_header(sample_rate: u32) -> [u8; WAV_HEADER_LEN] {
+    let mut h = [0u8; WAV_HEADER_LEN];
+    let mut put = |at: usize, bytes: &[u8]| {
+        if let Some(dst) = h.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    };
+    put(0, b"RIFF");
+    put(4, &0u32.to_le_bytes());
+    put(8, b"WAVE");
+    put(12, b"fmt ");
+    put(16, &16u32.to_le_bytes());
+    put(20, &1u16.to_le_bytes()); // PCM
+    put(22, &1u16.to_le_bytes()); // mono
+    put(24, &sample_rate.to_le_bytes());
+    put(28, &(sample_rate * 2).to_le_bytes()); // byte rate
+    put(32, &2u16.to_le_bytes()); // block align
+    put(34, &16u16.to_le_bytes()); // bits per sample
+    put(36, b"data");
+    put(40, &0u32.to_le_bytes());
+    h
+}
+
+/// The first `audio` message of a turn: the WAV header alone, `Content-Type: audio/x-wav`.
+pub fn wav_header_message(request_id: &str, timestamp: &str, sample_rate: u32) -> Vec<u8> {
+    audio_message(
+        request_id,
+        timestamp,
+        Some("audio/x-wav"),
+        &wav_header(sample_rate),
+    )
+}
+
+/// End of stream: an `audio` message with an empty body.
+pub fn end_of_stream_message(request_id: &str, timestamp: &str) -> Vec<u8> {
+    audio_message(request_id, timestamp, None, &[])
+}
+
+/// What a WAV header declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WavFormat {
+    /// WAVE format tag (1 = PCM, 6 = A-law, 7 = µ-law).
+    pub format_tag: u16,
+    /// Channels.
+    pub channels: u16,
+    /// Samples per second.
+    pub sample_rate: u32,
+    /// Bits per sample.
+    pub bits_per_sample: u16,
+}
+
+/// Reads the `fmt ` chunk of a RIFF/WAVE header (as the service does with the first audio
+/// message). Returns the format and the byte offset where sample data starts.
+pub fn parse_wav_header(bytes: &[u8]) -> Result<(WavFormat, usize), ProtocolError> {
+    let bad = |why: &str| ProtocolError::BadWav(why.to_owned());
+    if bytes.get(0..4) != Some(b"RIFF") || bytes.get(8..12) != Some(b"WAVE") {
+        return Err(bad("not RIFF/WAVE"));
+    }
+    let u16_at = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let mut at = 12;
+    let mut fmt = None;
+    loop {
+        let id = bytes.get(at..at + 4).ok_or_else(|| bad("no data chunk"))?;
+        let size = u32_at(at + 4).ok_or_else(|| bad("truncated chunk header"))? as usize;
+        let body = at + 8;
+        if id == b"data" {
+            let f = fmt.ok_or_else(|| bad("data chunk before fmt chunk"))?;
+            return Ok((f, body));
+        }
+        if id == b"fmt " {
+            let get16 = |o| u16_at(body + o).ok_or_else(|| bad("truncated fmt chunk"));
+            fmt = Some(WavFormat {
+                format_tag: get16(0)?,
+                channels: get16(2)?,
+                sample_rate: u32_at(body + 4).ok_or_else(|| bad("truncated fmt chunk"))?,
+                bits_per_sample: get16(14)?,
+            });
+        }
+        at = body
+            .checked_add(size + (size & 1))
+            .ok_or_else(|| bad("chunk size overflow"))?;
+    }
+}
+
+/// Splits a text frame into headers and body at the first blank line.
+pub fn parse_text_frame(text: &str) -> Result<(Headers, &str), ProtocolError> {
+    let (head, body) = if let Some(i) = text.find("\r\n\r\n") {
+        (&text[..i], &text[i + 4..])
+    } else if let Some(i) = text.find("\n\n") {
+        (&text[..i], &text[i + 2..])
+    } else if text.ends_with("\r\n") || text.ends_with('\n') {
+        // Headers only, no blank line and no body.
+        (text, "")
+    } else {
+        return Err(ProtocolError::NoHeaderTerminator);
+    };
+    if head.len() > MAX_HEADER_BYTES {
+        return Err(ProtocolError::HeadersTooLong(head.len()));
+    }
+    Ok((Headers::parse(head)?, body))
+}
+
+/// Splits a binary frame (BE u16 header length, headers, payload) into headers and payload.
+pub fn parse_binary_frame(frame: &[u8]) -> Result<(Headers, &[u8]), ProtocolError> {
+    let len_bytes = frame
+        .get(0..2)
+        .ok_or(ProtocolError::Truncated("no header length"))?;
+    let len = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
+    if len > MAX_HEADER_BYTES {
+        return Err(ProtocolError::HeadersTooLong(len));
+    }
+    let head = frame
+        .get(2..2 + len)
+        .ok_or(ProtocolError::Truncated("headers shorter than declared"))?;
+    let head = std::str::from_utf8(head).map_err(|_| ProtocolError::HeadersNotUtf8)?;
+    let payload = frame.get(2 + len..).unwrap_or_default();
+    Ok((Headers::parse(head)?, payload))
+}
+
+/// A websocket frame as received, for [`parse_client_message`].
+#[derive(Debug, Clone, Copy)]
+pub enum Frame<'a> {
+    /// A text frame.
+    Text(&'a str),
+    /// A binary frame.
+    Binary(&'a [u8]),
+}
+
+/// A client message as the service sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientMessage {
+    /// `Path`, e.g. `speech.config` or `audio`.
+    pub path: String,
+    /// `X-RequestId` (validated: 32 hex digits).
+    pub request_id: String,
+    /// All headers.
+    pub headers: Headers,
+    /// Whether it came in a binary frame.
+    pub binary: bool,
+    /// The body (JSON text or audio bytes).
+    pub body: Vec<u8>,
+}
+
+/// Parses a client message, tolerating every framing variant real clients use. Missing
+/// `Path` or a missing/bad `X-RequestId` is an error (the service closes with 1002).
+pub fn parse_client_message(frame: Frame<'_>) -> Result<ClientMessage, ProtocolError> {
+    let (headers, body, binary) = match frame {
+        Frame::Text(t) => {
+            let (h, b) = parse_text_frame(t)?;
+            (h, b.as_bytes().to_vec(), false)
+        }
+        Frame::Binary(b) => {
+            let (h, p) = parse_binary_frame(b)?;
+            (h, p.to_vec(), true)
+        }
+    };
+    let path = headers
+        .get("Path")
+        .filter(|p| !p.is_empty())
+        .ok_or(ProtocolError::MissingHeader("Path"))?;
+    let request_id = headers
+        .get("X-RequestId")
+        .ok_or(ProtocolError::MissingHeader("X-RequestId"))?;
+    if !is_valid_request_id(request_id) {
+        return Err(ProtocolError::BadRequestId(request_id.to_owned()));
+    }
+    Ok(ClientMessage {
+        path: path.to_owned(),
+        request_id: request_id.to_owned(),
+        headers,
+        binary,
+        body,
+    })
+}
+
+/// `RecognitionStatus` of a `speech.phrase`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecognitionStatus {
+    /// Recognised; `DisplayText` is present.
+    Success,
+    /// Speech detected but nothing matched.
+    NoMatch,
+    /// Only silence at the start.
+    InitialSilenceTimeout,
+    /// Only noise.
+    BabbleTimeout,
+    /// Service error.
+    Error,
+    /// End of the audio stream reached.
+    EndOfDictation,
+    /// Throttled.
+    TooManyRequests,
+    /// The request was invalid.
+    BadRequest,
+    /// Not allowed.
+    Forbidden,
+    /// Any status this code does not know.
+    Other(String),
+}
+
+impl RecognitionStatus {
+    fn parse(s: &str) -> Self {
+        match s {
+            "Success" => Self::Success,
+            "NoMatch" => Self::NoMatch,
+            "InitialSilenceTimeout" => Self::InitialSilenceTimeout,
+            "BabbleTimeout" => Self::BabbleTimeout,
+            "Error" => Self::Error,
+            "EndOfDictation" => Self::EndOfDictation,
+            "TooManyRequests" => Self::TooManyRequests,
+            "BadRequest" => Self::BadRequest,
+            "Forbidden" => Self::Forbidden,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Success => "Success",
+            Self::NoMatch => "NoMatch",
+            Self::InitialSilenceTimeout => "InitialSilenceTimeout",
+            Self::BabbleTimeout => "BabbleTimeout",
+            Self::Error => "Error",
+            Self::EndOfDictation => "EndOfDictation",
+            Self::TooManyRequests => "TooManyRequests",
+            Self::BadRequest => "BadRequest",
+            Self::Forbidden => "Forbidden",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+/// A service message. Offsets and durations are 100 ns ticks relative to the turn's audio.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceMessage {
+    /// `turn.start`
+    TurnStart,
+    /// `speech.startDetected`
+    SpeechStartDetected {
+        /// Where speech started.
+        offset: u64,
+    },
+    /// `speech.hypothesis` or `speech.fragment`: a partial result.
+    Hypothesis {
+        /// The partial text.
+        text: String,
+        /// Start of the phrase.
+        offset: u64,
+        /// Length so far.
+        duration: u64,
+    },
+    /// `speech.phrase`: a final result (or a non-success status).
+    Phrase {
+        /// The outcome.
+        status: RecognitionStatus,
+        /// The text, present on `Success`.
+        display_text: Option<String>,
+        /// Start of the phrase.
+        offset: u64,
+        /// Length of the phrase.
+        duration: u64,
+    },
+    /// `speech.endDetected` (its offset is optional; the body may be empty).
+    SpeechEndDetected,
+    /// `turn.end`
+    TurnEnd,
+    /// Any other path (e.g. `speech.keyword`), ignored by the client.
+    Unknown {
+        /// The message's `Path`.
+        path: String,
+    },
+}
+
+/// Reads a tick count given as a JSON number or a numeric string.
+fn ticks(v: Option<&Value>) -> Option<u64> {
+    match v? {
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Parses a service text frame into a typed message.
+pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError> {
+    let (headers, body) = parse_text_frame(text)?;
+    let path = headers
+        .get("Path")
+        .ok_or(ProtocolError::MissingHeader("Path"))?;
+    let json = || -> Result<Value, ProtocolError> {
+        let body = body.trim();
+        if body.is_empty() {
+            return Ok(Value::Object(Default::default()));
+        }
+        serde_json::from_str(body).map_err(|e| ProtocolError::BadBody {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    };
+    let bad = |reason: &str| ProtocolError::BadBody {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    Ok(match path.to_ascii_lowercase().as_str() {
+        "turn.start" => ServiceMessage::TurnStart,
+        "turn.end" => ServiceMessage::TurnEnd,
+        "speech.enddetected" => ServiceMessage::SpeechEndDetected,
+        "speech.startdetected" => {
+            let v = json()?;
+            ServiceMessage::SpeechStartDetected {
+                offset: ticks(v.get("Offset")).unwrap_or(0),
+            }
+        }
+        "speech.hypothesis" | "speech.fragment" => {
+            let v = json()?;
+            let text = v
+                .get("Text")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("no Text"))?;
+            ServiceMessage::Hypothesis {
+                text: text.to_owned(),
+                offset: ticks(v.get("Offset")).unwrap_or(0),
+                duration: ticks(v.get("Duration")).unwrap_or(0),
+            }
+        }
+        "speech.phrase" => {
+            let v = json()?;
+            let status = v
+                .get("RecognitionStatus")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("no RecognitionStatus"))?;
+            // `format=detailed` carries the text in NBest[0].Display instead.
+            let display_text = v
+                .get("DisplayText")
+                .and_then(Value::as_str)
+                .or_else(|| v.pointer("/NBest/0/Display").and_then(Value::as_str))
+                .map(str::to_owned);
+            ServiceMessage::Phrase {
+                status: RecognitionStatus::parse(status),
+                display_text,
+                offset: ticks(v.get("Offset")).unwrap_or(0),
+                duration: ticks(v.get("Duration")).unwrap_or(0),
+            }
+        }
+        _ => ServiceMessage::Unknown {
+            path: path.to_owned(),
+        },
+    })
+}
+
+/// A service text message (`Path`, echoed `X-RequestId`, JSON content type, body), as the
+/// fake server sends them.
+pub fn service_message(path: &str, request_id: &str, body: &str) -> String {
+    format!(
+        "X-RequestId: {request_id}\r\nContent-Type: application/json; charset=utf-8\r\nPath: {path}\r\n\r\n{body}"
+    )
+}
+
+/// Converts a sample count at `sample_rate` to 100 ns ticks.
+pub fn samples_to_ticks(samples: u64, sample_rate: u32) -> u64 {
+    if sample_rate == 0 {
+        return 0;
+    }
+    (u128::from(samples) * u128::from(TICKS_PER_SECOND) / u128::from(sample_rate)) as u64
+}
+
+/// Converts 100 ns ticks to a sample count at `sample_rate` (rounded down).
+pub fn ticks_to_samples(ticks: u64, sample_rate: u32) -> u64 {
+    (u128::from(ticks) * u128::from(sample_rate) / u128::from(TICKS_PER_SECOND)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const RID: &str = "9E1C5E4B2A3D4F6E8A7B6C5D4E3F2A1B";
+    const TS: &str = "2026-05-01T10:00:00.123Z";
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn timestamps_match_to_iso_string() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_777_629_600_123);
+        assert_eq!(format_timestamp(t), TS);
+        assert_eq!(format_timestamp(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        // Leap day and end of year.
+        assert_eq!(
+            format_timestamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
+        assert_eq!(
+            format_timestamp(UNIX_EPOCH + Duration::from_millis(1_767_225_599_999)),
+            "2025-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            format_timestamp(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn ids() {
+        let id = new_id();
+        assert!(is_valid_request_id(&id), "{id}");
+        assert_eq!(id, id.to_ascii_uppercase());
+        assert_ne!(id, new_id());
+        assert!(!is_valid_request_id("9e1c5e4b-2a3d-4f6e-8a7b-6c5d4e3f2a1b"));
+        assert!(!is_valid_request_id("XYZ"));
+    }
+
+    #[test]
+    fn speech_config_bytes() {
+        let m = speech_config_message(RID, TS);
+        let expected_head = format!(
+            "Path: speech.config\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\nContent-Type: application/json\r\n\r\n"
+        );
+        assert!(m.starts_with(&expected_head), "{m}");
+        let body: Value = serde_json::from_str(&m[expected_head.len()..]).unwrap();
+        assert_eq!(body["context"]["system"]["name"], "SpeechSDK");
+        assert_eq!(body["context"]["system"]["build"], "JavaScript");
+        assert_eq!(body["recognition"], "conversation");
+    }
+
+    #[test]
+    fn speech_context_bytes() {
+        assert_eq!(
+            speech_context_message(RID, TS, "ms-MY", 500),
+            format!(
+                "Path: speech.context\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\nContent-Type: application/json\r\n\r\n\
+                 {{\"phraseDetection\":{{\"mode\":\"Conversation\",\"language\":\"ms-MY\",\"conversation\":{{\"segmentation\":{{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":500}}}},\"enrichment\":{{}}}}}}"
+            )
+        );
+        // The body is valid JSON with the values in place.
+        let v: Value = serde_json::from_str(&speech_context_body("ms-MY", 300)).unwrap();
+        assert_eq!(
+            v["phraseDetection"]["conversation"]["segmentation"]["segmentationSilenceTimeoutMs"],
+            300
+        );
+    }
+
+    #[test]
+    fn wav_header_matches_sdk_bytes() {
+        assert_eq!(
+            wav_header(8000).to_vec(),
+            hex(
+                "52494646 00000000 57415645 666d7420 10000000 0100 0100 401f0000 803e0000 0200 1000 64617461 00000000"
+            )
+        );
+        let h16 = wav_header(16000);
+        assert_eq!(&h16[24..32], &hex("803e0000 007d0000")[..]);
+        let (f, data_at) = parse_wav_header(&h16).unwrap();
+        assert_eq!(
+            f,
+            WavFormat {
+                format_tag: 1,
+                channels: 1,
+                sample_rate: 16000,
+                bits_per_sample: 16
+            }
+        );
+        assert_eq!(data_at, 44);
+    }
+
+    #[test]
+    fn audio_message_bytes() {
+        let head = format!("Path: audio\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\n");
+        let m = audio_message(RID, TS, None, &[1, 2, 3]);
+        let mut expected = (head.len() as u16).to_be_bytes().to_vec();
+        expected.extend_from_slice(head.as_bytes());
+        expected.extend_from_slice(&[1, 2, 3]);
+        assert_eq!(m, expected);
+
+        let w = wav_header_message(RID, TS, 8000);
+        let head = format!("{head}Content-Type: audio/x-wav\r\n");
+        let mut expected = (head.len() as u16).to_be_bytes().to_vec();
+        expected.extend_from_slice(head.as_bytes());
+        expected.extend_from_slice(&wav_header(8000));
+        assert_eq!(w, expected);
+
+        let eos = end_of_stream_message(RID, TS);
+        let (h, p) = parse_binary_frame(&eos).unwrap();
+        assert!(p.is_empty());
+        assert_eq!(h.get("path"), Some("audio"));
+        assert_eq!(h.get("Content-Type"), None);
+    }
+
+    #[test]
+    fn client_messages_round_trip() {
+        let m = parse_client_message(Frame::Text(&speech_context_message(RID, TS, "ms-MY", 500)))
+            .unwrap();
+        assert_eq!(m.path, "speech.context");
+        assert_eq!(m.request_id, RID);
+        assert!(!m.binary);
+        assert_eq!(m.headers.get("x-timestamp"), Some(TS));
+        assert_eq!(m.body, speech_context_body("ms-MY", 500).into_bytes());
+
+        let m = parse_client_message(Frame::Binary(&wav_header_message(RID, TS, 8000))).unwrap();
+        assert_eq!(m.path, "audio");
+        assert!(m.binary);
+        assert_eq!(m.headers.get("content-type"), Some("audio/x-wav"));
+        assert_eq!(m.body, wav_header(8000).to_vec());
+    }
+
+    #[test]
+    fn client_binary_framing_variants() {
+        for head in [
+            format!("Path:audio\r\nX-RequestId:{RID}\r\n"),
+            format!("path: audio\r\nx-requestid: {RID}\r\nX-Timestamp: {TS}\r\n\r\n"),
+            format!("X-RequestId: {RID}\r\n  Path  :  audio  \r\n"),
+            format!("Path: audio\nX-RequestId: {RID}"),
+        ] {
+            let mut f = (head.len() as u16).to_be_bytes().to_vec();
+            f.extend_from_slice(head.as_bytes());
+            f.extend_from_slice(&[9, 8]);
+            let m =
+                parse_client_message(Frame::Binary(&f)).unwrap_or_else(|e| panic!("{head:?}: {e}"));
+            assert_eq!(
+                (m.path.as_str(), m.request_id.as_str(), m.body.as_slice()),
+                ("audio", RID, &[9u8, 8][..])
+            );
+        }
+    }
+
+    #[test]
+    fn client_malformed() {
+        let frame = |head: &str| {
+            let mut f = (head.len() as u16).to_be_bytes().to_vec();
+            f.extend_from_slice(head.as_bytes());
+            f
+        };
+        assert_eq!(
+            parse_client_message(Frame::Binary(&[0])),
+            Err(ProtocolError::Truncated("no header length"))
+        );
+        assert_eq!(
+            parse_client_message(Frame::Binary(&[0, 50, b'P'])),
+            Err(ProtocolError::Truncated("headers shorter than declared"))
+        );
+        assert_eq!(
+            parse_client_message(Frame::Binary(&frame(&format!("X-RequestId: {RID}\r\n")))),
+            Err(ProtocolError::MissingHeader("Path"))
+        );
+        assert_eq!(
+            parse_client_message(Frame::Binary(&frame("Path: audio\r\n"))),
+            Err(ProtocolError::MissingHeader("X-RequestId"))
+        );
+        assert_eq!(
+            parse_client_message(Frame::Text(
+                "Path: speech.config\r\nX-RequestId: 123\r\n\r\n{}"
+            )),
+            Err(ProtocolError::BadRequestId("123".into()))
+        );
+        assert!(matches!(
+            parse_client_message(Frame::Binary(&frame("garbage line\r\n"))),
+            Err(ProtocolError::BadHeaderLine(_))
+        ));
+        assert_eq!(
+            parse_client_message(Frame::Binary(&[0x30, 0x00])),
+            Err(ProtocolError::HeadersTooLong(0x3000))
+        );
+        assert_eq!(
+            parse_client_message(Frame::Binary(&[0, 2, 0xff, 0xfe])),
+            Err(ProtocolError::HeadersNotUtf8)
+        );
+        assert_eq!(
+            parse_client_message(Frame::Text("Path: x")),
+            Err(ProtocolError::NoHeaderTerminator)
+        );
+    }
+
+    #[test]
+    fn wav_header_malformed() {
+        assert!(parse_wav_header(b"RIFX").is_err());
+        assert!(parse_wav_header(&wav_header(8000)[..30]).is_err());
+        let mut h = wav_header(8000);
+        h[12..16].copy_from_slice(b"junk");
+        // A "junk" chunk of size 16 is skipped, then "data" comes before any "fmt ".
+        assert!(parse_wav_header(&h).is_err());
+        let mut h = wav_header(8000).to_vec();
+        h[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_wav_header(&h).is_err());
+    }
+
+    fn svc(path: &str, body: &str) -> String {
+        service_message(path, RID, body)
+    }
+
+    #[test]
+    fn service_messages_from_the_doc() {
+        use ServiceMessage as M;
+        assert_eq!(
+            parse_service_message(&svc(
+                "turn.start",
+                r#"{"context":{"serviceTag":"7B33613B91714B32817815DC89633AFA"}}"#
+            )),
+            Ok(M::TurnStart)
+        );
+        assert_eq!(
+            parse_service_message(&svc("speech.startDetected", r#"{"Offset":100000}"#)),
+            Ok(M::SpeechStartDetected { offset: 100_000 })
+        );
+        assert_eq!(
+            parse_service_message(&svc(
+                "speech.hypothesis",
+                r#"{"Text":"apa khabar","Offset":5000000,"Duration":8400000,"Id":"abc"}"#
+            )),
+            Ok(M::Hypothesis {
+                text: "apa khabar".into(),
+                offset: 5_000_000,
+                duration: 8_400_000
+            })
+        );
+        assert_eq!(
+            parse_service_message(&svc(
+                "speech.fragment",
+                r#"{"Text":"apa","Offset":"5000000","Duration":"1"}"#
+            )),
+            Ok(M::Hypothesis {
+                text: "apa".into(),
+                offset: 5_000_000,
+                duration: 1
+            })
+        );
+        assert_eq!(
+            parse_service_message(&svc(
+                "speech.phrase",
+                r#"{"RecognitionStatus":"Success","DisplayText":"Apa khabar?","Offset":5000000,"Duration":12300000,"Channel":0}"#
+            )),
+            Ok(M::Phrase {
+                status: RecognitionStatus::Success,
+                display_text: Some("Apa khabar?".into()),
+                offset: 5_000_000,
+                duration: 12_300_000
+            })
+        );
+        assert_eq!(
+            parse_service_message(&svc(
+                "speech.phrase",
+                r#"{"RecognitionStatus":"Success","DisplayText":"x","Offset":"1236645672289","Duration":"1236645672289"}"#
+            )),
+            Ok(M::Phrase {
+                status: RecognitionStatus::Success,
+                display_text: Some("x".into()),
+                offset: 1_236_645_672_289,
+                duration: 1_236_645_672_289
+            })
+        );
+        assert_eq!(
+            parse_service_message(&svc(
+                "speech.phrase",
+                r#"{"RecognitionStatus":"EndOfDictation","Offset":43000000,"Duration":0}"#
+            )),
+            Ok(M::Phrase {
+                status: RecognitionStatus::EndOfDictation,
+                display_text: None,
+                offset: 43_000_000,
+                duration: 0
+            })
+        );
+        assert_eq!(
+            parse_service_message(&svc(
+                "speech.phrase",
+                r#"{"RecognitionStatus":"Success","Offset":1,"Duration":2,"NBest":[{"Confidence":0.9,"Display":"Hai."}]}"#
+            )),
+            Ok(M::Phrase {
+                status: RecognitionStatus::Success,
+                display_text: Some("Hai.".into()),
+                offset: 1,
+                duration: 2
+            })
+        );
+        assert_eq!(
+            parse_service_message(&svc("speech.endDetected", r#"{"Offset":43000000}"#)),
+            Ok(M::SpeechEndDetected)
+        );
+        assert_eq!(
+            parse_service_message(&svc("speech.endDetected", "")),
+            Ok(M::SpeechEndDetected)
+        );
+        assert_eq!(parse_service_message(&svc("turn.end", "")), Ok(M::TurnEnd));
+        assert_eq!(
+            parse_service_message(&svc("turn.end", "{}")),
+            Ok(M::TurnEnd)
+        );
+        assert_eq!(
+            parse_service_message(&svc("speech.keyword", "{}")),
+            Ok(M::Unknown {
+                path: "speech.keyword".into()
+            })
+        );
+        // Header order and case do not matter; headers-only frame without blank line.
+        assert_eq!(
+            parse_service_message("content-type: application/json\r\npath:turn.end\r\n"),
+            Ok(M::TurnEnd)
+        );
+    }
+
+    #[test]
+    fn service_messages_malformed() {
+        assert!(matches!(
+            parse_service_message(&svc("speech.phrase", "{not json")),
+            Err(ProtocolError::BadBody { .. })
+        ));
+        assert!(matches!(
+            parse_service_message(&svc("speech.phrase", r#"{"DisplayText":"x"}"#)),
+            Err(ProtocolError::BadBody { .. })
+        ));
+        assert!(matches!(
+            parse_service_message(&svc("speech.hypothesis", r#"{"Offset":1}"#)),
+            Err(ProtocolError::BadBody { .. })
+        ));
+        assert_eq!(
+            parse_service_message("Content-Type: application/json\r\n\r\n{}"),
+            Err(ProtocolError::MissingHeader("Path"))
+        );
+        assert_eq!(
+            parse_service_message("Path turn.end\r\n\r\n"),
+            Err(ProtocolError::BadHeaderLine("Path turn.end".into()))
+        );
+        assert_eq!(
+            parse_service_message("no terminator"),
+            Err(ProtocolError::NoHeaderTerminator)
+        );
+        // Bad offsets degrade to 0 rather than failing the message.
+        assert_eq!(
+            parse_service_message(&svc("speech.startDetected", r#"{"Offset":"soon"}"#)),
+            Ok(ServiceMessage::SpeechStartDetected { offset: 0 })
+        );
+    }
+
+    #[test]
+    fn tick_conversions() {
+        assert_eq!(samples_to_ticks(8000, 8000), TICKS_PER_SECOND);
+        assert_eq!(samples_to_ticks(160, 16000), 100_000);
+        assert_eq!(ticks_to_samples(TICKS_PER_SECOND, 8000), 8000);
+        assert_eq!(ticks_to_samples(5_000_000, 16000), 8000);
+        assert_eq!(samples_to_ticks(1, 0), 0);
+    }
+}

@@ -1,0 +1,960 @@
+//! A fake Azure Speech real-time recognition server.
+//!
+//! It speaks the SDK websocket protocol exactly (see `shared/docs/provider-apis.md` 1b and
+//! [`crate::providers::stt::protocol`]), validates what the real service validates (auth at
+//! upgrade, `Path`/`X-RequestId`, `speech.config` first, the WAV header's format) and
+//! "recognises" speech with an energy endpointer on the decoded PCM, answering with scripted
+//! transcripts. Faults (auth rejection, server closes, stalls) exercise the client's
+//! reconnect logic.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::debug;
+
+use crate::audio::pcm;
+use crate::providers::stt::protocol::{self, Frame, ProtocolError};
+
+/// The paths the fake serves: the SDK's v1 recognition modes and the 2025 `universal/v2`.
+pub const PATHS: [&str; 4] = [
+    "/speech/recognition/conversation/cognitiveservices/v1",
+    "/speech/recognition/interactive/cognitiveservices/v1",
+    "/speech/recognition/dictation/cognitiveservices/v1",
+    "/stt/speech/universal/v2",
+];
+
+/// Block size of the endpointer.
+const BLOCK_MS: u64 = 20;
+/// A block is speech above this level.
+const SPEECH_DBFS: f64 = -40.0;
+/// Azure's default segmentation silence.
+const DEFAULT_SEGMENTATION_MS: u64 = 500;
+/// Idle connections are closed after this long (AZ-WSDOC).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A fault to inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AzureFault {
+    /// Behave.
+    #[default]
+    None,
+    /// Refuse every upgrade with HTTP 401.
+    RejectAuth,
+    /// Close every connection with 1011 this many ms after it opens.
+    CloseAfterMs(u64),
+    /// Close a connection with 1011 after it has sent this many `Success` phrases.
+    DropAfterPhrases(usize),
+    /// Accept, read everything, never answer.
+    Stall,
+}
+
+/// How the fake behaves.
+#[derive(Debug, Clone)]
+pub struct FakeAzureConfig {
+    /// Required key (`Ocp-Apim-Subscription-Key` header or query parameter, or
+    /// `Authorization: Bearer`); `None` accepts anything.
+    pub key: Option<String>,
+    /// Transcripts, cycled for successive phrases.
+    pub transcripts: Vec<String>,
+    /// Delay of `speech.phrase` once the segmentation silence has elapsed.
+    pub final_delay_ms: u64,
+    /// A `speech.hypothesis` per this many ms of speech (0 disables them).
+    pub hypothesis_every_ms: u64,
+    /// Fault injection.
+    pub fault: AzureFault,
+}
+
+impl Default for FakeAzureConfig {
+    fn default() -> Self {
+        Self {
+            key: None,
+            transcripts: vec!["Helo, apa khabar?".into(), "Terima kasih.".into()],
+            final_delay_ms: 150,
+            hypothesis_every_ms: 200,
+            fault: AzureFault::None,
+        }
+    }
+}
+
+/// What the fake received, for tests.
+#[derive(Debug, Clone, Default)]
+pub struct FakeAzureStats {
+    /// Accepted websocket upgrades.
+    pub connections: usize,
+    /// Upgrades refused for auth.
+    pub rejected_auth: usize,
+    /// `language` query parameter of each connection.
+    pub languages: Vec<String>,
+    /// Sample rate declared by each turn's WAV header.
+    pub sample_rates: Vec<u32>,
+    /// Effective segmentation silence of each turn.
+    pub segmentation_silence_ms: Vec<u32>,
+    /// PCM bytes received (WAV headers excluded).
+    pub audio_bytes: u64,
+    /// `speech.config` bodies.
+    pub configs: Vec<Value>,
+    /// `speech.context` bodies.
+    pub contexts: Vec<Value>,
+    /// Empty audio messages (end of stream).
+    pub end_of_streams: usize,
+    /// `Success` phrases sent (also the index of the next transcript).
+    pub phrases_sent: usize,
+    /// Connections closed for a protocol violation: close code and reason.
+    pub violations: Vec<(u16, String)>,
+}
+
+struct Shared {
+    cfg: FakeAzureConfig,
+    stats: Arc<Mutex<FakeAzureStats>>,
+}
+
+impl Shared {
+    fn stats(&self) -> std::sync::MutexGuard<'_, FakeAzureStats> {
+        // A panicked test thread must not hide the stats from the others.
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running fake on 127.0.0.1; stops when dropped.
+#[derive(Debug)]
+pub struct FakeAzure {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stats: Arc<Mutex<FakeAzureStats>>,
+    task: JoinHandle<()>,
+}
+
+impl FakeAzure {
+    /// Binds 127.0.0.1:0 and serves `cfg` in the background.
+    pub async fn spawn(cfg: FakeAzureConfig) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(Mutex::new(FakeAzureStats::default()));
+        let s = stats.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = serve_with_stats(listener, cfg, s).await {
+                debug!(error = %e, "fake azure stopped");
+            }
+        });
+        Ok(Self { addr, stats, task })
+    }
+
+    /// The conversation endpoint URL, for `stt.endpoint`.
+    pub fn url(&self) -> String {
+        format!("ws://{}{}", self.addr, PATHS[0])
+    }
+
+    /// A snapshot of what was received so far.
+    pub fn stats(&self) -> FakeAzureStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops accepting connections (the listener closes, so connects are refused); open
+    /// connections carry on.
+    pub fn stop_accepting(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for FakeAzure {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds 127.0.0.1:0 and serves in the background: [`FakeAzure::spawn`].
+pub async fn spawn(cfg: FakeAzureConfig) -> std::io::Result<FakeAzure> {
+    FakeAzure::spawn(cfg).await
+}
+
+/// Serves the fake on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, cfg: FakeAzureConfig) -> std::io::Result<()> {
+    serve_with_stats(
+        listener,
+        cfg,
+        Arc::new(Mutex::new(FakeAzureStats::default())),
+    )
+    .await
+}
+
+/// [`serve`], recording into `stats`.
+pub async fn serve_with_stats(
+    listener: tokio::net::TcpListener,
+    cfg: FakeAzureConfig,
+    stats: Arc<Mutex<FakeAzureStats>>,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared { cfg, stats });
+    let mut app = Router::new();
+    for p in PATHS {
+        app = app.route(p, get(upgrade));
+    }
+    axum::serve(listener, app.with_state(shared)).await
+}
+
+fn authorised(
+    cfg: &FakeAzureConfig,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<(), StatusCode> {
+    if cfg.fault == AzureFault::RejectAuth {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    let Some(want) = &cfg.key else { return Ok(()) };
+    let header = headers
+        .get("Ocp-Apim-Subscription-Key")
+        .and_then(|v| v.to_str().ok());
+    let bearer = headers
+        .get("Authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query_key = query.get("Ocp-Apim-Subscription-Key").map(String::as_str);
+    let offered: Vec<&str> = [header, bearer, query_key].into_iter().flatten().collect();
+    if offered.is_empty() {
+        Err(StatusCode::FORBIDDEN)
+    } else if offered.iter().any(|k| *k == want) {
+        Ok(())
+    } else {
+        Err(StatusCode::UNAUTHORIZED)
+    }
+}
+
+async fn upgrade(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Err(status) = authorised(&sh.cfg, &headers, &query) {
+        sh.stats().rejected_auth += 1;
+        let body = json!({"error": {"code": status.as_u16().to_string(),
+            "message": "Access denied due to invalid subscription key or wrong API endpoint."}});
+        return (status, axum::Json(body)).into_response();
+    }
+    let Some(language) = query.get("language").cloned() else {
+        return (StatusCode::BAD_REQUEST, "language is required").into_response();
+    };
+    let seg = query
+        .get("segmentationSilenceTimeoutMs")
+        .and_then(|v| v.parse().ok());
+    {
+        let mut st = sh.stats();
+        st.connections += 1;
+        st.languages.push(language);
+    }
+    ws.on_upgrade(move |socket| async move {
+        let mut conn = Connection::new(sh, seg.unwrap_or(DEFAULT_SEGMENTATION_MS));
+        conn.run(socket).await;
+    })
+}
+
+/// Something to send at a due time.
+#[derive(Debug)]
+enum Out {
+    Text(String),
+    /// A `Success` phrase; its transcript is picked when it is sent.
+    Final {
+        offset: u64,
+        duration: u64,
+    },
+}
+
+/// A protocol violation: close code and reason.
+type Violation = (u16, String);
+
+fn violation(code: u16, why: impl Into<String>) -> Violation {
+    (code, why.into())
+}
+
+/// The endpointer's phrase in progress, in samples relative to the turn.
+#[derive(Debug)]
+struct Speech {
+    start: u64,
+    last_voiced_end: u64,
+    next_hypothesis: u64,
+    hypotheses: usize,
+}
+
+/// One turn (one `X-RequestId`) on a connection.
+#[derive(Debug)]
+struct Turn {
+    request_id: String,
+    rate: u32,
+    /// Samples received in this turn.
+    pos: u64,
+    block: Vec<i16>,
+    odd_byte: Option<u8>,
+    speech: Option<Speech>,
+    start_detected: bool,
+    end_of_stream: bool,
+}
+
+struct Connection {
+    sh: Arc<Shared>,
+    /// Segmentation silence for the next turn, from the query or `speech.context`.
+    segmentation_ms: u64,
+    config_seen: bool,
+    turn: Option<Turn>,
+    /// The current turn's request id once `speech.config`/`speech.context` named it.
+    finished_ids: HashSet<String>,
+    queue: VecDeque<(Instant, Out)>,
+    /// Queued `Final`s not yet sent (their transcript index is still open).
+    finals_queued: usize,
+    phrases_sent_here: usize,
+}
+
+impl Connection {
+    fn new(sh: Arc<Shared>, segmentation_ms: u64) -> Self {
+        Self {
+            sh,
+            segmentation_ms,
+            config_seen: false,
+            turn: None,
+            finished_ids: HashSet::new(),
+            queue: VecDeque::new(),
+            finals_queued: 0,
+            phrases_sent_here: 0,
+        }
+    }
+
+    async fn run(&mut self, mut socket: WebSocket) {
+        let fault = self.sh.cfg.fault;
+        let close_at = match fault {
+            AzureFault::CloseAfterMs(ms) => Some(Instant::now() + Duration::from_millis(ms)),
+            _ => None,
+        };
+        let far = Instant::now() + Duration::from_secs(86_400);
+        let mut idle_deadline = Instant::now() + IDLE_TIMEOUT;
+        loop {
+            let next_due = self.queue.front().map(|(t, _)| *t);
+            tokio::select! {
+                _ = sleep_until(close_at.unwrap_or(far)), if close_at.is_some() => {
+                    close(&mut socket, close_code::ERROR, "injected fault: server error").await;
+                    return;
+                }
+                _ = sleep_until(idle_deadline) => {
+                    close(&mut socket, close_code::NORMAL, "idle timeout").await;
+                    return;
+                }
+                _ = sleep_until(next_due.unwrap_or(far)), if next_due.is_some() && fault != AzureFault::Stall => {
+                    if !self.send_due(&mut socket).await {
+                        return;
+                    }
+                }
+                msg = socket.recv() => {
+                    idle_deadline = Instant::now() + IDLE_TIMEOUT;
+                    let result = match msg {
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                        Some(Ok(Message::Text(t))) => self.on_frame(Frame::Text(t.as_str())),
+                        Some(Ok(Message::Binary(b))) => self.on_frame(Frame::Binary(&b)),
+                        Some(Ok(_)) => Ok(()),
+                    };
+                    if let Err((code, why)) = result {
+                        debug!(code, %why, "fake azure closing on protocol violation");
+                        self.sh.stats().violations.push((code, why.clone()));
+                        close(&mut socket, code, &why).await;
+                        return;
+                    }
+                    // Answer immediately if something is due now (e.g. turn.start).
+                    if fault != AzureFault::Stall && !self.send_due(&mut socket).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends everything due; false if the connection is over.
+    async fn send_due(&mut self, socket: &mut WebSocket) -> bool {
+        let now = Instant::now();
+        while self.queue.front().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, out)) = self.queue.pop_front() else {
+                break;
+            };
+            let Some(rid) = self.turn.as_ref().map(|t| t.request_id.clone()) else {
+                continue;
+            };
+            let (text, was_final) = match out {
+                Out::Text(t) => (t, false),
+                Out::Final { offset, duration } => {
+                    self.finals_queued = self.finals_queued.saturating_sub(1);
+                    let text = {
+                        let mut st = self.sh.stats();
+                        let t = transcript(&self.sh.cfg.transcripts, st.phrases_sent);
+                        st.phrases_sent += 1;
+                        t
+                    };
+                    let body = json!({"RecognitionStatus": "Success", "DisplayText": text,
+                        "Offset": offset, "Duration": duration, "Channel": 0});
+                    (
+                        protocol::service_message("speech.phrase", &rid, &body.to_string()),
+                        true,
+                    )
+                }
+            };
+            if socket.send(Message::Text(text.into())).await.is_err() {
+                return false;
+            }
+            if was_final {
+                self.phrases_sent_here += 1;
+                if self.sh.cfg.fault == AzureFault::DropAfterPhrases(self.phrases_sent_here) {
+                    close(
+                        socket,
+                        close_code::ERROR,
+                        "injected fault: dropped after phrases",
+                    )
+                    .await;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn push(&mut self, at: Instant, out: Out) {
+        // Keep messages in order even when a later one has a shorter delay.
+        let at = self.queue.back().map_or(at, |(t, _)| at.max(*t));
+        self.queue.push_back((at, out));
+    }
+
+    fn say(&mut self, path: &str, body: Value) {
+        let Some(rid) = self.turn.as_ref().map(|t| t.request_id.clone()) else {
+            return;
+        };
+        let text = protocol::service_message(
+            path,
+            &rid,
+            &if body.is_null() {
+                String::new()
+            } else {
+                body.to_string()
+            },
+        );
+        self.push(Instant::now(), Out::Text(text));
+    }
+
+    fn on_frame(&mut self, frame: Frame<'_>) -> Result<(), Violation> {
+        let msg = protocol::parse_client_message(frame).map_err(|e| match e {
+            ProtocolError::HeadersTooLong(_) => violation(close_code::SIZE, e.to_string()),
+            e => violation(close_code::PROTOCOL, e.to_string()),
+        })?;
+        if self.finished_ids.contains(&msg.request_id) {
+            return Err(violation(
+                close_code::PROTOCOL,
+                format!("X-RequestId {} reused after turn.end", msg.request_id),
+            ));
+        }
+        let json_body = |body: &[u8]| -> Result<Value, Violation> {
+            serde_json::from_slice(body)
+                .map_err(|e| violation(close_code::INVALID, format!("{}: {e}", msg.path)))
+        };
+        match (msg.path.to_ascii_lowercase().as_str(), msg.binary) {
+            ("speech.config", false) => {
+                let v = json_body(&msg.body)?;
+                self.config_seen = true;
+                self.sh.stats().configs.push(v);
+            }
+            ("speech.context", false) => {
+                let v = json_body(&msg.body)?;
+                let seg = ["conversation", "interactive", "dictation"]
+                    .iter()
+                    .find_map(|mode| {
+                        v.pointer(&format!(
+                            "/phraseDetection/{mode}/segmentation/segmentationSilenceTimeoutMs"
+                        ))
+                        .and_then(Value::as_u64)
+                    });
+                if let Some(ms) = seg {
+                    if !(100..=5000).contains(&ms) {
+                        return Err(violation(
+                            close_code::INVALID,
+                            format!("segmentationSilenceTimeoutMs {ms}"),
+                        ));
+                    }
+                    self.segmentation_ms = ms;
+                }
+                self.sh.stats().contexts.push(v);
+            }
+            ("audio", true) => {
+                if !self.config_seen {
+                    return Err(violation(
+                        close_code::PROTOCOL,
+                        "audio before speech.config",
+                    ));
+                }
+                self.on_audio(msg.request_id, &msg.body)?;
+            }
+            ("audio", false) => {
+                return Err(violation(close_code::PROTOCOL, "audio in a text frame"));
+            }
+            // telemetry and anything else: ignored, as the service does.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn on_audio(&mut self, request_id: String, body: &[u8]) -> Result<(), Violation> {
+        let new_turn = self
+            .turn
+            .as_ref()
+            .is_none_or(|t| t.request_id != request_id);
+        if new_turn {
+            if let Some(old) = self.turn.as_ref().filter(|t| !t.end_of_stream) {
+                return Err(violation(
+                    close_code::PROTOCOL,
+                    format!(
+                        "audio for {request_id} while turn {} is open",
+                        old.request_id
+                    ),
+                ));
+            }
+            let (rate, pcm_at) = if body.starts_with(b"RIFF") {
+                let (f, at) = protocol::parse_wav_header(body)
+                    .map_err(|e| violation(close_code::INVALID, e.to_string()))?;
+                if f.format_tag != 1 || f.channels != 1 || f.bits_per_sample != 16 {
+                    return Err(violation(
+                        close_code::INVALID,
+                        format!("unsupported audio format {f:?}"),
+                    ));
+                }
+                if f.sample_rate != 8000 && f.sample_rate != 16000 {
+                    return Err(violation(
+                        close_code::INVALID,
+                        format!("unsupported sample rate {}", f.sample_rate),
+                    ));
+                }
+                (f.sample_rate, at.min(body.len()))
+            } else {
+                // No header: the service assumes 16 kHz 16-bit mono.
+                (16000, 0)
+            };
+            {
+                let mut st = self.sh.stats();
+                st.sample_rates.push(rate);
+                st.segmentation_silence_ms
+                    .push(u32::try_from(self.segmentation_ms).unwrap_or(u32::MAX));
+            }
+            self.turn = Some(Turn {
+                request_id,
+                rate,
+                pos: 0,
+                block: Vec::new(),
+                odd_byte: None,
+                speech: None,
+                start_detected: false,
+                end_of_stream: false,
+            });
+            self.say(
+                "turn.start",
+                json!({"context": {"serviceTag": protocol::new_id()}}),
+            );
+            let rest = body.get(pcm_at..).unwrap_or_default();
+            if body.is_empty() {
+                self.end_of_stream();
+            } else if !rest.is_empty() {
+                self.on_pcm(rest);
+            }
+            return Ok(());
+        }
+        if body.is_empty() {
+            self.end_of_stream();
+        } else if self.turn.as_ref().is_some_and(|t| !t.end_of_stream) {
+            self.on_pcm(body);
+        }
+        Ok(())
+    }
+
+    fn on_pcm(&mut self, bytes: &[u8]) {
+        self.sh.stats().audio_bytes += bytes.len() as u64;
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        let mut data = Vec::with_capacity(bytes.len() + 1);
+        data.extend(turn.odd_byte.take());
+        data.extend_from_slice(bytes);
+        if data.len() % 2 == 1 {
+            turn.odd_byte = data.pop();
+        }
+        let samples = pcm::le_bytes_to_samples(&data);
+        let block_len = (u64::from(turn.rate) * BLOCK_MS / 1000) as usize;
+        for s in samples {
+            let Some(turn) = self.turn.as_mut() else {
+                return;
+            };
+            turn.block.push(s);
+            if turn.block.len() >= block_len {
+                let block = std::mem::take(&mut turn.block);
+                self.on_block(&block);
+            }
+        }
+    }
+
+    /// The endpointer, one 20 ms block at a time.
+    fn on_block(&mut self, block: &[i16]) {
+        let seg_ms = self.segmentation_ms;
+        let hyp_ms = self.sh.cfg.hypothesis_every_ms;
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        let rate = u64::from(turn.rate);
+        let start = turn.pos;
+        turn.pos += block.len() as u64;
+        let end = turn.pos;
+        let voiced = pcm::dbfs(block) > SPEECH_DBFS;
+        let mut hypothesis = None;
+        let mut started = false;
+        let mut ended = None;
+        match (&mut turn.speech, voiced) {
+            (None, true) => {
+                started = !turn.start_detected;
+                turn.start_detected = true;
+                turn.speech = Some(Speech {
+                    start,
+                    last_voiced_end: end,
+                    next_hypothesis: start + hyp_ms * rate / 1000,
+                    hypotheses: 0,
+                });
+            }
+            (Some(sp), true) => {
+                sp.last_voiced_end = end;
+                if hyp_ms > 0 && end >= sp.next_hypothesis {
+                    sp.hypotheses += 1;
+                    sp.next_hypothesis += hyp_ms * rate / 1000;
+                    hypothesis = Some((sp.start, end - sp.start, sp.hypotheses));
+                }
+            }
+            (Some(sp), false) if end - sp.last_voiced_end >= seg_ms * rate / 1000 => {
+                ended = Some((sp.start, sp.last_voiced_end - sp.start));
+                turn.speech = None;
+            }
+            _ => {}
+        }
+        let ticks = |samples: u64| protocol::samples_to_ticks(samples, rate as u32);
+        if started {
+            self.say("speech.startDetected", json!({"Offset": ticks(start)}));
+        }
+        if let Some((s, d, n)) = hypothesis {
+            let idx = self.sh.stats().phrases_sent + self.finals_queued;
+            let full = transcript(&self.sh.cfg.transcripts, idx);
+            let words: Vec<&str> = full.split_whitespace().take(n).collect();
+            self.say(
+                "speech.hypothesis",
+                json!({"Text": words.join(" "), "Offset": ticks(s), "Duration": ticks(d), "Id": protocol::new_id()}),
+            );
+        }
+        if let Some((s, d)) = ended {
+            self.queue_final(ticks(s), ticks(d));
+        }
+    }
+
+    fn queue_final(&mut self, offset: u64, duration: u64) {
+        let at = Instant::now() + Duration::from_millis(self.sh.cfg.final_delay_ms);
+        self.finals_queued += 1;
+        self.push(at, Out::Final { offset, duration });
+    }
+
+    /// The empty audio message: finish the phrase in progress, then close the turn.
+    fn end_of_stream(&mut self) {
+        self.sh.stats().end_of_streams += 1;
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        if turn.end_of_stream {
+            return;
+        }
+        turn.end_of_stream = true;
+        let rate = turn.rate;
+        let pos = turn.pos;
+        let rid = turn.request_id.clone();
+        let ticks = |samples: u64| protocol::samples_to_ticks(samples, rate);
+        if let Some(sp) = turn.speech.take() {
+            self.queue_final(ticks(sp.start), ticks(sp.last_voiced_end - sp.start));
+        }
+        let now = Instant::now();
+        for (path, body) in [
+            (
+                "speech.endDetected",
+                json!({"Offset": ticks(pos)}).to_string(),
+            ),
+            (
+                "speech.phrase",
+                json!({"RecognitionStatus": "EndOfDictation", "Offset": ticks(pos), "Duration": 0})
+                    .to_string(),
+            ),
+            ("turn.end", String::new()),
+        ] {
+            self.push(now, Out::Text(protocol::service_message(path, &rid, &body)));
+        }
+        self.finished_ids.insert(rid);
+    }
+}
+
+fn transcript(list: &[String], i: usize) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    list.get(i % list.len()).cloned().unwrap_or_default()
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    // Close reasons are limited to 123 bytes.
+    let reason: String = reason.chars().take(100).collect();
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    };
+    let _ = timeout(
+        Duration::from_secs(1),
+        socket.send(Message::Close(Some(frame))),
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    use super::*;
+    use crate::providers::stt::protocol::{ServiceMessage, parse_service_message};
+
+    const RID: &str = "0123456789ABCDEF0123456789ABCDEF";
+    const TS: &str = "2026-05-01T10:00:00.000Z";
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn open(fake: &FakeAzure, path: &str, query: &str) -> Client {
+        let url = format!("ws://{}{path}?language=ms-MY{query}", fake.addr);
+        let req = url.into_client_request().unwrap();
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    }
+
+    /// Reads until close; returns the parsed messages and the close code.
+    async fn read_all(ws: &mut Client) -> (Vec<ServiceMessage>, Option<u16>) {
+        let mut out = Vec::new();
+        loop {
+            match timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("fake hung")
+            {
+                Some(Ok(WsMessage::Text(t))) => {
+                    let m = parse_service_message(&t).unwrap();
+                    let end = m == ServiceMessage::TurnEnd;
+                    out.push(m);
+                    if end {
+                        return (out, None);
+                    }
+                }
+                Some(Ok(WsMessage::Close(f))) => return (out, f.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return (out, None),
+            }
+        }
+    }
+
+    fn cfg() -> FakeAzureConfig {
+        FakeAzureConfig {
+            final_delay_ms: 0,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn universal_v2_path_and_headerless_16k() {
+        let fake = FakeAzure::spawn(cfg()).await.unwrap();
+        let mut ws = open(
+            &fake,
+            "/stt/speech/universal/v2",
+            "&segmentationSilenceTimeoutMs=200",
+        )
+        .await;
+        ws.send(WsMessage::text(protocol::speech_config_message(RID, TS)))
+            .await
+            .unwrap();
+        // No WAV header: raw 16 kHz PCM. 0.5 s of loud square wave, 0.5 s of silence.
+        let mut pcm = Vec::new();
+        for i in 0..8000 {
+            pcm.push(if (i / 20) % 2 == 0 { 8000i16 } else { -8000 });
+        }
+        pcm.extend(std::iter::repeat_n(0i16, 8000));
+        let mut bytes = Vec::new();
+        pcm::samples_to_le_bytes(&pcm, &mut bytes);
+        ws.send(WsMessage::binary(protocol::audio_message(
+            RID, TS, None, &bytes,
+        )))
+        .await
+        .unwrap();
+        ws.send(WsMessage::binary(protocol::end_of_stream_message(RID, TS)))
+            .await
+            .unwrap();
+        let (msgs, code) = read_all(&mut ws).await;
+        assert_eq!(code, None);
+        assert_eq!(msgs.first(), Some(&ServiceMessage::TurnStart));
+        assert!(msgs.contains(&ServiceMessage::Phrase {
+            status: protocol::RecognitionStatus::Success,
+            display_text: Some("Helo, apa khabar?".into()),
+            offset: 0,
+            duration: 5_000_000,
+        }));
+        assert!(
+            msgs.iter()
+                .any(|m| matches!(m, ServiceMessage::Hypothesis { text, .. } if text == "Helo,"))
+        );
+        let st = fake.stats();
+        assert_eq!(st.sample_rates, vec![16000]);
+        assert_eq!(st.segmentation_silence_ms, vec![200]);
+    }
+
+    async fn expect_close(fake: &FakeAzure, frames: Vec<WsMessage>) -> Option<u16> {
+        let mut ws = open(fake, PATHS[0], "").await;
+        for f in frames {
+            if ws.send(f).await.is_err() {
+                break;
+            }
+        }
+        read_all(&mut ws).await.1
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_close_the_connection() {
+        let fake = FakeAzure::spawn(cfg()).await.unwrap();
+        let config = || WsMessage::text(protocol::speech_config_message(RID, TS));
+        // Audio before speech.config.
+        assert_eq!(
+            expect_close(
+                &fake,
+                vec![WsMessage::binary(protocol::wav_header_message(
+                    RID, TS, 8000
+                ))]
+            )
+            .await,
+            Some(1002)
+        );
+        // Missing X-RequestId.
+        assert_eq!(
+            expect_close(
+                &fake,
+                vec![WsMessage::text("Path: speech.config\r\n\r\n{}")]
+            )
+            .await,
+            Some(1002)
+        );
+        // Missing Path.
+        assert_eq!(
+            expect_close(
+                &fake,
+                vec![WsMessage::text(format!("X-RequestId: {RID}\r\n\r\n{{}}"))]
+            )
+            .await,
+            Some(1002)
+        );
+        // 44.1 kHz.
+        assert_eq!(
+            expect_close(
+                &fake,
+                vec![
+                    config(),
+                    WsMessage::binary(protocol::wav_header_message(RID, TS, 44100))
+                ]
+            )
+            .await,
+            Some(1007)
+        );
+        // Bad JSON context.
+        assert_eq!(
+            expect_close(
+                &fake,
+                vec![
+                    config(),
+                    WsMessage::text(protocol::text_message(
+                        "speech.context",
+                        RID,
+                        TS,
+                        "application/json",
+                        "{"
+                    ))
+                ]
+            )
+            .await,
+            Some(1007)
+        );
+        // Reusing a request id after turn.end.
+        let mut ws = open(&fake, PATHS[0], "").await;
+        ws.send(config()).await.unwrap();
+        ws.send(WsMessage::binary(protocol::wav_header_message(
+            RID, TS, 8000,
+        )))
+        .await
+        .unwrap();
+        ws.send(WsMessage::binary(protocol::end_of_stream_message(RID, TS)))
+            .await
+            .unwrap();
+        let (msgs, _) = read_all(&mut ws).await;
+        assert_eq!(msgs.last(), Some(&ServiceMessage::TurnEnd));
+        ws.send(WsMessage::binary(protocol::wav_header_message(
+            RID, TS, 8000,
+        )))
+        .await
+        .unwrap();
+        assert_eq!(read_all(&mut ws).await.1, Some(1002));
+        assert_eq!(fake.stats().violations.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn auth_in_header_query_or_bearer() {
+        let fake = FakeAzure::spawn(FakeAzureConfig {
+            key: Some("k1".into()),
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let status = |url: String, header: Option<(&'static str, &'static str)>| async move {
+            let mut req = url.into_client_request().unwrap();
+            if let Some((n, v)) = header {
+                req.headers_mut().insert(n, v.parse().unwrap());
+            }
+            match tokio_tungstenite::connect_async(req).await {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let base = format!("ws://{}{}?language=ms-MY", fake.addr, PATHS[2]);
+        assert_eq!(status(base.clone(), None).await, 403);
+        assert_eq!(
+            status(base.clone(), Some(("Ocp-Apim-Subscription-Key", "nope"))).await,
+            401
+        );
+        assert_eq!(
+            status(base.clone(), Some(("Ocp-Apim-Subscription-Key", "k1"))).await,
+            101
+        );
+        assert_eq!(
+            status(base.clone(), Some(("Authorization", "Bearer k1"))).await,
+            101
+        );
+        assert_eq!(
+            status(format!("{base}&Ocp-Apim-Subscription-Key=k1"), None).await,
+            101
+        );
+        let no_lang = format!("ws://{}{}", fake.addr, PATHS[1]);
+        assert_eq!(
+            status(no_lang, Some(("Ocp-Apim-Subscription-Key", "k1"))).await,
+            400
+        );
+        assert_eq!(fake.stats().rejected_auth, 2);
+    }
+}

@@ -16,7 +16,10 @@ pub struct AudioDecoder {
 impl AudioDecoder {
     /// A decoder for bytes in `format`.
     pub fn new(format: OutputFormat) -> Self {
-        Self { format, carry: None }
+        Self {
+            format,
+            carry: None,
+        }
     }
 
     /// The format being decoded.
@@ -104,14 +107,23 @@ mod tests {
     #[test]
     fn g711_matches_the_reference_tables() {
         for b in 0..=255u8 {
-            assert_eq!(g711_tmp::ulaw_decode(b), audio_codec_algorithms::decode_ulaw(b), "ulaw {b:#x}");
-            assert_eq!(g711_tmp::alaw_decode(b), audio_codec_algorithms::decode_alaw(b), "alaw {b:#x}");
+            assert_eq!(
+                g711_tmp::ulaw_decode(b),
+                audio_codec_algorithms::decode_ulaw(b),
+                "ulaw {b:#x}"
+            );
+            assert_eq!(
+                g711_tmp::alaw_decode(b),
+                audio_codec_algorithms::decode_alaw(b),
+                "alaw {b:#x}"
+            );
         }
         // Well-known anchors: µ-law 0xff / A-law 0xd5 are the smallest positive steps.
         assert_eq!(g711_tmp::ulaw_decode(0xff), 0);
         assert_eq!(g711_tmp::ulaw_decode(0x00), -32124);
         assert_eq!(g711_tmp::alaw_decode(0xd5), 8);
-        assert_eq!(g711_tmp::alaw_decode(0x2a), 32256);
+        assert_eq!(g711_tmp::alaw_decode(0xaa), 32256);
+        assert_eq!(g711_tmp::alaw_decode(0x2a), -32256);
     }
 
     #[test]

@@ -73,7 +73,9 @@ impl ElevenLabs {
             return Err(TtsError::Config("ELEVENLABS_API_KEY is not set".into()));
         };
         if HeaderValue::from_str(k).is_err() {
-            return Err(TtsError::Config("ELEVENLABS_API_KEY is not a valid header value".into()));
+            return Err(TtsError::Config(
+                "ELEVENLABS_API_KEY is not a valid header value".into(),
+            ));
         }
         if settings.voice_id.trim().is_empty() {
             return Err(TtsError::Config("tts.voice_id is empty".into()));
@@ -82,7 +84,9 @@ impl ElevenLabs {
             return Err(TtsError::Config("tts.model_id is empty".into()));
         }
         if settings.first_byte_timeout_ms == 0 {
-            return Err(TtsError::Config("tts.first_byte_timeout_ms must be positive".into()));
+            return Err(TtsError::Config(
+                "tts.first_byte_timeout_ms must be positive".into(),
+            ));
         }
         // Validates base_url and voice_id once, so `open()` cannot fail on them later.
         endpoint_url(&settings.base_url, &settings.voice_id, "stream")?;
@@ -91,7 +95,12 @@ impl ElevenLabs {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| TtsError::Config(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Self { settings: settings.clone(), key, http, connect_timeout: DEFAULT_CONNECT_TIMEOUT })
+        Ok(Self {
+            settings: settings.clone(),
+            key,
+            http,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        })
     }
 
     /// Overrides the connect deadline (TCP, TLS and the websocket upgrade); default 5 s.
@@ -116,10 +125,18 @@ impl ElevenLabs {
 
     /// The `stream-input` URL with its query.
     fn websocket_url(&self, format: OutputFormat) -> Result<reqwest::Url, TtsError> {
-        let mut url = endpoint_url(&self.settings.base_url, &self.settings.voice_id, "stream-input")?;
+        let mut url = endpoint_url(
+            &self.settings.base_url,
+            &self.settings.voice_id,
+            "stream-input",
+        )?;
         let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-        url.set_scheme(scheme)
-            .map_err(|()| TtsError::Config(format!("cannot derive a websocket URL from {}", self.settings.base_url)))?;
+        url.set_scheme(scheme).map_err(|()| {
+            TtsError::Config(format!(
+                "cannot derive a websocket URL from {}",
+                self.settings.base_url
+            ))
+        })?;
         {
             let mut q = url.query_pairs_mut();
             q.append_pair("model_id", &self.settings.model_id);
@@ -142,14 +159,20 @@ impl ElevenLabs {
         request.headers_mut().insert("xi-api-key", key);
 
         let connect_ms = duration_ms(self.connect_timeout);
-        let (mut ws, _) = timeout(self.connect_timeout, tokio_tungstenite::connect_async(request))
-            .await
-            .map_err(|_| TtsError::Timeout(connect_ms))?
-            .map_err(upgrade_error)?;
-        timeout(self.connect_timeout, ws.send(Message::text(init_message(self.key()))))
-            .await
-            .map_err(|_| TtsError::Timeout(connect_ms))?
-            .map_err(|e| TtsError::Transport(format!("sending the initialise message: {e}")))?;
+        let (mut ws, _) = timeout(
+            self.connect_timeout,
+            tokio_tungstenite::connect_async(request),
+        )
+        .await
+        .map_err(|_| TtsError::Timeout(connect_ms))?
+        .map_err(upgrade_error)?;
+        timeout(
+            self.connect_timeout,
+            ws.send(Message::text(init_message(self.key()))),
+        )
+        .await
+        .map_err(|_| TtsError::Timeout(connect_ms))?
+        .map_err(|e| TtsError::Transport(format!("sending the initialise message: {e}")))?;
         tracing::debug!(call_id = %params.call_id, format = format.as_str(), "TTS websocket open");
 
         let (text_tx, text_rx) = mpsc::channel(TEXT_CHANNEL);
@@ -164,13 +187,17 @@ impl ElevenLabs {
             call_id: params.call_id,
         };
         tokio::spawn(driver.run());
-        Ok(TtsStream { text: text_tx, audio: audio_rx })
+        Ok(TtsStream {
+            text: text_tx,
+            audio: audio_rx,
+        })
     }
 
     fn open_http(&self, params: TtsParams) -> Result<TtsStream, TtsError> {
         let format = output_format_for(self.settings.output_format, params.sample_rate)?;
         let mut url = endpoint_url(&self.settings.base_url, &self.settings.voice_id, "stream")?;
-        url.query_pairs_mut().append_pair("output_format", format.as_str());
+        url.query_pairs_mut()
+            .append_pair("output_format", format.as_str());
         let target = Arc::new(HttpTarget {
             client: self.http.clone(),
             url,
@@ -189,7 +216,10 @@ impl ElevenLabs {
             call_id: params.call_id,
         };
         tokio::spawn(driver.run());
-        Ok(TtsStream { text: text_tx, audio: audio_rx })
+        Ok(TtsStream {
+            text: text_tx,
+            audio: audio_rx,
+        })
     }
 }
 
@@ -211,7 +241,10 @@ pub async fn synthesize_all(
     params: TtsParams,
     text: &str,
 ) -> Result<Vec<i16>, TtsError> {
-    let TtsStream { text: tx, mut audio } = provider.open(params).await?;
+    let TtsStream {
+        text: tx,
+        mut audio,
+    } = provider.open(params).await?;
     // If the driver already died these fail; its `Failed` is then read below.
     if tx.send(TtsInput::Text(text.to_owned())).await.is_ok() {
         let _ = tx.send(TtsInput::Finish).await;
@@ -224,17 +257,24 @@ pub async fn synthesize_all(
             TtsOutput::Failed(msg) => return Err(TtsError::Transport(msg)),
         }
     }
-    Err(TtsError::Transport("the synthesis ended without finishing".into()))
+    Err(TtsError::Transport(
+        "the synthesis ended without finishing".into(),
+    ))
 }
 
 /// The output format to request for a call at `sample_rate`: the configured one when its
 /// rate matches, else raw PCM at the call's rate (so no resampling is ever needed).
-pub fn output_format_for(configured: OutputFormat, sample_rate: u32) -> Result<OutputFormat, TtsError> {
+pub fn output_format_for(
+    configured: OutputFormat,
+    sample_rate: u32,
+) -> Result<OutputFormat, TtsError> {
     match sample_rate {
         8_000 if configured.sample_rate() == 8_000 => Ok(configured),
         8_000 => Ok(OutputFormat::Pcm8000),
         16_000 => Ok(OutputFormat::Pcm16000),
-        other => Err(TtsError::Config(format!("unsupported call sample rate {other} Hz"))),
+        other => Err(TtsError::Config(format!(
+            "unsupported call sample rate {other} Hz"
+        ))),
     }
 }
 
@@ -243,7 +283,9 @@ fn endpoint_url(base_url: &str, voice_id: &str, leaf: &str) -> Result<reqwest::U
     let mut url = reqwest::Url::parse(base_url)
         .map_err(|e| TtsError::Config(format!("tts.base_url {base_url:?}: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(TtsError::Config(format!("tts.base_url {base_url:?} must be http(s)")));
+        return Err(TtsError::Config(format!(
+            "tts.base_url {base_url:?} must be http(s)"
+        )));
     }
     url.path_segments_mut()
         .map_err(|()| TtsError::Config(format!("tts.base_url {base_url:?} cannot take a path")))?
@@ -304,7 +346,10 @@ fn keepalive_message() -> String {
 /// Whether a buffer ending in `c` can be sent as is: the service wants whole words and each
 /// chunk to end with a space, so only clause punctuation (or whitespace) ends a chunk.
 fn ends_clause(c: char) -> bool {
-    matches!(c, '.' | ',' | '!' | '?' | ';' | ':' | '…' | ')' | ']' | '”' | '’' | '»' | '。' | '、')
+    matches!(
+        c,
+        '.' | ',' | '!' | '?' | ';' | ':' | '…' | ')' | ']' | '”' | '’' | '»' | '。' | '、'
+    )
 }
 
 fn ends_sentence(c: char) -> bool {
@@ -363,7 +408,12 @@ struct Outbound {
 
 impl Outbound {
     fn new(now: Instant) -> Self {
-        Self { chunker: TextChunker::default(), last_sent: now, finished: false, chars_sent: 0 }
+        Self {
+            chunker: TextChunker::default(),
+            last_sent: now,
+            finished: false,
+            chars_sent: 0,
+        }
     }
 
     fn on_text(&mut self, text: &str, now: Instant) -> Option<String> {
@@ -490,15 +540,21 @@ struct ValidationItem {
 /// An error response: `{"detail":{"status","message"}}`, the 422 array form, or anything.
 fn parse_error_body(status: u16, body: &[u8]) -> TtsError {
     let message = match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(ErrorBody { detail: ErrorDetail::Object { status: code, message } }) => {
-            match (code, message) {
-                (Some(c), Some(m)) => format!("{c}: {m}"),
-                (Some(c), None) => c,
-                (None, Some(m)) => m,
-                (None, None) => "no detail".to_owned(),
-            }
-        }
-        Ok(ErrorBody { detail: ErrorDetail::Validation(items) }) => items
+        Ok(ErrorBody {
+            detail:
+                ErrorDetail::Object {
+                    status: code,
+                    message,
+                },
+        }) => match (code, message) {
+            (Some(c), Some(m)) => format!("{c}: {m}"),
+            (Some(c), None) => c,
+            (None, Some(m)) => m,
+            (None, None) => "no detail".to_owned(),
+        },
+        Ok(ErrorBody {
+            detail: ErrorDetail::Validation(items),
+        }) => items
             .iter()
             .map(|i| {
                 let loc: Vec<String> = i
@@ -513,11 +569,17 @@ fn parse_error_body(status: u16, body: &[u8]) -> TtsError {
             })
             .collect::<Vec<_>>()
             .join("; "),
-        Ok(ErrorBody { detail: ErrorDetail::Text(t) }) => t,
+        Ok(ErrorBody {
+            detail: ErrorDetail::Text(t),
+        }) => t,
         Err(_) => {
             let text = String::from_utf8_lossy(body);
             let t = text.trim();
-            if t.is_empty() { "no body".to_owned() } else { t.chars().take(300).collect() }
+            if t.is_empty() {
+                "no body".to_owned()
+            } else {
+                t.chars().take(300).collect()
+            }
         }
     };
     TtsError::Status { status, message }
@@ -602,7 +664,10 @@ impl WsDriver {
                 tracing::debug!(call_id = %self.call_id, "TTS websocket cancelled");
             }
         }
-        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        };
         let _ = timeout(CLOSE_TIMEOUT, self.ws.close(Some(frame))).await;
     }
 
@@ -617,7 +682,10 @@ impl WsDriver {
         if samples.is_empty() {
             return Ok(());
         }
-        self.audio_tx.send(TtsOutput::Audio(samples)).await.map_err(|_| WsEnd::Cancelled)
+        self.audio_tx
+            .send(TtsOutput::Audio(samples))
+            .await
+            .map_err(|_| WsEnd::Cancelled)
     }
 
     async fn drive(&mut self) -> WsEnd {
@@ -850,3 +918,643 @@ impl HttpDriver {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::config::Settings;
+    use crate::sandbox::elevenlabs::{
+        self as fake, FakeElevenLabs, FakeElevenLabsConfig, TtsFault, speech_samples, synthesize,
+    };
+
+    /// Hang guard only: every test finishes far sooner on a healthy machine.
+    const GUARD: Duration = Duration::from_secs(30);
+    const KEY: &str = "test-key";
+
+    fn settings(base_url: &str, transport: TtsTransport, format: OutputFormat) -> TtsSettings {
+        let mut s = Settings::defaults().tts;
+        s.base_url = base_url.to_owned();
+        s.transport = transport;
+        s.output_format = format;
+        s.first_byte_timeout_ms = 10_000;
+        s
+    }
+
+    fn fast() -> FakeElevenLabsConfig {
+        FakeElevenLabsConfig {
+            key: Some(KEY.into()),
+            first_byte_delay_ms: 5,
+            realtime_factor: 50.0,
+            chunk_ms: 100,
+            fault: TtsFault::None,
+        }
+    }
+
+    async fn start(cfg: FakeElevenLabsConfig) -> FakeElevenLabs {
+        fake::spawn(cfg).await.unwrap()
+    }
+
+    fn client(s: &TtsSettings, key: &str) -> ElevenLabs {
+        ElevenLabs::new(s, Secret::new(Some(key.into()))).unwrap()
+    }
+
+    fn params(rate: u32) -> TtsParams {
+        TtsParams {
+            sample_rate: rate,
+            call_id: "test-call".into(),
+        }
+    }
+
+    async fn recv(audio: &mut mpsc::Receiver<TtsOutput>) -> Option<TtsOutput> {
+        timeout(GUARD, audio.recv()).await.expect("hang guard")
+    }
+
+    /// All audio up to the end marker.
+    async fn collect(
+        audio: &mut mpsc::Receiver<TtsOutput>,
+    ) -> (Vec<i16>, usize, Option<TtsOutput>) {
+        let (mut pcm, mut chunks) = (Vec::new(), 0);
+        loop {
+            match recv(audio).await {
+                Some(TtsOutput::Audio(s)) => {
+                    assert!(!s.is_empty());
+                    chunks += 1;
+                    pcm.extend_from_slice(&s);
+                }
+                end => return (pcm, chunks, end),
+            }
+        }
+    }
+
+    // --- sans-IO pieces -----------------------------------------------------------------
+
+    #[test]
+    fn messages_are_exactly_the_documented_ones() {
+        let init: serde_json::Value = serde_json::from_str(&init_message("k")).unwrap();
+        assert_eq!(
+            init,
+            json!({"text":" ","voice_settings":{"stability":0.5,"similarity_boost":0.8,"speed":1.0},
+                   "generation_config":{"chunk_length_schedule":[50,90,120,150]},"xi_api_key":"k"})
+        );
+        assert_eq!(
+            text_message("Ya. "),
+            r#"{"text":"Ya. ","try_trigger_generation":true}"#
+        );
+        let flush: serde_json::Value = serde_json::from_str(&flush_message(None)).unwrap();
+        assert_eq!(flush, json!({"text":" ","flush":true}));
+        let flush: serde_json::Value = serde_json::from_str(&flush_message(Some("pagi "))).unwrap();
+        assert_eq!(flush, json!({"text":"pagi ","flush":true}));
+        assert_eq!(close_message(), r#"{"text":""}"#);
+        assert_eq!(keepalive_message(), r#"{"text":" "}"#);
+    }
+
+    #[test]
+    fn chunker_sends_whole_words_with_a_trailing_space() {
+        let mut c = TextChunker::default();
+        assert_eq!(c.push("Hello,").as_deref(), Some("Hello, "));
+        assert_eq!(c.push("Sela"), None);
+        assert_eq!(c.push("mat pagi").as_deref(), Some("Selamat "));
+        assert_eq!(c.push(" ").as_deref(), Some("pagi "));
+        assert_eq!(c.push("   "), None);
+        assert_eq!(c.push("Apa khabar?").as_deref(), Some("Apa khabar? "));
+        assert_eq!(c.push("Terima kasih"), Some("Terima ".into()));
+        assert_eq!(c.finish().as_deref(), Some("kasih "));
+        assert_eq!(c.finish(), None);
+    }
+
+    #[test]
+    fn keepalive_and_audio_owed() {
+        let t0 = Instant::now();
+        let mut o = Outbound::new(t0);
+        assert_eq!(o.keepalive_at(), Some(t0 + KEEPALIVE_INTERVAL));
+        let t1 = t0 + Duration::from_secs(4);
+        assert!(o.on_text("Short. ", t1).is_some());
+        assert_eq!(o.keepalive_at(), Some(t1 + KEEPALIVE_INTERVAL));
+        assert!(!o.audio_owed(false), "the service may wait for more text");
+        let long = "x".repeat(CHUNK_LENGTH_SCHEDULE[0]) + " ";
+        assert!(o.on_text(&long, t1).is_some());
+        assert!(o.audio_owed(false));
+        assert!(!o.audio_owed(true));
+        let t2 = t1 + KEEPALIVE_INTERVAL;
+        assert_eq!(o.on_keepalive(t2), r#"{"text":" "}"#);
+        assert_eq!(o.keepalive_at(), Some(t2 + KEEPALIVE_INTERVAL));
+        let [flush, close] = o.on_finish(t2);
+        assert!(flush.contains("\"flush\":true"));
+        assert_eq!(close, r#"{"text":""}"#);
+        assert_eq!(o.keepalive_at(), None);
+        assert!(o.audio_owed(true));
+    }
+
+    #[test]
+    fn server_messages_parse() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode([1u8, 2, 3]);
+        let full = format!(
+            r#"{{"audio":"{b64}","isFinal":null,"normalizedAlignment":{{"chars":["H"],"charStartTimesMs":[0],"charsDurationsMs":[3]}},"alignment":null}}"#
+        );
+        assert_eq!(
+            parse_server_message(&full),
+            ServerEvent::Audio {
+                bytes: vec![1, 2, 3],
+                is_final: false
+            }
+        );
+        assert_eq!(
+            parse_server_message(&format!(r#"{{"audio":"{b64}"}}"#)),
+            ServerEvent::Audio {
+                bytes: vec![1, 2, 3],
+                is_final: false
+            }
+        );
+        assert_eq!(
+            parse_server_message(r#"{"isFinal":true}"#),
+            ServerEvent::Final
+        );
+        assert_eq!(
+            parse_server_message(r#"{"audio":null,"isFinal":true,"alignment":null}"#),
+            ServerEvent::Final
+        );
+        assert_eq!(
+            parse_server_message(r#"{"audio":"","is_final":true}"#),
+            ServerEvent::Final
+        );
+        assert_eq!(
+            parse_server_message(r#"{"audio":null,"isFinal":null}"#),
+            ServerEvent::Other
+        );
+        let ServerEvent::Error(e) = parse_server_message(
+            r#"{"message":"Have not received a new text input within the timeout of 20 seconds.","error":"input_timeout_exceeded","code":1008}"#,
+        ) else {
+            panic!("not an error")
+        };
+        assert!(
+            e.contains("input_timeout_exceeded") && e.contains("20 seconds") && e.contains("1008"),
+            "{e}"
+        );
+        assert!(matches!(
+            parse_server_message("not json"),
+            ServerEvent::Error(_)
+        ));
+        assert!(matches!(
+            parse_server_message(r#"{"audio":"!!!"}"#),
+            ServerEvent::Error(_)
+        ));
+    }
+
+    #[test]
+    fn error_bodies_parse_in_both_shapes() {
+        let body = br#"{"detail":{"status":"quota_exceeded","message":"This request exceeds your quota of 10000."}}"#;
+        let TtsError::Status { status, message } = parse_error_body(401, body) else {
+            panic!()
+        };
+        assert_eq!(status, 401);
+        assert_eq!(
+            message,
+            "quota_exceeded: This request exceeds your quota of 10000."
+        );
+        let body =
+            br#"{"detail":[{"loc":["body","text"],"msg":"Field required","type":"missing"}]}"#;
+        let TtsError::Status { status, message } = parse_error_body(422, body) else {
+            panic!()
+        };
+        assert_eq!(
+            (status, message.as_str()),
+            (422, "body.text: Field required (missing)")
+        );
+        let TtsError::Status { message, .. } = parse_error_body(502, b"<html>Bad gateway</html>")
+        else {
+            panic!()
+        };
+        assert_eq!(message, "<html>Bad gateway</html>");
+        let TtsError::Status { message, .. } = parse_error_body(500, b"") else {
+            panic!()
+        };
+        assert_eq!(message, "no body");
+    }
+
+    #[test]
+    fn http_batches_are_whole_sentences() {
+        let mut b = SentenceBatcher::default();
+        b.push("Harga dia 3.5 ringgit");
+        assert_eq!(b.take_ready(false), None);
+        b.push(". Boleh");
+        assert_eq!(
+            b.take_ready(false).as_deref(),
+            Some("Harga dia 3.5 ringgit.")
+        );
+        b.push(" saya bantu? Ya");
+        assert_eq!(b.take_ready(false).as_deref(), Some("Boleh saya bantu?"));
+        assert_eq!(b.take_ready(false), None);
+        assert_eq!(b.take_ready(true).as_deref(), Some("Ya"));
+        assert_eq!(b.take_ready(true), None);
+        b.push(&"kata ".repeat(80));
+        let long = b.take_ready(false).unwrap();
+        assert!(long.len() <= 400 && long.ends_with("kata"));
+    }
+
+    #[test]
+    fn formats_follow_the_call_rate() {
+        use OutputFormat::*;
+        assert_eq!(output_format_for(Ulaw8000, 8_000).unwrap(), Ulaw8000);
+        assert_eq!(output_format_for(Alaw8000, 8_000).unwrap(), Alaw8000);
+        assert_eq!(output_format_for(Pcm16000, 8_000).unwrap(), Pcm8000);
+        assert_eq!(output_format_for(Ulaw8000, 16_000).unwrap(), Pcm16000);
+        assert!(matches!(
+            output_format_for(Ulaw8000, 44_100),
+            Err(TtsError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn urls_and_config() {
+        let mut s = settings(
+            "https://api.elevenlabs.io/",
+            TtsTransport::Websocket,
+            OutputFormat::Ulaw8000,
+        );
+        s.voice_id = "voice 1".into();
+        let el = client(&s, KEY);
+        assert_eq!(
+            el.websocket_url(OutputFormat::Ulaw8000).unwrap().as_str(),
+            "wss://api.elevenlabs.io/v1/text-to-speech/voice%201/stream-input?model_id=eleven_flash_v2_5&output_format=ulaw_8000&language_code=ms"
+        );
+        s.model_id = "eleven_multilingual_v2".into();
+        s.base_url = "http://127.0.0.1:9/prefix".into();
+        let el = client(&s, KEY);
+        assert_eq!(
+            el.websocket_url(OutputFormat::Pcm8000).unwrap().as_str(),
+            "ws://127.0.0.1:9/prefix/v1/text-to-speech/voice%201/stream-input?model_id=eleven_multilingual_v2&output_format=pcm_8000"
+        );
+        assert!(matches!(
+            ElevenLabs::new(&s, Secret::new(None)),
+            Err(TtsError::Config(_))
+        ));
+        s.base_url = "ftp://x".into();
+        assert!(matches!(
+            ElevenLabs::new(&s, Secret::new(Some(KEY.into()))),
+            Err(TtsError::Config(_))
+        ));
+    }
+
+    // --- websocket against the fake -----------------------------------------------------
+
+    #[tokio::test]
+    async fn websocket_streams_clauses_and_finishes() {
+        let srv = start(fast()).await;
+        let el = client(
+            &settings(
+                &srv.base_url(),
+                TtsTransport::Websocket,
+                OutputFormat::Ulaw8000,
+            ),
+            KEY,
+        );
+        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        let first = "Selamat pagi, terima kasih kerana menelefon.";
+        let second = "Ada apa yang boleh saya bantu?";
+        text.send(TtsInput::Text(first.into())).await.unwrap();
+        // The clause triggers generation: audio comes before the reply is finished.
+        let Some(TtsOutput::Audio(head)) = recv(&mut audio).await else {
+            panic!("expected audio first")
+        };
+        text.send(TtsInput::Text(second.into())).await.unwrap();
+        text.send(TtsInput::Finish).await.unwrap();
+        let (rest, chunks, end) = collect(&mut audio).await;
+        assert_eq!(end, Some(TtsOutput::Done));
+        assert!(chunks >= 2, "audio arrives in pieces, got {chunks}");
+        let total = head.len() + rest.len();
+        assert_eq!(total, speech_samples(&format!("{first} {second}"), 8_000));
+        let mut pcm = head;
+        pcm.extend(rest);
+        // µ-law decoded into real speech-like audio, not silence.
+        assert!(
+            crate::audio::pcm::dbfs(&pcm) > -35.0,
+            "level {}",
+            crate::audio::pcm::dbfs(&pcm)
+        );
+        assert_eq!(srv.stats().connections(), 1);
+        assert_eq!(srv.stats().texts_received(), 2);
+        assert_eq!(
+            srv.stats().characters_received(),
+            first.len() + 1 + second.len() + 1
+        );
+        assert_eq!(recv(&mut audio).await, None, "nothing after Done");
+    }
+
+    #[tokio::test]
+    async fn websocket_pcm_16000_for_a_wideband_call() {
+        let srv = start(fast()).await;
+        let el = client(
+            &settings(
+                &srv.base_url(),
+                TtsTransport::Websocket,
+                OutputFormat::Ulaw8000,
+            ),
+            KEY,
+        );
+        let text = "Baik, saya faham.";
+        let pcm = synthesize_all(&el, params(16_000), text).await.unwrap();
+        // One clause is one generation, so the fake's output is known sample for sample.
+        assert_eq!(pcm, synthesize(&format!("{text} "), 16_000));
+    }
+
+    #[tokio::test]
+    async fn websocket_alaw_decodes() {
+        let srv = start(fast()).await;
+        let el = client(
+            &settings(
+                &srv.base_url(),
+                TtsTransport::Websocket,
+                OutputFormat::Alaw8000,
+            ),
+            KEY,
+        );
+        let pcm = synthesize_all(&el, params(8_000), "Terima kasih.")
+            .await
+            .unwrap();
+        assert_eq!(pcm.len(), speech_samples("Terima kasih.", 8_000));
+        let reference = synthesize("Terima kasih. ", 8_000);
+        // G.711 quantisation error is at most a few percent of the value.
+        for (got, want) in pcm.iter().zip(&reference) {
+            assert!(
+                (i32::from(*got) - i32::from(*want)).abs()
+                    <= i32::from(want.unsigned_abs() / 16) + 16
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn websocket_bad_key_is_status_401() {
+        let srv = start(fast()).await;
+        let el = client(
+            &settings(
+                &srv.base_url(),
+                TtsTransport::Websocket,
+                OutputFormat::Ulaw8000,
+            ),
+            "wrong",
+        );
+        match el.open(params(8_000)).await {
+            Err(TtsError::Status {
+                status: 401,
+                message,
+            }) => assert!(message.contains("invalid_api_key"), "{message}"),
+            other => panic!("expected 401, got {other:?}"),
+        }
+        assert_eq!(srv.stats().connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn websocket_unexpected_close_fails() {
+        let srv = start(FakeElevenLabsConfig {
+            fault: TtsFault::CloseAfterChunks(2),
+            ..fast()
+        })
+        .await;
+        let el = client(
+            &settings(
+                &srv.base_url(),
+                TtsTransport::Websocket,
+                OutputFormat::Pcm8000,
+            ),
+            KEY,
+        );
+        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        text.send(TtsInput::Text(
+            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
+        ))
+        .await
+        .unwrap();
+        text.send(TtsInput::Finish).await.unwrap();
+        let (_, chunks, end) = collect(&mut audio).await;
+        assert_eq!(chunks, 2);
+        match end {
+            Some(TtsOutput::Failed(m)) => assert!(m.contains("1011"), "{m}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn websocket_stall_fails_by_deadline() {
+        let srv = start(FakeElevenLabsConfig {
+            fault: TtsFault::StallAfterChunks(1),
+            ..fast()
+        })
+        .await;
+        let mut s = settings(
+            &srv.base_url(),
+            TtsTransport::Websocket,
+            OutputFormat::Pcm8000,
+        );
+        s.first_byte_timeout_ms = 300;
+        let el = client(&s, KEY);
+        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        text.send(TtsInput::Text(
+            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
+        ))
+        .await
+        .unwrap();
+        text.send(TtsInput::Finish).await.unwrap();
+        let (_, chunks, end) = collect(&mut audio).await;
+        assert_eq!(chunks, 1);
+        match end {
+            Some(TtsOutput::Failed(m)) => {
+                assert!(m.contains("no audio") && m.contains("300 ms"), "{m}")
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn websocket_server_error_message_fails() {
+        let srv = start(FakeElevenLabsConfig {
+            fault: TtsFault::InputTimeoutSecs(1),
+            ..fast()
+        })
+        .await;
+        let el = client(
+            &settings(
+                &srv.base_url(),
+                TtsTransport::Websocket,
+                OutputFormat::Pcm8000,
+            ),
+            KEY,
+        );
+        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        // Pre-connected but no text comes: the service gives up after its inactivity timeout.
+        match recv(&mut audio).await {
+            Some(TtsOutput::Failed(m)) => assert!(m.contains("input_timeout_exceeded"), "{m}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        drop(text);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_text_sender_cancels() {
+        let srv = start(FakeElevenLabsConfig {
+            realtime_factor: 1.0,
+            ..fast()
+        })
+        .await;
+        let el = client(
+            &settings(
+                &srv.base_url(),
+                TtsTransport::Websocket,
+                OutputFormat::Pcm8000,
+            ),
+            KEY,
+        );
+        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        text.send(TtsInput::Text(
+            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
+        ))
+        .await
+        .unwrap();
+        assert!(matches!(recv(&mut audio).await, Some(TtsOutput::Audio(_))));
+        drop(text);
+        // The stream stops without Done or Failed...
+        while let Some(out) = recv(&mut audio).await {
+            assert!(matches!(out, TtsOutput::Audio(_)), "unexpected {out:?}");
+        }
+        // ...and the service sees the client go away.
+        timeout(GUARD, async {
+            while srv.stats().client_disconnects() == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the fake never saw the close");
+        assert_eq!(srv.stats().sessions_ended(), 1);
+    }
+
+    // --- HTTP against the fake ----------------------------------------------------------
+
+    #[tokio::test]
+    async fn http_posts_sentences_in_turn_and_streams() {
+        let srv = start(fast()).await;
+        let el = client(
+            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Pcm16000),
+            KEY,
+        );
+        let TtsStream { text, mut audio } = el.open(params(16_000)).await.unwrap();
+        let (a, b) = (
+            "Selamat pagi, apa khabar?",
+            "Saya boleh bantu anda hari ini.",
+        );
+        text.send(TtsInput::Text(a.into())).await.unwrap();
+        text.send(TtsInput::Text(format!(" {b}"))).await.unwrap();
+        text.send(TtsInput::Finish).await.unwrap();
+        let (pcm, chunks, end) = collect(&mut audio).await;
+        assert_eq!(end, Some(TtsOutput::Done));
+        assert!(chunks > 2);
+        // The fake splits PCM bodies mid-sample; the decoder rejoins them exactly.
+        let mut want = synthesize(a, 16_000);
+        want.extend(synthesize(b, 16_000));
+        assert_eq!(pcm, want);
+        assert_eq!(srv.stats().http_requests(), 2);
+    }
+
+    #[tokio::test]
+    async fn http_audio_arrives_before_the_body_is_complete() {
+        // The body never completes, yet audio is delivered: it is streamed, not buffered.
+        let srv = start(FakeElevenLabsConfig {
+            fault: TtsFault::StallAfterChunks(2),
+            ..fast()
+        })
+        .await;
+        let el = client(
+            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Ulaw8000),
+            KEY,
+        );
+        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        text.send(TtsInput::Text(
+            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
+        ))
+        .await
+        .unwrap();
+        text.send(TtsInput::Finish).await.unwrap();
+        let mut got = 0;
+        while got < 2 {
+            match recv(&mut audio).await {
+                Some(TtsOutput::Audio(s)) => got += s.len(),
+                other => panic!("expected audio, got {other:?}"),
+            }
+        }
+        assert!(got > 0);
+    }
+
+    #[tokio::test]
+    async fn http_bad_key_fails_with_the_detail() {
+        let srv = start(fast()).await;
+        let el = client(
+            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Ulaw8000),
+            "wrong",
+        );
+        match synthesize_all(&el, params(8_000), "Helo.").await {
+            Err(TtsError::Transport(m)) => {
+                assert!(
+                    m.contains("401") && m.contains("invalid_api_key: Invalid API key"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_422_array_form_is_reported() {
+        let srv = start(FakeElevenLabsConfig {
+            fault: TtsFault::Status(422),
+            ..fast()
+        })
+        .await;
+        let el = client(
+            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Ulaw8000),
+            KEY,
+        );
+        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        text.send(TtsInput::Text("Helo.".into())).await.unwrap();
+        match recv(&mut audio).await {
+            Some(TtsOutput::Failed(m)) => assert!(
+                m.contains("422") && m.contains("body.text: Field required"),
+                "{m}"
+            ),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_dropped_body_fails() {
+        let srv = start(FakeElevenLabsConfig {
+            fault: TtsFault::CloseAfterChunks(1),
+            ..fast()
+        })
+        .await;
+        let el = client(
+            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Pcm8000),
+            KEY,
+        );
+        let err = synthesize_all(
+            &el,
+            params(8_000),
+            "Selamat pagi, terima kasih kerana menelefon.",
+        )
+        .await;
+        assert!(matches!(err, Err(TtsError::Transport(_))), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn synthesize_all_over_http_returns_everything() {
+        let srv = start(fast()).await;
+        let el = client(
+            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Pcm8000),
+            KEY,
+        );
+        let greeting = "Selamat datang. Saya pembantu maya anda.";
+        let pcm = synthesize_all(&el, params(8_000), greeting).await.unwrap();
+        assert_eq!(pcm.len(), speech_samples(greeting, 8_000));
+        assert_eq!(
+            srv.stats().texts_received(),
+            1,
+            "one whole text, one request"
+        );
+    }
+}

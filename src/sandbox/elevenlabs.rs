@@ -1029,6 +1029,167 @@ impl WsSession {
 mod tests {
     use super::*;
 
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    const GUARD: Duration = Duration::from_secs(30);
+
+    fn cfg() -> FakeElevenLabsConfig {
+        FakeElevenLabsConfig {
+            key: Some("k".into()),
+            first_byte_delay_ms: 1,
+            realtime_factor: 0.0,
+            chunk_ms: 100,
+            fault: TtsFault::None,
+        }
+    }
+
+    async fn connect(srv: &FakeElevenLabs, query: &str) -> Client {
+        let url = format!(
+            "ws://{}/v1/text-to-speech/v/stream-input?model_id=eleven_flash_v2_5&{query}",
+            srv.addr()
+        );
+        tokio_tungstenite::connect_async(url).await.unwrap().0
+    }
+
+    /// Every frame until the server closes: texts as JSON, then the close code.
+    async fn drain(ws: &mut Client) -> (Vec<Value>, Option<CloseCode>) {
+        let mut texts = Vec::new();
+        loop {
+            match tokio::time::timeout(GUARD, ws.next())
+                .await
+                .expect("hang guard")
+            {
+                Some(Ok(WsMessage::Text(t))) => {
+                    texts.push(serde_json::from_str(t.as_str()).unwrap())
+                }
+                Some(Ok(WsMessage::Close(f))) => return (texts, f.map(|f| f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return (texts, None),
+            }
+        }
+    }
+
+    async fn send(ws: &mut Client, v: Value) {
+        use futures_util::SinkExt as _;
+        ws.send(WsMessage::text(v.to_string())).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn websocket_key_in_first_message_and_full_exchange() {
+        let srv = spawn(cfg()).await.unwrap();
+        let mut ws = connect(&srv, "output_format=pcm_16000").await;
+        send(&mut ws, json!({"text": " ", "xi-api-key": "k"})).await;
+        send(
+            &mut ws,
+            json!({"text": "Hi there, friend. ", "flush": true}),
+        )
+        .await;
+        send(&mut ws, json!({"text": ""})).await;
+        let (texts, close) = drain(&mut ws).await;
+        assert_eq!(close, Some(CloseCode::Normal));
+        let (last, audio) = texts.split_last().unwrap();
+        assert_eq!(last, &json!({"isFinal": true}));
+        let mut pcm = Vec::new();
+        for m in audio {
+            assert!(m["isFinal"].is_null());
+            assert!(m.get("alignment").is_some() && m.get("normalizedAlignment").is_some());
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(m["audio"].as_str().unwrap())
+                .unwrap();
+            pcm.extend(crate::audio::pcm::le_bytes_to_samples(&bytes));
+        }
+        assert_eq!(pcm, synthesize("Hi there, friend. ", 16_000));
+        assert_eq!(audio[0]["normalizedAlignment"]["chars"][0], "H");
+        assert_eq!(srv.stats().characters_received(), 18);
+        assert_eq!(srv.stats().client_disconnects(), 0);
+    }
+
+    #[tokio::test]
+    async fn websocket_rejects_bad_keys_and_bad_first_messages() {
+        let srv = spawn(cfg()).await.unwrap();
+        let mut ws = connect(&srv, "output_format=ulaw_8000").await;
+        send(&mut ws, json!({"text": " ", "xi_api_key": "wrong"})).await;
+        let (texts, close) = drain(&mut ws).await;
+        assert_eq!(texts[0]["error"], "invalid_api_key");
+        assert_eq!(close, Some(CloseCode::Policy));
+
+        let mut ws = connect(&srv, "output_format=ulaw_8000&authorization=Bearer%20k").await;
+        send(&mut ws, json!({"text": "Hello "})).await;
+        let (texts, close) = drain(&mut ws).await;
+        assert_eq!(texts[0]["error"], "invalid_input_message");
+        assert_eq!(texts[0]["code"], 1008);
+        assert_eq!(close, Some(CloseCode::Policy));
+
+        let url = format!(
+            "ws://{}/v1/text-to-speech/v/stream-input?output_format=mp3_44100_128",
+            srv.addr()
+        );
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 422),
+            other => panic!("expected 422, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_whole_file_and_errors() {
+        let srv = spawn(cfg()).await.unwrap();
+        let http = reqwest::Client::new();
+        let url = |leaf: &str, fmt: &str| {
+            format!(
+                "{}/v1/text-to-speech/v{leaf}?output_format={fmt}",
+                srv.base_url()
+            )
+        };
+        let body = json!({"text": "Apa khabar?", "model_id": "eleven_flash_v2_5"});
+        let r = http
+            .post(url("", "pcm_8000"))
+            .header("xi-api-key", "k")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["character-cost"], "11");
+        let bytes = r.bytes().await.unwrap();
+        assert_eq!(bytes.len(), 2 * speech_samples("Apa khabar?", 8_000));
+
+        let r = http
+            .post(url("/stream", "mp3_44100_128"))
+            .header("xi-api-key", "k")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["detail"]["status"], "unsupported_output_format");
+
+        let r = http
+            .post(url("/stream", "ulaw_8000"))
+            .header("xi-api-key", "k")
+            .json(&json!({"model_id": "eleven_flash_v2_5"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["detail"][0]["loc"], json!(["body", "text"]));
+
+        let r = http
+            .post(url("/stream", "ulaw_8000"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(srv.stats().http_requests(), 4);
+    }
+
     #[test]
     fn g711_encoders_match_the_reference() {
         for v in i16::MIN..=i16::MAX {

@@ -1471,14 +1471,12 @@ mod tests {
         .await
         .unwrap();
         text.send(TtsInput::Finish).await.unwrap();
-        let mut got = 0;
-        while got < 2 {
+        for _ in 0..2 {
             match recv(&mut audio).await {
-                Some(TtsOutput::Audio(s)) => got += s.len(),
+                Some(TtsOutput::Audio(s)) => assert_eq!(s.len(), 800, "100 ms of µ-law per chunk"),
                 other => panic!("expected audio, got {other:?}"),
             }
         }
-        assert!(got > 0);
     }
 
     #[tokio::test]

@@ -6,5 +6,5 @@
 //! to them unchanged: only the endpoint differs.
 
 pub mod azure;
-// pub mod elevenlabs;
+pub mod elevenlabs;
 pub mod openrouter;

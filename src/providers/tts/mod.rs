@@ -1,6 +1,7 @@
 //! Text-to-speech: text goes in as the LLM produces it, PCM comes out as it is synthesized.
 
-// pub mod elevenlabs;
+pub mod decode;
+pub mod elevenlabs;
 
 use tokio::sync::mpsc;
 

@@ -36,7 +36,10 @@ fn main() {
     while i < args.len() {
         match args[i].as_str() {
             "--calls" => {
-                calls = args[i + 1].split(',').filter_map(|s| s.parse().ok()).collect();
+                calls = args[i + 1]
+                    .split(',')
+                    .filter_map(|s| s.parse().ok())
+                    .collect();
                 i += 1;
             }
             "--secs" => {
@@ -48,7 +51,10 @@ fn main() {
         i += 1;
     }
     let _ = sifucall::ops::rlimit::raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     println!(
         "| calls | daemon CPU/call (% core) | RSS/call (KB) | lateness p50 | p99 | max | underruns | frames out | caller gap p50 | p99 | max |"
     );
@@ -98,7 +104,11 @@ impl Drop for Daemon {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn start_daemon(max_calls: usize) -> Daemon {
@@ -109,7 +119,10 @@ async fn start_daemon(max_calls: usize) -> Daemon {
         .env("SIFUCALL_AGENT__MODE", "echo")
         .env("SIFUCALL_AUDIOSOCKET__LISTEN", audio.to_string())
         .env("SIFUCALL_ADMIN__LISTEN", admin.to_string())
-        .env("SIFUCALL_AUDIOSOCKET__MAX_CALLS", (max_calls + 10).to_string())
+        .env(
+            "SIFUCALL_AUDIOSOCKET__MAX_CALLS",
+            (max_calls + 10).to_string(),
+        )
         .env("SIFUCALL_LOG__LEVEL", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -121,7 +134,11 @@ async fn start_daemon(max_calls: usize) -> Daemon {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Daemon { child, audio, admin }
+    Daemon {
+        child,
+        audio,
+        admin,
+    }
 }
 
 fn proc_cpu_ticks(pid: u32) -> u64 {
@@ -145,7 +162,12 @@ fn proc_rss_kb(pid: u32) -> u64 {
 }
 
 async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
-    let body = reqwest::get(format!("http://{admin}/metrics")).await.unwrap().text().await.unwrap();
+    let body = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
@@ -160,8 +182,14 @@ fn bucket_quantile(before: &HashMap<String, f64>, after: &HashMap<String, f64>, 
     let mut buckets: Vec<(f64, f64)> = after
         .iter()
         .filter_map(|(k, v)| {
-            let le = k.strip_prefix("sifucall_pacing_lateness_seconds_bucket{le=\"")?.strip_suffix("\"}")?;
-            let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = k
+                .strip_prefix("sifucall_pacing_lateness_seconds_bucket{le=\"")?
+                .strip_suffix("\"}")?;
+            let le: f64 = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((le, v - before.get(k).copied().unwrap_or(0.0)))
         })
         .collect();
@@ -172,7 +200,11 @@ fn bucket_quantile(before: &HashMap<String, f64>, after: &HashMap<String, f64>, 
     }
     for (le, c) in &buckets {
         if *c >= total * q {
-            return if le.is_infinite() { "> 100 ms".into() } else { format!("<= {} ms", le * 1000.0) };
+            return if le.is_infinite() {
+                "> 100 ms".into()
+            } else {
+                format!("<= {} ms", le * 1000.0)
+            };
         }
     }
     "n/a".into()
@@ -215,14 +247,24 @@ async fn run(n: usize, dur: Duration) -> Report {
     let cpu_pct = (cpu1 - cpu0) as f64 / ticks_per_sec / elapsed * 100.0;
     let mut g = gaps.lock().unwrap().clone();
     g.sort_unstable();
-    let pct = |q: f64| g.get(((g.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0) as f64 / 1000.0;
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    let pct = |q: f64| {
+        g.get(((g.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let delta =
+        |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
     Report {
         cpu_pct_per_call: cpu_pct / n as f64,
         rss_kb_per_call: rss.saturating_sub(rss_base) as f64 / n as f64,
         lateness_p50: bucket_quantile(&before, &after, 0.5),
         lateness_p99: bucket_quantile(&before, &after, 0.99),
-        lateness_max_ms: after.get("sifucall_pacing_lateness_max_microseconds").copied().unwrap_or(0.0) / 1000.0,
+        lateness_max_ms: after
+            .get("sifucall_pacing_lateness_max_microseconds")
+            .copied()
+            .unwrap_or(0.0)
+            / 1000.0,
         underruns: delta("sifucall_underruns_total"),
         frames_out: delta("sifucall_frames_out_total"),
         gap_p50: pct(0.5),
@@ -233,8 +275,15 @@ async fn run(n: usize, dur: Duration) -> Report {
 
 /// One Asterisk: UUID, then a 20 ms frame of speech-like samples on an absolute schedule,
 /// reading everything back; records inter-arrival gaps (µs) of the daemon's frames.
-async fn one_call(addr: SocketAddr, dur: Duration, gaps: Arc<std::sync::Mutex<Vec<u32>>>, received: Arc<AtomicU64>) {
-    let Ok(stream) = TcpStream::connect(addr).await else { return };
+async fn one_call(
+    addr: SocketAddr,
+    dur: Duration,
+    gaps: Arc<std::sync::Mutex<Vec<u32>>>,
+    received: Arc<AtomicU64>,
+) {
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let reader = tokio::spawn(async move {

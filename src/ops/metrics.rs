@@ -579,7 +579,9 @@ impl Metrics {
     pub fn pacing_lateness(&self, late: Duration) {
         self.pacing_lateness.observe(late);
         let us = i64::try_from(late.as_micros()).unwrap_or(i64::MAX);
-        self.pacing_lateness_max_us.inner().fetch_max(us, Ordering::Relaxed);
+        self.pacing_lateness_max_us
+            .inner()
+            .fetch_max(us, Ordering::Relaxed);
     }
 
     /// One stage of a turn took `d`.

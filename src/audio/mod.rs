@@ -8,4 +8,6 @@ pub mod g711;
 pub mod pcm;
 /// Streaming 2x conversion between 8 and 16 kHz, and linear one-shot resampling.
 pub mod resample;
+/// Voice activity: `earshot` speech probabilities and a debounced speech gate.
+pub mod vad;
 pub mod wav;

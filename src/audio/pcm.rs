@@ -2,10 +2,7 @@
 
 /// Decodes little-endian 16-bit samples; a trailing odd byte is ignored.
 pub fn le_bytes_to_samples(bytes: &[u8]) -> Vec<i16> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| i16::from_le_bytes([c[0], c[1]]))
-        .collect()
+    bytes.chunks_exact(2).map(|c| i16::from_le_bytes([c[0], c[1]])).collect()
 }
 
 /// Appends samples as little-endian bytes.
@@ -28,11 +25,7 @@ pub fn rms(samples: &[i16]) -> f64 {
 /// Level in dBFS (0 = full scale square wave); silence is clamped to -120.
 pub fn dbfs(samples: &[i16]) -> f64 {
     let r = rms(samples);
-    if r <= 0.0 {
-        -120.0
-    } else {
-        (20.0 * (r / 32768.0).log10()).max(-120.0)
-    }
+    if r <= 0.0 { -120.0 } else { (20.0 * (r / 32768.0).log10()).max(-120.0) }
 }
 
 #[cfg(test)]

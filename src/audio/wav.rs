@@ -35,21 +35,12 @@ pub struct MonoPcm {
 /// Reads a 16-bit PCM WAV; stereo is mixed down to mono.
 pub fn read(path: &Path) -> Result<MonoPcm, WavError> {
     let p = path.display().to_string();
-    let mut r = hound::WavReader::open(path).map_err(|source| WavError::Hound {
-        path: p.clone(),
-        source,
-    })?;
+    let mut r = hound::WavReader::open(path).map_err(|source| WavError::Hound { path: p.clone(), source })?;
     let spec = r.spec();
-    if spec.sample_format != hound::SampleFormat::Int
-        || spec.bits_per_sample != 16
-        || spec.channels > 2
-    {
+    if spec.sample_format != hound::SampleFormat::Int || spec.bits_per_sample != 16 || spec.channels > 2 {
         return Err(WavError::Unsupported {
             path: p,
-            detail: format!(
-                "{:?} {} bits, {} channels",
-                spec.sample_format, spec.bits_per_sample, spec.channels
-            ),
+            detail: format!("{:?} {} bits, {} channels", spec.sample_format, spec.bits_per_sample, spec.channels),
         });
     }
     let raw: Vec<i16> = r
@@ -57,31 +48,18 @@ pub fn read(path: &Path) -> Result<MonoPcm, WavError> {
         .collect::<Result<_, _>>()
         .map_err(|source| WavError::Hound { path: p, source })?;
     let samples = if spec.channels == 2 {
-        raw.chunks_exact(2)
-            .map(|c| ((i32::from(c[0]) + i32::from(c[1])) / 2) as i16)
-            .collect()
+        raw.chunks_exact(2).map(|c| ((i32::from(c[0]) + i32::from(c[1])) / 2) as i16).collect()
     } else {
         raw
     };
-    Ok(MonoPcm {
-        rate: spec.sample_rate,
-        samples,
-    })
+    Ok(MonoPcm { rate: spec.sample_rate, samples })
 }
 
 /// Writes 16-bit mono PCM.
 pub fn write(path: &Path, rate: u32, samples: &[i16]) -> Result<(), WavError> {
     let p = path.display().to_string();
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let map = |source| WavError::Hound {
-        path: p.clone(),
-        source,
-    };
+    let spec = hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let map = |source| WavError::Hound { path: p.clone(), source };
     let mut w = hound::WavWriter::create(path, spec).map_err(map)?;
     for &s in samples {
         w.write_sample(s).map_err(map)?;
@@ -99,13 +77,7 @@ mod tests {
         let samples: Vec<i16> = (0..800).map(|i| (i * 37 % 2000 - 1000) as i16).collect();
         write(&path, 8000, &samples).unwrap();
         let back = read(&path).unwrap();
-        assert_eq!(
-            back,
-            MonoPcm {
-                rate: 8000,
-                samples
-            }
-        );
+        assert_eq!(back, MonoPcm { rate: 8000, samples });
         std::fs::remove_file(&path).ok();
     }
 }

@@ -9,7 +9,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::call::conversation::{AgentConfig, AiAgentFactory, Providers};
+use crate::call::prompts::{PromptCache, PromptTexts};
 use crate::call::session::{Behaviour, CallSummary, SessionConfig};
+use crate::call::turn::TurnConfig;
+use crate::providers::llm::openrouter::OpenRouter;
+use crate::providers::stt::azure::AzureStt;
+use crate::providers::tts::TtsProvider;
+use crate::providers::tts::elevenlabs::ElevenLabs;
 use crate::ops::admin::{self, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::metrics::Metrics;
@@ -38,21 +45,67 @@ pub enum StartError {
     Records(String),
 }
 
-/// Builds the per-call behaviour from the settings.
-pub async fn behaviour(
-    settings: &Settings,
-    metrics: &Arc<Metrics>,
-) -> Result<Behaviour, StartError> {
+/// Builds the per-call behaviour from the settings. In AI mode this builds the provider
+/// clients, opens the LLM connection pool and starts caching the fixed phrases.
+pub async fn behaviour(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Behaviour, StartError> {
     match settings.agent.mode {
         AgentMode::Echo => Ok(Behaviour::Echo),
         AgentMode::Ai => {
-            let _ = metrics;
-            Err(StartError::Agent(
-                "agent.mode = \"ai\" is not available in this build yet; set agent.mode = \"echo\""
-                    .into(),
-            ))
+            let missing: Vec<&str> = [
+                ("AZURE_SPEECH_KEY", settings.secrets.azure_speech_key.is_set()),
+                ("OPENROUTER_API_KEY", settings.secrets.openrouter_api_key.is_set()),
+                ("ELEVENLABS_API_KEY", settings.secrets.elevenlabs_api_key.is_set()),
+            ]
+            .into_iter()
+            .filter_map(|(k, set)| (!set).then_some(k))
+            .collect();
+            if !missing.is_empty() {
+                return Err(StartError::Agent(format!(
+                    "agent.mode = \"ai\" needs {} in the environment. Without keys, try `sifucall demo` or \
+                     `sifucall sandbox` (local stand-ins for the providers), or set agent.mode = \"echo\"",
+                    missing.join(", ")
+                )));
+            }
+            let agent_err = |e: &dyn std::fmt::Display| StartError::Agent(e.to_string());
+            let stt = AzureStt::new(&settings.stt, settings.secrets.azure_speech_key.clone()).map_err(|e| agent_err(&e))?;
+            let llm = OpenRouter::new(&settings.llm, settings.secrets.openrouter_api_key.clone()).map_err(|e| agent_err(&e))?;
+            let tts = ElevenLabs::new(&settings.tts, settings.secrets.elevenlabs_api_key.clone()).map_err(|e| agent_err(&e))?;
+            llm.warm_up();
+            let tts: Arc<dyn TtsProvider> = Arc::new(tts);
+            let a = &settings.agent;
+            let prompts = Arc::new(PromptCache::new(
+                PromptTexts { greeting: a.greeting.clone(), apology: a.apology.clone(), hold: a.hold_prompt.clone() },
+                Arc::clone(&tts),
+            ));
+            // Cache the phrases in the background: calls that arrive first synthesize live.
+            let preload = Arc::clone(&prompts);
+            tokio::spawn(async move { preload.preload(&[8_000, 16_000]).await });
+            let cfg = AgentConfig {
+                language: a.language.clone(),
+                system_prompt: a.system_prompt.clone(),
+                segmentation_silence_ms: settings.stt.segmentation_silence_ms,
+                turn: TurnConfig {
+                    vad_threshold: a.vad_threshold,
+                    barge_in_min_speech: Duration::from_millis(a.barge_in_min_speech_ms),
+                    echo_margin_db: a.echo_margin_db,
+                    ..TurnConfig::default()
+                },
+                hold_after: Duration::from_millis(a.hold_after_ms),
+                dtmf_timeout: Duration::from_millis(a.dtmf_timeout_ms),
+            };
+            let providers = Providers { stt: Arc::new(stt), llm: Arc::new(llm), tts };
+            Ok(Behaviour::Agent(Arc::new(AiAgentFactory::new(providers, prompts, cfg, Arc::clone(metrics)))))
         }
     }
+}
+
+/// Optional observers of a running daemon (the demo, tests).
+#[derive(Default)]
+pub struct Hooks {
+    /// Told the listening addresses once both sockets are bound.
+    pub on_bound: Option<tokio::sync::oneshot::Sender<Bound>>,
+    /// Called with every finished call's summary, besides the call records.
+    pub on_call_end: Option<OnCallEnd>,
 }
 
 /// Where a started daemon listens (useful when the settings asked for port 0).
@@ -66,11 +119,7 @@ pub struct Bound {
 
 /// Runs the daemon until `shutdown` fires and every call has drained. `on_bound` is told
 /// the listening addresses once both sockets are bound.
-pub async fn run(
-    settings: Settings,
-    shutdown: CancellationToken,
-    on_bound: Option<tokio::sync::oneshot::Sender<Bound>>,
-) -> Result<(), StartError> {
+pub async fn run(settings: Settings, shutdown: CancellationToken, hooks: Hooks) -> Result<(), StartError> {
     let listener = TcpListener::bind(settings.audiosocket.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -114,12 +163,18 @@ pub async fn run(
     ));
     let watchdog = tokio::spawn(systemd::watchdog_loop(admin_stop.clone()));
 
-    let on_end: Option<OnCallEnd> = records.is_enabled().then(|| {
+    let on_end: Option<OnCallEnd> = (records.is_enabled() || hooks.on_call_end.is_some()).then(|| {
         let records = Arc::clone(&records);
         let mode = settings.agent.mode;
+        let extra = hooks.on_call_end.clone();
         Arc::new(move |s: CallSummary| {
-            if let Some(rec) = to_record(s, mode) {
-                records.submit(rec);
+            if let Some(f) = &extra {
+                f(s.clone());
+            }
+            if records.is_enabled() {
+                if let Some(rec) = to_record(s, mode) {
+                    records.submit(rec);
+                }
             }
         }) as OnCallEnd
     });
@@ -132,7 +187,7 @@ pub async fn run(
         version = env!("CARGO_PKG_VERSION"),
         "sifucall started"
     );
-    if let Some(tx) = on_bound {
+    if let Some(tx) = hooks.on_bound {
         let _ = tx.send(Bound {
             audiosocket: audiosocket_addr,
             admin: admin_addr,

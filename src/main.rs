@@ -101,7 +101,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         wait_for_signal().await;
         signals.cancel();
     });
-    sifucall::app::run(settings, shutdown, None).await?;
+    sifucall::app::run(settings, shutdown, sifucall::app::Hooks::default()).await?;
     Ok(())
 }
 

@@ -13,15 +13,15 @@ use crate::call::conversation::{AgentConfig, AiAgentFactory, Providers};
 use crate::call::prompts::{PromptCache, PromptTexts};
 use crate::call::session::{Behaviour, CallSummary, SessionConfig};
 use crate::call::turn::TurnConfig;
-use crate::providers::llm::openrouter::OpenRouter;
-use crate::providers::stt::azure::AzureStt;
-use crate::providers::tts::TtsProvider;
-use crate::providers::tts::elevenlabs::ElevenLabs;
 use crate::ops::admin::{self, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::metrics::Metrics;
 use crate::ops::records::{CallRecord, RecordSink};
 use crate::ops::systemd;
+use crate::providers::llm::openrouter::OpenRouter;
+use crate::providers::stt::azure::AzureStt;
+use crate::providers::tts::TtsProvider;
+use crate::providers::tts::elevenlabs::ElevenLabs;
 use crate::server::{self, OnCallEnd, ServerConfig};
 
 /// The daemon could not start.
@@ -47,14 +47,26 @@ pub enum StartError {
 
 /// Builds the per-call behaviour from the settings. In AI mode this builds the provider
 /// clients, opens the LLM connection pool and starts caching the fixed phrases.
-pub async fn behaviour(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Behaviour, StartError> {
+pub async fn behaviour(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Behaviour, StartError> {
     match settings.agent.mode {
         AgentMode::Echo => Ok(Behaviour::Echo),
         AgentMode::Ai => {
             let missing: Vec<&str> = [
-                ("AZURE_SPEECH_KEY", settings.secrets.azure_speech_key.is_set()),
-                ("OPENROUTER_API_KEY", settings.secrets.openrouter_api_key.is_set()),
-                ("ELEVENLABS_API_KEY", settings.secrets.elevenlabs_api_key.is_set()),
+                (
+                    "AZURE_SPEECH_KEY",
+                    settings.secrets.azure_speech_key.is_set(),
+                ),
+                (
+                    "OPENROUTER_API_KEY",
+                    settings.secrets.openrouter_api_key.is_set(),
+                ),
+                (
+                    "ELEVENLABS_API_KEY",
+                    settings.secrets.elevenlabs_api_key.is_set(),
+                ),
             ]
             .into_iter()
             .filter_map(|(k, set)| (!set).then_some(k))
@@ -67,14 +79,21 @@ pub async fn behaviour(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Be
                 )));
             }
             let agent_err = |e: &dyn std::fmt::Display| StartError::Agent(e.to_string());
-            let stt = AzureStt::new(&settings.stt, settings.secrets.azure_speech_key.clone()).map_err(|e| agent_err(&e))?;
-            let llm = OpenRouter::new(&settings.llm, settings.secrets.openrouter_api_key.clone()).map_err(|e| agent_err(&e))?;
-            let tts = ElevenLabs::new(&settings.tts, settings.secrets.elevenlabs_api_key.clone()).map_err(|e| agent_err(&e))?;
+            let stt = AzureStt::new(&settings.stt, settings.secrets.azure_speech_key.clone())
+                .map_err(|e| agent_err(&e))?;
+            let llm = OpenRouter::new(&settings.llm, settings.secrets.openrouter_api_key.clone())
+                .map_err(|e| agent_err(&e))?;
+            let tts = ElevenLabs::new(&settings.tts, settings.secrets.elevenlabs_api_key.clone())
+                .map_err(|e| agent_err(&e))?;
             llm.warm_up();
             let tts: Arc<dyn TtsProvider> = Arc::new(tts);
             let a = &settings.agent;
             let prompts = Arc::new(PromptCache::new(
-                PromptTexts { greeting: a.greeting.clone(), apology: a.apology.clone(), hold: a.hold_prompt.clone() },
+                PromptTexts {
+                    greeting: a.greeting.clone(),
+                    apology: a.apology.clone(),
+                    hold: a.hold_prompt.clone(),
+                },
                 Arc::clone(&tts),
             ));
             // Cache the phrases in the background: calls that arrive first synthesize live.
@@ -93,8 +112,17 @@ pub async fn behaviour(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Be
                 hold_after: Duration::from_millis(a.hold_after_ms),
                 dtmf_timeout: Duration::from_millis(a.dtmf_timeout_ms),
             };
-            let providers = Providers { stt: Arc::new(stt), llm: Arc::new(llm), tts };
-            Ok(Behaviour::Agent(Arc::new(AiAgentFactory::new(providers, prompts, cfg, Arc::clone(metrics)))))
+            let providers = Providers {
+                stt: Arc::new(stt),
+                llm: Arc::new(llm),
+                tts,
+            };
+            Ok(Behaviour::Agent(Arc::new(AiAgentFactory::new(
+                providers,
+                prompts,
+                cfg,
+                Arc::clone(metrics),
+            ))))
         }
     }
 }
@@ -119,7 +147,11 @@ pub struct Bound {
 
 /// Runs the daemon until `shutdown` fires and every call has drained. `on_bound` is told
 /// the listening addresses once both sockets are bound.
-pub async fn run(settings: Settings, shutdown: CancellationToken, hooks: Hooks) -> Result<(), StartError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: CancellationToken,
+    hooks: Hooks,
+) -> Result<(), StartError> {
     let listener = TcpListener::bind(settings.audiosocket.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -163,21 +195,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken, hooks: Hooks) 
     ));
     let watchdog = tokio::spawn(systemd::watchdog_loop(admin_stop.clone()));
 
-    let on_end: Option<OnCallEnd> = (records.is_enabled() || hooks.on_call_end.is_some()).then(|| {
-        let records = Arc::clone(&records);
-        let mode = settings.agent.mode;
-        let extra = hooks.on_call_end.clone();
-        Arc::new(move |s: CallSummary| {
-            if let Some(f) = &extra {
-                f(s.clone());
-            }
-            if records.is_enabled() {
-                if let Some(rec) = to_record(s, mode) {
-                    records.submit(rec);
+    let on_end: Option<OnCallEnd> =
+        (records.is_enabled() || hooks.on_call_end.is_some()).then(|| {
+            let records = Arc::clone(&records);
+            let mode = settings.agent.mode;
+            let extra = hooks.on_call_end.clone();
+            Arc::new(move |s: CallSummary| {
+                if let Some(f) = &extra {
+                    f(s.clone());
                 }
-            }
-        }) as OnCallEnd
-    });
+                if records.is_enabled() {
+                    if let Some(rec) = to_record(s, mode) {
+                        records.submit(rec);
+                    }
+                }
+            }) as OnCallEnd
+        });
 
     let audiosocket_addr = listener.local_addr().unwrap_or(settings.audiosocket.listen);
     info!(

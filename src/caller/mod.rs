@@ -32,6 +32,7 @@ use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::audio::resample::resample_linear;
 use crate::audio::{pcm, wav};
 use crate::audiosocket::{CallerCodec, Digit, FrameError, Inbound, MAX_PAYLOAD, SampleRate};
 
@@ -288,28 +289,6 @@ pub fn load_wav(path: &Path, rate: SampleRate) -> Result<Vec<i16>, CallerError> 
         )));
     }
     Ok(resample_linear(&audio.samples, audio.rate, rate.hz()))
-}
-
-/// Linear-interpolation resampler; output length is `len * to / from`, rounded.
-fn resample_linear(input: &[i16], from: u32, to: u32) -> Vec<i16> {
-    if from == to || input.is_empty() || from == 0 || to == 0 {
-        return input.to_vec();
-    }
-    let out_len =
-        ((input.len() as u128 * u128::from(to) + u128::from(from) / 2) / u128::from(from)) as usize;
-    let step = f64::from(from) / f64::from(to);
-    let last = input.len() - 1;
-    (0..out_len)
-        .map(|i| {
-            let x = i as f64 * step;
-            let i0 = (x.floor() as usize).min(last);
-            let i1 = (i0 + 1).min(last);
-            let frac = x - i0 as f64;
-            let a = f64::from(input.get(i0).copied().unwrap_or(0));
-            let b = f64::from(input.get(i1).copied().unwrap_or(0));
-            (a + (b - a) * frac).round().clamp(-32768.0, 32767.0) as i16
-        })
-        .collect()
 }
 
 /// Sample counts per frame from a byte pattern, validated like Asterisk's framing.

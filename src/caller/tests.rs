@@ -402,20 +402,6 @@ fn dtmf_strings() {
 }
 
 #[test]
-fn linear_resampler() {
-    assert_eq!(
-        resample_linear(&[0, 100, 200], 8000, 16000),
-        vec![0, 50, 100, 150, 200, 200]
-    );
-    assert_eq!(
-        resample_linear(&[0, 50, 100, 150], 16000, 8000),
-        vec![0, 100]
-    );
-    assert_eq!(resample_linear(&[1, 2, 3], 8000, 8000), vec![1, 2, 3]);
-    assert_eq!(resample_linear(&vec![7; 441], 44100, 8000).len(), 80);
-}
-
-#[test]
 fn wav_round_trip_with_rate_conversion() {
     let path = std::env::temp_dir().join(format!("sifucall-caller-{}.wav", std::process::id()));
     wav::write(&path, 16000, &[1000; 3200]).unwrap();

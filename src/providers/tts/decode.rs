@@ -4,6 +4,7 @@
 //! messages, HTTP body chunks). For `pcm_*` a chunk may end in the middle of a 16-bit sample,
 //! so the decoder keeps the odd byte and joins it to the next chunk; G.711 maps byte for byte.
 
+use crate::audio::g711;
 use crate::ops::config::OutputFormat;
 
 /// Turns a stream of audio bytes in one output format into whole `i16` samples.
@@ -31,8 +32,8 @@ impl AudioDecoder {
     /// the next call.
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<i16>) {
         match self.format {
-            OutputFormat::Ulaw8000 => out.extend(bytes.iter().map(|&b| g711_tmp::ulaw_decode(b))),
-            OutputFormat::Alaw8000 => out.extend(bytes.iter().map(|&b| g711_tmp::alaw_decode(b))),
+            OutputFormat::Ulaw8000 => out.extend(bytes.iter().map(|&b| g711::ulaw_decode(b))),
+            OutputFormat::Alaw8000 => out.extend(bytes.iter().map(|&b| g711::alaw_decode(b))),
             OutputFormat::Pcm8000 | OutputFormat::Pcm16000 => {
                 let mut rest = bytes;
                 if let Some(lo) = self.carry.take() {
@@ -73,58 +74,9 @@ impl AudioDecoder {
     }
 }
 
-// TODO: replace with crate::audio::g711
-/// ITU-T G.711 expansion (the classic Sun reference algorithm).
-pub(crate) mod g711_tmp {
-    /// µ-law byte to linear PCM.
-    pub(crate) fn ulaw_decode(byte: u8) -> i16 {
-        let u = !byte;
-        let exponent = u32::from((u >> 4) & 0x07);
-        let mantissa = i32::from(u & 0x0f);
-        let magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84;
-        // |magnitude| <= 32124, so the cast cannot truncate.
-        (if u & 0x80 != 0 { -magnitude } else { magnitude }) as i16
-    }
-
-    /// A-law byte to linear PCM.
-    pub(crate) fn alaw_decode(byte: u8) -> i16 {
-        let a = byte ^ 0x55;
-        let segment = u32::from((a >> 4) & 0x07);
-        let mantissa = i32::from(a & 0x0f) << 4;
-        let magnitude = match segment {
-            0 => mantissa + 8,
-            _ => (mantissa + 0x108) << (segment - 1),
-        };
-        // |magnitude| <= 32256.
-        (if a & 0x80 != 0 { magnitude } else { -magnitude }) as i16
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn g711_matches_the_reference_tables() {
-        for b in 0..=255u8 {
-            assert_eq!(
-                g711_tmp::ulaw_decode(b),
-                audio_codec_algorithms::decode_ulaw(b),
-                "ulaw {b:#x}"
-            );
-            assert_eq!(
-                g711_tmp::alaw_decode(b),
-                audio_codec_algorithms::decode_alaw(b),
-                "alaw {b:#x}"
-            );
-        }
-        // Well-known anchors: µ-law 0xff / A-law 0xd5 are the smallest positive steps.
-        assert_eq!(g711_tmp::ulaw_decode(0xff), 0);
-        assert_eq!(g711_tmp::ulaw_decode(0x00), -32124);
-        assert_eq!(g711_tmp::alaw_decode(0xd5), 8);
-        assert_eq!(g711_tmp::alaw_decode(0xaa), 32256);
-        assert_eq!(g711_tmp::alaw_decode(0x2a), -32256);
-    }
 
     #[test]
     fn pcm_samples_split_across_chunks_are_joined() {

@@ -24,6 +24,9 @@ use crate::providers::tts::TtsProvider;
 use crate::providers::tts::elevenlabs::ElevenLabs;
 use crate::server::{self, OnCallEnd, ServerConfig};
 
+/// How long startup waits for the greeting and apology to be synthesized.
+const PRELOAD_WAIT: Duration = Duration::from_secs(5);
+
 /// The daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -96,9 +99,15 @@ pub async fn behaviour(
                 },
                 Arc::clone(&tts),
             ));
-            // Cache the phrases in the background: calls that arrive first synthesize live.
+            // Cache the phrases before taking calls, so the first caller hears the greeting in
+            // the first frame; if TTS is slow or down, start anyway (calls synthesize live).
             let preload = Arc::clone(&prompts);
-            tokio::spawn(async move { preload.preload(&[8_000, 16_000]).await });
+            let job = tokio::spawn(async move { preload.preload(&[8_000, 16_000]).await });
+            if tokio::time::timeout(PRELOAD_WAIT, job).await.is_err() {
+                warn!(
+                    "prompts not cached within {PRELOAD_WAIT:?}; starting anyway, caching continues"
+                );
+            }
             let cfg = AgentConfig {
                 language: a.language.clone(),
                 system_prompt: a.system_prompt.clone(),

@@ -15,6 +15,7 @@ pub mod audio;
 pub mod audiosocket;
 pub mod call;
 pub mod caller;
+pub mod demo;
 pub mod ops;
 pub mod providers;
 pub mod sandbox;

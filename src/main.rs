@@ -34,6 +34,50 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// One complete AI call with no API keys: fake providers, the daemon and a synthetic
+    /// caller speaking Malay; prints the conversation and per-stage latency.
+    Demo {
+        /// Operator config file (greeting, prompt...), layered over the built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Where to write the call audio (stereo: caller left, agent right).
+        #[arg(long, default_value = "demo-call.wav")]
+        wav: PathBuf,
+        /// Show the daemon's logs.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Run the daemon against local stand-ins for Azure, OpenRouter and ElevenLabs, so the
+    /// PBX plumbing and the whole pipeline can be tested without keys or credits.
+    Sandbox {
+        /// Operator config file, layered over the built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Place a synthetic call to an AudioSocket server, exactly as Asterisk would, and print
+    /// a JSON summary.
+    Call {
+        /// Server address, e.g. 127.0.0.1:10000.
+        addr: String,
+        /// Audio to speak (WAV, 16-bit; converted to the call rate).
+        #[arg(long)]
+        play: Option<PathBuf>,
+        /// Where to write what the server sent back (with real-time gaps).
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// DTMF digits to press, 500 ms apart from 1 s in (`w` = 500 ms pause).
+        #[arg(long, default_value = "")]
+        dtmf: String,
+        /// Hang up (close the socket) after this many seconds.
+        #[arg(long)]
+        hangup_after: Option<f64>,
+        /// Call rate: 8000 (AudioSocket()) or 16000 (Dial(AudioSocket/...c(slin16))).
+        #[arg(long, default_value_t = 8000)]
+        rate: u32,
+        /// Stay on the line until the server hangs up (bounded by --hangup-after).
+        #[arg(long)]
+        until_hangup: bool,
+    },
 }
 
 fn load(config: Option<&PathBuf>) -> Result<Settings, ExitCode> {
@@ -60,6 +104,78 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Demo {
+            config,
+            wav,
+            verbose,
+        } => {
+            let settings = match load(config.as_ref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let level = if verbose { "info" } else { "warn" };
+            let _ = sifucall::ops::logging::init(sifucall::ops::config::LogFormat::Pretty, level);
+            let opts = sifucall::demo::DemoOptions {
+                wav_out: wav,
+                ..Default::default()
+            };
+            match runtime().and_then(|rt| {
+                rt.block_on(async { Ok(sifucall::demo::run(opts, settings).await?) })
+            }) {
+                Ok(report) => {
+                    println!("{}", sifucall::demo::render(&report));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sifucall demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sandbox { config } => {
+            let settings = match load(config.as_ref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            if let Err(e) = sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
+                eprintln!("sifucall: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+            match runtime().and_then(|rt| rt.block_on(sandbox(settings))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sifucall: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Call {
+            addr,
+            play,
+            record,
+            dtmf,
+            hangup_after,
+            rate,
+            until_hangup,
+        } => {
+            match runtime().and_then(|rt| {
+                rt.block_on(call(
+                    addr,
+                    play,
+                    record,
+                    dtmf,
+                    hangup_after,
+                    rate,
+                    until_hangup,
+                ))
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sifucall call: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             let settings = match load(config.as_ref()) {
                 Ok(s) => s,
@@ -102,6 +218,58 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         signals.cancel();
     });
     sifucall::app::run(settings, shutdown, sifucall::app::Hooks::default()).await?;
+    Ok(())
+}
+
+async fn sandbox(mut settings: Settings) -> anyhow::Result<()> {
+    let fakes = sifucall::sandbox::Sandbox::start(sifucall::sandbox::SandboxConfig::realistic())
+        .await
+        .context("starting the fake providers")?;
+    settings.agent.mode = sifucall::ops::config::AgentMode::Ai;
+    fakes.point(&mut settings);
+    eprintln!(
+        "sandbox: fake Azure STT at {}, OpenRouter at {}, ElevenLabs at {}",
+        fakes.azure.url(),
+        fakes.openrouter.base_url(),
+        fakes.elevenlabs.base_url()
+    );
+    eprintln!(
+        "sandbox: the daemon listens for AudioSocket on {}; call extension 999 and speak: each phrase you say \
+         is \"recognised\" as the next of {} scripted sentences, answered in Malay and spoken with a synthetic voice",
+        settings.audiosocket.listen,
+        sifucall::sandbox::SANDBOX_TRANSCRIPTS.len()
+    );
+    run(settings).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn call(
+    addr: String,
+    play: Option<PathBuf>,
+    record: Option<PathBuf>,
+    dtmf: String,
+    hangup_after: Option<f64>,
+    rate: u32,
+    until_hangup: bool,
+) -> anyhow::Result<()> {
+    use sifucall::audiosocket::SampleRate;
+    use sifucall::caller;
+    let rate = SampleRate::from_hz(rate)
+        .filter(|r| matches!(r, SampleRate::Hz8000 | SampleRate::Hz16000))
+        .context("--rate must be 8000 or 16000")?;
+    let mut opts = caller::CallOptions::new(addr);
+    opts.rate = rate;
+    if let Some(p) = &play {
+        opts.play = caller::load_wav(p, rate)?;
+    }
+    opts.dtmf = caller::parse_dtmf(&dtmf)?;
+    opts.hangup_after = hangup_after.map(std::time::Duration::from_secs_f64);
+    opts.until_server_hangup = until_hangup;
+    let report = caller::place_call(opts).await?;
+    println!("{}", caller::summary_json(&report));
+    if let Some(path) = &record {
+        report.save_recording(path)?;
+    }
     Ok(())
 }
 

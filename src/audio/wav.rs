@@ -35,10 +35,24 @@ pub struct MonoPcm {
 /// Reads a 16-bit PCM WAV; stereo is mixed down to mono.
 pub fn read(path: &Path) -> Result<MonoPcm, WavError> {
     let p = path.display().to_string();
-    let mut r = hound::WavReader::open(path).map_err(|source| WavError::Hound {
+    let r = hound::WavReader::open(path).map_err(|source| WavError::Hound {
         path: p.clone(),
         source,
     })?;
+    decode(r, p)
+}
+
+/// Reads a WAV held in memory (e.g. a fixture compiled into the binary).
+pub fn read_bytes(bytes: &[u8], name: &str) -> Result<MonoPcm, WavError> {
+    let r =
+        hound::WavReader::new(std::io::Cursor::new(bytes)).map_err(|source| WavError::Hound {
+            path: name.to_owned(),
+            source,
+        })?;
+    decode(r, name.to_owned())
+}
+
+fn decode<R: std::io::Read>(mut r: hound::WavReader<R>, p: String) -> Result<MonoPcm, WavError> {
     let spec = r.spec();
     if spec.sample_format != hound::SampleFormat::Int
         || spec.bits_per_sample != 16
@@ -67,6 +81,30 @@ pub fn read(path: &Path) -> Result<MonoPcm, WavError> {
         rate: spec.sample_rate,
         samples,
     })
+}
+
+/// Writes two equally long-or-not tracks as a 16-bit stereo file (left, right); the
+/// shorter is padded with silence.
+pub fn write_stereo(path: &Path, rate: u32, left: &[i16], right: &[i16]) -> Result<(), WavError> {
+    let p = path.display().to_string();
+    let spec = hound::WavSpec {
+        channels: 2,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let map = |source| WavError::Hound {
+        path: p.clone(),
+        source,
+    };
+    let mut w = hound::WavWriter::create(path, spec).map_err(map)?;
+    for i in 0..left.len().max(right.len()) {
+        w.write_sample(left.get(i).copied().unwrap_or(0))
+            .map_err(map)?;
+        w.write_sample(right.get(i).copied().unwrap_or(0))
+            .map_err(map)?;
+    }
+    w.finalize().map_err(map)
 }
 
 /// Writes 16-bit mono PCM.

@@ -218,6 +218,26 @@ impl Playout {
         }
     }
 
+    /// Queues samples like [`Playout::push`]; if the buffer was idle (sending silence), the
+    /// frame schedule is re-anchored so the first speech frame goes out at `now` instead of
+    /// waiting up to 20 ms for the silence clock's next tick. The far end sees an ordinary
+    /// talkspurt start; frames stay 20 ms apart on an absolute clock from there on. Not done
+    /// with a prebuffer (echo mode), which exists to absorb jitter, not add to it.
+    pub fn push_now(&mut self, utterance: UtteranceId, pcm: &[i16], now: Instant) {
+        let was_idle = self.utterances.is_empty();
+        self.push(utterance, pcm);
+        if !was_idle || pcm.is_empty() || self.prebuffer > 0 || self.next_frame == 0 {
+            return;
+        }
+        let due = self.next_deadline();
+        // Never earlier than 1 ms after the previous frame's slot.
+        let earliest = self.deadline(self.next_frame - 1) + Duration::from_millis(1);
+        let target = now.max(earliest);
+        if due > target {
+            self.start -= due - target;
+        }
+    }
+
     /// Marks an utterance complete: no more samples will come for it.
     pub fn finish(&mut self, utterance: UtteranceId) {
         self.open(utterance);
@@ -505,6 +525,23 @@ mod tests {
         assert_eq!(t.kind, FrameKind::Speech);
         assert!(p.is_idle());
         assert_eq!(p.last_speech_end(), Some(t0 + FRAME));
+    }
+
+    #[test]
+    fn speech_after_silence_starts_at_once() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(SampleRate::Hz8000, t0);
+        p.poll(t0).unwrap();
+        // Audio arrives 5 ms into the silence frame: it goes out at 5 ms, not at 20 ms.
+        p.push_now(U1, &[3; 320], t0 + Duration::from_millis(5));
+        assert_eq!(p.next_deadline(), t0 + Duration::from_millis(5));
+        let t = p.poll(t0 + Duration::from_millis(5)).unwrap();
+        assert_eq!(t.kind, FrameKind::Speech);
+        // From there on, 20 ms apart.
+        assert_eq!(p.next_deadline(), t0 + Duration::from_millis(25));
+        // Pushing more while speaking does not move the clock.
+        p.push_now(U1, &[3; 160], t0 + Duration::from_millis(7));
+        assert_eq!(p.next_deadline(), t0 + Duration::from_millis(25));
     }
 
     #[test]

@@ -80,23 +80,18 @@ impl PromptCache {
         &self.texts
     }
 
-    /// Synthesizes every phrase at each rate; failures are logged and retried on first use.
+    /// Synthesizes every phrase at each rate, concurrently; failures are logged and retried
+    /// on first use.
     pub async fn preload(&self, rates: &[u32]) {
-        for &rate in rates {
-            for kind in [PromptKind::Greeting, PromptKind::Apology, PromptKind::Hold] {
+        let jobs = rates.iter().flat_map(|&rate| {
+            [PromptKind::Greeting, PromptKind::Apology, PromptKind::Hold].map(move |kind| async move {
                 match self.synthesize(kind, rate).await {
-                    Ok(pcm) => info!(
-                        ?kind,
-                        rate,
-                        ms = pcm.len() as u64 * 1000 / u64::from(rate),
-                        "prompt cached"
-                    ),
-                    Err(e) => {
-                        warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use")
-                    }
+                    Ok(pcm) => info!(?kind, rate, ms = pcm.len() as u64 * 1000 / u64::from(rate), "prompt cached"),
+                    Err(e) => warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use"),
                 }
-            }
-        }
+            })
+        });
+        futures_util::future::join_all(jobs).await;
     }
 
     /// The cached audio, if ready (never waits).

@@ -421,7 +421,7 @@ impl ActiveCall {
         match cmd {
             AgentCommand::Play { utterance, pcm } => {
                 if self.hangup_at.is_none() {
-                    playout.push(utterance, &pcm);
+                    playout.push_now(utterance, &pcm, Instant::now());
                 }
             }
             AgentCommand::Finish(u) => playout.finish(u),

@@ -120,6 +120,8 @@ pub async fn behaviour(
                 },
                 hold_after: Duration::from_millis(a.hold_after_ms),
                 dtmf_timeout: Duration::from_millis(a.dtmf_timeout_ms),
+                idle_hangup: (a.idle_hangup_secs > 0)
+                    .then(|| Duration::from_secs(a.idle_hangup_secs)),
             };
             let providers = Providers {
                 stt: Arc::new(stt),

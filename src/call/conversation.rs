@@ -54,6 +54,8 @@ pub struct AgentConfig {
     pub hold_after: Duration,
     /// A DTMF entry ends this long after its last digit (or at `#`).
     pub dtmf_timeout: Duration,
+    /// Hang up after this long with neither party speaking (`None`: never).
+    pub idle_hangup: Option<Duration>,
 }
 
 /// Starts a [`Conversation`] per call.
@@ -203,6 +205,8 @@ struct Conversation {
     dtmf: String,
     dtmf_deadline: Option<Instant>,
     hangup_sent: bool,
+    /// Last time either party was heard, for the idle hang-up.
+    last_activity: Instant,
     report: AgentReport,
 }
 
@@ -244,6 +248,7 @@ impl Conversation {
             dtmf: String::new(),
             dtmf_deadline: None,
             hangup_sent: false,
+            last_activity: Instant::now(),
             report: AgentReport::default(),
         }
     }
@@ -324,10 +329,22 @@ impl Conversation {
             self.dtmf_deadline,
             self.reply.as_ref().and_then(|r| r.hold_at),
             self.stt_retry_at,
+            self.idle_deadline(),
         ]
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// When the call counts as abandoned: nobody has spoken for `idle_hangup`, and the agent
+    /// is neither thinking nor talking.
+    fn idle_deadline(&self) -> Option<Instant> {
+        let idle = self.cfg.idle_hangup?;
+        let busy = self.reply.is_some()
+            || self.hangup_sent
+            || self.turns.caller_speaking()
+            || self.utterances.values().any(|u| u.playing);
+        (!busy).then_some(self.last_activity + idle)
     }
 
     fn register(&mut self, id: UtteranceId, kind: SpokenKind, text: &str) {
@@ -394,6 +411,7 @@ impl Conversation {
             AgentInput::Audio(samples) => self.on_caller_audio(samples).await,
             AgentInput::Dtmf(d) => {
                 let now = Instant::now();
+                self.last_activity = now;
                 self.dtmf.push(d.as_char());
                 self.report.transcript.push(TranscriptEntry {
                     role: Role::Dtmf,
@@ -440,10 +458,14 @@ impl Conversation {
 
     async fn on_turn_event(&mut self, ev: TurnEvent) {
         match ev {
-            TurnEvent::SpeechStarted { .. } => debug!("caller speaking"),
+            TurnEvent::SpeechStarted { .. } => {
+                debug!("caller speaking");
+                self.last_activity = Instant::now();
+            }
             TurnEvent::SpeechEnded { at } => {
                 debug!("caller stopped speaking");
                 self.last_speech_end = Some(at);
+                self.last_activity = Instant::now();
             }
             TurnEvent::BargeIn { at } => {
                 info!(
@@ -486,6 +508,7 @@ impl Conversation {
                 self.update_agent_speaking();
             }
             PlayoutEvent::Completed { progress, .. } => {
+                self.last_activity = Instant::now();
                 self.utterance_ended(progress, false);
                 self.update_agent_speaking();
                 self.maybe_hang_up().await;
@@ -824,6 +847,15 @@ impl Conversation {
 
     async fn on_timer(&mut self) {
         let now = Instant::now();
+        if self.idle_deadline().is_some_and(|d| now >= d) {
+            info!(
+                idle_secs = self.cfg.idle_hangup.map_or(0, |d| d.as_secs()),
+                "nobody has spoken for the idle limit; hanging up"
+            );
+            self.hangup_sent = true;
+            self.send(AgentCommand::Hangup).await;
+            return;
+        }
         if self.dtmf_deadline.is_some_and(|d| now >= d) {
             self.dtmf_deadline = None;
             self.submit_dtmf().await;

@@ -559,8 +559,9 @@ impl Conversation {
         }
         if let Some(r) = &self.reply {
             if r.utterance == p.utterance && (interrupted || r.finished_audio) {
-                // The reply is over as far as the caller is concerned.
-                if interrupted {
+                // The reply is over as far as the caller is concerned. A goodbye stays until
+                // the hang-up has been sent.
+                if interrupted || !r.end_call {
                     r.cancel.cancel();
                     self.reply = None;
                 }

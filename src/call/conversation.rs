@@ -264,6 +264,7 @@ impl Conversation {
         report_tx: oneshot::Sender<AgentReport>,
     ) {
         // The LLM connection pool and STT connection are opened now, not on the first turn.
+        self.providers.llm.warm_up();
         self.start_stt().await;
         let greeting_text = self.prompts.texts().greeting.clone();
         if greeting_cached {

@@ -113,4 +113,8 @@ pub trait LlmProvider: Send + Sync + 'static {
     /// Starts a streamed completion. Resolves once the response headers arrived (after the
     /// pre-stream retry); the first-token deadline applies to the returned stream.
     fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<LlmStream, LlmError>>;
+
+    /// Opens (or refreshes) a pooled connection in the background so the next request pays
+    /// no TCP/TLS handshake. Called at daemon start and at each call start.
+    fn warm_up(&self) {}
 }

@@ -596,6 +596,10 @@ async fn read_capped(resp: &mut reqwest::Response) -> Vec<u8> {
 }
 
 impl LlmProvider for OpenRouter {
+    fn warm_up(&self) {
+        OpenRouter::warm_up(self);
+    }
+
     fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<LlmStream, LlmError>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {

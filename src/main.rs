@@ -91,17 +91,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load(config.as_ref()) {
-            Ok(s) => {
-                match toml_like(&s) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("sifucall: {e:#}");
-                        return ExitCode::FAILURE;
-                    }
+            Ok(s) => match toml_like(&s) {
+                Ok(text) => {
+                    println!("{text}");
+                    eprintln!("configuration OK");
+                    ExitCode::SUCCESS
                 }
-                eprintln!("configuration OK");
-                ExitCode::SUCCESS
-            }
+                Err(e) => fail("sifucall", e),
+            },
             Err(code) => code,
         },
         Command::Demo {
@@ -119,36 +116,16 @@ fn main() -> ExitCode {
                 wav_out: wav,
                 ..Default::default()
             };
-            match runtime().and_then(|rt| {
-                rt.block_on(async { Ok(sifucall::demo::run(opts, settings).await?) })
-            }) {
-                Ok(report) => {
-                    println!("{}", sifucall::demo::render(&report));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("sifucall demo: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            block_on("sifucall demo", async {
+                let report = sifucall::demo::run(opts, settings).await?;
+                println!("{}", sifucall::demo::render(&report));
+                Ok(())
+            })
         }
-        Command::Sandbox { config } => {
-            let settings = match load(config.as_ref()) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            if let Err(e) = sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
-                eprintln!("sifucall: configuration error: {e}");
-                return ExitCode::from(2);
-            }
-            match runtime().and_then(|rt| rt.block_on(sandbox(settings))) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("sifucall: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Sandbox { config } => match load_with_logs(config.as_ref()) {
+            Ok(settings) => block_on("sifucall", sandbox(settings)),
+            Err(code) => code,
+        },
         Command::Call {
             addr,
             play,
@@ -158,41 +135,44 @@ fn main() -> ExitCode {
             rate,
             until_hangup,
         } => {
-            match runtime().and_then(|rt| {
-                rt.block_on(call(
-                    addr,
-                    play,
-                    record,
-                    dtmf,
-                    hangup_after,
-                    rate,
-                    until_hangup,
-                ))
-            }) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("sifucall call: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Run { config } => {
-            let settings = match load(config.as_ref()) {
-                Ok(s) => s,
-                Err(code) => return code,
+            let opts = CallArgs {
+                addr,
+                play,
+                record,
+                dtmf,
+                hangup_after,
+                rate,
+                until_hangup,
             };
-            if let Err(e) = sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
-                eprintln!("sifucall: configuration error: {e}");
-                return ExitCode::from(2);
-            }
-            match runtime().and_then(|rt| rt.block_on(run(settings))) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("sifucall: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            block_on("sifucall call", call(opts))
         }
+        Command::Run { config } => match load_with_logs(config.as_ref()) {
+            Ok(settings) => block_on("sifucall", run(settings)),
+            Err(code) => code,
+        },
+    }
+}
+
+/// Loads the configuration and starts logging as it says.
+fn load_with_logs(config: Option<&PathBuf>) -> Result<Settings, ExitCode> {
+    let settings = load(config)?;
+    if let Err(e) = sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
+        eprintln!("sifucall: configuration error: {e}");
+        return Err(ExitCode::from(2));
+    }
+    Ok(settings)
+}
+
+fn fail(what: &str, e: anyhow::Error) -> ExitCode {
+    eprintln!("{what}: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// Runs a future on a multi-threaded runtime; an error is printed and exits 1.
+fn block_on(what: &str, f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    match runtime().and_then(|rt| rt.block_on(f)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(what, e),
     }
 }
 
@@ -242,8 +222,8 @@ async fn sandbox(mut settings: Settings) -> anyhow::Result<()> {
     run(settings).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn call(
+/// `sifucall call` arguments.
+struct CallArgs {
     addr: String,
     play: Option<PathBuf>,
     record: Option<PathBuf>,
@@ -251,7 +231,18 @@ async fn call(
     hangup_after: Option<f64>,
     rate: u32,
     until_hangup: bool,
-) -> anyhow::Result<()> {
+}
+
+async fn call(args: CallArgs) -> anyhow::Result<()> {
+    let CallArgs {
+        addr,
+        play,
+        record,
+        dtmf,
+        hangup_after,
+        rate,
+        until_hangup,
+    } = args;
     use sifucall::audiosocket::SampleRate;
     use sifucall::caller;
     let rate = SampleRate::from_hz(rate)

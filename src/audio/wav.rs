@@ -83,35 +83,33 @@ fn decode<R: std::io::Read>(mut r: hound::WavReader<R>, p: String) -> Result<Mon
     })
 }
 
-/// Writes two equally long-or-not tracks as a 16-bit stereo file (left, right); the
-/// shorter is padded with silence.
+/// Writes two tracks as a 16-bit stereo file (left, right); the shorter is padded with
+/// silence.
 pub fn write_stereo(path: &Path, rate: u32, left: &[i16], right: &[i16]) -> Result<(), WavError> {
-    let p = path.display().to_string();
-    let spec = hound::WavSpec {
-        channels: 2,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let map = |source| WavError::Hound {
-        path: p.clone(),
-        source,
-    };
-    let mut w = hound::WavWriter::create(path, spec).map_err(map)?;
-    for i in 0..left.len().max(right.len()) {
-        w.write_sample(left.get(i).copied().unwrap_or(0))
-            .map_err(map)?;
-        w.write_sample(right.get(i).copied().unwrap_or(0))
-            .map_err(map)?;
-    }
-    w.finalize().map_err(map)
+    let frames = left.len().max(right.len());
+    let interleaved = (0..frames).flat_map(|i| {
+        [
+            left.get(i).copied().unwrap_or(0),
+            right.get(i).copied().unwrap_or(0),
+        ]
+    });
+    write_interleaved(path, rate, 2, interleaved)
 }
 
 /// Writes 16-bit mono PCM.
 pub fn write(path: &Path, rate: u32, samples: &[i16]) -> Result<(), WavError> {
+    write_interleaved(path, rate, 1, samples.iter().copied())
+}
+
+fn write_interleaved(
+    path: &Path,
+    rate: u32,
+    channels: u16,
+    samples: impl Iterator<Item = i16>,
+) -> Result<(), WavError> {
     let p = path.display().to_string();
     let spec = hound::WavSpec {
-        channels: 1,
+        channels,
         sample_rate: rate,
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
@@ -121,7 +119,7 @@ pub fn write(path: &Path, rate: u32, samples: &[i16]) -> Result<(), WavError> {
         source,
     };
     let mut w = hound::WavWriter::create(path, spec).map_err(map)?;
-    for &s in samples {
+    for s in samples {
         w.write_sample(s).map_err(map)?;
     }
     w.finalize().map_err(map)

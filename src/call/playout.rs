@@ -94,6 +94,18 @@ struct Utterance {
     started: bool,
 }
 
+impl Utterance {
+    /// Progress of an utterance that played to its end.
+    fn completed(&self) -> Progress {
+        Progress {
+            utterance: self.id,
+            sent_samples: self.sent,
+            dropped_samples: 0,
+            input_finished: true,
+        }
+    }
+}
+
 /// Counters for the call summary.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PlayoutStats {
@@ -333,12 +345,7 @@ impl Playout {
             }
             if u.queued == 0 {
                 if u.input_finished {
-                    let done = Progress {
-                        utterance: u.id,
-                        sent_samples: u.sent,
-                        dropped_samples: 0,
-                        input_finished: true,
-                    };
+                    let done = u.completed();
                     self.utterances.pop_front();
                     let ends_at = if pcm.is_empty() { at } else { at + FRAME };
                     self.events.push_back(PlayoutEvent::Completed {
@@ -371,12 +378,7 @@ impl Playout {
             && u.queued == 0
             && u.started
         {
-            let done = Progress {
-                utterance: u.id,
-                sent_samples: u.sent,
-                dropped_samples: 0,
-                input_finished: true,
-            };
+            let done = u.completed();
             self.utterances.pop_front();
             self.events.push_back(PlayoutEvent::Completed {
                 progress: done,

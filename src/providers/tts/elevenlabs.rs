@@ -175,22 +175,19 @@ impl ElevenLabs {
         .map_err(|e| TtsError::Transport(format!("sending the initialise message: {e}")))?;
         tracing::debug!(call_id = %params.call_id, format = format.as_str(), "TTS websocket open");
 
-        let (text_tx, text_rx) = mpsc::channel(TEXT_CHANNEL);
-        let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CHANNEL);
-        let driver = WsDriver {
-            ws,
-            text_rx,
-            audio_tx,
-            decoder: AudioDecoder::new(format),
-            outbound: Outbound::new(Instant::now()),
-            deadline_after: self.first_byte_timeout(),
-            call_id: params.call_id,
-        };
-        tokio::spawn(driver.run());
-        Ok(TtsStream {
-            text: text_tx,
-            audio: audio_rx,
-        })
+        let deadline_after = self.first_byte_timeout();
+        Ok(spawn_driver(|text_rx, audio_tx| {
+            WsDriver {
+                ws,
+                text_rx,
+                audio_tx,
+                decoder: AudioDecoder::new(format),
+                outbound: Outbound::new(Instant::now()),
+                deadline_after,
+                call_id: params.call_id,
+            }
+            .run()
+        }))
     }
 
     fn open_http(&self, params: TtsParams) -> Result<TtsStream, TtsError> {
@@ -205,21 +202,35 @@ impl ElevenLabs {
             model_id: self.settings.model_id.clone(),
             language_code: self.language_code().map(str::to_owned),
         });
-        let (text_tx, text_rx) = mpsc::channel(TEXT_CHANNEL);
-        let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CHANNEL);
-        let driver = HttpDriver {
-            target,
-            text_rx,
-            audio_tx,
-            format,
-            deadline_after: self.first_byte_timeout(),
-            call_id: params.call_id,
-        };
-        tokio::spawn(driver.run());
-        Ok(TtsStream {
-            text: text_tx,
-            audio: audio_rx,
-        })
+        let deadline_after = self.first_byte_timeout();
+        Ok(spawn_driver(|text_rx, audio_tx| {
+            HttpDriver {
+                target,
+                text_rx,
+                audio_tx,
+                format,
+                deadline_after,
+                call_id: params.call_id,
+            }
+            .run()
+        }))
+    }
+}
+
+/// Makes the text and audio channels, spawns the driver `run` builds on its ends of them and
+/// returns the caller's ends.
+fn spawn_driver<F>(
+    run: impl FnOnce(mpsc::Receiver<TtsInput>, mpsc::Sender<TtsOutput>) -> F,
+) -> TtsStream
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (text_tx, text_rx) = mpsc::channel(TEXT_CHANNEL);
+    let (audio_tx, audio_rx) = mpsc::channel(AUDIO_CHANNEL);
+    tokio::spawn(run(text_rx, audio_tx));
+    TtsStream {
+        text: text_tx,
+        audio: audio_rx,
     }
 }
 
@@ -949,13 +960,53 @@ mod tests {
         }
     }
 
-    async fn start(cfg: FakeElevenLabsConfig) -> FakeElevenLabs {
-        fake::spawn(cfg).await.unwrap()
+    fn with_fault(fault: TtsFault) -> FakeElevenLabsConfig {
+        FakeElevenLabsConfig { fault, ..fast() }
     }
 
     fn client(s: &TtsSettings, key: &str) -> ElevenLabs {
         ElevenLabs::new(s, Secret::new(Some(key.into()))).unwrap()
     }
+
+    /// A fake serving `cfg` and a client of it using `key`, `transport` and `format`.
+    async fn start(
+        cfg: FakeElevenLabsConfig,
+        transport: TtsTransport,
+        format: OutputFormat,
+        key: &str,
+    ) -> (FakeElevenLabs, ElevenLabs) {
+        let srv = fake::spawn(cfg).await.unwrap();
+        let el = client(&settings(&srv.base_url(), transport, format), key);
+        (srv, el)
+    }
+
+    /// Opens a synthesis and sends `clauses`, then `Finish` if `finish`.
+    async fn open_and_send(
+        el: &ElevenLabs,
+        rate: u32,
+        clauses: &[&str],
+        finish: bool,
+    ) -> TtsStream {
+        let stream = el.open(params(rate)).await.unwrap();
+        for c in clauses {
+            stream.text.send(TtsInput::Text((*c).into())).await.unwrap();
+        }
+        if finish {
+            stream.text.send(TtsInput::Finish).await.unwrap();
+        }
+        stream
+    }
+
+    /// The message of a `Failed` end; panics on anything else.
+    fn failure(end: Option<TtsOutput>) -> String {
+        match end {
+            Some(TtsOutput::Failed(m)) => m,
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    /// A clause long enough for several chunks of audio.
+    const LONG: &str = "Selamat pagi, terima kasih kerana menelefon kami hari ini.";
 
     fn params(rate: u32) -> TtsParams {
         TtsParams {
@@ -1198,19 +1249,10 @@ mod tests {
 
     #[tokio::test]
     async fn websocket_streams_clauses_and_finishes() {
-        let srv = start(fast()).await;
-        let el = client(
-            &settings(
-                &srv.base_url(),
-                TtsTransport::Websocket,
-                OutputFormat::Ulaw8000,
-            ),
-            KEY,
-        );
-        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        let (srv, el) = start(fast(), TtsTransport::Websocket, OutputFormat::Ulaw8000, KEY).await;
         let first = "Selamat pagi, terima kasih kerana menelefon.";
         let second = "Ada apa yang boleh saya bantu?";
-        text.send(TtsInput::Text(first.into())).await.unwrap();
+        let TtsStream { text, mut audio } = open_and_send(&el, 8_000, &[first], false).await;
         // The clause triggers generation: audio comes before the reply is finished.
         let Some(TtsOutput::Audio(head)) = recv(&mut audio).await else {
             panic!("expected audio first")
@@ -1241,15 +1283,7 @@ mod tests {
 
     #[tokio::test]
     async fn websocket_pcm_16000_for_a_wideband_call() {
-        let srv = start(fast()).await;
-        let el = client(
-            &settings(
-                &srv.base_url(),
-                TtsTransport::Websocket,
-                OutputFormat::Ulaw8000,
-            ),
-            KEY,
-        );
+        let (_srv, el) = start(fast(), TtsTransport::Websocket, OutputFormat::Ulaw8000, KEY).await;
         let text = "Baik, saya faham.";
         let pcm = synthesize_all(&el, params(16_000), text).await.unwrap();
         // One clause is one generation, so the fake's output is known sample for sample.
@@ -1258,15 +1292,7 @@ mod tests {
 
     #[tokio::test]
     async fn websocket_alaw_decodes() {
-        let srv = start(fast()).await;
-        let el = client(
-            &settings(
-                &srv.base_url(),
-                TtsTransport::Websocket,
-                OutputFormat::Alaw8000,
-            ),
-            KEY,
-        );
+        let (_srv, el) = start(fast(), TtsTransport::Websocket, OutputFormat::Alaw8000, KEY).await;
         let pcm = synthesize_all(&el, params(8_000), "Terima kasih.")
             .await
             .unwrap();
@@ -1283,15 +1309,13 @@ mod tests {
 
     #[tokio::test]
     async fn websocket_bad_key_is_status_401() {
-        let srv = start(fast()).await;
-        let el = client(
-            &settings(
-                &srv.base_url(),
-                TtsTransport::Websocket,
-                OutputFormat::Ulaw8000,
-            ),
+        let (srv, el) = start(
+            fast(),
+            TtsTransport::Websocket,
+            OutputFormat::Ulaw8000,
             "wrong",
-        );
+        )
+        .await;
         match el.open(params(8_000)).await {
             Err(TtsError::Status {
                 status: 401,
@@ -1304,41 +1328,20 @@ mod tests {
 
     #[tokio::test]
     async fn websocket_unexpected_close_fails() {
-        let srv = start(FakeElevenLabsConfig {
-            fault: TtsFault::CloseAfterChunks(2),
-            ..fast()
-        })
-        .await;
-        let el = client(
-            &settings(
-                &srv.base_url(),
-                TtsTransport::Websocket,
-                OutputFormat::Pcm8000,
-            ),
-            KEY,
-        );
-        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
-        text.send(TtsInput::Text(
-            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
-        ))
-        .await
-        .unwrap();
-        text.send(TtsInput::Finish).await.unwrap();
-        let (_, chunks, end) = collect(&mut audio).await;
+        let cfg = with_fault(TtsFault::CloseAfterChunks(2));
+        let (_srv, el) = start(cfg, TtsTransport::Websocket, OutputFormat::Pcm8000, KEY).await;
+        let mut stream = open_and_send(&el, 8_000, &[LONG], true).await;
+        let (_, chunks, end) = collect(&mut stream.audio).await;
         assert_eq!(chunks, 2);
-        match end {
-            Some(TtsOutput::Failed(m)) => assert!(m.contains("1011"), "{m}"),
-            other => panic!("expected Failed, got {other:?}"),
-        }
+        let m = failure(end);
+        assert!(m.contains("1011"), "{m}");
     }
 
     #[tokio::test]
     async fn websocket_stall_fails_by_deadline() {
-        let srv = start(FakeElevenLabsConfig {
-            fault: TtsFault::StallAfterChunks(1),
-            ..fast()
-        })
-        .await;
+        let srv = fake::spawn(with_fault(TtsFault::StallAfterChunks(1)))
+            .await
+            .unwrap();
         let mut s = settings(
             &srv.base_url(),
             TtsTransport::Websocket,
@@ -1346,68 +1349,32 @@ mod tests {
         );
         s.first_byte_timeout_ms = 300;
         let el = client(&s, KEY);
-        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
-        text.send(TtsInput::Text(
-            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
-        ))
-        .await
-        .unwrap();
-        text.send(TtsInput::Finish).await.unwrap();
-        let (_, chunks, end) = collect(&mut audio).await;
+        let mut stream = open_and_send(&el, 8_000, &[LONG], true).await;
+        let (_, chunks, end) = collect(&mut stream.audio).await;
         assert_eq!(chunks, 1);
-        match end {
-            Some(TtsOutput::Failed(m)) => {
-                assert!(m.contains("no audio") && m.contains("300 ms"), "{m}")
-            }
-            other => panic!("expected Failed, got {other:?}"),
-        }
+        let m = failure(end);
+        assert!(m.contains("no audio") && m.contains("300 ms"), "{m}");
     }
 
     #[tokio::test]
     async fn websocket_server_error_message_fails() {
-        let srv = start(FakeElevenLabsConfig {
-            fault: TtsFault::InputTimeoutSecs(1),
-            ..fast()
-        })
-        .await;
-        let el = client(
-            &settings(
-                &srv.base_url(),
-                TtsTransport::Websocket,
-                OutputFormat::Pcm8000,
-            ),
-            KEY,
-        );
-        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
+        let cfg = with_fault(TtsFault::InputTimeoutSecs(1));
+        let (_srv, el) = start(cfg, TtsTransport::Websocket, OutputFormat::Pcm8000, KEY).await;
+        let TtsStream { text, mut audio } = open_and_send(&el, 8_000, &[], false).await;
         // Pre-connected but no text comes: the service gives up after its inactivity timeout.
-        match recv(&mut audio).await {
-            Some(TtsOutput::Failed(m)) => assert!(m.contains("input_timeout_exceeded"), "{m}"),
-            other => panic!("expected Failed, got {other:?}"),
-        }
+        let m = failure(recv(&mut audio).await);
+        assert!(m.contains("input_timeout_exceeded"), "{m}");
         drop(text);
     }
 
     #[tokio::test]
     async fn dropping_the_text_sender_cancels() {
-        let srv = start(FakeElevenLabsConfig {
+        let cfg = FakeElevenLabsConfig {
             realtime_factor: 1.0,
             ..fast()
-        })
-        .await;
-        let el = client(
-            &settings(
-                &srv.base_url(),
-                TtsTransport::Websocket,
-                OutputFormat::Pcm8000,
-            ),
-            KEY,
-        );
-        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
-        text.send(TtsInput::Text(
-            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
-        ))
-        .await
-        .unwrap();
+        };
+        let (srv, el) = start(cfg, TtsTransport::Websocket, OutputFormat::Pcm8000, KEY).await;
+        let TtsStream { text, mut audio } = open_and_send(&el, 8_000, &[LONG], false).await;
         assert!(matches!(recv(&mut audio).await, Some(TtsOutput::Audio(_))));
         drop(text);
         // The stream stops without Done or Failed...
@@ -1429,20 +1396,13 @@ mod tests {
 
     #[tokio::test]
     async fn http_posts_sentences_in_turn_and_streams() {
-        let srv = start(fast()).await;
-        let el = client(
-            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Pcm16000),
-            KEY,
-        );
-        let TtsStream { text, mut audio } = el.open(params(16_000)).await.unwrap();
+        let (srv, el) = start(fast(), TtsTransport::Http, OutputFormat::Pcm16000, KEY).await;
         let (a, b) = (
             "Selamat pagi, apa khabar?",
             "Saya boleh bantu anda hari ini.",
         );
-        text.send(TtsInput::Text(a.into())).await.unwrap();
-        text.send(TtsInput::Text(format!(" {b}"))).await.unwrap();
-        text.send(TtsInput::Finish).await.unwrap();
-        let (pcm, chunks, end) = collect(&mut audio).await;
+        let mut stream = open_and_send(&el, 16_000, &[a, &format!(" {b}")], true).await;
+        let (pcm, chunks, end) = collect(&mut stream.audio).await;
         assert_eq!(end, Some(TtsOutput::Done));
         assert!(chunks > 2);
         // The fake splits PCM bodies mid-sample; the decoder rejoins them exactly.
@@ -1455,24 +1415,11 @@ mod tests {
     #[tokio::test]
     async fn http_audio_arrives_before_the_body_is_complete() {
         // The body never completes, yet audio is delivered: it is streamed, not buffered.
-        let srv = start(FakeElevenLabsConfig {
-            fault: TtsFault::StallAfterChunks(2),
-            ..fast()
-        })
-        .await;
-        let el = client(
-            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Ulaw8000),
-            KEY,
-        );
-        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
-        text.send(TtsInput::Text(
-            "Selamat pagi, terima kasih kerana menelefon kami hari ini.".into(),
-        ))
-        .await
-        .unwrap();
-        text.send(TtsInput::Finish).await.unwrap();
+        let cfg = with_fault(TtsFault::StallAfterChunks(2));
+        let (_srv, el) = start(cfg, TtsTransport::Http, OutputFormat::Ulaw8000, KEY).await;
+        let mut stream = open_and_send(&el, 8_000, &[LONG], true).await;
         for _ in 0..2 {
-            match recv(&mut audio).await {
+            match recv(&mut stream.audio).await {
                 Some(TtsOutput::Audio(s)) => assert_eq!(s.len(), 800, "100 ms of µ-law per chunk"),
                 other => panic!("expected audio, got {other:?}"),
             }
@@ -1481,11 +1428,7 @@ mod tests {
 
     #[tokio::test]
     async fn http_bad_key_fails_with_the_detail() {
-        let srv = start(fast()).await;
-        let el = client(
-            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Ulaw8000),
-            "wrong",
-        );
+        let (_srv, el) = start(fast(), TtsTransport::Http, OutputFormat::Ulaw8000, "wrong").await;
         match synthesize_all(&el, params(8_000), "Helo.").await {
             Err(TtsError::Transport(m)) => {
                 assert!(
@@ -1499,37 +1442,20 @@ mod tests {
 
     #[tokio::test]
     async fn http_422_array_form_is_reported() {
-        let srv = start(FakeElevenLabsConfig {
-            fault: TtsFault::Status(422),
-            ..fast()
-        })
-        .await;
-        let el = client(
-            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Ulaw8000),
-            KEY,
+        let cfg = with_fault(TtsFault::Status(422));
+        let (_srv, el) = start(cfg, TtsTransport::Http, OutputFormat::Ulaw8000, KEY).await;
+        let mut stream = open_and_send(&el, 8_000, &["Helo."], false).await;
+        let m = failure(recv(&mut stream.audio).await);
+        assert!(
+            m.contains("422") && m.contains("body.text: Field required"),
+            "{m}"
         );
-        let TtsStream { text, mut audio } = el.open(params(8_000)).await.unwrap();
-        text.send(TtsInput::Text("Helo.".into())).await.unwrap();
-        match recv(&mut audio).await {
-            Some(TtsOutput::Failed(m)) => assert!(
-                m.contains("422") && m.contains("body.text: Field required"),
-                "{m}"
-            ),
-            other => panic!("expected Failed, got {other:?}"),
-        }
     }
 
     #[tokio::test]
     async fn http_dropped_body_fails() {
-        let srv = start(FakeElevenLabsConfig {
-            fault: TtsFault::CloseAfterChunks(1),
-            ..fast()
-        })
-        .await;
-        let el = client(
-            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Pcm8000),
-            KEY,
-        );
+        let cfg = with_fault(TtsFault::CloseAfterChunks(1));
+        let (_srv, el) = start(cfg, TtsTransport::Http, OutputFormat::Pcm8000, KEY).await;
         let err = synthesize_all(
             &el,
             params(8_000),
@@ -1541,11 +1467,7 @@ mod tests {
 
     #[tokio::test]
     async fn synthesize_all_over_http_returns_everything() {
-        let srv = start(fast()).await;
-        let el = client(
-            &settings(&srv.base_url(), TtsTransport::Http, OutputFormat::Pcm8000),
-            KEY,
-        );
+        let (srv, el) = start(fast(), TtsTransport::Http, OutputFormat::Pcm8000, KEY).await;
         let greeting = "Selamat datang. Saya pembantu maya anda.";
         let pcm = synthesize_all(&el, params(8_000), greeting).await.unwrap();
         assert_eq!(pcm.len(), speech_samples(greeting, 8_000));

@@ -762,6 +762,19 @@ mod tests {
         }
     }
 
+    /// A `Success` phrase; offsets in 100 ns ticks.
+    fn success(text: &str, offset: u64, duration: u64) -> ServiceMessage {
+        phrase(Some(text), RecognitionStatus::Success, offset, duration)
+    }
+
+    fn emit_final(text: &str, offset_ms: u64, duration_ms: u64) -> Action {
+        Action::Emit(SttEvent::Final {
+            text: text.into(),
+            offset_ms,
+            duration_ms,
+        })
+    }
+
     #[test]
     fn rechunks_to_40ms() {
         let mut r = rec(8000);
@@ -784,45 +797,19 @@ mod tests {
         while r.next_chunk(false).is_some() {}
         // Phrase 0.1 s .. 0.6 s.
         assert_eq!(
-            r.on_message(phrase(
-                Some("satu"),
-                RecognitionStatus::Success,
-                1_000_000,
-                5_000_000
-            )),
-            Action::Emit(SttEvent::Final {
-                text: "satu".into(),
-                offset_ms: 100,
-                duration_ms: 500
-            })
+            r.on_message(success("satu", 1_000_000, 5_000_000)),
+            emit_final("satu", 100, 500)
         );
         assert_eq!(r.unacked_samples(), 3200);
         // Reconnect: the new turn starts at 0.6 s; replay is the 0.4 s after the phrase.
         let replay = r.begin_turn();
         assert_eq!(replay.iter().map(Vec::len).sum::<usize>(), 6400);
         assert_eq!(
-            r.on_message(phrase(
-                Some("dua"),
-                RecognitionStatus::Success,
-                1_000_000,
-                1_000_000
-            )),
-            Action::Emit(SttEvent::Final {
-                text: "dua".into(),
-                offset_ms: 700,
-                duration_ms: 100
-            })
+            r.on_message(success("dua", 1_000_000, 1_000_000)),
+            emit_final("dua", 700, 100)
         );
         // A phrase that ends before what was already acknowledged is a duplicate.
-        assert_eq!(
-            r.on_message(phrase(
-                Some("dua"),
-                RecognitionStatus::Success,
-                0,
-                1_000_000
-            )),
-            Action::Progress
-        );
+        assert_eq!(r.on_message(success("dua", 0, 1_000_000)), Action::Progress);
     }
 
     #[test]
@@ -862,17 +849,8 @@ mod tests {
         );
         // Ack never goes past what was sent.
         assert_eq!(
-            r.on_message(phrase(
-                Some("x"),
-                RecognitionStatus::Success,
-                0,
-                100_000_000
-            )),
-            Action::Emit(SttEvent::Final {
-                text: "x".into(),
-                offset_ms: 0,
-                duration_ms: 10_000
-            })
+            r.on_message(success("x", 0, 100_000_000)),
+            emit_final("x", 0, 10_000)
         );
         assert_eq!(r.unacked_samples(), 0);
     }
@@ -959,6 +937,37 @@ mod tests {
             .with_options(opts)
     }
 
+    async fn start_fake(fault: AzureFault) -> FakeAzure {
+        FakeAzure::spawn(fake_cfg(fault)).await.unwrap()
+    }
+
+    /// A recognition at `rate` against `fake` with the right key.
+    async fn open_session(fake: &FakeAzure, opts: AzureSttOptions, rate: u32) -> SttSession {
+        let stt = client(fake, "good-key", opts);
+        stt.start(params(rate)).await.unwrap()
+    }
+
+    fn backoff_ms(ms: u64) -> AzureSttOptions {
+        AzureSttOptions {
+            reconnect_backoff: Duration::from_millis(ms),
+            ..Default::default()
+        }
+    }
+
+    /// Every event until the driver closes the channel.
+    async fn drain(events: &mut mpsc::Receiver<SttEvent>) -> Vec<SttEvent> {
+        let mut out = Vec::new();
+        let collect = async {
+            while let Some(ev) = events.recv().await {
+                out.push(ev);
+            }
+        };
+        timeout(Duration::from_secs(30), collect)
+            .await
+            .expect("recognition hung");
+        out
+    }
+
     fn fake_cfg(fault: AzureFault) -> FakeAzureConfig {
         FakeAzureConfig {
             key: Some("good-key".into()),
@@ -990,15 +999,7 @@ mod tests {
                 }
             }
         });
-        let mut out = Vec::new();
-        let collect = async {
-            while let Some(ev) = events.recv().await {
-                out.push(ev);
-            }
-        };
-        timeout(Duration::from_secs(30), collect)
-            .await
-            .expect("recognition hung");
+        let out = drain(&mut events).await;
         feeder.abort();
         out
     }
@@ -1019,9 +1020,8 @@ mod tests {
 
     #[tokio::test]
     async fn recognises_two_phrases_at_8k() {
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::None)).await.unwrap();
-        let stt = client(&fake, "good-key", AzureSttOptions::default());
-        let session = stt.start(params(8000)).await.unwrap();
+        let fake = start_fake(AzureFault::None).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
         let events = run_call(session, tone_bursts(8000, 2), 8000, Duration::ZERO).await;
 
         let f = finals(&events);
@@ -1065,9 +1065,8 @@ mod tests {
 
     #[tokio::test]
     async fn declares_16k() {
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::None)).await.unwrap();
-        let stt = client(&fake, "good-key", AzureSttOptions::default());
-        let session = stt.start(params(16000)).await.unwrap();
+        let fake = start_fake(AzureFault::None).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 16000).await;
         let events = run_call(session, tone_bursts(16000, 1), 16000, Duration::ZERO).await;
         assert_eq!(finals(&events).len(), 1, "{events:?}");
         let stats = fake.stats();
@@ -1077,20 +1076,17 @@ mod tests {
 
     #[tokio::test]
     async fn bad_key_is_unauthorized() {
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::None)).await.unwrap();
-        let stt = client(&fake, "wrong-key", AzureSttOptions::default());
-        assert!(matches!(
-            stt.start(params(8000)).await,
-            Err(SttError::Unauthorized(401))
-        ));
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::RejectAuth))
-            .await
-            .unwrap();
-        let stt = client(&fake, "good-key", AzureSttOptions::default());
-        assert!(matches!(
-            stt.start(params(8000)).await,
-            Err(SttError::Unauthorized(401))
-        ));
+        for (fault, key) in [
+            (AzureFault::None, "wrong-key"),
+            (AzureFault::RejectAuth, "good-key"),
+        ] {
+            let fake = start_fake(fault).await;
+            let stt = client(&fake, key, AzureSttOptions::default());
+            assert!(matches!(
+                stt.start(params(8000)).await,
+                Err(SttError::Unauthorized(401))
+            ));
+        }
     }
 
     #[tokio::test]
@@ -1111,15 +1107,8 @@ mod tests {
     async fn reconnects_and_replays_after_server_close() {
         // The server drops every connection after 700 ms; audio is paced at 4x real time,
         // so each phrase spans a connection drop.
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::CloseAfterMs(700)))
-            .await
-            .unwrap();
-        let opts = AzureSttOptions {
-            reconnect_backoff: Duration::from_millis(20),
-            ..Default::default()
-        };
-        let stt = client(&fake, "good-key", opts);
-        let session = stt.start(params(8000)).await.unwrap();
+        let fake = start_fake(AzureFault::CloseAfterMs(700)).await;
+        let session = open_session(&fake, backoff_ms(20), 8000).await;
         let events = run_call(
             session,
             tone_bursts(8000, 2),
@@ -1149,15 +1138,13 @@ mod tests {
 
     #[tokio::test]
     async fn gives_up_when_service_never_answers() {
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::Stall)).await.unwrap();
+        let fake = start_fake(AzureFault::Stall).await;
         let opts = AzureSttOptions {
             first_message_timeout: Duration::from_millis(1000),
-            reconnect_backoff: Duration::from_millis(10),
             max_reconnects: 2,
-            ..Default::default()
+            ..backoff_ms(10)
         };
-        let stt = client(&fake, "good-key", opts);
-        let SttSession { audio, mut events } = stt.start(params(8000)).await.unwrap();
+        let SttSession { audio, mut events } = open_session(&fake, opts, 8000).await;
         // 12 s of unbroken speech: nothing is ever acknowledged, so every reconnect replays
         // all of it (300 chunks, more than a naive write queue would hold).
         let tone: Vec<i16> = tone_bursts(8000, 12)
@@ -1167,15 +1154,7 @@ mod tests {
         for frame in tone.chunks(160) {
             audio.send(frame.to_vec()).await.unwrap();
         }
-        let mut got = Vec::new();
-        let collect = async {
-            while let Some(ev) = events.recv().await {
-                got.push(ev);
-            }
-        };
-        timeout(Duration::from_secs(30), collect)
-            .await
-            .expect("hung");
+        let got = drain(&mut events).await;
         drop(audio);
         assert_eq!(
             got.iter().filter(|e| **e == SttEvent::Reconnected).count(),
@@ -1190,15 +1169,8 @@ mod tests {
 
     #[tokio::test]
     async fn gives_up_when_server_is_gone() {
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::DropAfterPhrases(1)))
-            .await
-            .unwrap();
-        let opts = AzureSttOptions {
-            reconnect_backoff: Duration::from_millis(10),
-            ..Default::default()
-        };
-        let stt = client(&fake, "good-key", opts);
-        let SttSession { audio, mut events } = stt.start(params(8000)).await.unwrap();
+        let fake = start_fake(AzureFault::DropAfterPhrases(1)).await;
+        let SttSession { audio, mut events } = open_session(&fake, backoff_ms(10), 8000).await;
         // Stop accepting: reconnects are refused.
         fake.stop_accepting();
         let pcm = tone_bursts(8000, 2);
@@ -1209,15 +1181,7 @@ mod tests {
             // Keep the call up until the driver gives up.
             audio.closed().await;
         });
-        let mut got = Vec::new();
-        let collect = async {
-            while let Some(ev) = events.recv().await {
-                got.push(ev);
-            }
-        };
-        timeout(Duration::from_secs(30), collect)
-            .await
-            .expect("hung");
+        let got = drain(&mut events).await;
         feeder.abort();
         assert_eq!(finals(&got).len(), 1, "{got:?}");
         assert!(!got.contains(&SttEvent::Reconnected), "{got:?}");
@@ -1226,9 +1190,9 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_events_stops_the_driver() {
-        let fake = FakeAzure::spawn(fake_cfg(AzureFault::None)).await.unwrap();
-        let stt = client(&fake, "good-key", AzureSttOptions::default());
-        let SttSession { audio, events } = stt.start(params(8000)).await.unwrap();
+        let fake = start_fake(AzureFault::None).await;
+        let SttSession { audio, events } =
+            open_session(&fake, AzureSttOptions::default(), 8000).await;
         drop(events);
         // The driver drops its audio receiver when it stops.
         timeout(Duration::from_secs(10), audio.closed())

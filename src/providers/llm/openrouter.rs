@@ -1053,9 +1053,19 @@ mod tests {
 
     const REPLY: &str = "Harga pakej asas ialah RM99 sebulan, termasuk data tanpa had.";
 
+    /// A fake that answers [`REPLY`] with `fault` injected.
+    async fn start(fault: LlmFault) -> fake::FakeOpenRouter {
+        fake::spawn(fast(fault, &[REPLY])).await.unwrap()
+    }
+
+    /// One plain turn ("hai") with a client on `s`.
+    async fn hai(s: &LlmSettings) -> Result<Vec<Result<LlmEvent, LlmError>>, LlmError> {
+        run(&client(s), request("hai", false)).await
+    }
+
     #[tokio::test]
     async fn streams_text_in_order_then_usage_then_done() {
-        let srv = fake::spawn(fast(LlmFault::None, &[REPLY])).await.unwrap();
+        let srv = start(LlmFault::None).await;
         let c = client(&settings(srv.base_url()));
         let events = run(&c, request("Berapa harga pakej?", false))
             .await
@@ -1109,7 +1119,7 @@ mod tests {
 
     #[tokio::test]
     async fn goodbye_ends_with_an_end_call_tool_call() {
-        let srv = fake::spawn(fast(LlmFault::None, &[REPLY])).await.unwrap();
+        let srv = start(LlmFault::None).await;
         let c = client(&settings(srv.base_url()));
         let events = run(&c, request("Okey, itu sahaja. Terima kasih!", true))
             .await
@@ -1141,7 +1151,7 @@ mod tests {
 
     #[tokio::test]
     async fn fallback_models_are_sent() {
-        let srv = fake::spawn(fast(LlmFault::None, &[REPLY])).await.unwrap();
+        let srv = start(LlmFault::None).await;
         let mut s = settings(srv.base_url());
         s.fallback_models = vec![
             "anthropic/claude-3.5-haiku".into(),
@@ -1162,11 +1172,8 @@ mod tests {
 
     #[tokio::test]
     async fn retries_once_after_429() {
-        let srv = fake::spawn(fast(LlmFault::StatusOnce(429), &[REPLY]))
-            .await
-            .unwrap();
-        let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("hai", false)).await.unwrap();
+        let srv = start(LlmFault::StatusOnce(429)).await;
+        let events = hai(&settings(srv.base_url())).await.unwrap();
         assert_eq!(texts(&events), REPLY);
         assert_eq!(srv.request_count(), 2);
         let reqs = srv.requests();
@@ -1175,11 +1182,8 @@ mod tests {
 
     #[tokio::test]
     async fn persistent_500_fails_after_exactly_two_requests() {
-        let srv = fake::spawn(fast(LlmFault::Status(500), &[REPLY]))
-            .await
-            .unwrap();
-        let c = client(&settings(srv.base_url()));
-        let err = run(&c, request("hai", false)).await.unwrap_err();
+        let srv = start(LlmFault::Status(500)).await;
+        let err = hai(&settings(srv.base_url())).await.unwrap_err();
         assert!(
             matches!(&err, LlmError::Status { status: 500, message } if message == "Internal Server Error"),
             "{err:?}"
@@ -1192,8 +1196,7 @@ mod tests {
         let mut cfg = fast(LlmFault::None, &[REPLY]);
         cfg.key = Some("sk-or-v1-other".into());
         let srv = fake::spawn(cfg).await.unwrap();
-        let c = client(&settings(srv.base_url()));
-        let err = run(&c, request("hai", false)).await.unwrap_err();
+        let err = hai(&settings(srv.base_url())).await.unwrap_err();
         assert!(
             matches!(&err, LlmError::Status { status: 401, message } if message == "User not found."),
             "{err:?}"
@@ -1236,11 +1239,8 @@ mod tests {
 
     #[tokio::test]
     async fn mid_stream_error_after_text() {
-        let srv = fake::spawn(fast(LlmFault::MidStreamError { after_tokens: 2 }, &[REPLY]))
-            .await
-            .unwrap();
-        let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("hai", false)).await.unwrap();
+        let srv = start(LlmFault::MidStreamError { after_tokens: 2 }).await;
+        let events = hai(&settings(srv.base_url())).await.unwrap();
         assert_eq!(texts(&events), "Harga pakej");
         assert_eq!(events.len(), 3, "{events:?}");
         assert!(
@@ -1251,11 +1251,8 @@ mod tests {
 
     #[tokio::test]
     async fn mid_stream_error_before_first_token_is_retried_once() {
-        let srv = fake::spawn(fast(LlmFault::MidStreamError { after_tokens: 0 }, &[REPLY]))
-            .await
-            .unwrap();
-        let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("hai", false)).await.unwrap();
+        let srv = start(LlmFault::MidStreamError { after_tokens: 0 }).await;
+        let events = hai(&settings(srv.base_url())).await.unwrap();
         // The second attempt's error carries the string code.
         assert!(
             matches!(events.as_slice(), [Err(LlmError::MidStream { code, .. })] if code == "server_error"),
@@ -1266,12 +1263,10 @@ mod tests {
 
     #[tokio::test]
     async fn no_first_token_times_out() {
-        let srv = fake::spawn(fast(LlmFault::StallBeforeFirstToken, &[REPLY]))
-            .await
-            .unwrap();
+        let srv = start(LlmFault::StallBeforeFirstToken).await;
         let mut s = settings(srv.base_url());
         s.first_token_timeout_ms = 300;
-        let events = run(&client(&s), request("hai", false)).await.unwrap();
+        let events = hai(&s).await.unwrap();
         assert!(
             matches!(events.as_slice(), [Err(LlmError::FirstTokenTimeout(300))]),
             "{events:?}"
@@ -1291,7 +1286,7 @@ mod tests {
         });
         let mut s = settings(format!("http://{addr}/api/v1"));
         s.first_token_timeout_ms = 300;
-        let err = run(&client(&s), request("hai", false)).await.unwrap_err();
+        let err = hai(&s).await.unwrap_err();
         assert!(matches!(err, LlmError::FirstTokenTimeout(300)), "{err:?}");
         hold.abort();
     }
@@ -1313,12 +1308,10 @@ mod tests {
 
     #[tokio::test]
     async fn stall_mid_stream() {
-        let srv = fake::spawn(fast(LlmFault::StallAfterTokens(2), &[REPLY]))
-            .await
-            .unwrap();
+        let srv = start(LlmFault::StallAfterTokens(2)).await;
         let mut s = settings(srv.base_url());
         s.stall_timeout_ms = 300;
-        let events = run(&client(&s), request("hai", false)).await.unwrap();
+        let events = hai(&s).await.unwrap();
         assert_eq!(texts(&events), "Harga pakej");
         assert!(
             matches!(events.last(), Some(Err(LlmError::Stalled(300)))),
@@ -1328,11 +1321,8 @@ mod tests {
 
     #[tokio::test]
     async fn disconnect_mid_stream() {
-        let srv = fake::spawn(fast(LlmFault::Disconnect { after_tokens: 3 }, &[REPLY]))
-            .await
-            .unwrap();
-        let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("hai", false)).await.unwrap();
+        let srv = start(LlmFault::Disconnect { after_tokens: 3 }).await;
+        let events = hai(&settings(srv.base_url())).await.unwrap();
         assert_eq!(texts(&events), "Harga pakej asas", "{events:?}");
         assert!(
             matches!(events.last(), Some(Err(LlmError::Transport(_)))),
@@ -1343,11 +1333,8 @@ mod tests {
 
     #[tokio::test]
     async fn disconnect_before_first_token_is_retried_once() {
-        let srv = fake::spawn(fast(LlmFault::Disconnect { after_tokens: 0 }, &[REPLY]))
-            .await
-            .unwrap();
-        let c = client(&settings(srv.base_url()));
-        let events = run(&c, request("hai", false)).await.unwrap();
+        let srv = start(LlmFault::Disconnect { after_tokens: 0 }).await;
+        let events = hai(&settings(srv.base_url())).await.unwrap();
         assert!(
             matches!(events.as_slice(), [Err(LlmError::Transport(_))]),
             "{events:?}"
@@ -1357,12 +1344,8 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_mid_stream_is_malformed() {
-        let srv = fake::spawn(fast(LlmFault::Malformed { after_tokens: 1 }, &[REPLY]))
-            .await
-            .unwrap();
-        let events = run(&client(&settings(srv.base_url())), request("hai", false))
-            .await
-            .unwrap();
+        let srv = start(LlmFault::Malformed { after_tokens: 1 }).await;
+        let events = hai(&settings(srv.base_url())).await.unwrap();
         assert_eq!(texts(&events), "Harga");
         assert!(
             matches!(events.last(), Some(Err(LlmError::Malformed(_)))),
@@ -1446,7 +1429,7 @@ mod tests {
             let (base, task) = raw_server(body.clone(), hang).await;
             let mut s = settings(base);
             s.stall_timeout_ms = 300;
-            let events = run(&client(&s), request("hai", false)).await.unwrap();
+            let events = hai(&s).await.unwrap();
             assert!(
                 matches!(events.as_slice(), [Ok(LlmEvent::Text(t)), Ok(LlmEvent::Done { finish_reason: Some(r) })] if t == "Hello" && r == "stop"),
                 "hang={hang}: {events:?}"
@@ -1458,9 +1441,7 @@ mod tests {
     #[tokio::test]
     async fn truncated_reply_is_an_error() {
         let (base, task) = raw_server(format!("data: {HELLO}\n\n"), false).await;
-        let events = run(&client(&settings(base)), request("hai", false))
-            .await
-            .unwrap();
+        let events = hai(&settings(base)).await.unwrap();
         assert!(
             matches!(
                 events.as_slice(),

@@ -765,6 +765,12 @@ mod tests {
         }
     }
 
+    async fn send_all(ws: &mut Client, frames: Vec<WsMessage>) {
+        for f in frames {
+            ws.send(f).await.unwrap();
+        }
+    }
+
     fn cfg() -> FakeAzureConfig {
         FakeAzureConfig {
             final_delay_ms: 0,
@@ -781,9 +787,6 @@ mod tests {
             "&segmentationSilenceTimeoutMs=200",
         )
         .await;
-        ws.send(WsMessage::text(protocol::speech_config_message(RID, TS)))
-            .await
-            .unwrap();
         // No WAV header: raw 16 kHz PCM. 0.5 s of loud square wave, 0.5 s of silence.
         let mut pcm = Vec::new();
         for i in 0..8000 {
@@ -792,14 +795,15 @@ mod tests {
         pcm.extend(std::iter::repeat_n(0i16, 8000));
         let mut bytes = Vec::new();
         pcm::samples_to_le_bytes(&pcm, &mut bytes);
-        ws.send(WsMessage::binary(protocol::audio_message(
-            RID, TS, None, &bytes,
-        )))
-        .await
-        .unwrap();
-        ws.send(WsMessage::binary(protocol::end_of_stream_message(RID, TS)))
-            .await
-            .unwrap();
+        send_all(
+            &mut ws,
+            vec![
+                WsMessage::text(protocol::speech_config_message(RID, TS)),
+                WsMessage::binary(protocol::audio_message(RID, TS, None, &bytes)),
+                WsMessage::binary(protocol::end_of_stream_message(RID, TS)),
+            ],
+        )
+        .await;
         let (msgs, code) = read_all(&mut ws).await;
         assert_eq!(code, None);
         assert_eq!(msgs.first(), Some(&ServiceMessage::TurnStart));
@@ -832,83 +836,38 @@ mod tests {
     async fn protocol_violations_close_the_connection() {
         let fake = FakeAzure::spawn(cfg()).await.unwrap();
         let config = || WsMessage::text(protocol::speech_config_message(RID, TS));
-        // Audio before speech.config.
-        assert_eq!(
-            expect_close(
-                &fake,
-                vec![WsMessage::binary(protocol::wav_header_message(
-                    RID, TS, 8000
-                ))]
-            )
-            .await,
-            Some(1002)
-        );
-        // Missing X-RequestId.
-        assert_eq!(
-            expect_close(
-                &fake,
-                vec![WsMessage::text("Path: speech.config\r\n\r\n{}")]
-            )
-            .await,
-            Some(1002)
-        );
-        // Missing Path.
-        assert_eq!(
-            expect_close(
-                &fake,
-                vec![WsMessage::text(format!("X-RequestId: {RID}\r\n\r\n{{}}"))]
-            )
-            .await,
-            Some(1002)
-        );
-        // 44.1 kHz.
-        assert_eq!(
-            expect_close(
-                &fake,
-                vec![
-                    config(),
-                    WsMessage::binary(protocol::wav_header_message(RID, TS, 44100))
-                ]
-            )
-            .await,
-            Some(1007)
-        );
-        // Bad JSON context.
-        assert_eq!(
-            expect_close(
-                &fake,
-                vec![
-                    config(),
-                    WsMessage::text(protocol::text_message(
-                        "speech.context",
-                        RID,
-                        TS,
-                        "application/json",
-                        "{"
-                    ))
-                ]
-            )
-            .await,
-            Some(1007)
-        );
+        let header = |rate| WsMessage::binary(protocol::wav_header_message(RID, TS, rate));
+        let bad_context = WsMessage::text(protocol::text_message(
+            "speech.context",
+            RID,
+            TS,
+            "application/json",
+            "{",
+        ));
+        for (what, frames, code) in [
+            ("audio before speech.config", vec![header(8000)], 1002),
+            (
+                "missing X-RequestId",
+                vec![WsMessage::text("Path: speech.config\r\n\r\n{}")],
+                1002,
+            ),
+            (
+                "missing Path",
+                vec![WsMessage::text(format!("X-RequestId: {RID}\r\n\r\n{{}}"))],
+                1002,
+            ),
+            ("44.1 kHz", vec![config(), header(44100)], 1007),
+            ("bad JSON context", vec![config(), bad_context], 1007),
+        ] {
+            assert_eq!(expect_close(&fake, frames).await, Some(code), "{what}");
+        }
         // Reusing a request id after turn.end.
         let mut ws = open(&fake, PATHS[0], "").await;
-        ws.send(config()).await.unwrap();
-        ws.send(WsMessage::binary(protocol::wav_header_message(
-            RID, TS, 8000,
-        )))
-        .await
-        .unwrap();
-        ws.send(WsMessage::binary(protocol::end_of_stream_message(RID, TS)))
-            .await
-            .unwrap();
+        let eos = WsMessage::binary(protocol::end_of_stream_message(RID, TS));
+        send_all(&mut ws, vec![config(), header(8000), eos]).await;
         let (msgs, _) = read_all(&mut ws).await;
         assert_eq!(msgs.last(), Some(&ServiceMessage::TurnEnd));
-        ws.send(WsMessage::binary(protocol::wav_header_message(
-            RID, TS, 8000,
-        )))
-        .await
-        .unwrap();
+        ws.send(header(8000)).await.unwrap();
         assert_eq!(read_all(&mut ws).await.1, Some(1002));
         assert_eq!(fake.stats().violations.len(), 6);
     }

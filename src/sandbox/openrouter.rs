@@ -449,6 +449,61 @@ fn split_tokens(text: &str) -> Vec<String> {
     out
 }
 
+/// The built-in responder's topics, in order of precedence: the words (or phrases) that
+/// select a topic and its reply.
+const TOPICS: [(&[&str], &str); 6] = [
+    (
+        &["waktu", "jam", "buka", "tutup", "pukul", "operasi"],
+        "Kami dibuka setiap hari dari pukul 9 pagi hingga 6 petang. \
+         Pada hari Ahad, kami tutup lebih awal pada pukul 1 tengah hari. \
+         Ada apa-apa lagi yang boleh saya bantu?",
+    ),
+    (
+        &[
+            "harga", "berapa", "kos", "bayaran", "yuran", "mahal", "murah", "price", "rm",
+        ],
+        "Untuk soalan tentang harga, pakej asas kami bermula dari RM99 sebulan. \
+         Pakej premium pula RM199 sebulan dan termasuk sokongan 24 jam. \
+         Pakej mana yang anda minati?",
+    ),
+    (
+        &[
+            "alamat", "lokasi", "di mana", "kat mana", "pejabat", "cawangan",
+        ],
+        "Pejabat kami terletak di Jalan Ampang, Kuala Lumpur, berhampiran stesen LRT \
+         Ampang Park. Ada tempat letak kereta di bangunan yang sama. \
+         Mahu saya hantarkan pautan peta melalui SMS?",
+    ),
+    (
+        &[
+            "tempah",
+            "tempahan",
+            "temujanji",
+            "janji temu",
+            "booking",
+            "appointment",
+        ],
+        "Boleh, saya boleh bantu anda membuat temujanji. \
+         Hari dan masa apakah yang paling sesuai untuk anda?",
+    ),
+    (
+        &["assalamualaikum", "salam"],
+        "Waalaikumussalam, terima kasih kerana menghubungi kami. \
+         Apa yang boleh saya bantu hari ini?",
+    ),
+    (
+        &[
+            "helo",
+            "hello",
+            "hai",
+            "hi",
+            "selamat pagi",
+            "selamat petang",
+        ],
+        "Hai, terima kasih kerana menghubungi kami. Apa yang boleh saya bantu hari ini?",
+    ),
+];
+
 /// The built-in responder: a short, natural Malay reply about what the caller asked.
 /// Deterministic: the same message always gets the same reply.
 pub fn malay_reply(user: &str) -> String {
@@ -471,55 +526,8 @@ pub fn malay_reply(user: &str) -> String {
         return "Maaf, saya tidak dapat mendengar anda dengan jelas. Boleh ulang sekali lagi?"
             .into();
     }
-    if has(&["waktu", "jam", "buka", "tutup", "pukul", "operasi"]) {
-        return "Kami dibuka setiap hari dari pukul 9 pagi hingga 6 petang. \
-                Pada hari Ahad, kami tutup lebih awal pada pukul 1 tengah hari. \
-                Ada apa-apa lagi yang boleh saya bantu?"
-            .into();
-    }
-    if has(&[
-        "harga", "berapa", "kos", "bayaran", "yuran", "mahal", "murah", "price", "rm",
-    ]) {
-        return "Untuk soalan tentang harga, pakej asas kami bermula dari RM99 sebulan. \
-                Pakej premium pula RM199 sebulan dan termasuk sokongan 24 jam. \
-                Pakej mana yang anda minati?"
-            .into();
-    }
-    if has(&[
-        "alamat", "lokasi", "di mana", "kat mana", "pejabat", "cawangan",
-    ]) {
-        return "Pejabat kami terletak di Jalan Ampang, Kuala Lumpur, berhampiran stesen LRT \
-                Ampang Park. Ada tempat letak kereta di bangunan yang sama. \
-                Mahu saya hantarkan pautan peta melalui SMS?"
-            .into();
-    }
-    if has(&[
-        "tempah",
-        "tempahan",
-        "temujanji",
-        "janji temu",
-        "booking",
-        "appointment",
-    ]) {
-        return "Boleh, saya boleh bantu anda membuat temujanji. \
-                Hari dan masa apakah yang paling sesuai untuk anda?"
-            .into();
-    }
-    if has(&["assalamualaikum", "salam"]) {
-        return "Waalaikumussalam, terima kasih kerana menghubungi kami. \
-                Apa yang boleh saya bantu hari ini?"
-            .into();
-    }
-    if has(&[
-        "helo",
-        "hello",
-        "hai",
-        "hi",
-        "selamat pagi",
-        "selamat petang",
-    ]) {
-        return "Hai, terima kasih kerana menghubungi kami. Apa yang boleh saya bantu hari ini?"
-            .into();
+    if let Some((_, reply)) = TOPICS.iter().find(|(keys, _)| has(keys)) {
+        return (*reply).into();
     }
     let snippet: Vec<&str> = user.split_whitespace().take(8).collect();
     let snippet = snippet.join(" ");

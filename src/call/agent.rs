@@ -85,6 +85,8 @@ pub struct AgentReport {
     pub errors: Vec<String>,
     /// Times the caller interrupted the agent.
     pub barge_ins: u32,
+    /// When the VAD decided each barge-in, ms since the call started (latency benchmarks).
+    pub barge_in_ms: Vec<u64>,
 }
 
 /// Starts an agent for each call.

@@ -475,6 +475,7 @@ impl Conversation {
                 );
                 self.metrics.barge_in();
                 self.report.barge_ins += 1;
+                self.report.barge_in_ms.push(self.ms(at));
                 if let Some(r) = self.reply.take() {
                     r.cancel.cancel();
                     if r.end_call {

@@ -49,7 +49,9 @@ pub struct AzureSttOptions {
     pub max_reconnects: u32,
     /// Delay before the first reconnect; doubled for each further attempt.
     pub reconnect_backoff: Duration,
-    /// Audio is sent in chunks of this many ms (Azure wants 20-100 ms).
+    /// Audio is sent in chunks of this many ms (Azure wants 20-100 ms). 20 ms, one call
+    /// frame, means the frame that completes the caller's end-of-phrase silence is never held
+    /// back waiting for a second one (up to 20 ms per turn at 40 ms chunks).
     pub chunk_ms: u32,
     /// At most this much unacknowledged audio is kept for replay.
     pub max_replay_ms: u32,
@@ -66,7 +68,7 @@ impl Default for AzureSttOptions {
             first_message_timeout: Duration::from_secs(5),
             max_reconnects: 3,
             reconnect_backoff: Duration::from_millis(200),
-            chunk_ms: 40,
+            chunk_ms: 20,
             max_replay_ms: 30_000,
             finish_timeout: Duration::from_secs(3),
             write_timeout: Duration::from_secs(5),
@@ -743,6 +745,8 @@ mod tests {
             &params(rate),
             &AzureSttOptions {
                 max_replay_ms: 1000,
+                // The re-chunking tests below are written for 40 ms chunks.
+                chunk_ms: 40,
                 ..Default::default()
             },
         )

@@ -285,7 +285,10 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 // ---- what was said -------------------------------------------------------------------------
 
 pub fn agent(summary: &CallSummary) -> AgentReport {
-    summary.agent.clone().expect("AI calls have an agent report")
+    summary
+        .agent
+        .clone()
+        .expect("AI calls have an agent report")
 }
 
 /// `(role, text)` of each transcript line.
@@ -376,4 +379,73 @@ pub fn assert_clean(report: &CallReport) {
         "the daemon went {} ms without sending a frame",
         report.max_gap_ms
     );
+}
+
+// ---- a caller whose line echoes -------------------------------------------------------------
+
+/// What [`echo_call`] saw.
+#[derive(Debug)]
+pub struct EchoCall {
+    /// Every audio sample received, in order.
+    pub recording: Vec<i16>,
+    /// The daemon sent 0x00.
+    pub server_hangup: bool,
+    /// What Asterisk would have rejected.
+    pub violations: Vec<String>,
+}
+
+/// An 8 kHz call whose line reflects the agent's audio back, like a 2-wire hybrid: every
+/// 20 ms it sends the next frame of `play` plus the frame it received `delay_frames` frames
+/// earlier scaled by `gain_db`. Hangs up after `play` and a 2 s tail.
+pub async fn echo_call(
+    addr: SocketAddr,
+    play: &[i16],
+    gain_db: f64,
+    delay_frames: usize,
+) -> EchoCall {
+    use tokio::sync::mpsc::error::TryRecvError;
+    const FRAME: usize = 160;
+    let gain = 10f64.powf(gain_db / 20.0);
+    let mut peer = super::Peer::connect(addr).await;
+    peer.send(&super::uuid_frame()).await;
+    let mut received: Vec<Vec<i16>> = Vec::new();
+    let mut server_hangup = false;
+    let frames = play.len().div_ceil(FRAME) + 100;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let run = async {
+        'call: for n in 0..frames {
+            tick.tick().await;
+            loop {
+                match peer.frames.try_recv() {
+                    Ok(f) if f.kind == 0x00 => {
+                        server_hangup = true;
+                        break 'call;
+                    }
+                    Ok(f) => received.push(super::samples(&f)),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => break 'call,
+                }
+            }
+            let mut out: Vec<i16> = (0..FRAME)
+                .map(|i| play.get(n * FRAME + i).copied().unwrap_or(0))
+                .collect();
+            if let Some(echo) = n.checked_sub(delay_frames).and_then(|k| received.get(k)) {
+                for (o, e) in out.iter_mut().zip(echo) {
+                    let mixed = f64::from(*o) + f64::from(*e) * gain;
+                    *o = mixed.clamp(-32768.0, 32767.0) as i16;
+                }
+            }
+            peer.send_lossy(&super::audio_frame(0x10, &out)).await;
+        }
+    };
+    tokio::time::timeout(CALL_GUARD, run)
+        .await
+        .expect("echo call ends within the guard");
+    drop(peer.write);
+    let violations = peer.violations.lock().unwrap().clone();
+    EchoCall {
+        recording: received.concat(),
+        server_hangup,
+        violations,
+    }
 }

@@ -67,6 +67,14 @@ pub fn question_8k() -> Vec<i16> {
     fixture("malay_question_8k.wav", 8_000)
 }
 
+/// A short phrase for tests where what is said does not matter (the fake STT only needs its
+/// energy): the first 1.6 s of the question.
+pub fn phrase_8k() -> Vec<i16> {
+    let mut q = question_8k();
+    q.truncate(8_000 * 8 / 5);
+    q
+}
+
 /// The caller's goodbye, 8 kHz.
 pub fn goodbye_8k() -> Vec<i16> {
     fixture("malay_goodbye_8k.wav", 8_000)

@@ -386,9 +386,9 @@ async fn a_failing_call_does_not_affect_a_healthy_one() {
 
     let mut healthy = Timeline::new(RATE);
     healthy.silence_ms(speech_ms(GREETING, RATE) + 400);
-    healthy.say(&question_8k());
+    healthy.say(&phrase_8k());
     healthy.silence_ms(speech_ms(REPLY, RATE) + 2_000);
-    healthy.say(&goodbye_8k());
+    healthy.say(&phrase_8k());
 
     let mut failing = Timeline::new(RATE);
     failing.silence_ms(healthy.ms());
@@ -404,7 +404,7 @@ async fn a_failing_call_does_not_affect_a_healthy_one() {
             })
             .collect()
     };
-    failing_call.dtmf = [press(1_600, "5#"), press(5_500, "7#")].concat();
+    failing_call.dtmf = [press(1_600, "5#"), press(4_000, "7#")].concat();
 
     let (h, f) = tokio::join!(d.place(d.call(&healthy)), d.place(failing_call));
     let (s1, s2) = (d.next_summary().await, d.next_summary().await);

@@ -194,6 +194,8 @@ struct Conversation {
     cancel: CancellationToken,
     stt: Option<SttSession>,
     stt_retry_at: Option<Instant>,
+    /// The caller was told that speech recognition is down (once per outage).
+    stt_outage_apologised: bool,
     vad: Option<Vad>,
     probs: Vec<f32>,
     turns: TurnDetector,
@@ -238,6 +240,7 @@ impl Conversation {
             cancel,
             stt: None,
             stt_retry_at: None,
+            stt_outage_apologised: false,
             vad,
             probs: Vec::new(),
             history: Vec::new(),
@@ -283,6 +286,10 @@ impl Conversation {
                 Err(e) => warn!(error = %e, "greeting unavailable"),
             }
         }
+        if self.stt.is_none() {
+            // After the greeting, so the caller hears (and the history holds) them in order.
+            self.apologise_for_stt().await;
+        }
         loop {
             let timer = self.next_timer();
             tokio::select! {
@@ -315,6 +322,7 @@ impl Conversation {
             Ok(s) => {
                 self.stt = Some(s);
                 self.stt_retry_at = None;
+                self.stt_outage_apologised = false;
             }
             Err(e) => {
                 warn!(error = %e, "speech-to-text unavailable");
@@ -589,7 +597,7 @@ impl Conversation {
                 self.provider_failed(Provider::Stt, "failed", &e);
                 self.stt = None;
                 self.stt_retry_at = Some(Instant::now() + Duration::from_secs(2));
-                self.play_prompt(PromptKind::Apology).await;
+                self.apologise_for_stt().await;
             }
             SttEvent::Final { text, .. } => {
                 let text = text.trim().to_owned();
@@ -848,6 +856,15 @@ impl Conversation {
         self.report.errors.push(format!("{provider:?}: {error}"));
     }
 
+    /// Without STT the agent cannot hear the caller: say so once per outage (not at every
+    /// reconnect attempt) instead of leaving them talking to silence.
+    async fn apologise_for_stt(&mut self) {
+        if !self.stt_outage_apologised {
+            self.stt_outage_apologised = true;
+            self.play_prompt(PromptKind::Apology).await;
+        }
+    }
+
     async fn on_timer(&mut self) {
         let now = Instant::now();
         if self.idle_deadline().is_some_and(|d| now >= d) {
@@ -866,6 +883,9 @@ impl Conversation {
         if self.stt_retry_at.is_some_and(|d| now >= d) {
             self.stt_retry_at = None;
             self.start_stt().await;
+            if self.stt.is_none() {
+                self.apologise_for_stt().await;
+            }
         }
         let hold_due = self
             .reply

@@ -49,6 +49,42 @@ pub enum TtsFault {
     /// Websocket inactivity timeout in seconds (default 20, as the real service): without text
     /// for that long, send `input_timeout_exceeded` and close with 1008.
     InputTimeoutSecs(u64),
+    /// Serve the first `ok` requests (websocket upgrades and HTTP synthesis requests, in
+    /// arrival order) normally, then inject `then` into every later one: a key revoked or a
+    /// service degrading after the daemon cached its prompts at startup.
+    AfterRequests {
+        /// Healthy requests first.
+        ok: usize,
+        /// The fault after them.
+        then: LaterTtsFault,
+    },
+}
+
+/// The faults [`TtsFault::AfterRequests`] can switch to (the [`TtsFault`] variants of the same
+/// names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaterTtsFault {
+    /// [`TtsFault::Status`].
+    Status(u16),
+    /// [`TtsFault::StallAfterChunks`].
+    StallAfterChunks(usize),
+    /// [`TtsFault::CloseAfterChunks`].
+    CloseAfterChunks(usize),
+}
+
+impl TtsFault {
+    /// The fault of the request numbered `request` (from 0).
+    fn for_request(self, request: usize) -> Self {
+        match self {
+            Self::AfterRequests { ok, .. } if request < ok => Self::None,
+            Self::AfterRequests { then, .. } => match then {
+                LaterTtsFault::Status(s) => Self::Status(s),
+                LaterTtsFault::StallAfterChunks(n) => Self::StallAfterChunks(n),
+                LaterTtsFault::CloseAfterChunks(n) => Self::CloseAfterChunks(n),
+            },
+            f => f,
+        }
+    }
 }
 
 /// How the fake behaves.
@@ -87,6 +123,7 @@ pub struct FakeElevenLabsStats {
     texts: AtomicUsize,
     characters: AtomicUsize,
     http_requests: AtomicUsize,
+    output_formats: std::sync::Mutex<Vec<String>>,
 }
 
 impl FakeElevenLabsStats {
@@ -113,6 +150,14 @@ impl FakeElevenLabsStats {
     /// HTTP synthesis requests (any outcome).
     pub fn http_requests(&self) -> usize {
         self.http_requests.load(Ordering::SeqCst)
+    }
+    /// The `output_format` of every request (websocket or HTTP, any outcome), in arrival
+    /// order; empty when a request named none.
+    pub fn output_formats(&self) -> Vec<String> {
+        self.output_formats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn count_text(&self, text: &str) {
@@ -177,6 +222,7 @@ pub fn router_with_stats(cfg: FakeElevenLabsConfig) -> (Router, Arc<FakeElevenLa
     let app = Arc::new(App {
         cfg,
         stats: Arc::clone(&stats),
+        requests: AtomicUsize::new(0),
     });
     let router = Router::new()
         .route(
@@ -192,6 +238,22 @@ pub fn router_with_stats(cfg: FakeElevenLabsConfig) -> (Router, Arc<FakeElevenLa
 struct App {
     cfg: FakeElevenLabsConfig,
     stats: Arc<FakeElevenLabsStats>,
+    /// Websocket upgrades and HTTP synthesis requests so far.
+    requests: AtomicUsize,
+}
+
+impl App {
+    /// Counts a request, records its format and returns the fault to inject into it.
+    fn begin_request(&self, query: &HashMap<String, String>) -> TtsFault {
+        let format = query.get("output_format").cloned().unwrap_or_default();
+        self.stats
+            .output_formats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(format);
+        let n = self.requests.fetch_add(1, Ordering::SeqCst);
+        self.cfg.fault.for_request(n)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -513,15 +575,17 @@ struct HttpRequestBody {
     model_id: Option<String>,
 }
 
-/// Shared checks of both HTTP endpoints; the audio bytes or the error response.
+/// Shared checks of both HTTP endpoints; the audio bytes and the fault to inject, or the
+/// error response.
 fn http_audio(
     app: &App,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(Format, String, Vec<u8>), Reject> {
+) -> Result<(Format, String, Vec<u8>, TtsFault), Reject> {
     app.stats.http_requests.fetch_add(1, Ordering::SeqCst);
-    if let TtsFault::Status(s) = app.cfg.fault {
+    let fault = app.begin_request(query);
+    if let TtsFault::Status(s) = fault {
         return Err(fault_response(s));
     }
     let key = header_str(headers, "xi-api-key");
@@ -542,7 +606,7 @@ fn http_audio(
     };
     app.stats.count_text(&text);
     let bytes = format.encode(&synthesize(&text, format.rate()));
-    Ok((format, text, bytes))
+    Ok((format, text, bytes, fault))
 }
 
 fn audio_headers(text: &str) -> [(header::HeaderName, String); 3] {
@@ -574,7 +638,7 @@ async fn stream_handler(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (format, text, bytes) = match http_audio(&app, &query, &headers, &body) {
+    let (format, text, bytes, fault) = match http_audio(&app, &query, &headers, &body) {
         Ok(v) => v,
         Err(resp) => return *resp,
     };
@@ -596,7 +660,7 @@ async fn stream_handler(
     let stream = futures_util::stream::unfold((chunks, 0usize), move |(mut chunks, sent)| {
         let cfg = cfg.clone();
         async move {
-            match cfg.fault {
+            match fault {
                 TtsFault::StallAfterChunks(n) if sent >= n => std::future::pending::<()>().await,
                 TtsFault::CloseAfterChunks(n) if sent >= n => {
                     return Some((
@@ -627,7 +691,7 @@ async fn file_handler(
     body: Bytes,
 ) -> Response {
     match http_audio(&app, &query, &headers, &body) {
-        Ok((_, text, bytes)) => {
+        Ok((_, text, bytes, _)) => {
             sleep(Duration::from_millis(app.cfg.first_byte_delay_ms)).await;
             (audio_headers(&text), bytes).into_response()
         }
@@ -651,7 +715,8 @@ async fn ws_handler(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let TtsFault::Status(s) = app.cfg.fault {
+    let fault = app.begin_request(&query);
+    if let TtsFault::Status(s) = fault {
         return *fault_response(s);
     }
     let format = match parse_format(query.get("output_format").map(String::as_str)) {
@@ -671,7 +736,7 @@ async fn ws_handler(
     {
         return *unauthorized(true);
     }
-    let inactivity = match app.cfg.fault {
+    let inactivity = match fault {
         TtsFault::InputTimeoutSecs(s) => s,
         _ => query
             .get("inactivity_timeout")
@@ -683,6 +748,7 @@ async fn ws_handler(
         format,
         authenticated: early_key.is_some(),
         inactivity: Duration::from_secs(inactivity),
+        fault,
     };
     ws.on_upgrade(move |socket| session.run(socket))
 }
@@ -692,6 +758,8 @@ struct WsSession {
     format: Format,
     authenticated: bool,
     inactivity: Duration,
+    /// This session's fault.
+    fault: TtsFault,
 }
 
 #[derive(Debug, PartialEq)]
@@ -947,7 +1015,7 @@ impl WsSession {
                     }
                     sent += 1;
                     next_send = Instant::now() + step;
-                    match cfg.fault {
+                    match self.fault {
                         TtsFault::CloseAfterChunks(n) if sent >= n => {
                             let _ = socket.send(close(1011, "fault injected")).await;
                             return SessionEnd::ServerClosed;
@@ -1090,6 +1158,60 @@ mod tests {
             Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 422),
             other => panic!("expected 422, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[tokio::test]
+    async fn late_faults_spare_the_first_requests() {
+        let srv = spawn(FakeElevenLabsConfig {
+            fault: TtsFault::AfterRequests {
+                ok: 2,
+                then: LaterTtsFault::Status(401),
+            },
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let http = reqwest::Client::new();
+        let url = format!(
+            "{}/v1/text-to-speech/v?output_format=pcm_16000",
+            srv.base_url()
+        );
+        let body = json!({"text": "Apa khabar?", "model_id": "eleven_flash_v2_5"});
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let r = http
+                .post(&url)
+                .header("xi-api-key", "k")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        // The third request is a websocket upgrade: refused too.
+        let ws_url = format!(
+            "ws://{}/v1/text-to-speech/v/stream-input?output_format=ulaw_8000",
+            srv.addr()
+        );
+        match tokio_tungstenite::connect_async(ws_url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                statuses.push(r.status().as_u16())
+            }
+            other => panic!("expected 401, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(statuses, [200, 200, 401]);
+        assert_eq!(
+            srv.stats().output_formats(),
+            ["pcm_16000", "pcm_16000", "ulaw_8000"]
+        );
+        assert_eq!(
+            TtsFault::AfterRequests {
+                ok: 1,
+                then: LaterTtsFault::CloseAfterChunks(3)
+            }
+            .for_request(1),
+            TtsFault::CloseAfterChunks(3)
+        );
     }
 
     #[tokio::test]

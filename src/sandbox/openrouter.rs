@@ -78,6 +78,9 @@ pub struct FakeOpenRouterConfig {
     pub hang_up_words: Vec<String>,
     /// The fault to inject.
     pub fault: LlmFault,
+    /// Inject `fault` only into requests whose last user message contains this
+    /// (case-insensitive), so one call of several can fail; `None` faults every request.
+    pub fault_only_for: Option<String>,
 }
 
 impl Default for FakeOpenRouterConfig {
@@ -92,6 +95,17 @@ impl Default for FakeOpenRouterConfig {
                 .map(String::from)
                 .to_vec(),
             fault: LlmFault::None,
+            fault_only_for: None,
+        }
+    }
+}
+
+impl FakeOpenRouterConfig {
+    /// The fault for a request whose last user message is `user`.
+    fn fault_for(&self, user: &str) -> LlmFault {
+        match &self.fault_only_for {
+            Some(t) if !user.to_lowercase().contains(&t.to_lowercase()) => LlmFault::None,
+            _ => self.fault,
         }
     }
 }
@@ -290,7 +304,9 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     if let Err(why) = validate(&req) {
         return error_response(400, &why);
     }
-    match shared.cfg.fault {
+    let mut cfg = shared.cfg.clone();
+    cfg.fault = cfg.fault_for(&last_user_text(&req));
+    match cfg.fault {
         LlmFault::Status(s) => return error_response(s, status_message(s)),
         LlmFault::StatusOnce(s) if attempt == 0 => return error_response(s, status_message(s)),
         _ => {}
@@ -300,10 +316,10 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         st.replies_served += 1;
         st.replies_served - 1
     };
-    let script = Script::new(&shared.cfg, &req, served);
+    let script = Script::new(&cfg, &req, served);
     let id = format!("gen-{}-{attempt}", unix_secs());
     let (tx, mut rx) = mpsc::channel::<Frame>(16);
-    tokio::spawn(script.run(Emitter { tx, id: id.clone() }, shared.cfg.clone(), attempt));
+    tokio::spawn(script.run(Emitter { tx, id: id.clone() }, cfg, attempt));
     let mut aborting = false;
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| {
         if aborting {
@@ -809,6 +825,18 @@ mod tests {
         assert!(other.contains("\"Anak saya suka kucing oren\""), "{other}");
         assert_eq!(malay_reply("Berapa harga?"), malay_reply("Berapa harga?"));
         assert!(malay_reply("").starts_with("Maaf"));
+    }
+
+    #[test]
+    fn faults_can_target_one_conversation() {
+        let mut cfg = FakeOpenRouterConfig {
+            fault: LlmFault::Status(500),
+            ..FakeOpenRouterConfig::default()
+        };
+        assert_eq!(cfg.fault_for("anything"), LlmFault::Status(500));
+        cfg.fault_only_for = Some("Kekunci".into());
+        assert_eq!(cfg.fault_for("menekan kekunci 5"), LlmFault::Status(500));
+        assert_eq!(cfg.fault_for("berapa harga?"), LlmFault::None);
     }
 
     #[test]

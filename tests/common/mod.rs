@@ -2,6 +2,8 @@
 //! Asterisk and checks every byte the daemon sends against what Asterisk accepts.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod ai;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

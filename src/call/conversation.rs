@@ -84,6 +84,9 @@ impl AiAgentFactory {
 }
 
 const GREETING: UtteranceId = UtteranceId(1);
+/// How long after the agent stops talking a transcript may still be its echo (the STT
+/// final arrives segmentation silence + processing after the audio).
+const ECHO_TAIL: Duration = Duration::from_millis(1500);
 
 impl AgentFactory for AiAgentFactory {
     fn start(&self, call: CallInfo, cancel: CancellationToken) -> AgentHandle {
@@ -209,6 +212,12 @@ struct Conversation {
     hangup_sent: bool,
     /// Last time either party was heard, for the idle hang-up.
     last_activity: Instant,
+    /// When the agent last started talking, and since when it has been silent (None while
+    /// talking): a transcript inside that window with no caller voice is line echo.
+    agent_started_at: Option<Instant>,
+    agent_silent_since: Option<Instant>,
+    /// When the VAD last heard the caller start talking.
+    caller_voice_at: Option<Instant>,
     report: AgentReport,
 }
 
@@ -252,6 +261,9 @@ impl Conversation {
             dtmf_deadline: None,
             hangup_sent: false,
             last_activity: Instant::now(),
+            agent_started_at: None,
+            agent_silent_since: None,
+            caller_voice_at: None,
             report: AgentReport::default(),
         }
     }
@@ -283,7 +295,10 @@ impl Conversation {
                     self.register(GREETING, SpokenKind::Greeting, &greeting_text);
                     self.play_whole(GREETING, pcm.to_vec()).await;
                 }
-                Err(e) => warn!(error = %e, "greeting unavailable"),
+                Err(e) => {
+                    warn!(error = %e, "greeting unavailable");
+                    self.cannot_speak().await;
+                }
             }
         }
         if self.stt.is_none() {
@@ -399,7 +414,11 @@ impl Conversation {
 
     async fn play_prompt(&mut self, kind: PromptKind) {
         let Ok(pcm) = self.prompts.get(kind, self.call.rate.hz()).await else {
-            warn!(?kind, "prompt unavailable; cannot speak it");
+            if kind == PromptKind::Apology {
+                self.cannot_speak().await;
+            } else {
+                warn!(?kind, "prompt unavailable; cannot speak it");
+            }
             return;
         };
         let id = self.new_utterance();
@@ -411,6 +430,23 @@ impl Conversation {
         };
         self.register(id, spoken_kind, &text);
         self.play_whole(id, pcm.to_vec()).await;
+    }
+
+    /// Text-to-speech is down and nothing cached can be said: rather than leave the caller
+    /// in silence, end the AudioSocket leg with a hangup message so the dialplan continues
+    /// at its next priority (e.g. a human operator, see `asterisk/`).
+    async fn cannot_speak(&mut self) {
+        if self.hangup_sent {
+            return;
+        }
+        warn!(
+            "the agent cannot speak (TTS unavailable, nothing cached); handing the call back to the dialplan"
+        );
+        self.report
+            .errors
+            .push("tts: agent could not speak; call handed back to the dialplan".into());
+        self.hangup_sent = true;
+        self.send(AgentCommand::Hangup).await;
     }
 
     // ---- inputs from the session ------------------------------------------------------
@@ -467,9 +503,10 @@ impl Conversation {
 
     async fn on_turn_event(&mut self, ev: TurnEvent) {
         match ev {
-            TurnEvent::SpeechStarted { .. } => {
+            TurnEvent::SpeechStarted { at } => {
                 debug!("caller speaking");
                 self.last_activity = Instant::now();
+                self.caller_voice_at = Some(at);
             }
             TurnEvent::SpeechEnded { at } => {
                 debug!("caller stopped speaking");
@@ -477,6 +514,7 @@ impl Conversation {
                 self.last_activity = Instant::now();
             }
             TurnEvent::BargeIn { at } => {
+                self.caller_voice_at = Some(at);
                 info!(
                     at_ms = self.ms(at),
                     "barge-in: caller talked over the agent; stopping playout"
@@ -536,7 +574,32 @@ impl Conversation {
             .as_ref()
             .filter(|r| r.level_n > 0)
             .map_or(-20.0, |r| r.level_sum / r.level_n as f64);
-        self.turns.set_agent_speaking(!playing.is_empty(), level);
+        let speaking = !playing.is_empty();
+        let now = Instant::now();
+        if speaking && (self.agent_silent_since.is_some() || self.agent_started_at.is_none()) {
+            self.agent_started_at = Some(now);
+        }
+        self.agent_silent_since = if speaking {
+            None
+        } else {
+            self.agent_silent_since.or(Some(now))
+        };
+        self.turns.set_agent_speaking(speaking, level);
+    }
+
+    /// Whether a transcript arriving now is probably the line echoing the agent back: the
+    /// agent is talking or just stopped, and the VAD heard no caller voice since it started.
+    fn looks_like_echo(&self, now: Instant) -> bool {
+        if self.vad.is_none() {
+            return false;
+        }
+        let agent_playing = self.utterances.values().any(|u| u.playing);
+        let recently = self
+            .agent_silent_since
+            .is_some_and(|t| now.duration_since(t) < ECHO_TAIL);
+        let caller_voiced = self.turns.caller_spoke_over_agent()
+            || matches!((self.caller_voice_at, self.agent_started_at), (Some(c), Some(a)) if c >= a);
+        (agent_playing || recently) && !caller_voiced
     }
 
     /// An utterance finished playing or was flushed: record what the caller heard.
@@ -606,8 +669,8 @@ impl Conversation {
                 }
                 let now = Instant::now();
                 let agent_playing = self.utterances.values().any(|u| u.playing);
-                if agent_playing && !self.turns.caller_spoke_over_agent() {
-                    info!(%text, "transcript while the agent was talking with no caller voice detected: treated as line echo, ignored");
+                if self.looks_like_echo(now) {
+                    info!(%text, "transcript while the agent was talking (or just after) with no caller voice detected: treated as line echo, ignored");
                     return;
                 }
                 info!(%text, "caller said");

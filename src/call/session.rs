@@ -297,6 +297,13 @@ impl ActiveCall {
     fn on_inbound(&mut self, msg: Option<Result<Inbound, crate::audiosocket::FrameError>>) -> Flow {
         let msg = match msg {
             None => return Flow::End(EndReason::CallerHangup, None),
+            // A caller who hangs up while our frames are still unread resets the connection:
+            // that is a hangup, not a fault.
+            Some(Err(crate::audiosocket::FrameError::Io(e)))
+                if e.kind() == std::io::ErrorKind::ConnectionReset =>
+            {
+                return Flow::End(EndReason::CallerHangup, Some("connection reset".into()));
+            }
             Some(Err(crate::audiosocket::FrameError::Io(e))) => {
                 return Flow::End(EndReason::IoError, Some(e.to_string()));
             }
@@ -465,7 +472,7 @@ impl ActiveCall {
         {
             return match self.send(Outbound::Hangup).await {
                 Ok(()) => Flow::End(self.end_reason, None),
-                Err(e) => Flow::End(EndReason::WriteFailed, Some(e)),
+                Err((reason, e)) => Flow::End(reason, Some(e)),
             };
         }
         if self.playout.is_none() {
@@ -496,8 +503,8 @@ impl ActiveCall {
             // A frame is always frame_samples long and non-empty; keep the call up regardless.
             Err(e) => return Flow::End(EndReason::WriteFailed, Some(e.to_string())),
         };
-        if let Err(e) = self.send(frame).await {
-            return Flow::End(EndReason::WriteFailed, Some(e));
+        if let Err((reason, e)) = self.send(frame).await {
+            return Flow::End(reason, Some(e));
         }
         self.counters.frames_out += 1;
         self.metrics.frames_out(1);
@@ -526,12 +533,23 @@ impl ActiveCall {
         }
     }
 
-    async fn send(&mut self, msg: Outbound) -> Result<(), String> {
+    /// Writes one message; on failure says why the call ends. A peer that closed (the
+    /// caller hung up between our read and our write) is a hangup, not a write fault.
+    async fn send(&mut self, msg: Outbound) -> Result<(), (EndReason, String)> {
         match timeout(WRITE_TIMEOUT, self.framed.send(msg)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("write failed: {e}")),
-            Err(_) => Err(format!(
-                "write blocked for {WRITE_TIMEOUT:?}: peer not reading"
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Err((EndReason::CallerHangup, format!("peer closed: {e}")))
+            }
+            Ok(Err(e)) => Err((EndReason::WriteFailed, format!("write failed: {e}"))),
+            Err(_) => Err((
+                EndReason::WriteFailed,
+                format!("write blocked for {WRITE_TIMEOUT:?}: peer not reading"),
             )),
         }
     }

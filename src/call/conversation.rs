@@ -1030,7 +1030,21 @@ async fn reply_task(
     cancel: CancellationToken,
 ) {
     let work = async {
-        let (llm, tts) = tokio::join!(providers.llm.stream(req), providers.tts.open(tts_params));
+        let t0 = Instant::now();
+        let llm_fut = async {
+            let r = providers.llm.stream(req).await;
+            debug!(
+                ms = t0.elapsed().as_secs_f64() * 1000.0,
+                "LLM response headers"
+            );
+            r
+        };
+        let tts_fut = async {
+            let r = providers.tts.open(tts_params).await;
+            debug!(ms = t0.elapsed().as_secs_f64() * 1000.0, "TTS stream open");
+            r
+        };
+        let (llm, tts) = tokio::join!(llm_fut, tts_fut);
         let mut llm = match llm {
             Ok(s) => s,
             Err(e) => return Err((Provider::Llm, e.to_string())),
@@ -1052,6 +1066,7 @@ async fn reply_task(
                 ev = llm.next(), if !llm_done => match ev {
                     Some(Ok(LlmEvent::Text(t))) => {
                         if !first_token {
+                            debug!(ms = t0.elapsed().as_secs_f64() * 1000.0, "LLM first token");
                             first_token = true;
                             let _ = tx.send(ReplyEvent::FirstToken).await;
                         }

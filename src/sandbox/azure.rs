@@ -199,6 +199,10 @@ pub async fn serve_with_stats(
     for p in PATHS {
         app = app.route(p, get(upgrade));
     }
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app.with_state(shared)).await
 }
 

@@ -241,7 +241,8 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
     }
     let ws = match timeout(
         cfg.opts.connect_timeout,
-        tokio_tungstenite::connect_async(req),
+        // Nagle off: 20 ms audio messages must not wait for ACKs.
+        tokio_tungstenite::connect_async_with_config(req, None, true),
     )
     .await
     {

@@ -161,7 +161,8 @@ impl ElevenLabs {
         let connect_ms = duration_ms(self.connect_timeout);
         let (mut ws, _) = timeout(
             self.connect_timeout,
-            tokio_tungstenite::connect_async(request),
+            // Nagle off: each clause must leave at once, not wait for an ACK.
+            tokio_tungstenite::connect_async_with_config(request, None, true),
         )
         .await
         .map_err(|_| TtsError::Timeout(connect_ms))?

@@ -679,11 +679,7 @@ impl Connection {
                 }
             }
             (Some(sp), false) if end - sp.last_voiced_end >= seg_ms * rate / 1000 => {
-                ended = Some((
-                    sp.start,
-                    sp.last_voiced_end - sp.start,
-                    sp.last_voiced_at,
-                ));
+                ended = Some((sp.start, sp.last_voiced_end - sp.start, sp.last_voiced_at));
                 turn.speech = None;
             }
             _ => {}

@@ -518,6 +518,8 @@ struct Attribution {
     /// Measured speech end -> first frame minus all the stages (should be ~0).
     residual: Vec<f64>,
     unjoined: usize,
+    /// The fake LLM's TCP connections and requests.
+    llm_connections: (usize, usize),
 }
 
 /// The fakes' marks of one scenario.
@@ -525,6 +527,8 @@ struct FakeMarks {
     phrases: Vec<sifucall::sandbox::azure::PhraseTimes>,
     llm: Vec<sifucall::sandbox::openrouter::LlmRequestTimes>,
     tts: Vec<elevenlabs::TtsSessionTimes>,
+    /// TCP connections the fake LLM accepted (fewer than requests: kept-alive reuse).
+    llm_connections: usize,
 }
 
 /// ms from `origin` to `t` (negative if before).
@@ -731,6 +735,7 @@ async fn scenario(
         phrases: sandbox.azure.stats().phrase_times,
         llm: sandbox.openrouter.request_times(),
         tts: sandbox.elevenlabs.stats().session_times(),
+        llm_connections: sandbox.openrouter.connections(),
     };
     drop(sandbox);
 
@@ -743,6 +748,7 @@ async fn scenario(
     }
     r.calls_failed += n - logs.len();
     attribute(&logs, &fakes, known, &mut r.att);
+    r.att.llm_connections = (fakes.llm_connections, fakes.llm.len());
     r
 }
 
@@ -1115,6 +1121,12 @@ async fn run_all(calls: Vec<usize>, turns: Option<usize>, barge_ins: Option<usiz
             pmm(&a.clause_to_tts),
             pmm(&a.audio_out),
             pmm(&a.daemon_sum)
+        );
+    }
+    for r in &results {
+        println!(
+            "\n{} calls: the fake LLM accepted {} TCP connections for {} requests.",
+            r.calls, r.att.llm_connections.0, r.att.llm_connections.1
         );
     }
     println!(

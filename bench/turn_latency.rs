@@ -27,7 +27,13 @@
 //!    the token after its last one arrives: computed here by feeding the production
 //!    [`ClauseSplitter`] the fake's tokens) + TTS first-byte delay. The overhead includes
 //!    the playout clock: a reply frame goes out on the next 20 ms tick, 0-20 ms. Also the
-//!    daemon's own per-stage marks (`TurnTiming`), and playout underruns.
+//!    daemon's own per-stage marks (`TurnTiming`), and playout underruns. The fakes overshoot
+//!    their configured delays (sleeps round up, chained steps, keep-alives), so "measured -
+//!    known" charges their slack to the daemon; the fakes therefore record wall-clock marks
+//!    (phrase heard/sent, LLM request arrival and each token's send, TTS text arrival and first
+//!    audio) and each turn is split into the daemon's own gaps and the fakes' own time. To
+//!    join the marks of one turn across the fakes, each phrase's transcript and each reply
+//!    carry a unique number (the reply's first clause keeps its tokens).
 //! 2. Barge-in: the caller talks over a reply; from the VAD's barge-in decision
 //!    (`AgentReport::barge_in_ms`) to the last non-silent reply frame the caller receives.
 //!    Daemon marks are ms since the session started; they are put on the caller's clock

@@ -27,7 +27,13 @@
 //!    the token after its last one arrives: computed here by feeding the production
 //!    [`ClauseSplitter`] the fake's tokens) + TTS first-byte delay. The overhead includes
 //!    the playout clock: a reply frame goes out on the next 20 ms tick, 0-20 ms. Also the
-//!    daemon's own per-stage marks (`TurnTiming`), and playout underruns.
+//!    daemon's own per-stage marks (`TurnTiming`), and playout underruns. The fakes overshoot
+//!    their configured delays (sleeps round up, chained steps, keep-alives), so "measured -
+//!    known" charges their slack to the daemon; the fakes therefore record wall-clock marks
+//!    (phrase heard/sent, LLM request arrival and each token's send, TTS text arrival and first
+//!    audio) and each turn is split into the daemon's own gaps and the fakes' own time. To
+//!    join the marks of one turn across the fakes, each phrase's transcript and each reply
+//!    carry a unique number (the reply's first clause keeps its tokens).
 //! 2. Barge-in: the caller talks over a reply; from the VAD's barge-in decision
 //!    (`AgentReport::barge_in_ms`) to the last non-silent reply frame the caller receives.
 //!    Daemon marks are ms since the session started; they are put on the caller's clock
@@ -187,13 +193,45 @@ fn known_delays() -> Known {
     }
 }
 
-fn sandbox_config() -> SandboxConfig {
+/// Distinct transcripts and replies per request (see [`marked_reply`]), so the fakes' marks
+/// of one turn can be joined across the three fakes.
+const VARIANTS: usize = 4_000;
+
+/// Transcript `k`: the question with a number, unique per phrase.
+fn marked_transcript(k: usize) -> String {
+    format!("{QUESTION_TEXT} {k}")
+}
+
+/// Reply `k`: [`REPLY`] with its first number replaced by a unique one (same tokens, same
+/// first clause boundary), so the first clause text names the request it came from.
+fn marked_reply(k: usize) -> String {
+    REPLY.replacen("RM99", &format!("RM{}", 10_000 + k), 1)
+}
+
+/// The mark in a text made by [`marked_reply`].
+fn reply_mark(text: &str) -> Option<usize> {
+    let at = text.find("RM1")? + 2;
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse::<usize>().ok()?.checked_sub(10_000)
+}
+
+fn sandbox_config(marked: bool) -> SandboxConfig {
     let mut c = SandboxConfig::default();
     c.azure.transcripts = vec![QUESTION_TEXT.into()];
+    if marked {
+        c.azure.transcripts = (0..VARIANTS).map(marked_transcript).collect();
+    }
     c.azure.final_delay_ms = STT_FINAL_MS;
     c.openrouter.first_token_delay_ms = LLM_TTFT_MS;
     c.openrouter.tokens_per_sec = TOKENS_PER_SEC;
-    c.openrouter.replies = vec![REPLY.into()];
+    c.openrouter.replies = if marked {
+        (0..VARIANTS).map(marked_reply).collect()
+    } else {
+        vec![REPLY.into()]
+    };
     c.openrouter.hang_up_words = Vec::new();
     c.elevenlabs.first_byte_delay_ms = TTS_FIRST_BYTE_MS;
     c.elevenlabs.realtime_factor = TTS_REALTIME;
@@ -248,6 +286,10 @@ struct TurnObs {
     start_ms: f64,
     /// The frame carrying the last voiced sample sent: the speech end.
     end_ms: f64,
+    /// Frames written when the speech ended (the frame counter).
+    end_k: u32,
+    /// The frame completing the segmentation silence after `end_ms` written.
+    seg_sent_ms: Option<f64>,
     /// First non-silent frame received after `end_ms` (or after `start_ms` for a barge-in,
     /// once the interrupted reply has been flushed: see `analyse`).
     first_reply_ms: Option<f64>,
@@ -256,6 +298,8 @@ struct TurnObs {
 #[derive(Debug, Default)]
 struct CallerLog {
     call_id: Uuid,
+    /// The caller clock's zero.
+    origin: Option<std::time::Instant>,
     turns: Vec<TurnObs>,
     /// Arrival of every non-silent frame, ms on the caller's clock.
     voiced: Vec<f64>,
@@ -295,6 +339,7 @@ async fn one_call(
     };
     let _ = stream.set_nodelay(true);
     let origin = Instant::now();
+    log.origin = Some(origin.into_std());
     let ms = |t: Instant| t.saturating_duration_since(origin).as_secs_f64() * 1000.0;
     let (mut rd, mut wr) = stream.into_split();
     let mut msg = vec![0x01, 0, 16];
@@ -352,7 +397,7 @@ async fn one_call(
                 payload.fill(0);
                 if let Phase::Speaking { turn, pos } = phase {
                     if pos == 0 {
-                        log.turns.push(TurnObs { barge: turn >= turns, start_ms: now, end_ms: 0.0, first_reply_ms: None });
+                        log.turns.push(TurnObs { barge: turn >= turns, start_ms: now, end_ms: 0.0, end_k: 0, seg_sent_ms: None, first_reply_ms: None });
                     }
                     let chunk = &utt[pos * SPF..(pos + 1) * SPF];
                     for (b, s) in payload.chunks_exact_mut(2).zip(chunk) {
@@ -364,9 +409,18 @@ async fn one_call(
                     break;
                 }
                 k += 1;
+                let seg_frames = (SEGMENTATION_MS / 20) as u32;
+                if let Some(t) = log.turns.last_mut()
+                    && t.end_k > 0
+                    && t.seg_sent_ms.is_none()
+                    && k - t.end_k == seg_frames
+                {
+                    t.seg_sent_ms = Some(ms(Instant::now()));
+                }
                 if let Phase::Speaking { turn, pos } = phase {
                     if (pos + 1) * SPF >= utt.len() {
                         log.turns[turn].end_ms = ms(Instant::now());
+                        log.turns[turn].end_k = k;
                         phase = Phase::AwaitReply { turn };
                     } else {
                         phase = Phase::Speaking { turn, pos: pos + 1 };
@@ -439,6 +493,183 @@ struct Results {
     barge_frames_after: Vec<f64>,
     max_send_lag_ms: f64,
     errors: Vec<String>,
+    att: Attribution,
+}
+
+/// Per-turn stages from the fakes' own marks (ms): the daemon's gaps and the fakes' own.
+#[derive(Debug, Default)]
+struct Attribution {
+    turns: usize,
+    /// Caller writes its last voiced frame -> the fake STT has it.
+    audio_speech: Vec<f64>,
+    /// Caller writes the frame completing the segmentation silence -> the fake STT has it.
+    audio_seg: Vec<f64>,
+    /// Fake STT: segmentation complete -> `speech.phrase` sent (configured final delay).
+    fake_stt: Vec<f64>,
+    /// `speech.phrase` sent -> the LLM request has arrived.
+    phrase_to_llm: Vec<f64>,
+    /// Fake LLM: request -> first content token handed to the body (configured TTFT).
+    fake_ttft: Vec<f64>,
+    /// Fake LLM: first token -> the token releasing the first clause (configured clause time).
+    fake_clause: Vec<f64>,
+    /// Releasing token sent -> the text triggering the first generation arrives at the fake TTS.
+    clause_to_tts: Vec<f64>,
+    /// Fake TTS: trigger text -> first audio message sent (configured first byte).
+    fake_tts: Vec<f64>,
+    /// First audio message sent -> first non-silent frame at the caller.
+    audio_out: Vec<f64>,
+    daemon_sum: Vec<f64>,
+    /// Caller's segmentation wait plus the fakes' stages.
+    fake_sum: Vec<f64>,
+    /// Measured speech end -> first frame minus all the stages (should be ~0).
+    residual: Vec<f64>,
+    unjoined: usize,
+    /// The fake LLM's TCP connections and requests.
+    llm_connections: (usize, usize),
+}
+
+/// The fakes' marks of one scenario.
+struct FakeMarks {
+    phrases: Vec<sifucall::sandbox::azure::PhraseTimes>,
+    llm: Vec<sifucall::sandbox::openrouter::LlmRequestTimes>,
+    tts: Vec<elevenlabs::TtsSessionTimes>,
+    /// TCP connections the fake LLM accepted (fewer than requests: kept-alive reuse).
+    llm_connections: usize,
+}
+
+/// ms from `origin` to `t` (negative if before).
+fn rel_ms(origin: std::time::Instant, t: std::time::Instant) -> f64 {
+    match t.checked_duration_since(origin) {
+        Some(d) => d.as_secs_f64() * 1000.0,
+        None => -(origin - t).as_secs_f64() * 1000.0,
+    }
+}
+
+/// Joins each caller turn to the fakes' marks: the call's STT connection is the one whose
+/// phrases' last speech arrived closest to the caller's speech ends; phrase -> LLM request
+/// by the (unique) transcript; LLM request -> TTS session by the (unique) reply mark.
+fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attribution) {
+    let mut by_conn: HashMap<usize, Vec<&sifucall::sandbox::azure::PhraseTimes>> = HashMap::new();
+    for p in &fakes.phrases {
+        by_conn.entry(p.connection).or_default().push(p);
+    }
+    let mut llm_by_user = HashMap::new();
+    for q in &fakes.llm {
+        llm_by_user.entry(q.user.as_str()).or_insert(q);
+    }
+    let mut tts_by_mark = HashMap::new();
+    for t in &fakes.tts {
+        if let Some(m) = reply_mark(&t.trigger_text) {
+            tts_by_mark.entry(m).or_insert(t);
+        }
+    }
+    let mut used = std::collections::HashSet::new();
+    for log in logs {
+        let Some(origin) = log.origin else { continue };
+        let normal: Vec<(usize, &TurnObs)> = log
+            .turns
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.barge && t.end_ms > 0.0)
+            .collect();
+        // The connection: smallest worst |last speech arrival - caller speech end|.
+        let conn = by_conn
+            .iter()
+            .filter(|(c, ps)| !used.contains(*c) && ps.len() >= normal.len())
+            .map(|(c, ps)| {
+                let cost = normal
+                    .iter()
+                    .map(|(i, t)| {
+                        ps.get(*i)
+                            .and_then(|p| p.last_speech_at)
+                            .map_or(f64::INFINITY, |at| (rel_ms(origin, at) - t.end_ms).abs())
+                    })
+                    .fold(0.0, f64::max);
+                (*c, cost)
+            })
+            .min_by(|x, y| x.1.total_cmp(&y.1));
+        let Some((conn, cost)) = conn.filter(|(_, cost)| *cost < 100.0) else {
+            a.unjoined += normal.len();
+            continue;
+        };
+        let _ = cost;
+        used.insert(conn);
+        let phrases = &by_conn[&conn];
+        for (i, t) in normal {
+            let joined = (|| {
+                let p = phrases.get(i)?;
+                let q = llm_by_user.get(p.text.as_str())?;
+                let tts = tts_by_mark.get(&reply_mark(&q.tokens.concat())?)?;
+                let first_reply = t.first_reply_ms?;
+                let seg_sent = t.seg_sent_ms?;
+                let r = |x: std::time::Instant| rel_ms(origin, x);
+                let heard = r(p.last_speech_at?);
+                let segmented = r(p.segmented_at?);
+                let phrase = r(p.sent_at);
+                let arrived = r(q.arrived);
+                let tok0 = r(*q.token_sent.first()?);
+                let release = r(*q.token_sent.get(known.release_token)?);
+                let trigger = r(tts.trigger_at?);
+                let audio = r(tts.first_audio_at?);
+                Some((
+                    heard,
+                    seg_sent,
+                    segmented,
+                    phrase,
+                    arrived,
+                    tok0,
+                    release,
+                    trigger,
+                    audio,
+                    first_reply,
+                ))
+            })();
+            let Some((
+                heard,
+                seg_sent,
+                segmented,
+                phrase,
+                arrived,
+                tok0,
+                release,
+                trigger,
+                audio,
+                first,
+            )) = joined
+            else {
+                a.unjoined += 1;
+                continue;
+            };
+            a.turns += 1;
+            a.audio_speech.push(heard - t.end_ms);
+            let daemon = [
+                segmented - seg_sent,
+                arrived - phrase,
+                trigger - release,
+                first - audio,
+            ];
+            a.audio_seg.push(daemon[0]);
+            a.phrase_to_llm.push(daemon[1]);
+            a.clause_to_tts.push(daemon[2]);
+            a.audio_out.push(daemon[3]);
+            let fake = [
+                seg_sent - t.end_ms,
+                phrase - segmented,
+                tok0 - arrived,
+                release - tok0,
+                audio - trigger,
+            ];
+            a.fake_stt.push(fake[1]);
+            a.fake_ttft.push(fake[2]);
+            a.fake_clause.push(fake[3]);
+            a.fake_tts.push(fake[4]);
+            let ds: f64 = daemon.iter().sum();
+            let fs: f64 = fake.iter().sum();
+            a.daemon_sum.push(ds);
+            a.fake_sum.push(fs);
+            a.residual.push(first - t.end_ms - ds - fs);
+        }
+    }
 }
 
 async fn scenario(
@@ -448,7 +679,7 @@ async fn scenario(
     known: &Known,
     utt: Arc<Vec<i16>>,
 ) -> Results {
-    let sandbox = Sandbox::start(sandbox_config())
+    let sandbox = Sandbox::start(sandbox_config(true))
         .await
         .expect("fake providers");
     let mut settings = Settings::defaults();
@@ -506,6 +737,12 @@ async fn scenario(
     }
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), daemon).await;
+    let fakes = FakeMarks {
+        phrases: sandbox.azure.stats().phrase_times,
+        llm: sandbox.openrouter.request_times(),
+        tts: sandbox.elevenlabs.stats().session_times(),
+        llm_connections: sandbox.openrouter.connections(),
+    };
     drop(sandbox);
 
     let mut r = Results {
@@ -516,6 +753,8 @@ async fn scenario(
         analyse(log, summaries.get(&log.call_id), known, &mut r);
     }
     r.calls_failed += n - logs.len();
+    attribute(&logs, &fakes, known, &mut r.att);
+    r.att.llm_connections = (fakes.llm_connections, fakes.llm.len());
     r
 }
 
@@ -682,7 +921,7 @@ async fn whole_tts(
 
 async fn baseline(turns: usize, utt: Arc<Vec<i16>>) -> Baseline {
     let mut out = Baseline::default();
-    let sandbox = Sandbox::start(sandbox_config())
+    let sandbox = Sandbox::start(sandbox_config(false))
         .await
         .expect("fake providers");
     let mut settings = Settings::defaults();
@@ -859,6 +1098,67 @@ async fn run_all(calls: Vec<usize>, turns: Option<usize>, barge_ins: Option<usiz
     println!(
         "\n(Daemon marks are ms since the session started, put on the caller's clock with the call's smallest first-frame arrival - mark; the last column is therefore >= 0 by construction and shows its spread.)"
     );
+
+    println!("\n### Daemon's own time per turn (p50 / p99 / max, ms), from the fakes' own marks\n");
+    println!(
+        "Each stage is timed between two instants in this process: the caller's frame writes and arrivals, and what the fakes recorded (audio received, phrase sent, request arrived, each token handed to the body, TTS text arrived, first audio sent). The fakes' own time (their real overshoot of the configured delays) is thereby separated from the daemon's.\n"
+    );
+    let pmm = |v: &[f64]| {
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            pct(v, 50.0).unwrap_or(f64::NAN),
+            pct(v, 99.0).unwrap_or(f64::NAN),
+            pct(v, 100.0).unwrap_or(f64::NAN)
+        )
+    };
+    println!(
+        "| calls | turns joined (unjoined) | (a) caller frame completing the silence -> fake STT | (b) phrase sent -> LLM request arrives | (c) clause-releasing token sent -> clause text at fake TTS | (d) first TTS audio sent -> first frame at caller (incl. 0-20 tick) | **daemon sum** |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in &results {
+        let a = &r.att;
+        println!(
+            "| {} | {} ({}) | {} | {} | {} | {} | **{}** |",
+            r.calls,
+            a.turns,
+            a.unjoined,
+            pmm(&a.audio_seg),
+            pmm(&a.phrase_to_llm),
+            pmm(&a.clause_to_tts),
+            pmm(&a.audio_out),
+            pmm(&a.daemon_sum)
+        );
+    }
+    for r in &results {
+        println!(
+            "\n{} calls: the fake LLM accepted {} TCP connections for {} requests.",
+            r.calls, r.att.llm_connections.0, r.att.llm_connections.1
+        );
+    }
+    println!(
+        "\n### The fakes' own time per turn (p50 / p99 / max, ms) against their configuration\n"
+    );
+    println!(
+        "| calls | STT final (cfg {STT_FINAL_MS}) | LLM first token (cfg {LLM_TTFT_MS}) | LLM first token -> clause-releasing token #{} (cfg {:.0}) | TTS first audio (cfg {TTS_FIRST_BYTE_MS}) | caller's silence + fakes, sum (cfg {:.0}) | fakes' overshoot | measured - daemon - fakes (check, ~0) | caller last voiced frame -> fake STT |",
+        known.release_token, known.clause_ms, known.sum_ms
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        let a = &r.att;
+        let over: Vec<f64> = a.fake_sum.iter().map(|v| v - known.sum_ms).collect();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.calls,
+            pmm(&a.fake_stt),
+            pmm(&a.fake_ttft),
+            pmm(&a.fake_clause),
+            pmm(&a.fake_tts),
+            pmm(&a.fake_sum),
+            pmm(&over),
+            pmm(&a.residual),
+            pmm(&a.audio_speech)
+        );
+    }
 
     println!("\n## 2. Barge-in flush\n");
     println!(

@@ -112,6 +112,24 @@ pub struct FakeAzureStats {
     pub phrases_sent: usize,
     /// Connections closed for a protocol violation: close code and reason.
     pub violations: Vec<(u16, String)>,
+    /// When each `Success` phrase was heard and sent, in the order sent (benchmarks).
+    pub phrase_times: Vec<PhraseTimes>,
+}
+
+/// Wall-clock marks of one `Success` phrase, for attributing latency in benchmarks.
+#[derive(Debug, Clone)]
+pub struct PhraseTimes {
+    /// The connection (0-based, in upgrade order) that sent it.
+    pub connection: usize,
+    /// Its transcript.
+    pub text: String,
+    /// Arrival of the audio message carrying the phrase's last voiced block.
+    pub last_speech_at: Option<std::time::Instant>,
+    /// Arrival of the audio message whose block completed the segmentation silence (`None`
+    /// when the phrase was ended by the end of the audio stream).
+    pub segmented_at: Option<std::time::Instant>,
+    /// When the `speech.phrase` message had been written to the socket.
+    pub sent_at: std::time::Instant,
 }
 
 struct Shared {
@@ -251,13 +269,14 @@ async fn upgrade(
     let seg = query
         .get("segmentationSilenceTimeoutMs")
         .and_then(|v| v.parse().ok());
-    {
+    let index = {
         let mut st = sh.stats();
         st.connections += 1;
         st.languages.push(language);
-    }
+        st.connections - 1
+    };
     ws.on_upgrade(move |socket| async move {
-        let mut conn = Connection::new(sh, seg.unwrap_or(DEFAULT_SEGMENTATION_MS));
+        let mut conn = Connection::new(sh, index, seg.unwrap_or(DEFAULT_SEGMENTATION_MS));
         conn.run(socket).await;
     })
 }
@@ -270,6 +289,8 @@ enum Out {
     Final {
         offset: u64,
         duration: u64,
+        last_speech_at: Option<std::time::Instant>,
+        segmented_at: Option<std::time::Instant>,
     },
 }
 
@@ -285,6 +306,8 @@ fn violation(code: u16, why: impl Into<String>) -> Violation {
 struct Speech {
     start: u64,
     last_voiced_end: u64,
+    /// Arrival of the audio carrying the last voiced block.
+    last_voiced_at: std::time::Instant,
     next_hypothesis: u64,
     hypotheses: usize,
 }
@@ -305,6 +328,8 @@ struct Turn {
 
 struct Connection {
     sh: Arc<Shared>,
+    /// 0-based upgrade index, for [`PhraseTimes`].
+    index: usize,
     /// Segmentation silence for the next turn, from the query or `speech.context`.
     segmentation_ms: u64,
     config_seen: bool,
@@ -318,9 +343,10 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(sh: Arc<Shared>, segmentation_ms: u64) -> Self {
+    fn new(sh: Arc<Shared>, index: usize, segmentation_ms: u64) -> Self {
         Self {
             sh,
+            index,
             segmentation_ms,
             config_seen: false,
             turn: None,
@@ -389,8 +415,13 @@ impl Connection {
                 continue;
             };
             let (text, was_final) = match out {
-                Out::Text(t) => (t, false),
-                Out::Final { offset, duration } => {
+                Out::Text(t) => (t, None),
+                Out::Final {
+                    offset,
+                    duration,
+                    last_speech_at,
+                    segmented_at,
+                } => {
                     self.finals_queued = self.finals_queued.saturating_sub(1);
                     let text = {
                         let mut st = self.sh.stats();
@@ -402,14 +433,22 @@ impl Connection {
                         "Offset": offset, "Duration": duration, "Channel": 0});
                     (
                         protocol::service_message("speech.phrase", &rid, &body.to_string()),
-                        true,
+                        Some((text, last_speech_at, segmented_at)),
                     )
                 }
             };
             if socket.send(Message::Text(text.into())).await.is_err() {
                 return false;
             }
-            if was_final {
+            if let Some((text, last_speech_at, segmented_at)) = was_final {
+                let sent_at = std::time::Instant::now();
+                self.sh.stats().phrase_times.push(PhraseTimes {
+                    connection: self.index,
+                    text,
+                    last_speech_at,
+                    segmented_at,
+                    sent_at,
+                });
                 self.phrases_sent_here += 1;
                 if self.sh.cfg.fault == AzureFault::DropAfterPhrases(self.phrases_sent_here) {
                     close(
@@ -625,12 +664,14 @@ impl Connection {
                 turn.speech = Some(Speech {
                     start,
                     last_voiced_end: end,
+                    last_voiced_at: std::time::Instant::now(),
                     next_hypothesis: start + hyp_ms * rate / 1000,
                     hypotheses: 0,
                 });
             }
             (Some(sp), true) => {
                 sp.last_voiced_end = end;
+                sp.last_voiced_at = std::time::Instant::now();
                 if hyp_ms > 0 && end >= sp.next_hypothesis {
                     sp.hypotheses += 1;
                     sp.next_hypothesis += hyp_ms * rate / 1000;
@@ -638,7 +679,7 @@ impl Connection {
                 }
             }
             (Some(sp), false) if end - sp.last_voiced_end >= seg_ms * rate / 1000 => {
-                ended = Some((sp.start, sp.last_voiced_end - sp.start));
+                ended = Some((sp.start, sp.last_voiced_end - sp.start, sp.last_voiced_at));
                 turn.speech = None;
             }
             _ => {}
@@ -656,15 +697,30 @@ impl Connection {
                 json!({"Text": words.join(" "), "Offset": ticks(s), "Duration": ticks(d), "Id": protocol::new_id()}),
             );
         }
-        if let Some((s, d)) = ended {
-            self.queue_final(ticks(s), ticks(d));
+        if let Some((s, d, heard)) = ended {
+            let segmented = std::time::Instant::now();
+            self.queue_final(ticks(s), ticks(d), Some(heard), Some(segmented));
         }
     }
 
-    fn queue_final(&mut self, offset: u64, duration: u64) {
+    fn queue_final(
+        &mut self,
+        offset: u64,
+        duration: u64,
+        last_speech_at: Option<std::time::Instant>,
+        segmented_at: Option<std::time::Instant>,
+    ) {
         let at = Instant::now() + Duration::from_millis(self.sh.cfg.final_delay_ms);
         self.finals_queued += 1;
-        self.push(at, Out::Final { offset, duration });
+        self.push(
+            at,
+            Out::Final {
+                offset,
+                duration,
+                last_speech_at,
+                segmented_at,
+            },
+        );
     }
 
     /// The empty audio message: finish the phrase in progress, then close the turn.
@@ -682,7 +738,12 @@ impl Connection {
         let rid = turn.request_id.clone();
         let ticks = |samples: u64| protocol::samples_to_ticks(samples, rate);
         if let Some(sp) = turn.speech.take() {
-            self.queue_final(ticks(sp.start), ticks(sp.last_voiced_end - sp.start));
+            self.queue_final(
+                ticks(sp.start),
+                ticks(sp.last_voiced_end - sp.start),
+                Some(sp.last_voiced_at),
+                None,
+            );
         }
         let now = Instant::now();
         for (path, body) in [

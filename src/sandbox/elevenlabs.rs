@@ -124,6 +124,22 @@ pub struct FakeElevenLabsStats {
     characters: AtomicUsize,
     http_requests: AtomicUsize,
     output_formats: std::sync::Mutex<Vec<String>>,
+    sessions: std::sync::Mutex<Vec<TtsSessionTimes>>,
+}
+
+/// Wall-clock marks of one websocket session, for attributing latency in benchmarks.
+#[derive(Debug, Clone)]
+pub struct TtsSessionTimes {
+    /// When the initialise message had been accepted.
+    pub opened: std::time::Instant,
+    /// Arrival of the first non-blank text.
+    pub first_text_at: Option<std::time::Instant>,
+    /// Arrival of the text that made the first generation.
+    pub trigger_at: Option<std::time::Instant>,
+    /// The text received up to and including that message.
+    pub trigger_text: String,
+    /// When the first audio message had been written to the socket.
+    pub first_audio_at: Option<std::time::Instant>,
 }
 
 impl FakeElevenLabsStats {
@@ -158,6 +174,24 @@ impl FakeElevenLabsStats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Timing marks of every websocket session, in the order they were initialised.
+    pub fn session_times(&self) -> Vec<TtsSessionTimes> {
+        self.sessions_lock().clone()
+    }
+
+    fn sessions_lock(&self) -> std::sync::MutexGuard<'_, Vec<TtsSessionTimes>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Updates session `i`'s marks.
+    fn mark(&self, i: usize, f: impl FnOnce(&mut TtsSessionTimes)) {
+        if let Some(t) = self.sessions_lock().get_mut(i) {
+            f(t);
+        }
     }
 
     fn count_text(&self, text: &str) {
@@ -967,6 +1001,18 @@ impl WsSession {
             schedule_index: 0,
             pending: VecDeque::new(),
         };
+        let session = {
+            let mut s = self.app.stats.sessions_lock();
+            s.push(TtsSessionTimes {
+                opened: std::time::Instant::now(),
+                first_text_at: None,
+                trigger_at: None,
+                trigger_text: String::new(),
+                first_audio_at: None,
+            });
+            s.len() - 1
+        };
+        let mut triggered = false;
         let step = pace(cfg, cfg.chunk_ms);
         let mut closing = false;
         let mut stalled = false;
@@ -995,6 +1041,15 @@ impl WsSession {
                     if closing {
                         continue;
                     }
+                    let arrived = std::time::Instant::now();
+                    if !triggered {
+                        self.app.stats.mark(session, |t| {
+                            if t.first_text_at.is_none() && !text.trim().is_empty() {
+                                t.first_text_at = Some(arrived);
+                            }
+                            t.trigger_text.push_str(&text);
+                        });
+                    }
                     let was_empty = generator.pending.is_empty();
                     if text.is_empty() {
                         closing = true;
@@ -1003,6 +1058,10 @@ impl WsSession {
                     } else {
                         self.app.stats.count_text(&text);
                         generator.on_text(&text, m.flush, m.try_trigger_generation);
+                    }
+                    if !triggered && !generator.pending.is_empty() {
+                        triggered = true;
+                        self.app.stats.mark(session, |t| t.trigger_at = Some(arrived));
                     }
                     if was_empty && !generator.pending.is_empty() {
                         next_send = next_send.max(Instant::now() + Duration::from_millis(cfg.first_byte_delay_ms));
@@ -1017,6 +1076,10 @@ impl WsSession {
                         return SessionEnd::ClientGone;
                     }
                     sent += 1;
+                    if sent == 1 {
+                        let now = std::time::Instant::now();
+                        self.app.stats.mark(session, |t| t.first_audio_at = Some(now));
+                    }
                     next_send = Instant::now() + step;
                     match self.fault {
                         TtsFault::CloseAfterChunks(n) if sent >= n => {

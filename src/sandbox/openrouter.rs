@@ -117,6 +117,20 @@ struct Stats {
     bodies: Vec<Value>,
     headers: Vec<HeaderMap>,
     models_requests: usize,
+    times: Vec<LlmRequestTimes>,
+}
+
+/// Wall-clock marks of one streamed chat reply, for attributing latency in benchmarks.
+#[derive(Debug, Clone)]
+pub struct LlmRequestTimes {
+    /// When the handler had the whole request body.
+    pub arrived: std::time::Instant,
+    /// The request's last user message.
+    pub user: String,
+    /// The reply's content tokens, in order.
+    pub tokens: Vec<String>,
+    /// When each content token was handed to the response body, in order.
+    pub token_sent: Vec<std::time::Instant>,
 }
 
 struct Shared {
@@ -171,6 +185,11 @@ impl FakeOpenRouter {
     /// How many chat requests arrived (including rejected ones).
     pub fn request_count(&self) -> usize {
         self.shared.stats().chat_requests
+    }
+
+    /// Arrival and token send times of every streamed reply, in order.
+    pub fn request_times(&self) -> Vec<LlmRequestTimes> {
+        self.shared.stats().times.clone()
     }
 
     /// How many `/models` requests arrived.
@@ -275,6 +294,7 @@ fn status_message(status: u16) -> &'static str {
 }
 
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = std::time::Instant::now();
     let parsed = serde_json::from_slice::<Value>(&body);
     let attempt = {
         let mut st = shared.stats();
@@ -316,7 +336,17 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         st.replies_served += 1;
         st.replies_served - 1
     };
-    let script = Script::new(&cfg, &req, served);
+    let mut script = Script::new(&cfg, &req, served);
+    script.times = {
+        let mut st = shared.stats();
+        st.times.push(LlmRequestTimes {
+            arrived,
+            user: last_user_text(&req),
+            tokens: script.tokens.clone(),
+            token_sent: Vec::new(),
+        });
+        Some((Arc::clone(&shared), st.times.len() - 1))
+    };
     let id = format!("gen-{}-{attempt}", unix_secs());
     let (tx, mut rx) = mpsc::channel::<Frame>(16);
     tokio::spawn(script.run(Emitter { tx, id: id.clone() }, cfg, attempt));
@@ -563,6 +593,8 @@ struct Script {
     end_call: bool,
     finish_reason: &'static str,
     prompt_tokens: u64,
+    /// Where to record token send times: the fake's state and the request's index.
+    times: Option<(Arc<Shared>, usize)>,
 }
 
 impl Script {
@@ -616,6 +648,7 @@ impl Script {
                 "stop"
             },
             prompt_tokens: (prompt_chars / 4) as u64 + 1,
+            times: None,
         }
     }
 
@@ -677,6 +710,12 @@ impl Script {
                 None,
             ))
             .await?;
+            if let Some((shared, idx)) = &self.times {
+                let now = std::time::Instant::now();
+                if let Some(t) = shared.stats().times.get_mut(*idx) {
+                    t.token_sent.push(now);
+                }
+            }
         }
         if self.end_call {
             let call_id = format!("call_{}", out.id.rsplit('-').next().unwrap_or("0"));

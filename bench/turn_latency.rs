@@ -142,23 +142,9 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // The known delays.
 
-/// The fake OpenRouter's tokens: each word with the whitespace before it (as its
-/// `split_tokens` does).
+/// The fake OpenRouter's tokens for a reply.
 fn fake_tokens(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut prev_space = false;
-    for c in text.chars() {
-        if c.is_whitespace() && !prev_space && !cur.trim().is_empty() {
-            out.push(std::mem::take(&mut cur));
-        }
-        prev_space = c.is_whitespace();
-        cur.push(c);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
+    sifucall::sandbox::openrouter::split_tokens(text)
 }
 
 struct Known {

@@ -477,8 +477,8 @@ fn last_user_text(req: &Value) -> String {
 }
 
 /// Splits a reply into "tokens": each word with the whitespace before it, so the pieces
-/// concatenate back to the reply.
-fn split_tokens(text: &str) -> Vec<String> {
+/// concatenate back to the reply. Public so benchmarks can compute when a clause completes.
+pub fn split_tokens(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut prev_space = false;

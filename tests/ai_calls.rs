@@ -399,3 +399,25 @@ async fn wideband_and_dtmf() {
         dtmf_entry_reaches_the_llm()
     );
 }
+
+/// A call at a rate the AI pipeline cannot serve (48 kHz) is handed back to the dialplan with
+/// a hangup at once, not left to fail turn by turn.
+#[tokio::test]
+async fn unsupported_rate_is_handed_back_to_the_dialplan() {
+    let mut d = start(fast_sandbox(), sifucall::ops::config::Settings::defaults()).await;
+    let mut peer = common::Peer::connect(d.audiosocket).await;
+    peer.send(&common::uuid_frame()).await;
+    peer.send(&common::audio_frame(0x16, &[0; 960])).await;
+    let frames = peer.read_to_close().await;
+    assert_eq!(
+        frames.last().map(|f| f.kind),
+        Some(0x00),
+        "ends with a hangup frame"
+    );
+    assert!(frames.iter().all(|f| f.kind == 0x16 || f.kind == 0x00));
+    peer.assert_no_violations();
+    let s = d.next_summary().await;
+    assert_eq!(s.reason, EndReason::AgentHangup);
+    let errors = s.agent.map(|a| a.errors).unwrap_or_default();
+    assert!(errors.iter().any(|e| e.contains("48000")), "{errors:?}");
+}

@@ -94,6 +94,26 @@ impl AgentFactory for AiAgentFactory {
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (report_tx, report_rx) = oneshot::channel();
         let rate = call.rate.hz();
+        if !matches!(rate, 8_000 | 16_000) {
+            // Azure STT, ElevenLabs and the VAD only do 8 and 16 kHz: hand the call back to
+            // the dialplan at once rather than fail turn by turn.
+            warn!(
+                rate,
+                "the AI agent supports 8 and 16 kHz calls only; hanging up to the dialplan"
+            );
+            let mut report = AgentReport::default();
+            report
+                .errors
+                .push(format!("unsupported call rate {rate} Hz for the AI agent"));
+            let _ = report_tx.send(report);
+            drop((input_rx, cmd_tx));
+            return AgentHandle {
+                input: input_tx,
+                commands: cmd_rx,
+                initial: vec![AgentCommand::Hangup],
+                report: Some(report_rx),
+            };
+        }
         let mut initial = Vec::new();
         let greeting_cached = match self.prompts.cached(PromptKind::Greeting, rate) {
             Some(pcm) => {

@@ -95,8 +95,9 @@ pub async fn run(opts: DemoOptions, mut settings: Settings) -> Result<DemoReport
             detail: e.to_string(),
         })?;
     settings.agent.mode = AgentMode::Ai;
-    settings.audiosocket.listen = "127.0.0.1:0".parse().expect("literal address");
-    settings.admin.listen = "127.0.0.1:0".parse().expect("literal address");
+    let loopback_any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    settings.audiosocket.listen = loopback_any_port;
+    settings.admin.listen = loopback_any_port;
     sandbox.point(&mut settings);
     let rate = 8_000u32;
     let greeting_ms = elevenlabs::speech_samples(&settings.agent.greeting, rate) as f64 / 8.0;

@@ -5,7 +5,7 @@
 //! thin drivers around these functions, so every byte on the wire is decided (and unit
 //! tested) here. Wire format reference: `shared/docs/provider-apis.md` section 1b.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
@@ -121,33 +121,8 @@ pub fn is_valid_request_id(id: &str) -> bool {
 /// `X-Timestamp` for `t`: ISO-8601 UTC with milliseconds, like JavaScript's
 /// `Date.toISOString()` (`2026-05-01T10:00:00.123Z`). Times before 1970 print as the epoch.
 pub fn format_timestamp(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let ms = since.subsec_millis();
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (H. Hinnant's `civil_from_days`, restricted to non-negative day counts).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
+    // Azure wants exactly the call records' format: RFC 3339 UTC with milliseconds.
+    crate::ops::records::rfc3339_utc(t)
 }
 
 /// A text message: `Path`, `X-RequestId`, `X-Timestamp`, `Content-Type`, blank line, body.
@@ -625,7 +600,7 @@ pub fn ticks_to_samples(ticks: u64, sample_rate: u32) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
 

@@ -156,15 +156,9 @@ pub struct FakeAzure {
 impl FakeAzure {
     /// Binds 127.0.0.1:0 and serves `cfg` in the background.
     pub async fn spawn(cfg: FakeAzureConfig) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let stats = Arc::new(Mutex::new(FakeAzureStats::default()));
-        let s = stats.clone();
-        let task = tokio::spawn(async move {
-            if let Err(e) = serve_with_stats(listener, cfg, s).await {
-                debug!(error = %e, "fake azure stopped");
-            }
-        });
+        let app = routes(cfg, Arc::clone(&stats));
+        let (addr, task) = super::spawn_on_loopback("fake Azure", app, || {}).await?;
         Ok(Self { addr, stats, task })
     }
 
@@ -212,16 +206,17 @@ pub async fn serve_with_stats(
     cfg: FakeAzureConfig,
     stats: Arc<Mutex<FakeAzureStats>>,
 ) -> std::io::Result<()> {
+    super::serve_nodelay(listener, routes(cfg, stats), || {}).await
+}
+
+/// The fake's routes on every path the SDKs use.
+fn routes(cfg: FakeAzureConfig, stats: Arc<Mutex<FakeAzureStats>>) -> Router {
     let shared = Arc::new(Shared { cfg, stats });
     let mut app = Router::new();
     for p in PATHS {
         app = app.route(p, get(upgrade));
     }
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app.with_state(shared)).await
+    app.with_state(shared)
 }
 
 fn authorised(

@@ -234,17 +234,8 @@ impl Drop for FakeElevenLabs {
 
 /// Starts the fake on an ephemeral port.
 pub async fn spawn(cfg: FakeElevenLabsConfig) -> std::io::Result<FakeElevenLabs> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let (app, stats) = router_with_stats(cfg);
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "fake ElevenLabs server stopped");
-        }
-    });
+    let (addr, task) = super::spawn_on_loopback("fake ElevenLabs", app, || {}).await?;
     Ok(FakeElevenLabs { addr, stats, task })
 }
 

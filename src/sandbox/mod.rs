@@ -9,6 +9,13 @@ pub mod azure;
 pub mod elevenlabs;
 pub mod openrouter;
 
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
 use crate::ops::config::{Secret, Settings};
 
 use azure::{FakeAzure, FakeAzureConfig};
@@ -98,4 +105,35 @@ impl Sandbox {
             ("ELEVENLABS_API_KEY".into(), "sandbox".into()),
         ]
     }
+}
+
+/// Serves a fake's routes on `listener` with Nagle off on every connection (small SSE and
+/// websocket messages must not wait for ACKs, as with the real services), calling
+/// `on_accept` for each connection.
+pub(crate) async fn serve_nodelay(
+    listener: TcpListener,
+    app: Router,
+    mut on_accept: impl FnMut() + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(move |tcp| {
+        on_accept();
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await
+}
+
+/// Starts a fake on 127.0.0.1 on a port the OS picks; the task ends when aborted.
+pub(crate) async fn spawn_on_loopback(
+    name: &'static str,
+    app: Router,
+    on_accept: impl FnMut() + Send + 'static,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = serve_nodelay(listener, app, on_accept).await {
+            tracing::warn!(error = %e, "{name} stopped");
+        }
+    });
+    Ok((addr, task))
 }

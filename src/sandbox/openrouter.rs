@@ -19,7 +19,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -211,19 +210,12 @@ impl Drop for FakeOpenRouter {
 
 /// Starts the fake on `127.0.0.1` with an ephemeral port.
 pub async fn spawn(cfg: FakeOpenRouterConfig) -> io::Result<FakeOpenRouter> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
     let (app, shared) = build(cfg);
     let counter = Arc::clone(&shared);
-    let listener = listener.tap_io(move |tcp| {
+    let (addr, task) = super::spawn_on_loopback("fake OpenRouter", app, move || {
         counter.connections.fetch_add(1, Ordering::Relaxed);
-        let _ = tcp.set_nodelay(true);
-    });
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "fake OpenRouter stopped");
-        }
-    });
+    })
+    .await?;
     Ok(FakeOpenRouter { addr, shared, task })
 }
 

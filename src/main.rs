@@ -255,10 +255,6 @@ async fn call(args: CallArgs) -> anyhow::Result<()> {
     }
     opts.dtmf = caller::parse_dtmf(&dtmf)?;
     opts.hangup_after = hangup_after.map(std::time::Duration::from_secs_f64);
-    if let Some(h) = opts.hangup_after {
-        // --hangup-after is when the caller hangs up: keep the line open (silence) until then.
-        opts.tail = h;
-    }
     opts.until_server_hangup = until_hangup;
     let report = caller::place_call(opts).await?;
     println!("{}", caller::summary_json(&report));

@@ -76,7 +76,8 @@ pub struct CallOptions {
     pub dtmf: Vec<(Duration, Digit)>,
     /// Hang up this long after the call start, whatever else is going on.
     pub hangup_after: Option<Duration>,
-    /// Silence sent after `play` before hanging up (ignored with `until_server_hangup`).
+    /// Silence sent after `play` before hanging up (ignored with `until_server_hangup` or
+    /// `hangup_after`).
     pub tail: Duration,
     /// Audio payload sizes in bytes, cycled (e.g. `[320, 288]` as seen from real Asterisk);
     /// `None` sends 20 ms frames. Frames are always due when their first sample would be

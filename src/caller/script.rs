@@ -97,11 +97,12 @@ impl Script {
             }
             Some(sample_time(pos, spec.rate))
         };
-        let hangup_at = [natural_end, spec.hangup_after, Some(spec.max_duration)]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(spec.max_duration);
+        // An explicit hang-up time wins (the line stays up with silence until then);
+        // otherwise the call ends after the audio and its tail. Never past max_duration.
+        let hangup_at = spec
+            .hangup_after
+            .or(natural_end)
+            .map_or(spec.max_duration, |t| t.min(spec.max_duration));
         let mut dtmf: Vec<(Duration, Digit)> = spec.dtmf.to_vec();
         dtmf.sort_by_key(|&(at, _)| at);
         Self {
@@ -300,6 +301,24 @@ mod tests {
         assert_eq!(
             samples_in(Duration::from_nanos(62_500), SampleRate::Hz8000),
             1
+        );
+    }
+
+    #[test]
+    fn hangup_after_keeps_the_line_up_past_the_audio() {
+        let play = vec![1i16; 160];
+        let mut sp = spec(&play);
+        sp.hangup_after = Some(ms(200));
+        let out = run(Script::new(sp));
+        let (at, last) = out.last().unwrap();
+        assert!(matches!(last, Action::Hangup));
+        assert_eq!(*at, ms(200));
+        // One frame of audio, then silence frames every 20 ms until the hangup.
+        assert_eq!(
+            out.iter()
+                .filter(|(_, a)| matches!(a, Action::Audio { .. }))
+                .count(),
+            10
         );
     }
 }

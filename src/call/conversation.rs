@@ -84,9 +84,6 @@ impl AiAgentFactory {
 }
 
 const GREETING: UtteranceId = UtteranceId(1);
-/// How long after the agent stops talking a transcript may still be its echo (the STT
-/// final arrives segmentation silence + processing after the audio).
-const ECHO_TAIL: Duration = Duration::from_millis(1500);
 
 impl AgentFactory for AiAgentFactory {
     fn start(&self, call: CallInfo, cancel: CancellationToken) -> AgentHandle {
@@ -232,12 +229,6 @@ struct Conversation {
     hangup_sent: bool,
     /// Last time either party was heard, for the idle hang-up.
     last_activity: Instant,
-    /// When the agent last started talking, and since when it has been silent (None while
-    /// talking): a transcript inside that window with no caller voice is line echo.
-    agent_started_at: Option<Instant>,
-    agent_silent_since: Option<Instant>,
-    /// When the VAD last heard the caller start talking.
-    caller_voice_at: Option<Instant>,
     report: AgentReport,
 }
 
@@ -281,9 +272,6 @@ impl Conversation {
             dtmf_deadline: None,
             hangup_sent: false,
             last_activity: Instant::now(),
-            agent_started_at: None,
-            agent_silent_since: None,
-            caller_voice_at: None,
             report: AgentReport::default(),
         }
     }
@@ -523,10 +511,9 @@ impl Conversation {
 
     async fn on_turn_event(&mut self, ev: TurnEvent) {
         match ev {
-            TurnEvent::SpeechStarted { at } => {
+            TurnEvent::SpeechStarted { .. } => {
                 debug!("caller speaking");
                 self.last_activity = Instant::now();
-                self.caller_voice_at = Some(at);
             }
             TurnEvent::SpeechEnded { at } => {
                 debug!("caller stopped speaking");
@@ -534,7 +521,6 @@ impl Conversation {
                 self.last_activity = Instant::now();
             }
             TurnEvent::BargeIn { at } => {
-                self.caller_voice_at = Some(at);
                 info!(
                     at_ms = self.ms(at),
                     "barge-in: caller talked over the agent; stopping playout"
@@ -550,7 +536,7 @@ impl Conversation {
                     }
                 }
                 self.send(AgentCommand::Flush).await;
-                self.turns.set_agent_speaking(false, -120.0);
+                self.turns.set_agent_speaking(false, -120.0, Instant::now());
             }
         }
     }
@@ -594,32 +580,14 @@ impl Conversation {
             .as_ref()
             .filter(|r| r.level_n > 0)
             .map_or(-20.0, |r| r.level_sum / r.level_n as f64);
-        let speaking = !playing.is_empty();
-        let now = Instant::now();
-        if speaking && (self.agent_silent_since.is_some() || self.agent_started_at.is_none()) {
-            self.agent_started_at = Some(now);
-        }
-        self.agent_silent_since = if speaking {
-            None
-        } else {
-            self.agent_silent_since.or(Some(now))
-        };
-        self.turns.set_agent_speaking(speaking, level);
+        self.turns
+            .set_agent_speaking(!playing.is_empty(), level, Instant::now());
     }
 
-    /// Whether a transcript arriving now is probably the line echoing the agent back: the
-    /// agent is talking or just stopped, and the VAD heard no caller voice since it started.
+    /// Whether a transcript arriving now is probably the line echoing the agent back (only
+    /// judged when the VAD runs: it is what hears the caller).
     fn looks_like_echo(&self, now: Instant) -> bool {
-        if self.vad.is_none() {
-            return false;
-        }
-        let agent_playing = self.utterances.values().any(|u| u.playing);
-        let recently = self
-            .agent_silent_since
-            .is_some_and(|t| now.duration_since(t) < ECHO_TAIL);
-        let caller_voiced = self.turns.caller_spoke_over_agent()
-            || matches!((self.caller_voice_at, self.agent_started_at), (Some(c), Some(a)) if c >= a);
-        (agent_playing || recently) && !caller_voiced
+        self.vad.is_some() && self.turns.looks_like_echo(now)
     }
 
     /// An utterance finished playing or was flushed: record what the caller heard.

@@ -24,6 +24,9 @@ pub struct TurnConfig {
     pub echo_margin_db: f64,
     /// Length of one VAD window.
     pub window: Duration,
+    /// How long after the agent stops talking a transcript may still be its echo (the STT
+    /// final arrives segmentation silence + processing after the audio).
+    pub echo_tail: Duration,
 }
 
 impl Default for TurnConfig {
@@ -35,6 +38,7 @@ impl Default for TurnConfig {
             min_silence: Duration::from_millis(240),
             echo_margin_db: 12.0,
             window: Duration::from_millis(16),
+            echo_tail: Duration::from_millis(1500),
         }
     }
 }
@@ -72,6 +76,12 @@ pub struct TurnDetector {
     agent_level_db: f64,
     barged: bool,
     caller_spoke_over_agent: bool,
+    /// When the agent last started talking, and since when it has been silent (None while
+    /// talking or before it first spoke).
+    agent_started_at: Option<Instant>,
+    agent_silent_since: Option<Instant>,
+    /// When the caller was last heard starting to talk.
+    caller_voice_at: Option<Instant>,
 }
 
 impl TurnDetector {
@@ -88,14 +98,22 @@ impl TurnDetector {
             agent_level_db: -120.0,
             barged: false,
             caller_spoke_over_agent: false,
+            agent_started_at: None,
+            agent_silent_since: None,
+            caller_voice_at: None,
         }
     }
 
     /// The agent started or stopped playing audio; `level_db` is its speech level (dBFS).
-    pub fn set_agent_speaking(&mut self, speaking: bool, level_db: f64) {
+    pub fn set_agent_speaking(&mut self, speaking: bool, level_db: f64, now: Instant) {
         if speaking && !self.agent_speaking {
             self.barged = false;
             self.caller_spoke_over_agent = false;
+            self.agent_started_at = Some(now);
+            self.agent_silent_since = None;
+        }
+        if !speaking && self.agent_speaking {
+            self.agent_silent_since = Some(now);
         }
         self.agent_speaking = speaking;
         self.agent_level_db = level_db;
@@ -110,6 +128,18 @@ impl TurnDetector {
     /// a transcript that arrives while the agent talks without this is probably echo.
     pub fn caller_spoke_over_agent(&self) -> bool {
         self.caller_spoke_over_agent
+    }
+
+    /// Whether a transcript arriving at `now` is probably the line echoing the agent back:
+    /// the agent is talking or stopped less than `echo_tail` ago, and no caller voice was
+    /// heard since it started.
+    pub fn looks_like_echo(&self, now: Instant) -> bool {
+        let recently = self
+            .agent_silent_since
+            .is_some_and(|t| now.duration_since(t) < self.cfg.echo_tail);
+        let caller_voiced = self.caller_spoke_over_agent
+            || matches!((self.caller_voice_at, self.agent_started_at), (Some(c), Some(a)) if c >= a);
+        (self.agent_speaking || recently) && !caller_voiced
     }
 
     /// Feeds one VAD window ending at `end`.
@@ -140,13 +170,14 @@ impl TurnDetector {
         {
             self.barged = true;
             self.speaking = true;
+            self.caller_voice_at = Some(end);
             return Some(TurnEvent::BargeIn { at: end });
         }
         if !self.speaking && is_speech && self.speech_run >= self.cfg.min_speech {
             self.speaking = true;
-            return Some(TurnEvent::SpeechStarted {
-                at: self.run_start.unwrap_or(end),
-            });
+            let at = self.run_start.unwrap_or(end);
+            self.caller_voice_at = Some(at);
+            return Some(TurnEvent::SpeechStarted { at });
         }
         if self.speaking && !is_speech && self.silence_run >= self.cfg.min_silence {
             self.speaking = false;
@@ -206,7 +237,7 @@ mod tests {
     fn barge_in_needs_min_speech_over_the_agent() {
         let mut t = Instant::now();
         let mut d = TurnDetector::new(TurnConfig::default());
-        d.set_agent_speaking(true, -20.0);
+        d.set_agent_speaking(true, -20.0, t);
         // 240 ms of caller speech: reported as speech, not yet an interruption.
         let ev = feed(&mut d, &mut t, 15, 0.9, -18.0);
         assert!(
@@ -223,12 +254,12 @@ mod tests {
     fn echo_of_the_agent_does_not_barge_in() {
         let mut t = Instant::now();
         let mut d = TurnDetector::new(TurnConfig::default());
-        d.set_agent_speaking(true, -18.0);
+        d.set_agent_speaking(true, -18.0, t);
         // The line reflects our own speech 20 dB down: voice-like, but quieter than the margin.
         assert!(feed(&mut d, &mut t, 200, 0.95, -38.0).is_empty());
         assert!(!d.caller_spoke_over_agent());
         // The same level is real speech once the agent is silent.
-        d.set_agent_speaking(false, -120.0);
+        d.set_agent_speaking(false, -120.0, t);
         let ev = feed(&mut d, &mut t, 10, 0.95, -38.0);
         assert!(matches!(ev[..], [TurnEvent::SpeechStarted { .. }]));
     }
@@ -237,19 +268,41 @@ mod tests {
     fn barge_in_resets_for_the_next_utterance() {
         let mut t = Instant::now();
         let mut d = TurnDetector::new(TurnConfig::default());
-        d.set_agent_speaking(true, -20.0);
+        d.set_agent_speaking(true, -20.0, t);
         assert!(
             feed(&mut d, &mut t, 25, 0.9, -15.0)
                 .iter()
                 .any(|e| matches!(e, TurnEvent::BargeIn { .. }))
         );
-        d.set_agent_speaking(false, -120.0);
+        d.set_agent_speaking(false, -120.0, t);
         feed(&mut d, &mut t, 30, 0.1, -60.0);
-        d.set_agent_speaking(true, -20.0);
+        d.set_agent_speaking(true, -20.0, t);
         assert!(
             feed(&mut d, &mut t, 25, 0.9, -15.0)
                 .iter()
                 .any(|e| matches!(e, TurnEvent::BargeIn { .. }))
         );
+    }
+
+    #[test]
+    fn transcripts_during_or_just_after_the_agent_without_caller_voice_are_echo() {
+        let mut t = Instant::now();
+        let mut d = TurnDetector::new(TurnConfig::default());
+        assert!(!d.looks_like_echo(t), "nobody has spoken yet");
+        d.set_agent_speaking(true, -18.0, t);
+        feed(&mut d, &mut t, 50, 0.95, -38.0);
+        assert!(d.looks_like_echo(t), "agent talking, only its echo heard");
+        d.set_agent_speaking(false, -120.0, t);
+        assert!(
+            d.looks_like_echo(t + Duration::from_millis(1000)),
+            "within the echo tail"
+        );
+        assert!(
+            !d.looks_like_echo(t + Duration::from_millis(2000)),
+            "after the echo tail"
+        );
+        // Real caller speech after the agent started: not echo.
+        feed(&mut d, &mut t, 10, 0.95, -20.0);
+        assert!(!d.looks_like_echo(t));
     }
 }

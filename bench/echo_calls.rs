@@ -23,38 +23,18 @@ use tokio::net::TcpStream;
 
 const FRAME: Duration = Duration::from_millis(20);
 
+#[path = "common.rs"]
+mod common;
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
-        // `cargo test --all-targets` runs bench targets as tests: do nothing there.
-        println!("echo_calls: run with `cargo bench --bench echo_calls`");
+    let Some(args) = common::bench_args("echo_calls") else {
         return;
-    }
-    let mut calls = vec![100usize, 500, 1000];
-    let mut secs = 30u64;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--calls" => {
-                calls = args[i + 1]
-                    .split(',')
-                    .filter_map(|s| s.parse().ok())
-                    .collect();
-                i += 1;
-            }
-            "--secs" => {
-                secs = args[i + 1].parse().unwrap_or(30);
-                i += 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    let _ = sifucall::ops::rlimit::raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    };
+    let calls = common::list(&args, "--calls").unwrap_or_else(|| vec![100, 500, 1000]);
+    let secs: u64 = common::flag(&args, "--secs")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let rt = common::runtime();
     println!(
         "| calls | daemon CPU/call (% core) | RSS/call (KB) | lateness p50 | p99 | max | underruns | frames out | caller gap p50 | p99 | max |"
     );

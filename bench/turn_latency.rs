@@ -101,41 +101,17 @@ const BARGE_AFTER_MS: f64 = 800.0;
 /// A turn without a reply gives up after this.
 const REPLY_TIMEOUT_MS: f64 = 10_000.0;
 
+#[path = "common.rs"]
+mod common;
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") {
-        // `cargo test --all-targets` runs bench targets as tests: do nothing there.
-        println!("turn_latency: run with `cargo bench --bench turn_latency`");
+    let Some(args) = common::bench_args("turn_latency") else {
         return;
-    }
-    let mut calls = vec![1usize, 200];
-    let mut turns: Option<usize> = None;
-    let mut barge_ins: Option<usize> = None;
-    let mut i = 0;
-    while i < args.len() {
-        let next = args.get(i + 1).cloned().unwrap_or_default();
-        match args[i].as_str() {
-            "--calls" => {
-                calls = next.split(',').filter_map(|s| s.parse().ok()).collect();
-                i += 1;
-            }
-            "--turns" => {
-                turns = next.parse().ok();
-                i += 1;
-            }
-            "--barge-ins" => {
-                barge_ins = next.parse().ok();
-                i += 1;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    let _ = sifucall::ops::rlimit::raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    };
+    let calls = common::list(&args, "--calls").unwrap_or_else(|| vec![1, 200]);
+    let turns: Option<usize> = common::flag(&args, "--turns").and_then(|v| v.parse().ok());
+    let barge_ins: Option<usize> = common::flag(&args, "--barge-ins").and_then(|v| v.parse().ok());
+    let rt = common::runtime();
     rt.block_on(run_all(calls, turns, barge_ins));
 }
 

@@ -550,11 +550,10 @@ fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attri
                 (*c, cost)
             })
             .min_by(|x, y| x.1.total_cmp(&y.1));
-        let Some((conn, cost)) = conn.filter(|(_, cost)| *cost < 100.0) else {
+        let Some((conn, _)) = conn.filter(|(_, cost)| *cost < 100.0) else {
             a.unjoined += normal.len();
             continue;
         };
-        let _ = cost;
         used.insert(conn);
         let phrases = &by_conn[&conn];
         for (i, t) in normal {
@@ -562,31 +561,21 @@ fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attri
                 let p = phrases.get(i)?;
                 let q = llm_by_user.get(p.text.as_str())?;
                 let tts = tts_by_mark.get(&reply_mark(&q.tokens.concat())?)?;
-                let first_reply = t.first_reply_ms?;
-                let seg_sent = t.seg_sent_ms?;
                 let r = |x: std::time::Instant| rel_ms(origin, x);
-                let heard = r(p.last_speech_at?);
-                let segmented = r(p.segmented_at?);
-                let phrase = r(p.sent_at);
-                let arrived = r(q.arrived);
-                let tok0 = r(*q.token_sent.first()?);
-                let release = r(*q.token_sent.get(known.release_token)?);
-                let trigger = r(tts.trigger_at?);
-                let audio = r(tts.first_audio_at?);
-                Some((
-                    heard,
-                    seg_sent,
-                    segmented,
-                    phrase,
-                    arrived,
-                    tok0,
-                    release,
-                    trigger,
-                    audio,
-                    first_reply,
-                ))
+                Some(Marks {
+                    heard: r(p.last_speech_at?),
+                    seg_sent: t.seg_sent_ms?,
+                    segmented: r(p.segmented_at?),
+                    phrase: r(p.sent_at),
+                    arrived: r(q.arrived),
+                    tok0: r(*q.token_sent.first()?),
+                    release: r(*q.token_sent.get(known.release_token)?),
+                    trigger: r(tts.trigger_at?),
+                    audio: r(tts.first_audio_at?),
+                    first: t.first_reply_ms?,
+                })
             })();
-            let Some((
+            let Some(Marks {
                 heard,
                 seg_sent,
                 segmented,
@@ -597,7 +586,7 @@ fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attri
                 trigger,
                 audio,
                 first,
-            )) = joined
+            }) = joined
             else {
                 a.unjoined += 1;
                 continue;
@@ -632,6 +621,30 @@ fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attri
             a.residual.push(first - t.end_ms - ds - fs);
         }
     }
+}
+
+/// One turn's instants (ms on the bench's clock), joined across the caller and the fakes.
+struct Marks {
+    /// The fake STT received the caller's last voiced frame.
+    heard: f64,
+    /// The caller sent the frame completing the segmentation silence.
+    seg_sent: f64,
+    /// The fake STT received that frame.
+    segmented: f64,
+    /// The fake STT sent the phrase.
+    phrase: f64,
+    /// The LLM request arrived at the fake.
+    arrived: f64,
+    /// The fake LLM sent the first token.
+    tok0: f64,
+    /// The fake LLM sent the token that releases the first clause.
+    release: f64,
+    /// The clause that triggered generation arrived at the fake TTS.
+    trigger: f64,
+    /// The fake TTS sent its first audio.
+    audio: f64,
+    /// The first reply frame reached the caller.
+    first: f64,
 }
 
 async fn scenario(

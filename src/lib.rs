@@ -9,6 +9,12 @@
 //! - [`sandbox`]: fake providers speaking the same wire formats, for tests and the demo.
 //! - [`caller`]: a synthetic Asterisk that places calls, for operators, tests and benchmarks.
 //! - [`ops`]: configuration, logging, metrics, admin HTTP, systemd, call records.
+//!
+//! # Errors
+//! Library modules return `thiserror` enums; `anyhow` is only in `main`. Nothing that reads
+//! the network, a file or a provider unwraps: `unwrap()` appears only in `#[cfg(test)]`
+//! code, and the one `expect` outside tests parses the compiled-in `config/default.toml`,
+//! which a unit test loads.
 
 pub mod app;
 pub mod audio;

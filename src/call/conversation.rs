@@ -58,7 +58,7 @@ pub struct AgentConfig {
     pub idle_hangup: Option<Duration>,
 }
 
-/// Starts a [`Conversation`] per call.
+/// Starts a `Conversation` per call.
 pub struct AiAgentFactory {
     providers: Providers,
     prompts: Arc<PromptCache>,

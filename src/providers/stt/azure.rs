@@ -6,7 +6,7 @@
 //! the service's turn-relative offsets so that [`SttEvent::Final`] offsets stay on one
 //! timeline. Bytes on the wire come from [`super::protocol`]; the bookkeeping (chunking,
 //! replay buffer, offsets, what each service message means) is the sans-IO
-//! [`Recognition`], so this module is a thin async driver.
+//! `Recognition`, so this module is a thin async driver.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

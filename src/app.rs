@@ -9,10 +9,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::call::conversation::{AgentConfig, AiAgentFactory, Providers};
+use crate::call::history::HistoryBudget;
 use crate::call::prompts::{PromptCache, PromptTexts};
-use crate::call::session::{Behaviour, CallSummary, SessionConfig};
+use crate::call::reply::Providers;
 use crate::call::turn::TurnConfig;
+use crate::call::{AgentConfig, AgentSetup, Behaviour, CallSummary, Pipeline, SessionConfig};
 use crate::ops::admin::{self, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::metrics::Metrics;
@@ -91,14 +92,12 @@ pub async fn behaviour(
             llm.warm_up();
             let tts: Arc<dyn TtsProvider> = Arc::new(tts);
             let a = &settings.agent;
-            let prompts = Arc::new(PromptCache::new(
-                PromptTexts {
-                    greeting: a.greeting.clone(),
-                    apology: a.apology.clone(),
-                    hold: a.hold_prompt.clone(),
-                },
-                Arc::clone(&tts),
-            ));
+            let texts = PromptTexts {
+                greeting: a.greeting.clone(),
+                apology: a.apology.clone(),
+                hold: a.hold_prompt.clone(),
+            };
+            let prompts = Arc::new(PromptCache::new(texts.clone(), Arc::clone(&tts)));
             // Cache the phrases before taking calls, so the first caller hears the greeting in
             // the first frame; if TTS is slow or down, start anyway (calls synthesize live).
             let preload = Arc::clone(&prompts);
@@ -111,6 +110,7 @@ pub async fn behaviour(
             let cfg = AgentConfig {
                 language: a.language.clone(),
                 system_prompt: a.system_prompt.clone(),
+                prompts: texts,
                 segmentation_silence_ms: settings.stt.segmentation_silence_ms,
                 turn: TurnConfig {
                     vad_threshold: a.vad_threshold,
@@ -120,22 +120,28 @@ pub async fn behaviour(
                 },
                 hold_after: Duration::from_millis(a.hold_after_ms),
                 dtmf_timeout: Duration::from_millis(a.dtmf_timeout_ms),
-                idle_hangup: (a.idle_hangup_secs > 0)
-                    .then(|| Duration::from_secs(a.idle_hangup_secs)),
+                idle_hangup: idle_hangup(settings),
+                history: HistoryBudget::default(),
+                pipeline: Pipeline::default(),
             };
             let providers = Providers {
                 stt: Arc::new(stt),
                 llm: Arc::new(llm),
                 tts,
             };
-            Ok(Behaviour::Agent(Arc::new(AiAgentFactory::new(
+            let _ = metrics;
+            Ok(Behaviour::Agent(Arc::new(AgentSetup {
                 providers,
                 prompts,
-                cfg,
-                Arc::clone(metrics),
-            ))))
+                cfg: Arc::new(cfg),
+            })))
         }
     }
+}
+
+fn idle_hangup(settings: &Settings) -> Option<Duration> {
+    let secs = settings.agent.idle_hangup_secs;
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 /// Optional observers of a running daemon (the demo, tests).
@@ -193,6 +199,7 @@ pub async fn run(
                 settings.audiosocket.first_message_timeout_ms,
             ),
             behaviour,
+            idle_hangup: idle_hangup(&settings),
         },
     };
 

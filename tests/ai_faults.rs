@@ -7,7 +7,7 @@ mod common;
 
 use common::ai::*;
 use sifucall::audiosocket::Digit;
-use sifucall::call::session::CallSummary;
+use sifucall::call::CallSummary;
 use sifucall::caller::{CallReport, ClosedBy};
 use sifucall::ops::metrics::EndReason;
 use sifucall::ops::records::Role;

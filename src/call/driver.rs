@@ -162,7 +162,7 @@ pub async fn run<S: CallStream>(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> CallSummary {
-    let started = Instant::now();
+    let started = now();
     let mut framed = Framed::new(stream, ServerCodec::new());
     let first = tokio::select! {
         r = timeout(cfg.first_message_timeout, framed.next()) => r,
@@ -251,7 +251,7 @@ pub async fn serve_call<S: CallStream>(
         reason,
         detail,
         rate: driver.machine.rate(),
-        duration: started.elapsed(),
+        duration: now().saturating_duration_since(started),
         frames_in: driver.frames_in,
         frames_out: driver.frames_out,
         underruns: driver.machine.underruns(),
@@ -364,11 +364,11 @@ impl<S: CallStream> Driver<S> {
             let deadline = self
                 .machine
                 .poll_timeout()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                .unwrap_or_else(|| now() + Duration::from_secs(3600));
             let flow = tokio::select! {
                 biased;
                 () = sleep_until(deadline.into()) => {
-                    self.machine.handle(Input::Timeout, Instant::now());
+                    self.machine.handle(Input::Timeout, now());
                     Ok(())
                 }
                 Some(c) = self.control_rx.recv() => {
@@ -379,7 +379,7 @@ impl<S: CallStream> Driver<S> {
                     if matches!(ev, ReplyEvent::Done | ReplyEvent::Failed { .. }) {
                         self.replies.remove(&id);
                     }
-                    self.machine.handle(Input::Reply(id, ev), Instant::now());
+                    self.machine.handle(Input::Reply(id, ev), now());
                     Ok(())
                 }
                 ev = recv_stt(&mut self.stt) => {
@@ -389,7 +389,7 @@ impl<S: CallStream> Driver<S> {
                 msg = self.framed.next() => self.on_inbound(msg),
                 () = shutdown.cancelled(), if !shutdown_seen => {
                     shutdown_seen = true;
-                    self.machine.handle(Input::Shutdown, Instant::now());
+                    self.machine.handle(Input::Shutdown, now());
                     Ok(())
                 }
             };
@@ -412,7 +412,7 @@ impl<S: CallStream> Driver<S> {
                     let frame = Outbound::audio_samples(rate, &pcm)
                         .map_err(|e| (EndReason::WriteFailed, Some(e.to_string())))?;
                     self.send(frame).await?;
-                    let now = Instant::now();
+                    let now = now();
                     self.machine.frame_written(now);
                     self.frames_out += 1;
                     self.metrics.frames_out(1);
@@ -497,8 +497,7 @@ impl<S: CallStream> Driver<S> {
             return;
         };
         if let Some(pcm) = agent.prompts.cached(kind, rate.hz()) {
-            self.machine
-                .handle(Input::Prompt(kind, Ok(pcm)), Instant::now());
+            self.machine.handle(Input::Prompt(kind, Ok(pcm)), now());
             return;
         }
         let prompts = Arc::clone(&agent.prompts);
@@ -520,7 +519,7 @@ impl<S: CallStream> Driver<S> {
     }
 
     fn on_control(&mut self, c: Control) {
-        let now = Instant::now();
+        let now = now();
         match c {
             Control::SttStarted(generation, result) => {
                 if generation != self.stt_generation {
@@ -539,7 +538,7 @@ impl<S: CallStream> Driver<S> {
     }
 
     fn on_stt(&mut self, ev: Option<SttEvent>) {
-        let now = Instant::now();
+        let now = now();
         match ev {
             Some(ev) => self.machine.handle(Input::Stt(ev), now),
             None => {
@@ -567,7 +566,7 @@ impl<S: CallStream> Driver<S> {
         };
         self.frames_in += 1;
         self.metrics.frames_in(1);
-        let now = Instant::now();
+        let now = now();
         match msg {
             Inbound::Audio { rate, pcm } => {
                 let samples = pcm.len() / 2;
@@ -654,6 +653,11 @@ impl<S: CallStream> Driver<S> {
             )),
         }
     }
+}
+
+/// The time, from tokio's clock so that tests can run a call in paused (virtual) time.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 async fn recv_stt(stt: &mut Option<SttSession>) -> Option<SttEvent> {

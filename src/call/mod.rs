@@ -21,4 +21,6 @@ pub use driver::{AgentSetup, Behaviour, CallSummary, SessionConfig};
 pub use machine::{AgentConfig, AgentReport, CallMachine, Effect, Input, Pipeline};
 
 #[cfg(test)]
+mod driver_tests;
+#[cfg(test)]
 mod scenarios;

@@ -469,7 +469,13 @@ const fn range(
 pub const NUMERIC_RANGES: &[NumericRange] = {
     use NumberKind::{Decimal, Integer};
     &[
-        range("audiosocket.max_calls", Integer, 1.0, 10_000.0, "concurrent calls"),
+        range(
+            "audiosocket.max_calls",
+            Integer,
+            1.0,
+            10_000.0,
+            "concurrent calls",
+        ),
         range(
             "audiosocket.first_message_timeout_ms",
             Integer,
@@ -618,6 +624,16 @@ impl Settings {
     }
 }
 
+/// Type-checks one integer setting as strictly as its field.
+#[derive(Deserialize)]
+#[allow(dead_code)] // Only whether it deserializes matters.
+struct WholeProbe(#[serde(deserialize_with = "strict::uint")] u64);
+
+/// Type-checks one decimal setting as strictly as its field.
+#[derive(Deserialize)]
+#[allow(dead_code)] // Only whether it deserializes matters.
+struct RealProbe(#[serde(deserialize_with = "strict::float")] f64);
+
 /// What [`Settings::preflight`] tries besides the records file.
 #[derive(Debug, Clone, Copy)]
 pub struct Preflight {
@@ -686,9 +702,25 @@ impl Settings {
             ConfigError(msg)
         })?;
         let origins = Origins::from_cache(&loaded.cache, file);
-        let mut settings: Self = loaded
-            .try_deserialize()
-            .map_err(|e| ConfigError(origins.annotate(&e.to_string())))?;
+        let mut settings: Self = match loaded.clone().try_deserialize() {
+            Ok(s) => s,
+            Err(e) => {
+                // Deserialization stops at the first bad value; report every bad number.
+                let first = origins.annotate(&e.to_string());
+                let mut problems: Vec<String> = NUMERIC_RANGES
+                    .iter()
+                    .filter_map(|r| match r.kind {
+                        NumberKind::Integer => loaded.get::<WholeProbe>(r.key).err(),
+                        NumberKind::Decimal => loaded.get::<RealProbe>(r.key).err(),
+                    })
+                    .map(|e| origins.annotate(&e.to_string()))
+                    .collect();
+                if !problems.contains(&first) {
+                    problems.insert(0, first);
+                }
+                return Err(ConfigError::from_problems(problems));
+            }
+        };
         settings.origins = origins;
         settings.validate()?;
         Ok(settings)
@@ -702,13 +734,23 @@ impl Settings {
         for r in NUMERIC_RANGES {
             match self.number(r.key) {
                 Some(v) if r.contains(v) => {}
-                Some(v) if matches!(v, Number::F64(x) if !x.is_finite())
-                    || matches!(v, Number::F32(x) if !x.is_finite()) =>
+                Some(v)
+                    if matches!(v, Number::F64(x) if !x.is_finite())
+                        || matches!(v, Number::F32(x) if !x.is_finite()) =>
                 {
-                    p.bad(r.key, format!("{v} is not a finite number; must be {}", r.describe()));
+                    p.bad(
+                        r.key,
+                        format!("{v} is not a finite number; must be {}", r.describe()),
+                    );
                 }
-                Some(v) => p.bad(r.key, format!("{v} is out of range; must be {}", r.describe())),
-                None => p.bad(r.key, "unknown numeric setting (bug: NUMERIC_RANGES is stale)"),
+                Some(v) => p.bad(
+                    r.key,
+                    format!("{v} is out of range; must be {}", r.describe()),
+                ),
+                None => p.bad(
+                    r.key,
+                    "unknown numeric setting (bug: NUMERIC_RANGES is stale)",
+                ),
             }
         }
         self.validate_network(&mut p);
@@ -856,13 +898,13 @@ impl Settings {
             p.bad(
                 "agent.mode",
                 format!(
-                    "\"ai\" needs AZURE_SPEECH_KEY, OPENROUTER_API_KEY and ELEVENLABS_API_KEY in the \
-                     environment, and {} {} not set (under systemd: /etc/sifucall/sifucall.env). \
+                    "\"ai\" needs the API keys AZURE_SPEECH_KEY, OPENROUTER_API_KEY and \
+                     ELEVENLABS_API_KEY in the environment; not set: {} (under systemd they go in \
+                     /etc/sifucall/sifucall.env). \
                      Without keys, try `sifucall demo` (one scripted call against local stand-ins), \
                      `sifucall sandbox` (the daemon against local stand-ins), or agent.mode = \"echo\" \
                      (SIFUCALL_AGENT__MODE=echo) to test the PBX plumbing",
                     missing.join(", "),
-                    if missing.len() == 1 { "is" } else { "are" }
                 ),
             );
         }
@@ -1072,11 +1114,13 @@ mod strict {
         }
 
         fn visit_u128<E: de::Error>(self, v: u128) -> Result<u64, E> {
-            u64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Other("a huge number"), &self))
+            u64::try_from(v)
+                .map_err(|_| E::invalid_value(Unexpected::Other("a huge number"), &self))
         }
 
         fn visit_i128<E: de::Error>(self, v: i128) -> Result<u64, E> {
-            u64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Other("a huge number"), &self))
+            u64::try_from(v)
+                .map_err(|_| E::invalid_value(Unexpected::Other("a huge number"), &self))
         }
 
         fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
@@ -1201,7 +1245,10 @@ fn suggest_level(word: &str) -> String {
 fn bcp47(tag: &str) -> Result<(), String> {
     let bad = || {
         let hint = if tag.contains('_') {
-            format!(" (write {:?}: subtags are joined with '-')", tag.replace('_', "-"))
+            format!(
+                " (write {:?}: subtags are joined with '-')",
+                tag.replace('_', "-")
+            )
         } else {
             String::new()
         };
@@ -1247,7 +1294,10 @@ fn hostname_label(region: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else if region.trim().is_empty() {
-        Err("is empty; set the Azure Speech region, e.g. \"southeastasia\" (or stt.endpoint)".into())
+        Err(
+            "is empty; set the Azure Speech region, e.g. \"southeastasia\" (or stt.endpoint)"
+                .into(),
+        )
     } else {
         Err(format!(
             "{region:?} is not an Azure region name such as \"southeastasia\""
@@ -1260,7 +1310,9 @@ fn model_name(name: &str) -> Result<(), String> {
     if name.trim().is_empty() {
         Err("is empty".into())
     } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        Err(format!("{name:?} contains whitespace or control characters"))
+        Err(format!(
+            "{name:?} contains whitespace or control characters"
+        ))
     } else {
         Ok(())
     }
@@ -1318,8 +1370,8 @@ fn records_path(s: &str) -> Result<Option<PathBuf>, String> {
         return Ok(None);
     }
     let example = "file:///var/lib/sifucall/calls.jsonl";
-    let url = Url::parse(s)
-        .map_err(|e| format!("not a URL ({e}); write {example} or leave it empty"))?;
+    let url =
+        Url::parse(s).map_err(|e| format!("not a URL ({e}); write {example} or leave it empty"))?;
     if url.scheme() != "file" {
         return Err(format!(
             "scheme {:?} is not supported: records go to a local file such as {example} \
@@ -1328,9 +1380,7 @@ fn records_path(s: &str) -> Result<Option<PathBuf>, String> {
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "{s:?} must not have a query string or fragment"
-        ));
+        return Err(format!("{s:?} must not have a query string or fragment"));
     }
     let path = url
         .to_file_path()
@@ -1446,7 +1496,11 @@ pub fn redact_url(s: &str) -> String {
         let pairs: Vec<(String, String)> = url
             .query_pairs()
             .map(|(k, v)| {
-                let v = if v.is_empty() { String::new() } else { REDACTED.to_owned() };
+                let v = if v.is_empty() {
+                    String::new()
+                } else {
+                    REDACTED.to_owned()
+                };
                 (k.into_owned(), v)
             })
             .collect();
@@ -1490,10 +1544,7 @@ mod tests {
 
     /// A scratch directory unique to this test.
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "sifucall-cfg-{}-{name}",
-            std::process::id()
-        ));
+        let dir = std::env::temp_dir().join(format!("sifucall-cfg-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -1608,7 +1659,10 @@ mod tests {
         let e = Settings::load_from(Some(&path), env(&[])).unwrap_err();
         assert!(e.0.contains("bad.toml"), "{e}");
         let e = Settings::load_from(Some(&dir.join("missing.toml")), env(&[])).unwrap_err();
-        assert!(e.0.contains("does not exist") && e.0.contains("missing.toml"), "{e}");
+        assert!(
+            e.0.contains("does not exist") && e.0.contains("missing.toml"),
+            "{e}"
+        );
         // Unreadable (a directory; permission bits do not stop root).
         let e = Settings::load_from(Some(&dir), env(&[])).unwrap_err();
         assert!(
@@ -1718,7 +1772,11 @@ mod tests {
         }
         // ...and the comment above each documents its range as written in the table.
         for r in NUMERIC_RANGES {
-            let comment = defaults.comments.get(r.key).map(String::as_str).unwrap_or("");
+            let comment = defaults
+                .comments
+                .get(r.key)
+                .map(String::as_str)
+                .unwrap_or("");
             let range = format!("{}..={}", r.min, r.max);
             assert!(
                 comment.contains(&range),
@@ -1754,7 +1812,8 @@ mod tests {
                 } else if let Some((key, value)) = line.split_once(" = ") {
                     if !key.contains(' ') && !section.is_empty() {
                         let key = format!("{section}.{key}");
-                        doc.comments.insert(key.clone(), std::mem::take(&mut comment));
+                        doc.comments
+                            .insert(key.clone(), std::mem::take(&mut comment));
                         doc.values.push((key, value.trim().to_owned()));
                     }
                 } else {
@@ -1779,7 +1838,10 @@ mod tests {
             ("SIFUCALL_WEBHOOK__URL", "https://"),
             ("SIFUCALL_STT__ENDPOINT", "wss://example.com"),
             ("SIFUCALL_STT__ENDPOINT", "wss://example.com/"),
-            ("SIFUCALL_STT__ENDPOINT", "wss://example.com/stt?language=en-US"),
+            (
+                "SIFUCALL_STT__ENDPOINT",
+                "wss://example.com/stt?language=en-US",
+            ),
             ("SIFUCALL_STT__ENDPOINT", "https://example.com/stt"),
             ("SIFUCALL_LLM__BASE_URL", "https://openrouter.ai"),
             ("SIFUCALL_LLM__BASE_URL", "https://openrouter.ai/api/v1?x=1"),
@@ -1792,9 +1854,18 @@ mod tests {
             assert!(e.contains(var), "{var}={value}: {e}");
         }
         let good: &[(&str, &str)] = &[
-            ("SIFUCALL_RECORDS__URL", "file:///var/lib/sifucall/calls.jsonl"),
-            ("SIFUCALL_WEBHOOK__URL", "https://hooks.example.com/x?token=abc"),
-            ("SIFUCALL_STT__ENDPOINT", "ws://127.0.0.1:4000/speech/recognition/x/v1"),
+            (
+                "SIFUCALL_RECORDS__URL",
+                "file:///var/lib/sifucall/calls.jsonl",
+            ),
+            (
+                "SIFUCALL_WEBHOOK__URL",
+                "https://hooks.example.com/x?token=abc",
+            ),
+            (
+                "SIFUCALL_STT__ENDPOINT",
+                "ws://127.0.0.1:4000/speech/recognition/x/v1",
+            ),
             ("SIFUCALL_LLM__BASE_URL", "http://127.0.0.1:4001/api/v1/"),
             ("SIFUCALL_TTS__BASE_URL", "http://127.0.0.1:4002"),
         ];
@@ -1844,10 +1915,20 @@ mod tests {
 
     #[test]
     fn language_tags() {
-        for ok in ["ms-MY", "en-US", "en", "zh-Hans-CN", "es-419", "de-CH-1996", "fil-PH"] {
+        for ok in [
+            "ms-MY",
+            "en-US",
+            "en",
+            "zh-Hans-CN",
+            "es-419",
+            "de-CH-1996",
+            "fil-PH",
+        ] {
             assert!(bcp47(ok).is_ok(), "{ok}");
         }
-        for bad in ["ms_MY", "", "m", "malay", "ms-", "-MY", "ms-MY-", "en-US-US", "12-US", "ms MY"] {
+        for bad in [
+            "ms_MY", "", "m", "malay", "ms-", "-MY", "ms-MY-", "en-US-US", "12-US", "ms MY",
+        ] {
             assert!(bcp47(bad).is_err(), "{bad}");
         }
     }
@@ -1885,12 +1966,18 @@ mod tests {
     fn allowlist_entries_must_not_have_host_bits() {
         let e = err_with_env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "10.0.0.5/8")]);
         assert!(
-            e.contains("10.0.0.0/8") && e.contains("10.0.0.5/32") && e.contains("audiosocket.allow"),
+            e.contains("10.0.0.0/8")
+                && e.contains("10.0.0.5/32")
+                && e.contains("audiosocket.allow"),
             "{e}"
         );
         let e = err_with_env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "fd00::1/64")]);
         assert!(e.contains("fd00::/64") && e.contains("fd00::1/128"), "{e}");
-        with_env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "10.0.0.0/8,10.0.0.5/32,::1/128")]).unwrap();
+        with_env(&[(
+            "SIFUCALL_AUDIOSOCKET__ALLOW",
+            "10.0.0.0/8,10.0.0.5/32,::1/128",
+        )])
+        .unwrap();
     }
 
     #[test]
@@ -1923,7 +2010,10 @@ mod tests {
             let why = why.unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert!(!why.contains("abc"), "{why}");
         }
-        assert_eq!(Secret::new(Some("sk-or-v1-0123".into())).format_problem(), None);
+        assert_eq!(
+            Secret::new(Some("sk-or-v1-0123".into())).format_problem(),
+            None
+        );
         assert_eq!(Secret::new(None).format_problem(), None);
     }
 
@@ -1945,7 +2035,7 @@ mod tests {
         let p = s.preflight(NO_BIND);
         assert_eq!(p.len(), 1, "{p:?}");
         for needle in [
-            "AZURE_SPEECH_KEY, ELEVENLABS_API_KEY are not set",
+            "not set: AZURE_SPEECH_KEY, ELEVENLABS_API_KEY (",
             "sifucall demo",
             "sifucall sandbox",
             "echo",
@@ -1956,7 +2046,10 @@ mod tests {
         s.secrets.elevenlabs_api_key = Secret::new(Some("sk_x\n".into()));
         let p = s.preflight(NO_BIND);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains("ELEVENLABS_API_KEY") && p[0].contains("line break"), "{p:?}");
+        assert!(
+            p[0].contains("ELEVENLABS_API_KEY") && p[0].contains("line break"),
+            "{p:?}"
+        );
         s.secrets.elevenlabs_api_key = Secret::new(Some("sk_x".into()));
         assert!(s.preflight(NO_BIND).is_empty());
         let mut echo = Settings::defaults();
@@ -1979,11 +2072,18 @@ mod tests {
         assert!(!dir.join("a").exists(), "the probe leaves nothing behind");
         std::fs::write(dir.join("calls.jsonl"), "").unwrap();
         assert!(try_url(&mut s, format!("file://{}/calls.jsonl", dir.display())).is_empty());
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing left behind");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "nothing left behind"
+        );
         // A directory, and a path under a file: refused even for root.
         let p = try_url(&mut s, format!("file://{}", dir.display()));
         assert!(p.len() == 1 && p[0].contains("is a directory"), "{p:?}");
-        let p = try_url(&mut s, format!("file://{}/calls.jsonl/x.jsonl", dir.display()));
+        let p = try_url(
+            &mut s,
+            format!("file://{}/calls.jsonl/x.jsonl", dir.display()),
+        );
         assert!(p.len() == 1 && p[0].contains("records.url"), "{p:?}");
         // A read-only directory, which only stops a non-root user.
         let ro = dir.join("ro");
@@ -1993,7 +2093,10 @@ mod tests {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             let p = try_url(&mut s, format!("file://{}/calls.jsonl", ro.display()));
-            assert!(p.len() == 1 && p[0].contains("cannot create files"), "{p:?}");
+            assert!(
+                p.len() == 1 && p[0].contains("cannot create files"),
+                "{p:?}"
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -2026,7 +2129,10 @@ mod tests {
     #[test]
     fn urls_are_redacted() {
         for (url, secret) in [
-            ("https://hooks.example.com/in?token=s3cr3tT0ken&x=1", "s3cr3tT0ken"),
+            (
+                "https://hooks.example.com/in?token=s3cr3tT0ken&x=1",
+                "s3cr3tT0ken",
+            ),
             ("https://user:hunter2pass@example.com/hook", "hunter2pass"),
             ("https://tok3nAsUser@example.com/hook", "tok3nAsUser"),
             (
@@ -2038,11 +2144,17 @@ mod tests {
             let shown = redact_url(url);
             assert!(!shown.contains(secret), "{shown}");
             assert!(shown.contains(REDACTED), "{shown}");
-            assert!(shown.contains("example.com") || shown.contains("slack.com"), "{shown}");
+            assert!(
+                shown.contains("example.com") || shown.contains("slack.com"),
+                "{shown}"
+            );
         }
         let azure = "wss://southeastasia.stt.speech.microsoft.com/speech/recognition/conversation/cognitiveservices/v1";
         assert_eq!(redact_url(azure), azure);
-        assert_eq!(redact_url("https://openrouter.ai/api/v1"), "https://openrouter.ai/api/v1");
+        assert_eq!(
+            redact_url("https://openrouter.ai/api/v1"),
+            "https://openrouter.ai/api/v1"
+        );
         assert_eq!(redact_url(""), "");
         assert!(!redact_url("not a url s3cret").contains("s3cret"));
     }
@@ -2054,8 +2166,14 @@ mod tests {
         s.webhook.url = "https://example.com/hook?token=verysecret".into();
         let dbg = format!("{s:?}");
         let json = s.redacted_json().unwrap().to_string();
-        assert!(!dbg.contains("verysecret") && !json.contains("verysecret"), "{json}");
+        assert!(
+            !dbg.contains("verysecret") && !json.contains("verysecret"),
+            "{json}"
+        );
         assert!(dbg.contains("<redacted>") && json.contains("<redacted>"));
-        assert!(json.contains("https://example.com/hook?token=REDACTED"), "{json}");
+        assert!(
+            json.contains("https://example.com/hook?token=REDACTED"),
+            "{json}"
+        );
     }
 }

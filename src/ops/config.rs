@@ -1013,10 +1013,19 @@ enum Origin {
 }
 
 /// The origin of every `section` and `section.key` after layering.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 struct Origins {
     file: Option<PathBuf>,
     by_key: HashMap<String, Origin>,
+}
+
+impl fmt::Debug for Origins {
+    // Kept short: `Settings` is sometimes logged with `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origins")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The `config` crate's origin string for environment values.

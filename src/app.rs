@@ -13,7 +13,7 @@ use crate::call::history::HistoryBudget;
 use crate::call::prompts::{PromptCache, PromptTexts};
 use crate::call::reply::Providers;
 use crate::call::turn::TurnConfig;
-use crate::call::{AgentConfig, AgentSetup, Behaviour, CallSummary, Pipeline, SessionConfig};
+use crate::call::{AgentConfig, AgentSetup, Behaviour, CallSummary, SessionConfig};
 use crate::ops::admin::{self, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::metrics::Metrics;
@@ -32,7 +32,7 @@ const PRELOAD_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listen address is taken or not ours.
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
@@ -121,8 +121,11 @@ pub async fn behaviour(
                 hold_after: Duration::from_millis(a.hold_after_ms),
                 dtmf_timeout: Duration::from_millis(a.dtmf_timeout_ms),
                 idle_hangup: idle_hangup(settings),
-                history: HistoryBudget::default(),
-                pipeline: Pipeline::default(),
+                history: HistoryBudget {
+                    max_entries: usize::try_from(a.history_max_entries).unwrap_or(usize::MAX),
+                    max_tokens: usize::try_from(a.history_max_tokens).unwrap_or(usize::MAX),
+                },
+                pipeline: a.pipeline,
             };
             let providers = Providers {
                 stt: Arc::new(stt),

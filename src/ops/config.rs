@@ -241,6 +241,14 @@ pub struct AgentSettings {
     /// Hang up after this much caller silence; 0 disables.
     #[serde(deserialize_with = "strict::uint")]
     pub idle_hangup_secs: u64,
+    /// Most recent conversation entries sent to the model with each request.
+    #[serde(deserialize_with = "strict::uint")]
+    pub history_max_entries: u64,
+    /// Estimated tokens of conversation sent to the model with each request.
+    #[serde(deserialize_with = "strict::uint")]
+    pub history_max_tokens: u64,
+    /// `streamed` (production) or `sequential` (the benchmark's non-streaming baseline).
+    pub pipeline: crate::call::Pipeline,
 }
 
 /// `[stt]`
@@ -527,6 +535,20 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             "seconds of silence before hanging up; 0 = never",
         ),
         range(
+            "agent.history_max_entries",
+            Integer,
+            2.0,
+            1_000.0,
+            "conversation entries per model request",
+        ),
+        range(
+            "agent.history_max_tokens",
+            Integer,
+            100.0,
+            1_000_000.0,
+            "estimated conversation tokens per model request",
+        ),
+        range(
             "stt.segmentation_silence_ms",
             Integer,
             100.0,
@@ -613,6 +635,8 @@ impl Settings {
             "agent.dtmf_timeout_ms" => Int(g.dtmf_timeout_ms),
             "agent.vad_threshold" => F32(g.vad_threshold),
             "agent.idle_hangup_secs" => Int(g.idle_hangup_secs),
+            "agent.history_max_entries" => Int(g.history_max_entries),
+            "agent.history_max_tokens" => Int(g.history_max_tokens),
             "stt.segmentation_silence_ms" => Int(u64::from(s.segmentation_silence_ms)),
             "llm.max_tokens" => Int(u64::from(l.max_tokens)),
             "llm.temperature" => F32(l.temperature),

@@ -24,14 +24,15 @@ use crate::providers::stt::{SttError, SttEvent, SttParams, SttProvider, SttSessi
 use crate::providers::tts::{TtsError, TtsParams, TtsProvider, TtsStream};
 
 /// A recogniser that accepts the connection and then never reads the audio.
+/// A recognition's channels, held open and never read.
+type HeldSession = (
+    tokio::sync::mpsc::Receiver<Vec<i16>>,
+    tokio::sync::mpsc::Sender<SttEvent>,
+);
+
 #[derive(Default)]
 struct DeafStt {
-    keep: Mutex<
-        Vec<(
-            tokio::sync::mpsc::Receiver<Vec<i16>>,
-            tokio::sync::mpsc::Sender<SttEvent>,
-        )>,
-    >,
+    keep: Mutex<Vec<HeldSession>>,
 }
 
 impl SttProvider for DeafStt {

@@ -174,7 +174,10 @@ mod tests {
     #[test]
     fn an_explicitly_named_target_is_left_alone() {
         let out = caps("trace,tungstenite=trace,hyper=debug");
-        assert!(out.starts_with("trace,tungstenite=trace,hyper=debug,"), "{out}");
+        assert!(
+            out.starts_with("trace,tungstenite=trace,hyper=debug,"),
+            "{out}"
+        );
         assert!(!out.contains(",tungstenite=info"), "{out}");
         assert!(!out.contains(",hyper=info"), "{out}");
         // Named targets are exact: hyper does not name hyper_util.
@@ -240,11 +243,20 @@ mod tests {
     #[test]
     fn the_capped_filter_really_drops_header_logging() {
         let raw = written("trace");
-        assert!(raw.contains("SECRET-WS") && raw.contains("SECRET-HTTP"), "{raw}");
+        assert!(
+            raw.contains("SECRET-WS") && raw.contains("SECRET-HTTP"),
+            "{raw}"
+        );
         let capped = written(&caps("trace"));
         assert!(!capped.contains("SECRET"), "{capped}");
-        assert!(capped.contains("connected") && capped.contains("ours"), "{capped}");
+        assert!(
+            capped.contains("connected") && capped.contains("ours"),
+            "{capped}"
+        );
         let named = written(&caps("trace,tungstenite=trace"));
-        assert!(named.contains("SECRET-WS") && !named.contains("SECRET-HTTP"), "{named}");
+        assert!(
+            named.contains("SECRET-WS") && !named.contains("SECRET-HTTP"),
+            "{named}"
+        );
     }
 }

@@ -232,8 +232,10 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
         .as_str()
         .into_client_request()
         .map_err(|e| SttError::Config(format!("bad stt endpoint: {e}")))?;
-    let key = HeaderValue::from_str(&cfg.key)
+    let mut key = HeaderValue::from_str(&cfg.key)
         .map_err(|_| SttError::Config("key is not a valid header".into()))?;
+    // Only ever in this header (never the URL); sensitive, so `Debug` of the request hides it.
+    key.set_sensitive(true);
     req.headers_mut().insert("Ocp-Apim-Subscription-Key", key);
     let conn_id = protocol::new_id();
     if let Ok(v) = HeaderValue::from_str(&conn_id) {

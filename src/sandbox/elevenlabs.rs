@@ -239,13 +239,8 @@ pub async fn spawn(cfg: FakeElevenLabsConfig) -> std::io::Result<FakeElevenLabs>
     Ok(FakeElevenLabs { addr, stats, task })
 }
 
-/// The fake's routes, to mount in another server.
-pub fn router(cfg: FakeElevenLabsConfig) -> Router {
-    router_with_stats(cfg).0
-}
-
 /// The routes and their counters.
-pub fn router_with_stats(cfg: FakeElevenLabsConfig) -> (Router, Arc<FakeElevenLabsStats>) {
+fn router_with_stats(cfg: FakeElevenLabsConfig) -> (Router, Arc<FakeElevenLabsStats>) {
     let stats = Arc::new(FakeElevenLabsStats::default());
     let app = Arc::new(App {
         cfg,

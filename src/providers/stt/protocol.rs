@@ -16,8 +16,6 @@ pub const PATH_SPEECH_CONFIG: &str = "speech.config";
 pub const PATH_SPEECH_CONTEXT: &str = "speech.context";
 /// `audio`: the WAV header, then raw PCM, then an empty body for end of stream.
 pub const PATH_AUDIO: &str = "audio";
-/// The SDK's `telemetry` message after `turn.end`.
-pub const PATH_TELEMETRY: &str = "telemetry";
 
 /// The most header bytes a message may carry (AZ-WSDOC).
 pub const MAX_HEADER_BYTES: usize = 8192;

@@ -194,25 +194,6 @@ pub async fn spawn(cfg: FakeAzureConfig) -> std::io::Result<FakeAzure> {
     FakeAzure::spawn(cfg).await
 }
 
-/// Serves the fake on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, cfg: FakeAzureConfig) -> std::io::Result<()> {
-    serve_with_stats(
-        listener,
-        cfg,
-        Arc::new(Mutex::new(FakeAzureStats::default())),
-    )
-    .await
-}
-
-/// [`serve`], recording into `stats`.
-pub async fn serve_with_stats(
-    listener: tokio::net::TcpListener,
-    cfg: FakeAzureConfig,
-    stats: Arc<Mutex<FakeAzureStats>>,
-) -> std::io::Result<()> {
-    super::serve_nodelay(listener, routes(cfg, stats), || {}).await
-}
-
 /// The fake's routes on every path the SDKs use.
 fn routes(cfg: FakeAzureConfig, stats: Arc<Mutex<FakeAzureStats>>) -> Router {
     let shared = Arc::new(Shared { cfg, stats });

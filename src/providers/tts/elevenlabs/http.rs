@@ -232,7 +232,6 @@ mod tests {
     use super::super::test_support::*;
     use super::*;
     use crate::ops::config::TtsTransport;
-    use crate::providers::tts::elevenlabs::synthesize_all;
     use crate::sandbox::elevenlabs::{TtsFault, speech_samples, synthesize};
 
     #[test]

@@ -36,7 +36,6 @@ pub struct ElevenLabs {
     settings: TtsSettings,
     key: Secret,
     http: reqwest::Client,
-    connect_timeout: Duration,
 }
 
 impl ElevenLabs {
@@ -72,14 +71,7 @@ impl ElevenLabs {
             settings: settings.clone(),
             key,
             http,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         })
-    }
-
-    /// Overrides the connect deadline (TCP, TLS and the websocket upgrade); default 5 s.
-    pub fn with_connect_timeout(mut self, deadline: Duration) -> Self {
-        self.connect_timeout = deadline;
-        self
     }
 
     fn first_byte_timeout(&self) -> Duration {
@@ -129,34 +121,6 @@ impl TtsProvider for ElevenLabs {
             }
         })
     }
-}
-
-/// Opens a synthesis, sends `text` as one reply and collects all of its audio: for clips
-/// synthesized once at startup (greeting, apology).
-pub async fn synthesize_all(
-    provider: &dyn TtsProvider,
-    params: TtsParams,
-    text: &str,
-) -> Result<Vec<i16>, TtsError> {
-    let TtsStream {
-        text: tx,
-        mut audio,
-    } = provider.open(params).await?;
-    // If the driver already died these fail; its `Failed` is then read below.
-    if tx.send(TtsInput::Text(text.to_owned())).await.is_ok() {
-        let _ = tx.send(TtsInput::Finish).await;
-    }
-    let mut pcm = Vec::new();
-    while let Some(out) = audio.recv().await {
-        match out {
-            TtsOutput::Audio(samples) => pcm.extend_from_slice(&samples),
-            TtsOutput::Done => return Ok(pcm),
-            TtsOutput::Failed(msg) => return Err(TtsError::Transport(msg)),
-        }
-    }
-    Err(TtsError::Transport(
-        "the synthesis ended without finishing".into(),
-    ))
 }
 
 /// The output format to request for a call at `sample_rate`: the configured one when its

@@ -112,3 +112,31 @@ pub(crate) async fn collect(
         }
     }
 }
+
+/// Opens a synthesis, sends `text` as one reply and collects all of its audio: for clips
+/// synthesized once at startup (greeting, apology).
+pub(crate) async fn synthesize_all(
+    provider: &dyn crate::providers::tts::TtsProvider,
+    params: TtsParams,
+    text: &str,
+) -> Result<Vec<i16>, crate::providers::tts::TtsError> {
+    let TtsStream {
+        text: tx,
+        mut audio,
+    } = provider.open(params).await?;
+    // If the driver already died these fail; its `Failed` is then read below.
+    if tx.send(TtsInput::Text(text.to_owned())).await.is_ok() {
+        let _ = tx.send(TtsInput::Finish).await;
+    }
+    let mut pcm = Vec::new();
+    while let Some(out) = audio.recv().await {
+        match out {
+            TtsOutput::Audio(samples) => pcm.extend_from_slice(&samples),
+            TtsOutput::Done => return Ok(pcm),
+            TtsOutput::Failed(msg) => return Err(crate::providers::tts::TtsError::Transport(msg)),
+        }
+    }
+    Err(crate::providers::tts::TtsError::Transport(
+        "the synthesis ended without finishing".into(),
+    ))
+}

@@ -19,7 +19,9 @@ use super::messages::{
     CHUNK_LENGTH_SCHEDULE, ServerEvent, close_message, flush_message, init_message,
     keepalive_message, parse_error_body, parse_server_message, text_message,
 };
-use super::{ElevenLabs, duration_ms, endpoint_url, output_format_for, spawn_driver};
+use super::{
+    DEFAULT_CONNECT_TIMEOUT, ElevenLabs, duration_ms, endpoint_url, output_format_for, spawn_driver,
+};
 use crate::ops::config::OutputFormat;
 use crate::providers::tts::decode::AudioDecoder;
 use crate::providers::tts::{TtsError, TtsInput, TtsOutput, TtsParams, TtsStream};
@@ -69,19 +71,22 @@ impl ElevenLabs {
             .headers_mut()
             .insert("xi-api-key", self.key_header()?);
 
-        let connect_ms = duration_ms(self.connect_timeout);
+        let connect_ms = duration_ms(DEFAULT_CONNECT_TIMEOUT);
         let (mut ws, _) = timeout(
-            self.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
             // Nagle off: each clause must leave at once, not wait for an ACK.
             tokio_tungstenite::connect_async_with_config(request, None, true),
         )
         .await
         .map_err(|_| TtsError::Timeout(connect_ms))?
         .map_err(upgrade_error)?;
-        timeout(self.connect_timeout, ws.send(Message::text(init_message())))
-            .await
-            .map_err(|_| TtsError::Timeout(connect_ms))?
-            .map_err(|e| TtsError::Transport(format!("sending the initialise message: {e}")))?;
+        timeout(
+            DEFAULT_CONNECT_TIMEOUT,
+            ws.send(Message::text(init_message())),
+        )
+        .await
+        .map_err(|_| TtsError::Timeout(connect_ms))?
+        .map_err(|e| TtsError::Transport(format!("sending the initialise message: {e}")))?;
         tracing::debug!(call_id = %params.call_id, format = format.as_str(), "TTS websocket open");
 
         let deadline_after = self.first_byte_timeout();
@@ -372,7 +377,6 @@ mod tests {
     use super::*;
     use crate::ops::config::TtsTransport;
     use crate::providers::tts::TtsProvider as _;
-    use crate::providers::tts::elevenlabs::synthesize_all;
     use crate::sandbox::elevenlabs::{
         self as fake, FakeElevenLabsConfig, TtsFault, speech_samples, synthesize,
     };

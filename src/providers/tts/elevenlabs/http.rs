@@ -1,8 +1,7 @@
-//! The HTTP transport: LLM text is batched into whole sentences, each batch is POSTed to
-//! `/stream` in turn (the next only after the previous body ended) and the chunked response
-//! bodies are decoded as they arrive.
+//! The HTTP transport: each clause is POSTed to `/stream` as it comes, one request at a time
+//! (clauses that arrive while a body is still streaming go together in the next request),
+//! and the chunked response bodies are decoded as they arrive.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,8 +20,6 @@ use crate::providers::tts::{TtsError, TtsInput, TtsOutput, TtsParams, TtsStream}
 
 /// Error bodies are read up to this size.
 const MAX_ERROR_BODY: usize = 16 * 1024;
-/// An HTTP batch without a sentence end is cut at a word once it gets this long.
-const MAX_HTTP_BATCH_CHARS: usize = 300;
 
 type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, TtsError>> + Send>>;
 
@@ -51,53 +48,6 @@ impl ElevenLabs {
             }
             .run()
         }))
-    }
-}
-
-fn ends_sentence(c: char) -> bool {
-    matches!(c, '.' | '!' | '?' | '…' | '。')
-}
-
-/// Collects LLM text into batches for the HTTP transport: everything up to the last sentence
-/// end, so each POST is whole sentences (better prosody, and a POST can go before the reply is
-/// complete).
-#[derive(Debug, Default)]
-struct SentenceBatcher {
-    pending: String,
-}
-
-impl SentenceBatcher {
-    fn push(&mut self, text: &str) {
-        self.pending.push_str(text);
-    }
-
-    /// The next batch, if one is ready; with `finished` everything left is ready.
-    fn take_ready(&mut self, finished: bool) -> Option<String> {
-        let cut = if finished {
-            self.pending.len()
-        } else {
-            let mut cut = 0;
-            let mut prev: Option<char> = None;
-            for (i, c) in self.pending.char_indices() {
-                if c.is_whitespace() && prev.is_some_and(ends_sentence) {
-                    cut = i;
-                }
-                prev = Some(c);
-            }
-            if prev.is_some_and(ends_sentence) {
-                cut = self.pending.len();
-            }
-            if cut == 0 && self.pending.chars().count() > MAX_HTTP_BATCH_CHARS {
-                cut = self.pending.rfind(char::is_whitespace).unwrap_or(0);
-            }
-            cut
-        };
-        if cut == 0 {
-            return None;
-        }
-        let batch: String = self.pending.drain(..cut).collect();
-        let t = batch.trim();
-        (!t.is_empty()).then(|| t.to_owned())
     }
 }
 
@@ -170,21 +120,19 @@ impl HttpDriver {
 
     /// Runs until the end; `None` means cancelled. Dropping a body stream aborts its request.
     async fn drive(&mut self) -> Option<TtsOutput> {
-        let mut batcher = SentenceBatcher::default();
+        // Clauses that arrived while a request was running: they go together in the next one.
+        let mut pending = String::new();
         let mut finished = false;
         let mut body: Option<BodyStream> = None;
         let mut decoder = AudioDecoder::new(self.format);
         let mut deadline = Instant::now();
-        let mut queue: VecDeque<String> = VecDeque::new();
         loop {
-            while let Some(batch) = batcher.take_ready(finished) {
-                queue.push_back(batch);
-            }
             if body.is_none() {
-                if !queue.is_empty() {
+                let text = pending.trim();
+                if !text.is_empty() {
                     // Everything ready goes in one request: fewer round trips, better prosody.
-                    let text = queue.drain(..).collect::<Vec<_>>().join(" ");
-                    body = Some(self.target.request(text));
+                    body = Some(self.target.request(text.to_owned()));
+                    pending.clear();
                     decoder = AudioDecoder::new(self.format);
                     deadline = Instant::now() + self.deadline_after;
                 } else if finished {
@@ -193,7 +141,12 @@ impl HttpDriver {
             }
             tokio::select! {
                 input = self.text_rx.recv(), if !finished => match input {
-                    Some(TtsInput::Text(t)) => batcher.push(&t),
+                    Some(TtsInput::Text(t)) => {
+                        if !pending.is_empty() && !pending.ends_with(char::is_whitespace) {
+                            pending.push(' ');
+                        }
+                        pending.push_str(&t);
+                    }
                     Some(TtsInput::Finish) => finished = true,
                     None => return None,
                 },
@@ -233,26 +186,6 @@ mod tests {
     use super::*;
     use crate::ops::config::TtsTransport;
     use crate::sandbox::elevenlabs::{TtsFault, speech_samples, synthesize};
-
-    #[test]
-    fn http_batches_are_whole_sentences() {
-        let mut b = SentenceBatcher::default();
-        b.push("Harga dia 3.5 ringgit");
-        assert_eq!(b.take_ready(false), None);
-        b.push(". Boleh");
-        assert_eq!(
-            b.take_ready(false).as_deref(),
-            Some("Harga dia 3.5 ringgit.")
-        );
-        b.push(" saya bantu? Ya");
-        assert_eq!(b.take_ready(false).as_deref(), Some("Boleh saya bantu?"));
-        assert_eq!(b.take_ready(false), None);
-        assert_eq!(b.take_ready(true).as_deref(), Some("Ya"));
-        assert_eq!(b.take_ready(true), None);
-        b.push(&"kata ".repeat(80));
-        let long = b.take_ready(false).unwrap();
-        assert!(long.len() <= 400 && long.ends_with("kata"));
-    }
 
     #[tokio::test]
     async fn http_posts_sentences_in_turn_and_streams() {

@@ -115,58 +115,16 @@ fn upgrade_error(e: tungstenite::Error) -> TtsError {
     }
 }
 
-/// chunk to end with a space, so only clause punctuation (or whitespace) ends a chunk.
-fn ends_clause(c: char) -> bool {
-    matches!(
-        c,
-        '.' | ',' | '!' | '?' | ';' | ':' | '…' | ')' | ']' | '”' | '’' | '»' | '。' | '、'
-    )
-}
 /// `text` trimmed, with the trailing space ElevenLabs wants; `None` if nothing is left.
 fn with_trailing_space(text: &str) -> Option<String> {
     let t = text.trim();
     (!t.is_empty()).then(|| format!("{t} "))
 }
 
-/// Cuts LLM text into websocket chunks that end on a word boundary with a trailing space. A
-/// clause ending in punctuation or whitespace goes at once; a trailing partial word waits for
-/// the next text or the end of the reply.
-#[derive(Debug, Default)]
-struct TextChunker {
-    pending: String,
-}
-
-impl TextChunker {
-    fn push(&mut self, text: &str) -> Option<String> {
-        self.pending.push_str(text);
-        let cut = match self.pending.chars().next_back() {
-            None => 0,
-            Some(c) if c.is_whitespace() || ends_clause(c) => self.pending.len(),
-            Some(_) => self
-                .pending
-                .char_indices()
-                .rev()
-                .find(|(_, c)| c.is_whitespace())
-                .map_or(0, |(i, c)| i + c.len_utf8()),
-        };
-        if cut == 0 {
-            return None;
-        }
-        let ready: String = self.pending.drain(..cut).collect();
-        with_trailing_space(&ready)
-    }
-
-    fn finish(&mut self) -> Option<String> {
-        let rest = std::mem::take(&mut self.pending);
-        with_trailing_space(&rest)
-    }
-}
-
 /// What the websocket client sends and when: text, the end of the reply, keep-alives, and
 /// whether audio is owed (which arms the audio deadline).
 #[derive(Debug)]
 struct Outbound {
-    chunker: TextChunker,
     last_sent: Instant,
     finished: bool,
     chars_sent: usize,
@@ -175,27 +133,27 @@ struct Outbound {
 impl Outbound {
     fn new(now: Instant) -> Self {
         Self {
-            chunker: TextChunker::default(),
             last_sent: now,
             finished: false,
             chars_sent: 0,
         }
     }
 
+    /// A clause goes out as it came (whole words, per [`TtsInput::Text`]) with the trailing
+    /// space the service wants; blank text sends nothing (an empty `text` would end the
+    /// stream).
     fn on_text(&mut self, text: &str, now: Instant) -> Option<String> {
-        let chunk = self.chunker.push(text)?;
+        let chunk = with_trailing_space(text)?;
         self.chars_sent += chunk.chars().count();
         self.last_sent = now;
         Some(text_message(&chunk))
     }
 
-    /// The flush (carrying any held-back word) and the close message.
+    /// The flush and the close message.
     fn on_finish(&mut self, now: Instant) -> [String; 2] {
-        let rest = self.chunker.finish();
-        self.chars_sent += rest.as_deref().map_or(0, |r| r.chars().count());
         self.finished = true;
         self.last_sent = now;
-        [flush_message(rest.as_deref()), close_message()]
+        [flush_message(None), close_message()]
     }
 
     /// When a keep-alive is due; none once the reply is finished (the server is generating).
@@ -382,17 +340,23 @@ mod tests {
     };
 
     #[test]
-    fn chunker_sends_whole_words_with_a_trailing_space() {
-        let mut c = TextChunker::default();
-        assert_eq!(c.push("Hello,").as_deref(), Some("Hello, "));
-        assert_eq!(c.push("Sela"), None);
-        assert_eq!(c.push("mat pagi").as_deref(), Some("Selamat "));
-        assert_eq!(c.push(" ").as_deref(), Some("pagi "));
-        assert_eq!(c.push("   "), None);
-        assert_eq!(c.push("Apa khabar?").as_deref(), Some("Apa khabar? "));
-        assert_eq!(c.push("Terima kasih"), Some("Terima ".into()));
-        assert_eq!(c.finish().as_deref(), Some("kasih "));
-        assert_eq!(c.finish(), None);
+    fn clauses_go_out_whole_with_one_trailing_space() {
+        let mut o = Outbound::new(Instant::now());
+        let now = Instant::now();
+        assert_eq!(
+            o.on_text("Hello, ", now).as_deref(),
+            Some(r#"{"text":"Hello, ","try_trigger_generation":true}"#)
+        );
+        assert_eq!(
+            o.on_text("  Apa khabar?", now).as_deref(),
+            Some(r#"{"text":"Apa khabar? ","try_trigger_generation":true}"#)
+        );
+        assert_eq!(
+            o.on_text("   ", now),
+            None,
+            "blank text would end the stream"
+        );
+        assert_eq!(o.chars_sent, "Hello, Apa khabar? ".len());
     }
 
     #[test]

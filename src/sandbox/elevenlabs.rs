@@ -1,6 +1,8 @@
 //! A fake ElevenLabs text-to-speech service speaking the real wire formats
-//! (`shared/docs/provider-apis.md` section 3): the `stream-input` websocket and the HTTP
-//! `/stream` and whole-file endpoints, with controllable latency, pacing and faults.
+//! (`docs/providers/elevenlabs.md`): the `stream-input` websocket and the HTTP `/stream` and
+//! whole-file endpoints, with controllable latency, pacing and faults. It reads and writes
+//! the messages with its own code (not the client's), and accepts the key only in the
+//! `xi-api-key` header.
 //!
 //! The audio is synthesized deterministically from the text, so tests can predict its exact
 //! length ([`speech_samples`]) and it is speech-like enough to drive a VAD: every letter is

@@ -5,7 +5,7 @@
 //! [`OpenRouter`] is the thin async driver around it: one pooled HTTP client reused across
 //! turns, the single pre-first-token retry, and the first-token and stall deadlines.
 //!
-//! Wire format: `shared/docs/provider-apis.md` section 2.
+//! Wire format: `docs/providers/openrouter.md`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -768,7 +768,7 @@ mod tests {
     use crate::sandbox::openrouter::{self as fake, FakeOpenRouterConfig, LlmFault};
     use serde_json::json;
 
-    // ---- ChunkDecoder, on the exact lines of provider-apis.md section 2 ----
+    // ---- ChunkDecoder, on the exact lines of docs/providers/openrouter.md ----
 
     const ROLE: &str = r#"{"id":"gen-..","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1739458867,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fp_72ed7ab54c"}"#;
     const HELLO: &str = r#"{"id":"gen-..","choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}]}"#;

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::Read as _;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -24,13 +24,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use futures_util::StreamExt as _;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+use super::ws::{ServerSocket, Upgrade};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -738,7 +741,7 @@ async fn ws_handler(
     Path(_voice_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     let fault = app.begin_request(&query);
     if let TtsFault::Status(s) = fault {
@@ -893,13 +896,13 @@ fn error_message(error: &str, message: &str) -> Message {
 
 fn close(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: reason.to_owned().into(),
     }))
 }
 
 impl WsSession {
-    async fn run(self, socket: WebSocket) {
+    async fn run(self, socket: ServerSocket) {
         let stats = Arc::clone(&self.app.stats);
         stats.connections.fetch_add(1, Ordering::SeqCst);
         let end = self.serve(socket).await;
@@ -909,13 +912,13 @@ impl WsSession {
         stats.sessions_ended.fetch_add(1, Ordering::SeqCst);
     }
 
-    async fn fail(socket: &mut WebSocket, error: &str, message: &str) -> SessionEnd {
+    async fn fail(socket: &mut ServerSocket, error: &str, message: &str) -> SessionEnd {
         let _ = socket.send(error_message(error, message)).await;
         let _ = socket.send(close(1008, error)).await;
         SessionEnd::ServerClosed
     }
 
-    async fn serve(self, mut socket: WebSocket) -> SessionEnd {
+    async fn serve(self, mut socket: ServerSocket) -> SessionEnd {
         let cfg = &self.app.cfg;
         // The initialise message.
         let first = match tokio::time::timeout(self.inactivity, socket.next()).await {
@@ -1088,7 +1091,7 @@ impl WsSession {
         )
     }
 
-    async fn finish(socket: &mut WebSocket) -> SessionEnd {
+    async fn finish(socket: &mut ServerSocket) -> SessionEnd {
         let _ = socket
             .send(Message::Text(json!({"isFinal": true}).to_string().into()))
             .await;

@@ -14,21 +14,33 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::debug;
 
 use crate::audio::pcm;
 
 mod wire;
 
+use super::ws::{ServerSocket, Upgrade};
 use wire::{Received, Refusal};
+
+/// The close codes the service uses (RFC 6455).
+mod close_code {
+    pub(super) const NORMAL: u16 = 1000;
+    pub(super) const PROTOCOL: u16 = 1002;
+    pub(super) const INVALID: u16 = 1007;
+    pub(super) const SIZE: u16 = 1009;
+    pub(super) const ERROR: u16 = 1011;
+}
 
 /// The paths the fake serves: the SDK's v1 recognition modes and the 2025 `universal/v2`.
 pub const PATHS: [&str; 4] = [
@@ -244,7 +256,7 @@ async fn upgrade(
     State(sh): State<Arc<Shared>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     if let Err(status) = authorised(&sh.cfg, &headers, &query) {
         sh.stats().rejected_auth += 1;
@@ -346,7 +358,7 @@ impl Connection {
         }
     }
 
-    async fn run(&mut self, mut socket: WebSocket) {
+    async fn run(&mut self, mut socket: ServerSocket) {
         let fault = self.sh.cfg.fault;
         let close_at = match fault {
             AzureFault::CloseAfterMs(ms) => Some(Instant::now() + Duration::from_millis(ms)),
@@ -370,7 +382,7 @@ impl Connection {
                         return;
                     }
                 }
-                msg = socket.recv() => {
+                msg = socket.next() => {
                     idle_deadline = Instant::now() + IDLE_TIMEOUT;
                     let result = match msg {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
@@ -394,7 +406,7 @@ impl Connection {
     }
 
     /// Sends everything due; false if the connection is over.
-    async fn send_due(&mut self, socket: &mut WebSocket) -> bool {
+    async fn send_due(&mut self, socket: &mut ServerSocket) -> bool {
         let now = Instant::now();
         while self.queue.front().is_some_and(|(t, _)| *t <= now) {
             let Some((_, out)) = self.queue.pop_front() else {
@@ -760,12 +772,12 @@ fn transcript(list: &[String], i: usize) -> String {
     list.get(i % list.len()).cloned().unwrap_or_default()
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+async fn close(socket: &mut ServerSocket, code: u16, reason: &str) {
     // Close reasons are limited to 123 bytes.
     let reason: String = reason.chars().take(100).collect();
     let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
+        code: code.into(),
+        reason: reason.into(),
     };
     let _ = timeout(
         Duration::from_secs(1),

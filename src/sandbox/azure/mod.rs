@@ -1,7 +1,7 @@
 //! A fake Azure Speech real-time recognition server.
 //!
 //! It speaks the SDK websocket protocol exactly (see `docs/providers/azure-stt.md`), reading
-//! and writing it with its own code in [`wire`] (never the client's), validates what the
+//! and writing it with its own code in `wire.rs` (never the client's), validates what the
 //! real service validates (auth at upgrade, `Path`/`X-RequestId`, `speech.config` first, the
 //! WAV header's format) and
 //! "recognises" speech with an energy endpointer on the decoded PCM, answering with scripted

@@ -51,7 +51,6 @@ pub(super) fn keepalive_message() -> String {
     json!({"text": " "}).to_string()
 }
 
-/// Whether a buffer ending in `c` can be sent as is: the service wants whole words and each
 /// One server message, decoded.
 #[derive(Debug, PartialEq)]
 pub(super) enum ServerEvent {
@@ -186,9 +185,6 @@ pub(super) fn parse_error_body(status: u16, body: &[u8]) -> TtsError {
     };
     TtsError::Status { status, message }
 }
-
-/// Collects LLM text into batches for the HTTP transport: everything up to the last sentence
-/// end, so each POST is whole sentences (better prosody, and a POST can go before the reply is
 
 /// The JSON body of an HTTP `/stream` request.
 pub(super) fn http_request_body(text: &str, model_id: &str, language_code: Option<&str>) -> Value {

@@ -1,14 +1,14 @@
-//! ElevenLabs text-to-speech over the `stream-input` websocket ([`ws`]) or HTTP `/stream`
-//! ([`http`]).
+//! ElevenLabs text-to-speech over the `stream-input` websocket (`ws.rs`) or HTTP `/stream`
+//! (`http.rs`).
 //!
 //! The call pipeline opens a synthesis while the LLM is still thinking, feeds it clauses as
 //! they are produced and plays the PCM that comes back. The websocket transport is the fast
 //! path: `open()` connects and sends the initialise message ahead of time, text is forwarded
 //! clause by clause with `try_trigger_generation`, and audio is decoded the moment it arrives.
-//! The HTTP transport posts each completed sentence batch to `/stream` in turn and streams the
+//! The HTTP transport posts the clauses to `/stream` one request at a time and streams the
 //! response bodies out. The key travels only in the `xi-api-key` header of the upgrade or the
 //! POST, never in a message body or URL. Wire formats: `docs/providers/elevenlabs.md`; the
-//! message bodies are built and parsed in [`messages`].
+//! message bodies are built and parsed in `messages.rs`.
 
 mod http;
 mod messages;

@@ -113,8 +113,7 @@ pub(crate) async fn collect(
     }
 }
 
-/// Opens a synthesis, sends `text` as one reply and collects all of its audio: for clips
-/// synthesized once at startup (greeting, apology).
+/// Opens a synthesis, sends `text` as one reply and collects all of its audio.
 pub(crate) async fn synthesize_all(
     provider: &dyn crate::providers::tts::TtsProvider,
     params: TtsParams,

@@ -734,6 +734,16 @@ mod tests {
     use super::*;
     use crate::sandbox::azure::{AzureFault, FakeAzure, FakeAzureConfig};
 
+    #[test]
+    fn the_key_is_in_no_url_and_no_debug() {
+        let mut settings = crate::ops::config::Settings::defaults().stt;
+        settings.endpoint =
+            "ws://127.0.0.1:9/speech/recognition/conversation/cognitiveservices/v1".into();
+        let stt = AzureStt::new(&settings, Secret::new(Some("MARKER-KEY-123".into()))).unwrap();
+        assert!(!format!("{stt:?}").contains("MARKER-KEY-123"));
+        assert!(!request_url(&stt.url, "ms-MY").contains("MARKER"));
+    }
+
     fn params(rate: u32) -> SttParams {
         SttParams {
             language: "ms-MY".into(),

@@ -181,6 +181,18 @@ mod tests {
     }
 
     #[test]
+    fn debug_never_shows_the_key() {
+        let s = settings(
+            "http://127.0.0.1:9",
+            TtsTransport::Http,
+            OutputFormat::Ulaw8000,
+        );
+        let el = client(&s, "MARKER-KEY-123");
+        assert!(!format!("{el:?}").contains("MARKER-KEY-123"));
+        assert!(!format!("{:?}", el.key_header().unwrap()).contains("MARKER-KEY-123"));
+    }
+
+    #[test]
     fn urls_and_config() {
         let mut s = settings(
             "https://api.elevenlabs.io/",

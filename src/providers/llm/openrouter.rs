@@ -188,11 +188,6 @@ impl ChunkDecoder {
         ))
     }
 
-    /// Whether the reply is over (`Done` or an error was produced).
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
     /// The `finish_reason` seen so far.
     pub fn finish_reason(&self) -> Option<&str> {
         self.finish_reason.as_deref()
@@ -804,7 +799,6 @@ mod tests {
         assert_eq!(d.finish_reason(), Some("stop"));
         assert_eq!(d.decode(USAGE).unwrap(), vec![usage(22, 7, Some(0.000171))]);
         assert_eq!(d.decode("[DONE]").unwrap(), vec![done("stop")]);
-        assert!(d.is_done());
         assert_eq!(d.decode(HELLO).unwrap(), vec![], "nothing after the end");
         assert_eq!(d.finish().unwrap(), vec![]);
     }

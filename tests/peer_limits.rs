@@ -36,7 +36,11 @@ async fn a_peer_that_stops_reading_is_closed() {
     writer.abort();
     assert_eq!(summary.reason, EndReason::WriteFailed, "{summary:?}");
     assert!(
-        summary.detail.as_deref().unwrap_or("").contains("not reading"),
+        summary
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("not reading"),
         "{summary:?}"
     );
 }

@@ -110,11 +110,9 @@ impl Drop for Daemon {
     }
 }
 
-// Passes once `ops::logging` runs its directive through `ops::log_filter::cap_noisy_targets`
-// (checked with that one-line change applied); until then tungstenite's trace logging of the
-// upgrade request prints the Azure and ElevenLabs keys.
+// Without `ops::logging` running its directive through `ops::log_filter::cap_noisy_targets`,
+// tungstenite's trace logging of the upgrade request prints the Azure and ElevenLabs keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs log_filter wired in logging.rs (lead)"]
 async fn no_key_in_any_output_at_trace_level() {
     let mut fakes = fast_sandbox();
     fakes.azure.key = Some(AZURE_KEY.into());

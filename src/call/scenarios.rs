@@ -55,6 +55,7 @@ fn config() -> AgentConfig {
             greeting: "Selamat datang.".into(),
             apology: "Maaf, ada masalah.".into(),
             hold: "Sebentar ya.".into(),
+            still_there: "Masih di sana?".into(),
         },
         segmentation_silence_ms: 300,
         turn: TurnConfig::default(),
@@ -63,6 +64,11 @@ fn config() -> AgentConfig {
         idle_hangup: Some(Duration::from_secs(60)),
         history: HistoryBudget::default(),
         pipeline: Pipeline::Streamed,
+        still_there_after: None,
+        speculate_after: None,
+        speculative_max: 20,
+        backchannels: vec!["ya".into(), "ok".into(), "hmm".into(), "mm".into()],
+        resume_after: Duration::from_millis(1200),
     }
 }
 

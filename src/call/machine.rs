@@ -110,7 +110,13 @@ pub struct AgentConfig {
 /// Lower case, letters and digits only, single spaces: how transcripts are compared.
 pub fn normalise(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_alphanumeric() || c == '-' { c } else { ' ' })
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c
+            } else {
+                ' '
+            }
+        })
         .collect::<String>()
         .to_lowercase()
         .split_whitespace()
@@ -1053,7 +1059,11 @@ impl CallMachine {
             input_finished: false,
             flushed: true,
         };
-        let at = self.playout.as_ref().and_then(Playout::last_speech_end).unwrap_or(self.started);
+        let at = self
+            .playout
+            .as_ref()
+            .and_then(Playout::last_speech_end)
+            .unwrap_or(self.started);
         self.on_ended(progress, at);
     }
 
@@ -1601,7 +1611,8 @@ impl CallMachine {
                     a.still_there_asked = true;
                     a.last_activity = now;
                 }
-                self.effects.push_back(Effect::Prompt(PromptKind::StillThere));
+                self.effects
+                    .push_back(Effect::Prompt(PromptKind::StillThere));
             } else {
                 info!("nobody has spoken for the idle limit; hanging up");
                 self.end_idle(now);

@@ -655,7 +655,9 @@ impl Metrics {
 
     /// A speculative request `started`, `used` or `wasted` (with its estimated tokens).
     pub fn llm_speculative(&self, outcome: &'static str, wasted_tokens: u64) {
-        self.speculative.get_or_create(&[("outcome", outcome)]).inc();
+        self.speculative
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
         self.speculative_wasted_tokens.inc_by(wasted_tokens);
     }
 

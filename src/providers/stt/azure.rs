@@ -29,6 +29,9 @@ use super::{SttError, SttEvent, SttParams, SttProvider, SttSession};
 use crate::ops::config::{Secret, Settings, SttSettings};
 use crate::providers::BoxFuture;
 
+/// Close codes after which the SDK gives up rather than reconnecting.
+const FATAL_CLOSE_CODES: [u16; 4] = [1002, 1003, 1007, 4000];
+
 /// Capacity of [`SttSession::audio`]; the driver drains it continuously.
 pub const AUDIO_CHANNEL_CAPACITY: usize = 64;
 const EVENTS_CAPACITY: usize = 256;
@@ -129,7 +132,7 @@ impl SttProvider for AzureStt {
                 .expose()
                 .ok_or_else(|| SttError::Config("AZURE_SPEECH_KEY is not set".into()))?;
             let cfg = Arc::new(ConnConfig {
-                url: request_url(&self.url, &params.language),
+                url: request_url(&self.url, &params.language, params.segmentation_silence_ms),
                 key: key.to_owned(),
                 params,
                 opts: self.opts.clone(),
@@ -181,10 +184,14 @@ fn validate(p: &SttParams) -> Result<(), SttError> {
     Ok(())
 }
 
-/// `url` plus `language` and `format=simple` (the language is validated: no escaping needed).
-fn request_url(url: &str, language: &str) -> String {
+/// `url` plus the query the JavaScript SDK sends: `language`, `format=simple` and
+/// `segmentationSilenceTimeoutMs` (also sent in `speech.context`). The language is validated,
+/// so no escaping is needed. Unlike the SDK we never copy the key into the URL.
+fn request_url(url: &str, language: &str, segmentation_silence_ms: u32) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}language={language}&format=simple")
+    format!(
+        "{url}{sep}language={language}&format=simple&segmentationSilenceTimeoutMs={segmentation_silence_ms}"
+    )
 }
 
 struct ConnConfig {
@@ -209,6 +216,24 @@ impl Conn {
     /// Queues a message; false if the queue is full or the writer is gone.
     fn send(&self, m: Message) -> bool {
         self.out.try_send(m).is_ok()
+    }
+
+    /// Starts a turn: `speech.context` and the WAV header under the turn's request id, a new
+    /// one if `new_id` (as the SDK does for every turn after the connection's first).
+    fn open_turn(&mut self, p: &SttParams, new_id: bool) -> bool {
+        if new_id {
+            self.request_id = protocol::new_id();
+        }
+        self.send(Message::text(protocol::speech_context_message(
+            &self.request_id,
+            &now(),
+            &p.language,
+            p.segmentation_silence_ms,
+        ))) && self.send(Message::binary(protocol::wav_header_message(
+            &self.request_id,
+            &now(),
+            p.sample_rate,
+        )))
     }
 
     fn send_audio(&self, payload: &[u8]) -> bool {
@@ -239,7 +264,9 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
     req.headers_mut().insert("Ocp-Apim-Subscription-Key", key);
     let conn_id = protocol::new_id();
     if let Ok(v) = HeaderValue::from_str(&conn_id) {
-        req.headers_mut().insert("X-ConnectionId", v);
+        // The SDK sends the id under both names.
+        req.headers_mut().insert("X-ConnectionId", v.clone());
+        req.headers_mut().insert("connectionId", v);
     }
     let ws = match timeout(
         cfg.opts.connect_timeout,
@@ -271,26 +298,17 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
     let replay_chunks = (cfg.opts.max_replay_ms / cfg.opts.chunk_ms.clamp(20, 100)) as usize;
     let (out, rx) = mpsc::channel(2 * replay_chunks + WRITE_QUEUE_SLACK);
     let writer = tokio::spawn(write_loop(sink, rx, cfg.opts.write_timeout));
-    let conn = Conn {
+    let mut conn = Conn {
         out,
         writer,
         input,
         request_id: protocol::new_id(),
     };
-    let p = &cfg.params;
     let ok = conn.send(Message::text(protocol::speech_config_message(
         &conn.request_id,
         &now(),
-    ))) && conn.send(Message::text(protocol::speech_context_message(
-        &conn.request_id,
-        &now(),
-        &p.language,
-        p.segmentation_silence_ms,
-    ))) && conn.send(Message::binary(protocol::wav_header_message(
-        &conn.request_id,
-        &now(),
-        p.sample_rate,
-    )));
+        cfg.params.sample_rate,
+    ))) && conn.open_turn(&cfg.params, false);
     if !ok {
         return Err(SttError::Connect("connection closed during setup".into()));
     }
@@ -374,11 +392,16 @@ impl Driver {
                     self.emit(SttEvent::Failed(r)).await;
                     return;
                 }
-                let backoff = self
-                    .cfg
-                    .opts
-                    .reconnect_backoff
-                    .saturating_mul(1 << (failures - 1).min(10));
+                // The first attempt is immediate (the 10-minute cap and idle closes are routine;
+                // the caller keeps talking), later ones back off.
+                let backoff = if failures == 1 {
+                    Duration::ZERO
+                } else {
+                    self.cfg
+                        .opts
+                        .reconnect_backoff
+                        .saturating_mul(1 << (failures - 2).min(10))
+                };
                 if self.drain_while(sleep(backoff)).await.is_none() {
                     return;
                 }
@@ -429,6 +452,20 @@ impl Driver {
         }
     }
 
+    /// Opens the next turn on `conn` and replays the audio not yet recognised, then what
+    /// is pending. False if the write queue is full.
+    fn next_turn(&mut self, conn: &mut Conn) -> bool {
+        if !conn.open_turn(&self.cfg.params, true) {
+            return false;
+        }
+        let replay = self.rec.begin_turn();
+        let mut ok = replay.iter().all(|chunk| conn.send_audio(chunk));
+        while let Some(chunk) = self.rec.next_chunk(false) {
+            ok &= conn.send_audio(&chunk);
+        }
+        ok
+    }
+
     /// Sends what is left, then the empty end-of-stream audio message.
     fn finish_audio(&mut self, conn: &Conn) -> bool {
         let mut ok = true;
@@ -476,9 +513,10 @@ impl Driver {
                                 .map(|f| (u16::from(f.code), f.reason.to_string()))
                                 .unwrap_or((1005, String::new()));
                             let reason = format!("service closed the connection ({code} {why})");
-                            // 1002/1007 mean we sent something the service rejects: retrying
-                            // would only repeat it.
-                            if finish_deadline.is_none() && (code == 1002 || code == 1007) {
+                            // The SDK's fatal codes: we sent something the service rejects
+                            // (1002 protocol, 1003 message type, 1007 payload) or it refused
+                            // the request (4000); retrying would only repeat it.
+                            if finish_deadline.is_none() && FATAL_CLOSE_CODES.contains(&code) {
                                 return (ConnEnd::Fatal(reason), progressed);
                             }
                             return (ConnEnd::Lost(reason), progressed);
@@ -502,13 +540,17 @@ impl Driver {
                                 return (ConnEnd::Abandoned, progressed);
                             }
                         }
+                        Action::TurnEnded if finish_deadline.is_some() => {
+                            return (ConnEnd::Finished, progressed);
+                        }
                         Action::TurnEnded => {
-                            let end = if finish_deadline.is_some() {
-                                ConnEnd::Finished
-                            } else {
-                                ConnEnd::Lost("turn ended while audio was flowing".into())
-                            };
-                            return (end, progressed);
+                            // The service ended the turn while audio still flows: like the SDK,
+                            // start the next turn on this socket and resend what it has not
+                            // recognised yet (no reconnect, no pause).
+                            if !self.next_turn(conn) {
+                                return (ConnEnd::Lost("websocket write queue full".into()), progressed);
+                            }
+                            debug!(call_id = %self.cfg.params.call_id, "service ended the turn; next turn on the same connection");
                         }
                         Action::Retry(r) => return (ConnEnd::Lost(r), progressed),
                         Action::Fatal(r) => return (ConnEnd::Fatal(r), progressed),
@@ -696,23 +738,27 @@ impl Recognition {
                 let end = start.saturating_add(duration);
                 let end_samples = protocol::ticks_to_samples(end, self.rate);
                 match status {
-                    RecognitionStatus::Success => {
-                        let duplicate = self.acked_until > 0 && end_samples <= self.acked_until;
-                        self.ack(end_samples);
-                        match display_text.filter(|t| !t.trim().is_empty()) {
-                            Some(text) if !duplicate => Action::Emit(SttEvent::Final {
-                                text,
-                                offset_ms: start / 10_000,
-                                duration_ms: duration / 10_000,
-                            }),
-                            _ => Action::Progress,
-                        }
-                    }
-                    RecognitionStatus::NoMatch
+                    // A phrase: with words, or (NoMatch, InitialSilenceTimeout, BabbleTimeout,
+                    // an empty Success) without. A wordless one ends the caller's turn too, as
+                    // an empty Final: the call can tell an interruption that carried no words.
+                    RecognitionStatus::Success
+                    | RecognitionStatus::NoMatch
                     | RecognitionStatus::InitialSilenceTimeout
                     | RecognitionStatus::BabbleTimeout => {
+                        let duplicate = self.acked_until > 0 && end_samples <= self.acked_until;
                         self.ack(end_samples);
-                        Action::Progress
+                        if duplicate {
+                            return Action::Progress;
+                        }
+                        let text = match status {
+                            RecognitionStatus::Success => display_text.unwrap_or_default(),
+                            _ => String::new(),
+                        };
+                        Action::Emit(SttEvent::Final {
+                            text,
+                            offset_ms: start / 10_000,
+                            duration_ms: duration / 10_000,
+                        })
                     }
                     RecognitionStatus::EndOfDictation | RecognitionStatus::Other(_) => {
                         Action::Progress
@@ -741,7 +787,7 @@ mod tests {
             "ws://127.0.0.1:9/speech/recognition/conversation/cognitiveservices/v1".into();
         let stt = AzureStt::new(&settings, Secret::new(Some("MARKER-KEY-123".into()))).unwrap();
         assert!(!format!("{stt:?}").contains("MARKER-KEY-123"));
-        assert!(!request_url(&stt.url, "ms-MY").contains("MARKER"));
+        assert!(!request_url(&stt.url, "ms-MY", 500).contains("MARKER"));
     }
 
     fn params(rate: u32) -> SttParams {
@@ -834,11 +880,45 @@ mod tests {
         let mut r = rec(16000);
         r.push_audio(&[0; 16000]);
         while r.next_chunk(false).is_some() {}
+        // Wordless phrases end the caller's turn with an empty Final and acknowledge audio.
         assert_eq!(
             r.on_message(phrase(None, RecognitionStatus::NoMatch, 0, 5_000_000)),
-            Action::Progress
+            emit_final("", 0, 500)
         );
         assert_eq!(r.unacked_samples(), 8000);
+        assert_eq!(
+            r.on_message(phrase(
+                None,
+                RecognitionStatus::InitialSilenceTimeout,
+                5_000_000,
+                1_000_000
+            )),
+            emit_final("", 500, 100)
+        );
+        assert_eq!(
+            r.on_message(phrase(
+                None,
+                RecognitionStatus::BabbleTimeout,
+                6_000_000,
+                1_000_000
+            )),
+            emit_final("", 600, 100)
+        );
+        assert_eq!(
+            r.on_message(phrase(
+                Some(""),
+                RecognitionStatus::Success,
+                7_000_000,
+                1_000_000
+            )),
+            emit_final("", 700, 100)
+        );
+        // A replayed wordless phrase is a duplicate like any other.
+        assert_eq!(
+            r.on_message(phrase(None, RecognitionStatus::NoMatch, 0, 1_000_000)),
+            Action::Progress
+        );
+        assert_eq!(r.unacked_samples(), 16000 - 12800);
         assert_eq!(
             r.on_message(phrase(None, RecognitionStatus::EndOfDictation, 0, 0)),
             Action::Progress
@@ -846,6 +926,14 @@ mod tests {
         assert!(matches!(
             r.on_message(phrase(None, RecognitionStatus::Error, 0, 0)),
             Action::Retry(_)
+        ));
+        assert!(matches!(
+            r.on_message(phrase(None, RecognitionStatus::TooManyRequests, 0, 0)),
+            Action::Retry(_)
+        ));
+        assert!(matches!(
+            r.on_message(phrase(None, RecognitionStatus::BadRequest, 0, 0)),
+            Action::Fatal(_)
         ));
         assert!(matches!(
             r.on_message(phrase(None, RecognitionStatus::Forbidden, 0, 0)),
@@ -918,12 +1006,12 @@ mod tests {
         );
         assert!(validate(&params(16000)).is_ok());
         assert_eq!(
-            request_url("ws://h/p", "ms-MY"),
-            "ws://h/p?language=ms-MY&format=simple"
+            request_url("ws://h/p", "ms-MY", 500),
+            "ws://h/p?language=ms-MY&format=simple&segmentationSilenceTimeoutMs=500"
         );
         assert_eq!(
-            request_url("ws://h/p?cid=1", "ms-MY"),
-            "ws://h/p?cid=1&language=ms-MY&format=simple"
+            request_url("ws://h/p?cid=1", "ms-MY", 300),
+            "ws://h/p?cid=1&language=ms-MY&format=simple&segmentationSilenceTimeoutMs=300"
         );
     }
 
@@ -995,6 +1083,7 @@ mod tests {
             final_delay_ms: 50,
             hypothesis_every_ms: 200,
             fault,
+            ..Default::default()
         }
     }
 

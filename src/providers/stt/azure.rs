@@ -641,6 +641,11 @@ struct Recognition {
     acked_until: u64,
     /// Samples dropped because the buffers overflowed during an outage.
     dropped: u64,
+    /// `Error`/`TooManyRequests` phrases since the last recognised one: past
+    /// `max_service_errors` the recognition fails (hypotheses before each error would
+    /// otherwise reset the reconnect budget forever).
+    service_errors: u32,
+    max_service_errors: u32,
 }
 
 impl Recognition {
@@ -657,6 +662,8 @@ impl Recognition {
             turn_base: 0,
             acked_until: 0,
             dropped: 0,
+            service_errors: 0,
+            max_service_errors: o.max_reconnects,
         }
     }
 
@@ -747,6 +754,7 @@ impl Recognition {
                     | RecognitionStatus::BabbleTimeout => {
                         let duplicate = self.acked_until > 0 && end_samples <= self.acked_until;
                         self.ack(end_samples);
+                        self.service_errors = 0;
                         if duplicate {
                             return Action::Progress;
                         }
@@ -764,7 +772,13 @@ impl Recognition {
                         Action::Progress
                     }
                     RecognitionStatus::Error | RecognitionStatus::TooManyRequests => {
-                        Action::Retry(format!("service reported {}", status.as_str()))
+                        self.service_errors += 1;
+                        let why = format!("service reported {}", status.as_str());
+                        if self.service_errors > self.max_service_errors {
+                            Action::Fatal(format!("{why} {} times", self.service_errors))
+                        } else {
+                            Action::Retry(why)
+                        }
                     }
                     RecognitionStatus::BadRequest | RecognitionStatus::Forbidden => {
                         Action::Fatal(format!("service reported {}", status.as_str()))
@@ -778,7 +792,7 @@ impl Recognition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::azure::{AzureFault, FakeAzure, FakeAzureConfig};
+    use crate::sandbox::azure::{AzureFault, FakeAzure, FakeAzureConfig, RecordedMessage};
 
     #[test]
     fn the_key_is_in_no_url_and_no_debug() {
@@ -1292,6 +1306,247 @@ mod tests {
         assert_eq!(finals(&got).len(), 1, "{got:?}");
         assert!(!got.contains(&SttEvent::Reconnected), "{got:?}");
         assert!(matches!(got.last(), Some(SttEvent::Failed(_))), "{got:?}");
+    }
+
+    /// Sends all of `pcm` at once and keeps the audio open (the caller is still on the line)
+    /// until `finals` finals or a failure arrived; then hangs up and collects the rest.
+    async fn run_until_finals(session: SttSession, pcm: Vec<i16>, finals: usize) -> Vec<SttEvent> {
+        let SttSession { audio, mut events } = session;
+        for frame in pcm.chunks(160) {
+            audio.send(frame.to_vec()).await.unwrap();
+        }
+        let mut out = Vec::new();
+        let wait = async {
+            while let Some(ev) = events.recv().await {
+                let done = matches!(ev, SttEvent::Failed(_))
+                    || (matches!(ev, SttEvent::Final { .. }) && finals_count(&out) + 1 == finals);
+                out.push(ev);
+                if done {
+                    break;
+                }
+            }
+        };
+        timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("recognition hung");
+        drop(audio);
+        out.extend(drain(&mut events).await);
+        out
+    }
+
+    fn finals_count(events: &[SttEvent]) -> usize {
+        events
+            .iter()
+            .filter(|e| matches!(e, SttEvent::Final { .. }))
+            .count()
+    }
+
+    async fn start_fake_with(f: impl FnOnce(&mut FakeAzureConfig)) -> FakeAzure {
+        let mut cfg = fake_cfg(AzureFault::None);
+        cfg.record = true;
+        f(&mut cfg);
+        FakeAzure::spawn(cfg).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn turn_end_mid_audio_opens_the_next_turn_on_the_same_socket() {
+        // The service ends the turn after every phrase while audio flows. Before: the client
+        // closed, waited and reconnected (a Reconnected event, a second connection).
+        let fake = start_fake_with(|c| c.fault = AzureFault::TurnEndAfterPhrases(1)).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 3), 3).await;
+
+        let f = finals(&events);
+        assert_eq!(
+            f.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            [
+                "Apa khabar hari ini",
+                "Saya mahu buat tempahan",
+                "Apa khabar hari ini"
+            ],
+            "{events:?}"
+        );
+        // Offsets stay on the call's timeline across the turns.
+        for (i, (_, offset, duration)) in f.iter().enumerate() {
+            let start = 2000 * i as u64;
+            assert!(
+                (start..=start + 20).contains(offset) && (980..=1020).contains(duration),
+                "{f:?}"
+            );
+        }
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, SttEvent::Reconnected | SttEvent::Failed(_))),
+            "{events:?}"
+        );
+        let st = fake.stats();
+        assert_eq!(st.connections, 1, "no reconnect");
+        assert_eq!(st.turns_cut, 3, "{st:?}");
+        assert_eq!(st.turns, 4, "three cut turns and the last one");
+        assert!(st.violations.is_empty(), "{:?}", st.violations);
+        // Each turn: speech.context then the WAV header under a fresh request id; one
+        // speech.config for the connection.
+        let msgs = &st.messages;
+        assert_eq!(
+            msgs.iter().filter(|m| m.path() == "speech.config").count(),
+            1
+        );
+        let contexts: Vec<&RecordedMessage> = msgs
+            .iter()
+            .filter(|m| m.path() == "speech.context")
+            .collect();
+        assert_eq!(contexts.len(), 4);
+        let mut ids: Vec<&str> = contexts
+            .iter()
+            .map(|m| m.header("X-RequestId").unwrap())
+            .collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 4, "a new request id per turn");
+        for (i, m) in msgs.iter().enumerate() {
+            if m.path() == "speech.context" {
+                let next = &msgs[i + 1];
+                assert_eq!(next.path(), "audio");
+                assert_eq!(next.header("Content-Type"), Some("audio/x-wav"));
+                assert_eq!(next.header("X-RequestId"), m.header("X-RequestId"));
+                assert!(next.body.starts_with(b"RIFF"));
+            }
+        }
+        assert_eq!(st.sample_rates, vec![8000; 4]);
+    }
+
+    #[tokio::test]
+    async fn wordless_phrases_fragments_and_numeric_statuses() {
+        let fake = start_fake_with(|c| {
+            c.phrase_statuses = ["NoMatch", "InitialSilenceTimeout", "BabbleTimeout"]
+                .map(String::from)
+                .to_vec();
+            c.status_as_number = true;
+            c.fragments = true;
+        })
+        .await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 4), 4).await;
+        let f = finals(&events);
+        assert_eq!(
+            f.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            ["", "", "", "Apa khabar hari ini"],
+            "{events:?}"
+        );
+        assert_eq!(f[3].1 / 100, 60, "{f:?}");
+        assert!(
+            events.iter().any(|e| matches!(e, SttEvent::Partial(_))),
+            "fragments are partials: {events:?}"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, SttEvent::Reconnected | SttEvent::Failed(_))),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_status_reconnects_and_recognition_goes_on() {
+        let fake = start_fake_with(|c| c.phrase_statuses = vec!["Error".into()]).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 2), 2).await;
+        assert_eq!(
+            finals(&events)
+                .iter()
+                .map(|x| x.0.as_str())
+                .collect::<Vec<_>>(),
+            ["Apa khabar hari ini", "Saya mahu buat tempahan"],
+            "the errored phrase is replayed and recognised: {events:?}"
+        );
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| **e == SttEvent::Reconnected)
+                .count(),
+            1
+        );
+        assert_eq!(fake.stats().connections, 2);
+    }
+
+    #[tokio::test]
+    async fn too_many_requests_over_and_over_fails() {
+        let fake = start_fake_with(|c| {
+            c.phrase_statuses = vec!["TooManyRequests".into(); 10];
+        })
+        .await;
+        let opts = AzureSttOptions {
+            max_reconnects: 2,
+            ..Default::default()
+        };
+        let session = open_session(&fake, opts, 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 1), 1).await;
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| **e == SttEvent::Reconnected)
+                .count(),
+            2,
+            "{events:?}"
+        );
+        assert!(
+            matches!(events.last(), Some(SttEvent::Failed(r)) if r.contains("TooManyRequests")),
+            "{events:?}"
+        );
+        assert_eq!(finals(&events).len(), 0);
+    }
+
+    #[tokio::test]
+    async fn fatal_close_codes_are_not_retried() {
+        for code in [1002, 1003, 1007, 4000] {
+            let fake = start_fake(AzureFault::CloseWithAfterMs(code, 200)).await;
+            let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+            let events = run_until_finals(session, tone_bursts(8000, 3), 99).await;
+            assert!(
+                matches!(events.last(), Some(SttEvent::Failed(r)) if r.contains(&code.to_string())),
+                "{code}: {events:?}"
+            );
+            assert!(
+                !events.contains(&SttEvent::Reconnected),
+                "{code}: {events:?}"
+            );
+            assert_eq!(fake.stats().connections, 1, "{code}");
+        }
+        // 1011 is worth a retry.
+        let fake = start_fake(AzureFault::CloseWithAfterMs(1011, 200)).await;
+        let session = open_session(&fake, backoff_ms(10), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 3), 99).await;
+        assert!(events.contains(&SttEvent::Reconnected), "{events:?}");
+    }
+
+    #[tokio::test]
+    async fn the_connection_cap_is_crossed_seamlessly() {
+        // The service closes every connection 700 ms after it opens (10 minutes for the real
+        // one); audio paced at 4x real time spans several caps.
+        let fake = start_fake_with(|c| c.connection_cap_ms = 700).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_call(
+            session,
+            tone_bursts(8000, 2),
+            8000,
+            Duration::from_millis(5),
+        )
+        .await;
+        assert_eq!(
+            finals(&events)
+                .iter()
+                .map(|x| x.0.as_str())
+                .collect::<Vec<_>>(),
+            ["Apa khabar hari ini", "Saya mahu buat tempahan"],
+            "{events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| matches!(e, SttEvent::Failed(_))),
+            "{events:?}"
+        );
+        let st = fake.stats();
+        assert!(st.capped >= 1, "{st:?}");
+        assert_eq!(st.connections, st.capped + 1);
     }
 
     #[tokio::test]

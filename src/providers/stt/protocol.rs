@@ -742,7 +742,8 @@ mod tests {
         );
         // A header line without a colon is kept as a name with an empty value.
         let (h, body) =
-            parse_text_frame("Path: speech.endDetected\r\nX-Odd-Line\r\n:novalue\r\n\r\n{}").unwrap();
+            parse_text_frame("Path: speech.endDetected\r\nX-Odd-Line\r\n:novalue\r\n\r\n{}")
+                .unwrap();
         assert_eq!(h.get("X-Odd-Line"), Some(""));
         assert_eq!(h.get(":novalue"), Some(""));
         assert_eq!(body, "{}");

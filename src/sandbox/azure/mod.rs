@@ -69,6 +69,9 @@ pub enum AzureFault {
     RejectAuth,
     /// Close every connection with 1011 this many ms after it opens.
     CloseAfterMs(u64),
+    /// Close every connection with this close code this many ms after it opens (e.g. the
+    /// codes the SDK treats as fatal: 1002, 1003, 1007, 4000).
+    CloseWithAfterMs(u16, u64),
     /// Close a connection with 1011 after it has sent this many `Success` phrases.
     DropAfterPhrases(usize),
     /// Accept, read everything, never answer.
@@ -486,10 +489,12 @@ impl Connection {
 
     async fn run(&mut self, mut socket: ServerSocket) {
         let fault = self.sh.cfg.fault;
-        let close_at = match fault {
-            AzureFault::CloseAfterMs(ms) => Some(Instant::now() + Duration::from_millis(ms)),
-            _ => None,
+        let (close_at, close_with) = match fault {
+            AzureFault::CloseAfterMs(ms) => (Some(ms), close_code::ERROR),
+            AzureFault::CloseWithAfterMs(code, ms) => (Some(ms), code),
+            _ => (None, close_code::ERROR),
         };
+        let close_at = close_at.map(|ms| Instant::now() + Duration::from_millis(ms));
         let cap_at = Instant::now() + Duration::from_millis(self.sh.cfg.connection_cap_ms);
         let far = Instant::now() + Duration::from_secs(86_400);
         let mut idle_deadline = Instant::now() + IDLE_TIMEOUT;
@@ -497,7 +502,7 @@ impl Connection {
             let next_due = self.queue.front().map(|(t, _)| *t);
             tokio::select! {
                 _ = sleep_until(close_at.unwrap_or(far)), if close_at.is_some() => {
-                    close(&mut socket, close_code::ERROR, "injected fault: server error").await;
+                    close(&mut socket, close_with, "injected fault").await;
                     return;
                 }
                 _ = sleep_until(cap_at) => {
@@ -1179,7 +1184,7 @@ mod tests {
             ("audio before speech.config", vec![header(8000)], 1002),
             (
                 "missing X-RequestId",
-                vec![WsMessage::text("Path: speech.config\r\n\r\n{}")],
+                vec![WsMessage::text("Path: speech.context\r\n\r\n{}")],
                 1002,
             ),
             (
@@ -1200,6 +1205,26 @@ mod tests {
         ws.send(header(8000)).await.unwrap();
         assert_eq!(read_all(&mut ws).await.1, Some(1002));
         assert_eq!(fake.stats().violations.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn speech_config_without_a_request_id_is_accepted() {
+        // As the Python SDK sends it; the real service accepts it.
+        let fake = FakeAzure::spawn(cfg()).await.unwrap();
+        let mut ws = open(&fake, PATHS[0], "").await;
+        send_all(
+            &mut ws,
+            vec![
+                WsMessage::text("Path: speech.config\r\nContent-Type: application/json\r\n\r\n{}"),
+                wav_header_frame(8000),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (msgs, code) = read_all(&mut ws).await;
+        assert_eq!(code, None);
+        assert_eq!(msgs.last().map(|m| m.path.as_str()), Some("turn.end"));
+        assert!(fake.stats().violations.is_empty());
     }
 
     #[tokio::test]

@@ -270,7 +270,8 @@ mod tests {
         assert!(m.body.is_empty());
         assert_eq!(m.headers[0], ("Path".to_owned(), "telemetry".to_owned()));
         // The Python SDK sends speech.config without a request id; the service accepts it.
-        let m = read_text("Path: speech.config\r\nContent-Type: application/json\r\n\r\n{}").unwrap();
+        let m =
+            read_text("Path: speech.config\r\nContent-Type: application/json\r\n\r\n{}").unwrap();
         assert_eq!(m.request_id, None);
         assert!(matches!(
             read_text("Path: speech.context\r\n\r\n{}"),

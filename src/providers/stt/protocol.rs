@@ -8,7 +8,7 @@
 
 use std::time::SystemTime;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// `speech.config`: once per connection, before anything else.
 pub const PATH_SPEECH_CONFIG: &str = "speech.config";
@@ -465,6 +465,8 @@ pub fn ticks_to_samples(ticks: u64, sample_rate: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
+
+    use serde_json::json;
 
     use super::*;
 

@@ -686,7 +686,9 @@ impl Connection {
             self.sh.stats().late_audio += 1;
             return Ok(());
         }
-        if self.finished_ids.contains(&rid) {
+        // The SDK sends its telemetry under the turn's id right after turn.end.
+        let telemetry = msg.path.eq_ignore_ascii_case("telemetry");
+        if self.finished_ids.contains(&rid) && !telemetry {
             return Err(violation(
                 close_code::PROTOCOL,
                 format!("X-RequestId {rid} reused after turn.end"),

@@ -65,13 +65,17 @@ fn fake_config() -> FakeAzureConfig {
 
 /// One JSON line the script printed per SDK event.
 async fn run_sdk(fake: &FakeAzure) -> Vec<Value> {
+    run_sdk_on(fake, &fixture()).await
+}
+
+async fn run_sdk_on(fake: &FakeAzure, wav_path: &Path) -> Vec<Value> {
     require_sdk();
     let child = tokio::process::Command::new("node")
         .current_dir(sdk_dir())
         .arg("recognize.js")
         .arg(fake.url())
         .arg(KEY)
-        .arg(fixture())
+        .arg(wav_path)
         .arg(LANGUAGE)
         .arg(SEGMENTATION_MS.to_string())
         .stdout(Stdio::piped())
@@ -99,10 +103,16 @@ async fn run_sdk(fake: &FakeAzure) -> Vec<Value> {
 
 /// Our client, fed the same audio as fast as it takes it.
 async fn run_ours(fake: &FakeAzure) -> Vec<SttEvent> {
+    run_ours_on(fake, &fixture(), 1).await
+}
+
+/// Our client on `wav_path`; the caller stays on the line until `finals` finals arrived (as
+/// a caller does: the SDK's push stream, by contrast, ends when the file does).
+async fn run_ours_on(fake: &FakeAzure, wav_path: &Path, finals: usize) -> Vec<SttEvent> {
     let mut settings = Settings::defaults().stt;
     settings.endpoint = fake.url();
     let stt = AzureStt::new(&settings, Secret::new(Some(KEY.into()))).unwrap();
-    let audio = wav::read(&fixture()).unwrap();
+    let audio = wav::read(wav_path).unwrap();
     let SttSession {
         audio: tx,
         mut events,
@@ -118,15 +128,23 @@ async fn run_ours(fake: &FakeAzure) -> Vec<SttEvent> {
     for frame in audio.samples.chunks(audio.rate as usize / 50) {
         tx.send(frame.to_vec()).await.unwrap();
     }
-    drop(tx);
     let mut out = Vec::new();
+    let mut tx = Some(tx);
     timeout(GUARD, async {
         while let Some(ev) = events.recv().await {
             out.push(ev);
+            let seen = out
+                .iter()
+                .filter(|e| matches!(e, SttEvent::Final { .. }))
+                .count();
+            if seen >= finals {
+                tx = None;
+            }
         }
     })
     .await
     .expect("our client hung");
+    drop(tx);
     out
 }
 
@@ -175,9 +193,9 @@ fn header_shape(m: &RecordedMessage) -> Vec<String> {
         .map(|(name, value)| match name.to_ascii_lowercase().as_str() {
             "x-requestid" => {
                 let ok = value.len() == 32
-                    && value
-                        .chars()
-                        .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase() && c.is_ascii_hexdigit());
+                    && value.chars().all(|c| {
+                        c.is_ascii_digit() || c.is_ascii_uppercase() && c.is_ascii_hexdigit()
+                    });
                 format!("{name}: <{}>", if ok { "32 upper hex" } else { value })
             }
             "x-timestamp" => {
@@ -223,7 +241,11 @@ fn differences(sdk: &FakeAzureStats, ours: &FakeAzureStats) -> Vec<String> {
     // it (browsers cannot set headers; we never put the key in a URL), same custom headers.
     let (us, uo) = (&sdk.upgrades[0], &ours.upgrades[0]);
     differ("upgrade path".into(), us.path.clone(), uo.path.clone());
-    let copied = ["Ocp-Apim-Subscription-Key", "X-ConnectionId", "connectionId"];
+    let copied = [
+        "Ocp-Apim-Subscription-Key",
+        "X-ConnectionId",
+        "connectionId",
+    ];
     let query_shape = |q: &[(String, String)]| {
         format!(
             "{:?}",
@@ -232,14 +254,17 @@ fn differences(sdk: &FakeAzureStats, ours: &FakeAzureStats) -> Vec<String> {
                 .collect::<Vec<_>>()
         )
     };
-    differ("query".into(), query_shape(&us.query), query_shape(&uo.query));
+    differ(
+        "query".into(),
+        query_shape(&us.query),
+        query_shape(&uo.query),
+    );
     let custom_headers = |h: &[String]| {
         let mut names: Vec<&str> = h
             .iter()
             .map(String::as_str)
             .filter(|n| {
-                !n.starts_with("sec-websocket")
-                    && !["host", "connection", "upgrade"].contains(n)
+                !n.starts_with("sec-websocket") && !["host", "connection", "upgrade"].contains(n)
             })
             .collect();
         names.sort_unstable();
@@ -270,7 +295,11 @@ fn differences(sdk: &FakeAzureStats, ours: &FakeAzureStats) -> Vec<String> {
                 "{} {}{}",
                 m.path(),
                 if m.binary { "binary" } else { "text" },
-                if is_pcm { " (empty: end of stream)" } else { "" }
+                if is_pcm {
+                    " (empty: end of stream)"
+                } else {
+                    ""
+                }
             ));
         }
         out
@@ -384,4 +413,168 @@ async fn our_client_sends_what_the_sdk_sends_message_by_message() {
     // The SDK does send telemetry after turn.end: the one message we leave out on purpose.
     assert!(sdk.messages.iter().any(|m| m.path() == "telemetry"));
     assert!(!ours.messages.iter().any(|m| m.path() == "telemetry"));
+}
+
+/// The turn structure of a recording: per request id in order of appearance, the messages
+/// other than PCM (a run of PCM messages shows once), telemetry left out.
+fn turns(stats: &FakeAzureStats) -> Vec<Vec<String>> {
+    let mut ids: Vec<String> = Vec::new();
+    let mut out: Vec<Vec<String>> = Vec::new();
+    for m in client_messages(stats) {
+        let id = m.header("X-RequestId").unwrap_or_default().to_owned();
+        let turn = match ids.iter().position(|i| *i == id) {
+            Some(t) => t,
+            None => {
+                ids.push(id);
+                out.push(Vec::new());
+                ids.len() - 1
+            }
+        };
+        let shape = match (m.path(), m.header("Content-Type"), m.body.is_empty()) {
+            ("audio", None, false) => "PCM".to_owned(),
+            ("audio", None, true) => "end of stream".to_owned(),
+            (path, ct, _) => format!("{path} {}", ct.unwrap_or_default()),
+        };
+        if out[turn].last() != Some(&shape) {
+            out[turn].push(shape);
+        }
+    }
+    out
+}
+
+/// The service ends the turn after each phrase while audio still flows: the SDK goes on in a
+/// new turn on the same socket (new request id, `speech.context`, the WAV header, then the
+/// audio from the end of the last phrase), and so must we, with the same messages and the
+/// same place on the call's timeline for the next phrase.
+#[tokio::test]
+async fn a_turn_ended_mid_audio_goes_on_as_the_sdk_does() {
+    // Two phrases: the question, 3 s of silence, the question again, 1 s of silence. The SDK
+    // sends the first 5 s at once and the rest at twice real time, so the first phrase's
+    // turn.end comes while it is still sending.
+    let question = wav::read(&fixture()).unwrap();
+    let mut two = question.samples.clone();
+    two.extend(std::iter::repeat_n(0i16, 3 * 8000));
+    two.extend_from_slice(&question.samples);
+    two.extend(std::iter::repeat_n(0i16, 8000));
+    let path =
+        std::env::temp_dir().join(format!("sifucall-two-phrases-{}.wav", std::process::id()));
+    wav::write(&path, 8000, &two).unwrap();
+    let cut = || FakeAzureConfig {
+        fault: sifucall::sandbox::azure::AzureFault::TurnEndAfterPhrases(1),
+        ..fake_config()
+    };
+
+    let sdk_fake = FakeAzure::spawn(cut()).await.unwrap();
+    let sdk_events = run_sdk_on(&sdk_fake, &path).await;
+    let ours_fake = FakeAzure::spawn(cut()).await.unwrap();
+    let ours_events = run_ours_on(&ours_fake, &path, 2).await;
+    let _ = std::fs::remove_file(&path);
+
+    let sdk_finals: Vec<(String, u64)> = sdk_events
+        .iter()
+        .filter(|e| e["event"] == "recognized" && e["reason"] == "RecognizedSpeech")
+        .map(|e| {
+            (
+                e["text"].as_str().unwrap().to_owned(),
+                e["offset"].as_u64().unwrap() / 10_000,
+            )
+        })
+        .collect();
+    let our_finals: Vec<(String, u64)> = ours_events
+        .iter()
+        .filter_map(|e| match e {
+            SttEvent::Final {
+                text, offset_ms, ..
+            } => Some((text.clone(), *offset_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sdk_finals.len(), 2, "{sdk_events:#?}");
+    assert!(
+        !sdk_events
+            .iter()
+            .any(|e| e["event"] == "canceled" && e["reason"] != "EndOfStream"),
+        "{sdk_events:#?}"
+    );
+    // Same phrases. Ours sits exactly where it is in the audio (the fake's endpointer works
+    // in 20 ms blocks). The SDK's second offset is up to one of its 100 ms chunks late: its
+    // new turn starts with the chunk it had already read when turn.end came, then the replay
+    // (seen in its recording), so the service hears that chunk first.
+    assert_eq!(our_finals.len(), 2, "{ours_events:?}");
+    let question_ms = question.samples.len() as u64 / 8;
+    assert!(
+        our_finals[1]
+            .1
+            .abs_diff(our_finals[0].1 + question_ms + 3000)
+            <= 20,
+        "{our_finals:?}"
+    );
+    for (s, o) in sdk_finals.iter().zip(&our_finals) {
+        assert_eq!(s.0, o.0);
+        assert!(
+            s.1.abs_diff(o.1) <= 120,
+            "SDK {sdk_finals:?} ours {our_finals:?}"
+        );
+    }
+    assert!(
+        !ours_events
+            .iter()
+            .any(|e| matches!(e, SttEvent::Reconnected | SttEvent::Failed(_))),
+        "{ours_events:?}"
+    );
+
+    let (sdk, ours) = (sdk_fake.stats(), ours_fake.stats());
+    for st in [&sdk, &ours] {
+        assert_eq!(st.connections, 1, "no reconnect");
+        assert!(st.turns_cut >= 1, "{:?}", st.turns_cut);
+        assert!(st.violations.is_empty(), "{:?}", st.violations);
+    }
+    // The first two turns look the same on both sides (after that, whether the service cut
+    // the second turn too depends on how far the SDK's stream had got).
+    // Our second turn replays the audio from the end of the first phrase, contiguously.
+    let second_id = client_messages(&ours)
+        .iter()
+        .filter(|m| m.path() == "speech.context")
+        .nth(1)
+        .and_then(|m| m.header("X-RequestId"))
+        .unwrap()
+        .to_owned();
+    let replayed: Vec<u8> = client_messages(&ours)
+        .iter()
+        .filter(|m| {
+            m.path() == "audio"
+                && m.header("Content-Type").is_none()
+                && m.header("X-RequestId") == Some(&second_id)
+        })
+        .flat_map(|m| m.body.iter().copied())
+        .collect();
+    let first_end_ms = ours_events
+        .iter()
+        .find_map(|e| match e {
+            SttEvent::Final {
+                offset_ms,
+                duration_ms,
+                ..
+            } => Some(offset_ms + duration_ms),
+            _ => None,
+        })
+        .unwrap();
+    let file_bytes: Vec<u8> = two.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let from = usize::try_from(first_end_ms * 16).unwrap();
+    assert!(!replayed.is_empty());
+    assert!(
+        file_bytes[from..].starts_with(&replayed),
+        "turn 2 is the audio from {first_end_ms} ms on"
+    );
+    let (ts, to) = (turns(&sdk), turns(&ours));
+    assert_eq!(ts[..2], to[..2], "SDK {ts:#?}\nours {to:#?}");
+    assert_eq!(
+        ts[1],
+        [
+            "speech.context application/json",
+            "audio audio/x-wav",
+            "PCM"
+        ],
+        "{ts:#?}"
+    );
 }

@@ -706,13 +706,21 @@ impl Connection {
             }
             ("speech.context", false) => {
                 let v = json_body(&msg.body)?;
-                let seg = ["conversation", "interactive", "dictation"]
-                    .iter()
-                    .find_map(|mode| {
-                        v.pointer(&format!(
-                            "/phraseDetection/{mode}/segmentation/segmentationSilenceTimeoutMs"
-                        ))
-                        .and_then(Value::as_u64)
+                // The mode's section: `conversation` from the JavaScript SDK, `CONVERSATION`
+                // from the Python one; the service takes either.
+                let seg = v
+                    .get("phraseDetection")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| {
+                        ["conversation", "interactive", "dictation"]
+                            .iter()
+                            .any(|m| k.eq_ignore_ascii_case(m))
+                    })
+                    .find_map(|(_, mode)| {
+                        mode.pointer("/segmentation/segmentationSilenceTimeoutMs")
+                            .and_then(Value::as_u64)
                     });
                 if let Some(ms) = seg {
                     if !(100..=5000).contains(&ms) {
@@ -1210,6 +1218,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn python_sdk_spelling_of_the_mode_section() {
+        let fake = FakeAzure::spawn(cfg()).await.unwrap();
+        let mut ws = open(&fake, PATHS[0], "").await;
+        send_all(
+            &mut ws,
+            vec![
+                config_frame(),
+                text_frame(
+                    "speech.context",
+                    r#"{"phraseDetection":{"mode":"CONVERSATION","CONVERSATION":{"segmentation":{"mode":"Custom","segmentationSilenceTimeoutMs":700}}}}"#,
+                ),
+                wav_header_frame(8000),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        read_all(&mut ws).await;
+        assert_eq!(fake.stats().segmentation_silence_ms, vec![700]);
+    }
+
+    #[tokio::test]
     async fn speech_config_without_a_request_id_is_accepted() {
         // As the Python SDK sends it; the real service accepts it.
         let fake = FakeAzure::spawn(cfg()).await.unwrap();
@@ -1282,6 +1311,31 @@ mod tests {
             400
         );
         assert_eq!(fake.stats().rejected_auth, 4);
+        // The official JavaScript SDK copies the key into the URL: allowed when asked for.
+        let sdk_fake = FakeAzure::spawn(FakeAzureConfig {
+            key: Some("k1".into()),
+            allow_key_in_url: true,
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let base = format!("ws://{}{}?language=ms-MY", sdk_fake.addr, PATHS[0]);
+        assert_eq!(
+            status(
+                format!("{base}&Ocp-Apim-Subscription-Key=k1"),
+                Some(("Ocp-Apim-Subscription-Key", "k1"))
+            )
+            .await,
+            101
+        );
+        assert_eq!(
+            status(format!("{base}&Ocp-Apim-Subscription-Key=k1"), None).await,
+            101
+        );
+        assert_eq!(
+            status(format!("{base}&Ocp-Apim-Subscription-Key=k2"), None).await,
+            401
+        );
         // Without a configured key, anything goes except a key in the URL.
         let open_fake = FakeAzure::spawn(cfg()).await.unwrap();
         let base = format!("ws://{}{}?language=ms-MY", open_fake.addr, PATHS[0]);

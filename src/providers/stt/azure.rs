@@ -524,6 +524,10 @@ impl Driver {
                         Some(Ok(_)) => continue,
                     };
                     heard = true;
+                    if !protocol::is_for_turn(&text, &conn.request_id) {
+                        debug!(call_id = %self.cfg.params.call_id, "ignoring a message for another turn");
+                        continue;
+                    }
                     let m = match protocol::parse_service_message(&text) {
                         Ok(m) => m,
                         Err(e) => {

@@ -382,6 +382,15 @@ fn ticks(v: Option<&Value>) -> Option<u64> {
     }
 }
 
+/// Whether a service frame answers the turn `request_id`: its `X-RequestId` matches (in any
+/// case) or it has none. The SDK drops frames for any other turn.
+pub fn is_for_turn(text: &str, request_id: &str) -> bool {
+    parse_text_frame(text).map_or(true, |(h, _)| {
+        h.get("X-RequestId")
+            .is_none_or(|id| id.eq_ignore_ascii_case(request_id))
+    })
+}
+
 /// Parses a service text frame into a typed message.
 pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError> {
     let (headers, body) = parse_text_frame(text)?;
@@ -733,6 +742,15 @@ mod tests {
             parse_service_message(&svc("speech.startDetected", r#"{"Offset":"soon"}"#)),
             Ok(ServiceMessage::SpeechStartDetected { offset: 0 })
         );
+    }
+
+    #[test]
+    fn frames_of_other_turns() {
+        let m = svc("turn.end", "");
+        assert!(is_for_turn(&m, RID));
+        assert!(is_for_turn(&m, &RID.to_ascii_lowercase()));
+        assert!(!is_for_turn(&m, "0123456789ABCDEF0123456789ABCDEF"));
+        assert!(is_for_turn("Path: turn.end\r\n\r\n", RID));
     }
 
     #[test]

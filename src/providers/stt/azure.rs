@@ -62,6 +62,9 @@ pub struct AzureSttOptions {
     pub finish_timeout: Duration,
     /// Deadline for one websocket write.
     pub write_timeout: Duration,
+    /// A connection older than this is replaced right after a final phrase, while the caller
+    /// is quiet, so that the service's 10-minute connection cap does not fall mid-phrase.
+    pub rollover_after: Duration,
 }
 
 impl Default for AzureSttOptions {
@@ -75,6 +78,7 @@ impl Default for AzureSttOptions {
             max_replay_ms: 30_000,
             finish_timeout: Duration::from_secs(3),
             write_timeout: Duration::from_secs(5),
+            rollover_after: Duration::from_secs(570),
         }
     }
 }
@@ -339,6 +343,8 @@ enum ConnEnd {
     Finished,
     /// Lost; worth reconnecting.
     Lost(String),
+    /// Old enough to be replaced before the service's cap, and the caller is between phrases.
+    Rollover,
     /// The service refused us in a way retrying will not fix.
     Fatal(String),
     /// Nobody reads the events any more.
@@ -373,6 +379,10 @@ impl Driver {
                     return;
                 }
                 ConnEnd::Lost(r) => r,
+                ConnEnd::Rollover => {
+                    info!(%call_id, "replacing the speech connection before the service's cap");
+                    "planned rollover".to_owned()
+                }
             };
             if progressed {
                 failures = 0;
@@ -380,7 +390,9 @@ impl Driver {
             if !self.audio_open && self.rec.unacked_samples() == 0 && self.rec.pending.is_empty() {
                 return;
             }
-            warn!(%call_id, %reason, "speech connection lost; reconnecting");
+            if reason != "planned rollover" {
+                warn!(%call_id, %reason, "speech connection lost; reconnecting");
+            }
             conn = loop {
                 failures += 1;
                 if failures > self.cfg.opts.max_reconnects {
@@ -484,6 +496,7 @@ impl Driver {
         let mut progressed = false;
         let mut heard = false;
         let first_deadline = Instant::now() + self.cfg.opts.first_message_timeout;
+        let rollover_at = Instant::now() + self.cfg.opts.rollover_after;
         let mut finish_deadline = None;
         if !self.audio_open {
             if !self.finish_audio(conn) {
@@ -540,8 +553,12 @@ impl Driver {
                         Action::Progress => progressed = true,
                         Action::Emit(ev) => {
                             progressed = true;
+                            let final_phrase = matches!(ev, SttEvent::Final { .. });
                             if !self.emit(ev).await {
                                 return (ConnEnd::Abandoned, progressed);
+                            }
+                            if final_phrase && finish_deadline.is_none() && Instant::now() >= rollover_at {
+                                return (ConnEnd::Rollover, progressed);
                             }
                         }
                         Action::TurnEnded if finish_deadline.is_some() => {
@@ -1551,6 +1568,53 @@ mod tests {
         let st = fake.stats();
         assert!(st.capped >= 1, "{st:?}");
         assert_eq!(st.connections, st.capped + 1);
+    }
+
+    #[tokio::test]
+    async fn an_old_connection_is_replaced_between_phrases_before_the_cap() {
+        let fake = start_fake_with(|_| {}).await;
+        let opts = AzureSttOptions {
+            rollover_after: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let session = open_session(&fake, opts, 8000).await;
+        // At 4x real time the second final comes at least 1.3 s after the start.
+        let events = run_call(
+            session,
+            tone_bursts(8000, 3),
+            8000,
+            Duration::from_millis(5),
+        )
+        .await;
+        let f = finals(&events);
+        assert_eq!(
+            f.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            [
+                "Apa khabar hari ini",
+                "Saya mahu buat tempahan",
+                "Apa khabar hari ini"
+            ],
+            "{events:?}"
+        );
+        for (i, (_, offset, _)) in f.iter().enumerate() {
+            let start = 2000 * i as u64;
+            assert!((start..=start + 20).contains(offset), "{f:?}");
+        }
+        assert!(
+            !events.iter().any(|e| matches!(e, SttEvent::Failed(_))),
+            "{events:?}"
+        );
+        let st = fake.stats();
+        assert!(st.connections >= 2, "{st:?}");
+        assert_eq!(st.capped, 0);
+        // Each new connection began right after a phrase: only the silence since its end
+        // (under a second) is resent, never the phrase.
+        let resent = st.audio_bytes - 8000 * 6 * 2;
+        assert!(
+            resent < (st.connections as u64 - 1) * 16_000,
+            "{resent} bytes resent over {} connections",
+            st.connections
+        );
     }
 
     #[tokio::test]

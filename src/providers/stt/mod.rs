@@ -42,7 +42,8 @@ pub enum SttEvent {
         /// Length of the phrase, in ms.
         duration_ms: u64,
     },
-    /// The connection dropped and was re-established; unacknowledged audio was replayed.
+    /// The connection dropped (or was replaced before the service's 10-minute cap) and was
+    /// re-established; unacknowledged audio was replayed.
     Reconnected,
     /// Recognition failed for good (after retries); the call should apologise and go on
     /// without STT or end.

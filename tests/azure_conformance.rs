@@ -452,13 +452,7 @@ async fn a_turn_ended_mid_audio_goes_on_as_the_sdk_does() {
     // sends the first 5 s at once and the rest at twice real time, so the first phrase's
     // turn.end comes while it is still sending.
     let question = wav::read(&fixture()).unwrap();
-    let mut two = question.samples.clone();
-    two.extend(std::iter::repeat_n(0i16, 3 * 8000));
-    two.extend_from_slice(&question.samples);
-    two.extend(std::iter::repeat_n(0i16, 8000));
-    let path =
-        std::env::temp_dir().join(format!("sifucall-two-phrases-{}.wav", std::process::id()));
-    wav::write(&path, 8000, &two).unwrap();
+    let (path, two) = two_phrases("turn-end");
     let cut = || FakeAzureConfig {
         fault: sifucall::sandbox::azure::AzureFault::TurnEndAfterPhrases(1),
         ..fake_config()
@@ -577,4 +571,83 @@ async fn a_turn_ended_mid_audio_goes_on_as_the_sdk_does() {
         ],
         "{ts:#?}"
     );
+}
+
+/// The question, 3 s of silence, the question again, 1 s of silence, in a temporary WAV file.
+fn two_phrases(tag: &str) -> (PathBuf, Vec<i16>) {
+    let question = wav::read(&fixture()).unwrap();
+    let mut two = question.samples.clone();
+    two.extend(std::iter::repeat_n(0i16, 3 * 8000));
+    two.extend_from_slice(&question.samples);
+    two.extend(std::iter::repeat_n(0i16, 8000));
+    let path = std::env::temp_dir().join(format!(
+        "sifucall-two-phrases-{tag}-{}.wav",
+        std::process::id()
+    ));
+    wav::write(&path, 8000, &two).unwrap();
+    (path, two)
+}
+
+/// The fake's scripted outcomes read as the SDK reads the real service's: a numeric
+/// `NoMatch` is the SDK's NoMatch result, `speech.fragment`s are its partials.
+#[tokio::test]
+async fn the_sdk_reads_the_fakes_scripted_statuses_and_fragments() {
+    let (path, _) = two_phrases("statuses");
+    let fake = FakeAzure::spawn(FakeAzureConfig {
+        phrase_statuses: vec!["NoMatch".into()],
+        status_as_number: true,
+        fragments: true,
+        ..fake_config()
+    })
+    .await
+    .unwrap();
+    let events = run_sdk_on(&fake, &path).await;
+    let _ = std::fs::remove_file(&path);
+    let recognised: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["event"] == "recognized")
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap(),
+                e["text"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        recognised,
+        [("NoMatch", ""), ("RecognizedSpeech", TRANSCRIPT)],
+        "{events:#?}"
+    );
+    assert!(events.iter().any(|e| e["event"] == "recognizing"));
+    let st = fake.stats();
+    assert!(st.violations.is_empty(), "{:?}", st.violations);
+    assert_eq!(st.connections, 1);
+}
+
+/// The service closes the connection at its cap (code 1000): the SDK reconnects, replays and
+/// goes on, so the fake's cap is one the SDK copes with. The SDK sends the first 5 s of a
+/// connection at once and the rest at twice real time, so the 13.75 s file takes it at least
+/// 3.9 s: a 3.5 s cap falls during the second phrase, and the next connection has time to
+/// finish it.
+#[tokio::test]
+async fn the_sdk_crosses_the_fakes_connection_cap() {
+    let (path, _) = two_phrases("cap");
+    let fake = FakeAzure::spawn(FakeAzureConfig {
+        connection_cap_ms: 3500,
+        ..fake_config()
+    })
+    .await
+    .unwrap();
+    let events = run_sdk_on(&fake, &path).await;
+    let _ = std::fs::remove_file(&path);
+    let recognised: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "recognized" && e["reason"] == "RecognizedSpeech")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(recognised, [TRANSCRIPT, TRANSCRIPT], "{events:#?}");
+    let st = fake.stats();
+    assert!(st.capped >= 1, "{st:?}");
+    assert!(st.connections >= 2);
+    assert!(st.violations.is_empty(), "{:?}", st.violations);
 }

@@ -108,6 +108,10 @@ pub struct FakeAzureConfig {
     pub final_delay_ms: u64,
     /// A `speech.hypothesis` per this many ms of speech (0 disables them).
     pub hypothesis_every_ms: u64,
+    /// When the caller pauses, send the whole phrase as a hypothesis (as the real service's
+    /// last hypothesis usually is), ahead of the final by the segmentation silence plus
+    /// `final_delay_ms`: what lets a reply start on the hypothesis.
+    pub complete_hypothesis_at_pause: bool,
     /// Fault injection.
     pub fault: AzureFault,
     /// The `RecognitionStatus` of each detected phrase, in order across the fake's life
@@ -141,6 +145,7 @@ impl Default for FakeAzureConfig {
             transcripts: vec!["Helo, apa khabar?".into(), "Terima kasih.".into()],
             final_delay_ms: 150,
             hypothesis_every_ms: 200,
+            complete_hypothesis_at_pause: true,
             fault: AzureFault::None,
             phrase_statuses: Vec::new(),
             status_as_number: false,
@@ -888,6 +893,13 @@ impl Connection {
             (Some(sp), false) if end - sp.last_voiced_end >= seg_ms * rate / 1000 => {
                 ended = Some((sp.start, sp.last_voiced_end - sp.start, sp.last_voiced_at));
                 turn.speech = None;
+            }
+            (Some(sp), false)
+                if hyp_ms > 0
+                    && self.sh.cfg.complete_hypothesis_at_pause
+                    && end - sp.last_voiced_end == block.len() as u64 =>
+            {
+                hypothesis = Some((sp.start, sp.last_voiced_end - sp.start, usize::MAX));
             }
             _ => {}
         }

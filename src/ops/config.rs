@@ -310,7 +310,8 @@ pub struct LlmSettings {
     /// OpenRouter `reasoning.exclude`: the model still thinks, but its reasoning is not
     /// streamed (then nothing but keep-alive comments arrives while it thinks).
     pub reasoning_exclude: bool,
-    /// OpenRouter `reasoning.max_tokens`; 0 leaves it unset. Not together with an effort.
+    /// OpenRouter `reasoning.max_tokens`; 0 leaves it unset. When set it replaces the effort
+    /// (OpenRouter takes one of the two).
     #[serde(deserialize_with = "strict::uint")]
     pub reasoning_max_tokens: u32,
 }
@@ -908,11 +909,6 @@ impl Settings {
                     "{:?} is not one of {:?}",
                     l.reasoning_effort, REASONING_EFFORTS
                 ),
-            );
-        } else if !l.reasoning_effort.is_empty() && l.reasoning_max_tokens > 0 {
-            p.bad(
-                "llm.reasoning_effort",
-                "set either llm.reasoning_effort or llm.reasoning_max_tokens, not both (OpenRouter takes one)",
             );
         }
         if t.provider != "elevenlabs" {

@@ -504,7 +504,7 @@ impl OpenRouter {
                 temperature: settings.temperature,
                 first_token,
                 stall: Duration::from_millis(settings.stall_timeout_ms),
-                reasoning: reasoning_settings(settings)?,
+                reasoning: reasoning_settings(settings),
             }),
         })
     }
@@ -617,17 +617,13 @@ impl Inner {
     }
 }
 
-/// OpenRouter's `reasoning` object from the settings: `effort` or `max_tokens` (one of them),
-/// `exclude` when set; `None` when nothing is set (the provider's default).
-fn reasoning_settings(settings: &LlmSettings) -> Result<Option<Value>, LlmError> {
+/// OpenRouter's `reasoning` object from the settings: `max_tokens` if set, else `effort`
+/// (OpenRouter takes one of the two), `exclude` when set; `None` when nothing is set (the
+/// provider's default).
+fn reasoning_settings(settings: &LlmSettings) -> Option<Value> {
     let effort = settings.reasoning_effort.trim();
     let mut obj = serde_json::Map::new();
-    if !effort.is_empty() {
-        if settings.reasoning_max_tokens > 0 {
-            return Err(LlmError::Config(
-                "set either llm.reasoning_effort or llm.reasoning_max_tokens, not both".into(),
-            ));
-        }
+    if !effort.is_empty() && settings.reasoning_max_tokens == 0 {
         obj.insert("effort".into(), Value::from(effort));
     }
     if settings.reasoning_max_tokens > 0 {
@@ -639,7 +635,7 @@ fn reasoning_settings(settings: &LlmSettings) -> Result<Option<Value>, LlmError>
     if settings.reasoning_exclude {
         obj.insert("exclude".into(), Value::Bool(true));
     }
-    Ok((!obj.is_empty()).then_some(Value::Object(obj)))
+    (!obj.is_empty()).then_some(Value::Object(obj))
 }
 
 async fn read_capped(resp: &mut reqwest::Response) -> Vec<u8> {
@@ -1612,32 +1608,18 @@ mod tests {
     #[test]
     fn reasoning_settings_become_the_request_object() {
         let mut s = settings("http://127.0.0.1:1/api/v1".into());
-        assert_eq!(reasoning_settings(&s).unwrap(), None, "nothing set: omitted");
+        assert_eq!(reasoning_settings(&s), None, "nothing set: omitted");
         s.reasoning_effort = "minimal".into();
         assert_eq!(
-            reasoning_settings(&s).unwrap(),
+            reasoning_settings(&s),
             Some(json!({"effort": "minimal"}))
         );
         s.reasoning_max_tokens = 64;
-        assert!(matches!(reasoning_settings(&s), Err(LlmError::Config(_))));
-        s.reasoning_effort.clear();
         s.reasoning_exclude = true;
         assert_eq!(
-            reasoning_settings(&s).unwrap(),
-            Some(json!({"max_tokens": 64, "exclude": true}))
-        );
-        assert!(
-            matches!(
-                OpenRouter::new(
-                    &LlmSettings {
-                        reasoning_effort: "low".into(),
-                        ..s
-                    },
-                    Secret::new(Some(KEY.into()))
-                ),
-                Err(LlmError::Config(_))
-            ),
-            "effort and max_tokens together are refused"
+            reasoning_settings(&s),
+            Some(json!({"max_tokens": 64, "exclude": true})),
+            "a token budget replaces the effort"
         );
     }
 }

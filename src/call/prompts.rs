@@ -155,6 +155,7 @@ pub async fn synthesize_text(
     while let Some(out) = stream.audio.recv().await {
         match out {
             TtsOutput::Audio(a) => pcm.extend(a),
+            TtsOutput::Alignment { .. } => {}
             TtsOutput::Done => break,
             TtsOutput::Failed(e) => return Err(e),
         }

@@ -829,12 +829,17 @@ impl Generator {
         }
         let timings = char_timings(text);
         let per_chunk = samples_for_ms(self.chunk_ms, rate).max(1);
+        let chunks = samples.len().div_ceil(per_chunk);
         for (k, chunk) in samples.chunks(per_chunk).enumerate() {
+            // Times in each message are relative to that message's audio, as the service
+            // sends them; a character belongs to the message its start falls in (trailing
+            // zero-length spaces to the last one).
             let start_ms = k as u64 * self.chunk_ms;
             let end_ms = start_ms + self.chunk_ms;
+            let last = k + 1 == chunks;
             let in_chunk: Vec<&(char, u64, u64)> = timings
                 .iter()
-                .filter(|(_, s, _)| *s >= start_ms && *s < end_ms)
+                .filter(|(_, s, _)| *s >= start_ms && (*s < end_ms || last))
                 .collect();
             let alignment = if in_chunk.is_empty() {
                 Value::Null
@@ -842,7 +847,7 @@ impl Generator {
                 json!({
                     "chars": in_chunk.iter().map(|(c, _, _)| c.to_string()).collect::<Vec<_>>(),
                     "charStartTimesMs": in_chunk.iter().map(|(_, s, _)| s - start_ms).collect::<Vec<_>>(),
-                    "charsDurationsMs": in_chunk.iter().map(|(_, _, d)| *d).collect::<Vec<_>>(),
+                    "charDurationsMs": in_chunk.iter().map(|(_, _, d)| *d).collect::<Vec<_>>(),
                 })
             };
             let audio = base64::engine::general_purpose::STANDARD.encode(self.format.encode(chunk));

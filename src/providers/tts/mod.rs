@@ -32,6 +32,21 @@ pub enum TtsInput {
 pub enum TtsOutput {
     /// i16 PCM at the requested rate, whole samples only.
     Audio(Vec<i16>),
+    /// Which characters the audio so far speaks, and when: sent right after the
+    /// [`TtsOutput::Audio`] chunk it belongs to, on transports that report it (the websocket;
+    /// HTTP `/stream` does not, so a consumer falls back to proportions of the text). The three
+    /// lists have the same length; times are ms from the start of this stream's audio (the
+    /// first sample of the first `Audio`), so a playout position maps straight to the text the
+    /// listener has heard: every character with `start_ms < heard_ms`.
+    Alignment {
+        /// The characters, spaces and punctuation included, as the service reported them
+        /// (each normally one `char`).
+        chars: Vec<String>,
+        /// When each starts, ms from the start of the stream's audio.
+        start_ms: Vec<u32>,
+        /// How long each lasts, ms.
+        duration_ms: Vec<u32>,
+    },
     /// Everything was generated.
     Done,
     /// Synthesis failed part-way.

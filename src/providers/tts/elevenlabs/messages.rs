@@ -54,8 +54,13 @@ pub(super) fn keepalive_message() -> String {
 /// One server message, decoded.
 #[derive(Debug, PartialEq)]
 pub(super) enum ServerEvent {
-    /// Audio bytes in the output format, and whether this was also the final message.
-    Audio { bytes: Vec<u8>, is_final: bool },
+    /// Audio bytes in the output format, the characters they speak (if reported) and whether
+    /// this was also the final message.
+    Audio {
+        bytes: Vec<u8>,
+        alignment: Option<CharTimes>,
+        is_final: bool,
+    },
     /// `{"isFinal":true}` without audio.
     Final,
     /// Nothing for us (e.g. an alignment-only message).
@@ -64,10 +69,54 @@ pub(super) enum ServerEvent {
     Error(String),
 }
 
+/// Character timings of one audio message, relative to the start of that message's audio
+/// (the service's `alignment` / `normalizedAlignment`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct CharTimes {
+    pub chars: Vec<String>,
+    pub start_ms: Vec<u32>,
+    pub duration_ms: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawAlignment {
+    #[serde(default)]
+    chars: Vec<String>,
+    #[serde(default, rename = "charStartTimesMs")]
+    start: Vec<f64>,
+    #[serde(default, rename = "charDurationsMs")]
+    duration: Vec<f64>,
+}
+
+impl RawAlignment {
+    /// `None` unless the three lists are there, as long as each other and not empty.
+    fn into_times(self) -> Option<CharTimes> {
+        let n = self.chars.len();
+        if n == 0 || self.start.len() != n || self.duration.len() != n {
+            return None;
+        }
+        let ms = |v: Vec<f64>| -> Vec<u32> {
+            // Saturating float-to-int casts: a negative or absurd time cannot wrap.
+            v.into_iter().map(|x| x.round().max(0.0) as u32).collect()
+        };
+        Some(CharTimes {
+            chars: self.chars,
+            start_ms: ms(self.start),
+            duration_ms: ms(self.duration),
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct RawServerMessage {
     #[serde(default)]
     audio: Option<String>,
+    /// The input characters; preferred, as it is the text we sent (the normalised form spells
+    /// out numbers and the like).
+    #[serde(default)]
+    alignment: Option<serde_json::Value>,
+    #[serde(default, rename = "normalizedAlignment")]
+    normalized_alignment: Option<serde_json::Value>,
     #[serde(default, rename = "isFinal", alias = "is_final")]
     is_final: Option<bool>,
     #[serde(default)]
@@ -100,9 +149,19 @@ pub(super) fn parse_server_message(text: &str) -> ServerEvent {
         return ServerEvent::Error(msg);
     }
     let is_final = raw.is_final == Some(true);
+    // A malformed alignment is dropped, not fatal: the audio is what matters.
+    let times = |v: Option<serde_json::Value>| {
+        v.and_then(|v| serde_json::from_value::<RawAlignment>(v).ok())
+            .and_then(RawAlignment::into_times)
+    };
+    let alignment = times(raw.alignment).or_else(|| times(raw.normalized_alignment));
     match raw.audio.filter(|a| !a.is_empty()) {
         Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()) {
-            Ok(bytes) => ServerEvent::Audio { bytes, is_final },
+            Ok(bytes) => ServerEvent::Audio {
+                bytes,
+                alignment,
+                is_final,
+            },
             Err(e) => ServerEvent::Error(format!("bad base64 audio from ElevenLabs: {e}")),
         },
         None if is_final => ServerEvent::Final,
@@ -227,22 +286,53 @@ mod tests {
     fn server_messages_parse() {
         let b64 = base64::engine::general_purpose::STANDARD.encode([1u8, 2, 3]);
         let full = format!(
-            r#"{{"audio":"{b64}","isFinal":null,"normalizedAlignment":{{"chars":["H"],"charStartTimesMs":[0],"charsDurationsMs":[3]}},"alignment":null}}"#
+            r#"{{"audio":"{b64}","isFinal":null,"normalizedAlignment":{{"chars":["H","i"],"charStartTimesMs":[0,3],"charDurationsMs":[3,5]}},"alignment":null}}"#
         );
+        let hi = CharTimes {
+            chars: vec!["H".into(), "i".into()],
+            start_ms: vec![0, 3],
+            duration_ms: vec![3, 5],
+        };
         assert_eq!(
             parse_server_message(&full),
             ServerEvent::Audio {
                 bytes: vec![1, 2, 3],
+                alignment: Some(hi.clone()),
                 is_final: false
-            }
+            },
+            "normalizedAlignment when alignment is null"
+        );
+        let both = format!(
+            r#"{{"audio":"{b64}","normalizedAlignment":{{"chars":["x"],"charStartTimesMs":[9],"charDurationsMs":[9]}},"alignment":{{"chars":["H","i"],"charStartTimesMs":[0,3.4],"charDurationsMs":[3,4.6]}}}}"#
         );
         assert_eq!(
-            parse_server_message(&format!(r#"{{"audio":"{b64}"}}"#)),
+            parse_server_message(&both),
             ServerEvent::Audio {
                 bytes: vec![1, 2, 3],
+                alignment: Some(hi),
                 is_final: false
-            }
+            },
+            "alignment (the input text) is preferred; fractional ms round"
         );
+        // The misspelling `charsDurationsMs` is not the service's: no durations, no alignment.
+        let misspelt = format!(
+            r#"{{"audio":"{b64}","alignment":{{"chars":["H"],"charStartTimesMs":[0],"charsDurationsMs":[3]}}}}"#
+        );
+        let ragged = format!(
+            r#"{{"audio":"{b64}","alignment":{{"chars":["H","i"],"charStartTimesMs":[0],"charDurationsMs":[3,4]}}}}"#
+        );
+        let garbage = format!(r#"{{"audio":"{b64}","alignment":{{"chars":"Hi"}}}}"#);
+        for m in [format!(r#"{{"audio":"{b64}"}}"#), misspelt, ragged, garbage] {
+            assert_eq!(
+                parse_server_message(&m),
+                ServerEvent::Audio {
+                    bytes: vec![1, 2, 3],
+                    alignment: None,
+                    is_final: false
+                },
+                "{m}"
+            );
+        }
         assert_eq!(
             parse_server_message(r#"{"isFinal":true}"#),
             ServerEvent::Final

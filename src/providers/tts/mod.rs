@@ -73,6 +73,8 @@ pub enum TtsError {
         status: u16,
         /// `detail.status` / `detail.message` as the service gave them.
         message: String,
+        /// The wait the service asked for (`Retry-After`), if any.
+        retry_after_ms: Option<u64>,
     },
     /// Connection-level failure.
     #[error("TTS transport error: {0}")]
@@ -83,6 +85,14 @@ pub enum TtsError {
     /// Nothing came back in time.
     #[error("TTS timed out after {0} ms")]
     Timeout(u64),
+}
+
+impl TtsError {
+    /// Whether the service refused for load (429: too many concurrent requests, or busy):
+    /// worth retrying after a wait.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Status { status: 429, .. })
+    }
 }
 
 /// A text-to-speech provider.

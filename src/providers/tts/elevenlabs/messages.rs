@@ -242,7 +242,17 @@ pub(super) fn parse_error_body(status: u16, body: &[u8]) -> TtsError {
             }
         }
     };
-    TtsError::Status { status, message }
+    TtsError::Status {
+        status,
+        message,
+        retry_after_ms: None,
+    }
+}
+
+/// A `Retry-After` given in seconds (the HTTP-date form is not worth honouring here).
+pub(super) fn retry_after_ms(value: Option<&str>) -> Option<u64> {
+    let secs: f64 = value?.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0).round() as u64)
 }
 
 /// The JSON body of an HTTP `/stream` request.
@@ -371,7 +381,10 @@ mod tests {
     #[test]
     fn error_bodies_parse_in_both_shapes() {
         let body = br#"{"detail":{"status":"quota_exceeded","message":"This request exceeds your quota of 10000."}}"#;
-        let TtsError::Status { status, message } = parse_error_body(401, body) else {
+        let TtsError::Status {
+            status, message, ..
+        } = parse_error_body(401, body)
+        else {
             panic!()
         };
         assert_eq!(status, 401);
@@ -381,7 +394,10 @@ mod tests {
         );
         let body =
             br#"{"detail":[{"loc":["body","text"],"msg":"Field required","type":"missing"}]}"#;
-        let TtsError::Status { status, message } = parse_error_body(422, body) else {
+        let TtsError::Status {
+            status, message, ..
+        } = parse_error_body(422, body)
+        else {
             panic!()
         };
         assert_eq!(
@@ -397,6 +413,15 @@ mod tests {
             panic!()
         };
         assert_eq!(message, "no body");
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        assert_eq!(retry_after_ms(Some("2")), Some(2_000));
+        assert_eq!(retry_after_ms(Some(" 0.5 ")), Some(500));
+        assert_eq!(retry_after_ms(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        assert_eq!(retry_after_ms(Some("-1")), None);
+        assert_eq!(retry_after_ms(None), None);
     }
 
     #[test]

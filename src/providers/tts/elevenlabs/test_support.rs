@@ -37,6 +37,7 @@ pub(crate) fn fast() -> FakeElevenLabsConfig {
         realtime_factor: 50.0,
         chunk_ms: 100,
         fault: TtsFault::None,
+        max_concurrent: 0,
     }
 }
 

@@ -17,7 +17,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::messages::{
     CHUNK_LENGTH_SCHEDULE, CharTimes, ServerEvent, close_message, flush_message, init_message,
-    keepalive_message, parse_error_body, parse_server_message, text_message,
+    keepalive_message, parse_error_body, parse_server_message, retry_after_ms, text_message,
 };
 use super::{
     DEFAULT_CONNECT_TIMEOUT, ElevenLabs, duration_ms, endpoint_url, output_format_for, spawn_driver,
@@ -111,7 +111,20 @@ fn upgrade_error(e: tungstenite::Error) -> TtsError {
     match e {
         tungstenite::Error::Http(resp) => {
             let body = resp.body().as_deref().unwrap_or_default();
-            parse_error_body(resp.status().as_u16(), body)
+            match parse_error_body(resp.status().as_u16(), body) {
+                TtsError::Status {
+                    status, message, ..
+                } => TtsError::Status {
+                    status,
+                    message,
+                    retry_after_ms: retry_after_ms(
+                        resp.headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()),
+                    ),
+                },
+                other => other,
+            }
         }
         other => TtsError::Transport(format!("websocket connect: {other}")),
     }
@@ -508,6 +521,7 @@ mod tests {
             Err(TtsError::Status {
                 status: 401,
                 message,
+                ..
             }) => assert!(message.contains("invalid_api_key"), "{message}"),
             other => panic!("expected 401, got {other:?}"),
         }

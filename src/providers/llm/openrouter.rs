@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -579,6 +579,8 @@ impl Inner {
                 .post(&self.chat_url)
                 .header(AUTHORIZATION, self.auth.clone())
                 .header(CONTENT_TYPE, "application/json")
+                // As the official SDK sends it, even for a stream.
+                .header(ACCEPT, "application/json")
                 .header("HTTP-Referer", APP_REFERER)
                 .header("X-OpenRouter-Title", APP_TITLE)
                 .body(body.clone())

@@ -137,7 +137,14 @@ async fn our_client_sends_what_the_sdk_sends() {
         };
         assert_eq!(kind(mine), kind(value), "`{key}`: {value} vs ours {mine}");
     }
-    for key in ["model", "messages", "stream", "tools", "tool_choice", "max_tokens"] {
+    for key in [
+        "model",
+        "messages",
+        "stream",
+        "tools",
+        "tool_choice",
+        "max_tokens",
+    ] {
         assert_eq!(theirs[key], ours[key], "`{key}`");
     }
     // What we add beyond the SDK is OpenRouter's own: its reasoning object.
@@ -159,7 +166,10 @@ async fn our_client_sends_what_the_sdk_sends() {
     for (name, value) in headers[1].iter() {
         if name != "authorization" {
             assert!(
-                !value.as_bytes().windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+                !value
+                    .as_bytes()
+                    .windows(KEY.len())
+                    .any(|w| w == KEY.as_bytes()),
                 "the key leaks into {name}"
             );
         }

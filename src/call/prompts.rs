@@ -151,8 +151,15 @@ impl PromptCache {
 
     async fn preload_one(&self, kind: PromptKind, rate: u32) {
         match self.synthesize(kind, rate).await {
-            Ok(pcm) => info!(?kind, rate, ms = pcm.len() as u64 * 1000 / u64::from(rate), "prompt cached"),
-            Err(e) => warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use"),
+            Ok(pcm) => info!(
+                ?kind,
+                rate,
+                ms = pcm.len() as u64 * 1000 / u64::from(rate),
+                "prompt cached"
+            ),
+            Err(e) => {
+                warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use")
+            }
         }
     }
 
@@ -330,7 +337,10 @@ mod tests {
         tokio::time::timeout(GUARD, cache.preload(&[8_000, 16_000]))
             .await
             .expect("hang guard");
-        assert!(srv.stats().busy_rejections() >= 4, "the plan's limit was hit");
+        assert!(
+            srv.stats().busy_rejections() >= 4,
+            "the plan's limit was hit"
+        );
         assert_eq!(all_cached(&cache).await, 6);
     }
 

@@ -454,7 +454,9 @@ fn validate(req: &Value) -> Result<(), String> {
             return Err("`reasoning.max_tokens` must be a positive integer".into());
         }
         if r.contains_key("effort") && r.contains_key("max_tokens") {
-            return Err("Only one of `reasoning.effort` and `reasoning.max_tokens` may be set".into());
+            return Err(
+                "Only one of `reasoning.effort` and `reasoning.max_tokens` may be set".into(),
+            );
         }
         for flag in ["exclude", "enabled"] {
             if r.get(flag).is_some_and(|v| !v.is_boolean()) {

@@ -57,7 +57,6 @@ pub(crate) async fn run(script: &str, args: &[String]) -> Value {
         "{script} {args:?} failed ({}):\n{stderr}\n{stdout}",
         out.status
     );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!("{script} printed no JSON ({e}):\n{stdout}\n{stderr}")
-    })
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}):\n{stdout}\n{stderr}"))
 }

@@ -1578,7 +1578,13 @@ mod tests {
             "no deadline fired: {events:?}"
         );
         assert!(
-            matches!(events.iter().rev().nth(1), Some(Ok(LlmEvent::Usage { completion_tokens: 13, .. }))),
+            matches!(
+                events.iter().rev().nth(1),
+                Some(Ok(LlmEvent::Usage {
+                    completion_tokens: 13,
+                    ..
+                }))
+            ),
             "usage counts the reasoning tokens: {events:?}"
         );
         assert_eq!(srv.request_count(), 1, "no retry");
@@ -1612,10 +1618,7 @@ mod tests {
         let mut s = settings("http://127.0.0.1:1/api/v1".into());
         assert_eq!(reasoning_settings(&s), None, "nothing set: omitted");
         s.reasoning_effort = "minimal".into();
-        assert_eq!(
-            reasoning_settings(&s),
-            Some(json!({"effort": "minimal"}))
-        );
+        assert_eq!(reasoning_settings(&s), Some(json!({"effort": "minimal"})));
         s.reasoning_max_tokens = 64;
         s.reasoning_exclude = true;
         assert_eq!(

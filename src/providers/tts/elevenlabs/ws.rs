@@ -242,11 +242,7 @@ impl WsDriver {
 
     /// Hands out one message's audio, then its alignment moved from the message's own time
     /// base to the stream's (the audio handed out before it).
-    async fn emit(
-        &mut self,
-        samples: Vec<i16>,
-        alignment: Option<CharTimes>,
-    ) -> Result<(), WsEnd> {
+    async fn emit(&mut self, samples: Vec<i16>, alignment: Option<CharTimes>) -> Result<(), WsEnd> {
         let offset_ms = self.samples_out * 1000 / u64::from(self.rate.max(1));
         if !samples.is_empty() {
             self.samples_out += samples.len() as u64;
@@ -489,7 +485,10 @@ mod tests {
         let (_srv, el) = start(fast(), TtsTransport::Websocket, OutputFormat::Pcm8000, KEY).await;
         // Two clauses: two generations, each of several messages whose alignment times
         // restart at 0 (relative to the message's audio).
-        let clauses = ["Selamat pagi, terima kasih.", "Ada apa yang boleh saya bantu?"];
+        let clauses = [
+            "Selamat pagi, terima kasih.",
+            "Ada apa yang boleh saya bantu?",
+        ];
         let mut stream = open_and_send(&el, 8_000, &clauses, true).await;
         let (pcm, chunks, timings, end) = collect_aligned(&mut stream.audio).await;
         assert_eq!(end, Some(TtsOutput::Done));
@@ -503,7 +502,10 @@ mod tests {
             expected_start += duration;
         }
         let audio_ms = u32::try_from(pcm.len() / 8).unwrap();
-        assert_eq!(expected_start, audio_ms, "the alignment covers all the audio");
+        assert_eq!(
+            expected_start, audio_ms,
+            "the alignment covers all the audio"
+        );
         let p = spoken.find("pagi").unwrap();
         assert_eq!(timings[p].1, 7 * 65, "\"pagi\" starts after \"Selamat \"");
     }

@@ -13,6 +13,11 @@
 //! Formats: `pcm_8000|16000|22050|24000|32000|44100|48000` (s16le) and `ulaw_8000`/`alaw_8000`
 //! (ITU G.711). MP3 and Opus are not implemented by the fake: they get a 422
 //! `unsupported_output_format` error.
+//!
+//! Websocket audio messages carry `alignment`/`normalizedAlignment` (`chars`,
+//! `charStartTimesMs`, `charDurationsMs`, relative to the message's audio) exact for the
+//! synthesized audio. The fake records what each websocket client sent, for comparing our
+//! client with the official SDK, and can enforce a plan's concurrency limit (429).
 
 use std::collections::{HashMap, VecDeque};
 

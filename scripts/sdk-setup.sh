@@ -10,13 +10,21 @@ cd "$(dirname "$0")/.."
 py_dir=tests/sdk/python
 py_venv="$py_dir/.venv"
 py_stamp="$py_venv/.requirements"
-python=""
-for p in python3.12 python3.11 python3.10 python3; do
-  if command -v "$p" >/dev/null && "$p" -c 'import sys, venv; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
-    python="$p"
-    break
-  fi
-done
+find_python() {
+  for p in python3.12 python3.11 python3.10 python3; do
+    if command -v "$p" >/dev/null && "$p" -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+      echo "$p"
+      return
+    fi
+  done
+}
+python="$(find_python)"
+if [ -z "$python" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "sdk-setup: installing python3 and python3-venv"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null ||
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null; } || true
+  python="$(find_python)"
+fi
 if [ -z "$python" ]; then
   echo "sdk-setup: Python >= 3.9 with the venv module is required (Debian: apt-get install python3 python3-venv)" >&2
   exit 1

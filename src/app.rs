@@ -96,6 +96,7 @@ pub async fn behaviour(
                 greeting: a.greeting.clone(),
                 apology: a.apology.clone(),
                 hold: a.hold_prompt.clone(),
+                still_there: a.still_there_prompt.clone(),
             };
             let prompts = Arc::new(PromptCache::new(texts.clone(), Arc::clone(&tts)));
             // Cache the phrases before taking calls, so the first caller hears the greeting in
@@ -126,6 +127,18 @@ pub async fn behaviour(
                     max_tokens: usize::try_from(a.history_max_tokens).unwrap_or(usize::MAX),
                 },
                 pipeline: a.pipeline,
+                still_there_after: (a.still_there_after_secs > 0)
+                    .then(|| Duration::from_secs(a.still_there_after_secs)),
+                speculate_after: (a.speculate_after_ms > 0)
+                    .then(|| Duration::from_millis(a.speculate_after_ms)),
+                speculative_max: u32::try_from(a.speculative_max_per_call).unwrap_or(u32::MAX),
+                backchannels: a
+                    .backchannels
+                    .iter()
+                    .map(|b| crate::call::machine::normalise(b))
+                    .filter(|b| !b.is_empty())
+                    .collect(),
+                resume_after: Duration::from_millis(a.resume_after_ms),
             };
             let providers = Providers {
                 stt: Arc::new(stt),

@@ -72,6 +72,7 @@ fn agent(stt: Arc<dyn SttProvider>, tts: Arc<dyn TtsProvider>) -> Behaviour {
         greeting: "Selamat datang.".into(),
         apology: "Maaf.".into(),
         hold: "Sebentar.".into(),
+        still_there: String::new(),
     };
     Behaviour::Agent(Arc::new(AgentSetup {
         providers: Providers {
@@ -91,6 +92,11 @@ fn agent(stt: Arc<dyn SttProvider>, tts: Arc<dyn TtsProvider>) -> Behaviour {
             idle_hangup: Some(Duration::from_secs(60)),
             history: HistoryBudget::default(),
             pipeline: Pipeline::Streamed,
+            still_there_after: None,
+            speculate_after: None,
+            speculative_max: 20,
+            backchannels: Vec::new(),
+            resume_after: Duration::from_millis(1200),
         }),
     }))
 }

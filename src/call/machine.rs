@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::dtmf::DtmfCollector;
 use super::hangup::{Hangup, HangupReason};
-use super::history::{EntryId, History, HistoryBudget, Speaker};
+use super::history::{EntryId, History, HistoryBudget, Speaker, estimate_tokens};
 use super::playout::{FRAME, FrameKind, Playout, PlayoutEvent, Progress, UtteranceId};
 use super::prompts::{PromptKind, PromptTexts};
 use super::turn::{TurnConfig, TurnDetector, TurnEvent};
@@ -47,6 +47,12 @@ const ECHO_REFERENCE_FRAMES: usize = 16;
 const SILENT_DB: f64 = -120.0;
 /// Caller audio held while the recogniser connects (10 s at 20 ms).
 const STT_BACKLOG_FRAMES: usize = 500;
+/// If the VAD never hears the caller stop after an interruption, resume this much later.
+const RESUME_FALLBACK: Duration = Duration::from_secs(2);
+/// Speech samples kept for rewinding at a resume (at 16 kHz, 500 ms).
+const RECENT_SENT_SAMPLES: usize = 8_000;
+/// After "are you still there?", wait at least this long for an answer before hanging up.
+const MIN_IDLE_AFTER_ASKING: Duration = Duration::from_secs(5);
 /// Retry a failed speech-to-text connection after this long.
 const STT_RETRY: Duration = Duration::from_secs(2);
 
@@ -87,6 +93,35 @@ pub struct AgentConfig {
     pub history: HistoryBudget,
     /// Streamed or sequential replies.
     pub pipeline: Pipeline,
+    /// Ask "are you still there?" after this much silence (before the idle hang-up).
+    pub still_there_after: Option<Duration>,
+    /// Start the reply on a hypothesis that has been stable, with the caller silent, this
+    /// long (`None`: wait for the final).
+    pub speculate_after: Option<Duration>,
+    /// Speculative requests allowed per call.
+    pub speculative_max: u32,
+    /// Listening noises ("ya", "hmm"), normalised: said alone while the agent talks, they
+    /// are not a turn.
+    pub backchannels: Vec<String>,
+    /// After an interruption with no words, resume this long after the caller stopped.
+    pub resume_after: Duration,
+}
+
+/// Lower case, letters and digits only, single spaces: how transcripts are compared.
+pub fn normalise(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect::<String>()
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What the call does.
@@ -215,6 +250,23 @@ pub struct AgentReport {
     pub barge_ins: u32,
     /// When the VAD decided each barge-in, ms since the call started.
     pub barge_in_ms: Vec<u64>,
+    /// Interruptions that carried no words, after which the agent went on.
+    pub resumes: u32,
+    /// Replies started on a hypothesis before the final.
+    pub speculative: Speculation,
+}
+
+/// Replies started on Azure's hypothesis before its final.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Speculation {
+    /// Requests started on a hypothesis.
+    pub started: u32,
+    /// ... whose hypothesis the final confirmed (the reply went on, time saved).
+    pub used: u32,
+    /// ... thrown away (the final differed, or the caller went on talking).
+    pub wasted: u32,
+    /// Estimated tokens of the wasted requests (prompt and what had streamed).
+    pub wasted_tokens: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +275,7 @@ enum SpokenKind {
     Reply,
     Apology,
     Hold,
+    StillThere,
 }
 
 /// An utterance as the conversation knows it; the playout knows how far it got.
@@ -230,8 +283,26 @@ enum SpokenKind {
 struct Spoken {
     kind: SpokenKind,
     text: String,
+    /// All samples queued for it, across a pause and resume.
     samples: usize,
+    /// Samples the caller heard before this utterance id (it resumes an interrupted one).
+    heard_before: usize,
     entry: Option<EntryId>,
+}
+
+/// An utterance stopped by an interruption that may turn out to carry no words.
+#[derive(Debug)]
+struct Paused {
+    utterance: UtteranceId,
+    /// Samples of it heard before the interruption (from its very start).
+    heard: usize,
+    /// Audio to play if it resumes: a little before the cut, then everything unsent (and
+    /// whatever the reply streams meanwhile).
+    rest: Vec<i16>,
+    /// Where `rest` starts, in samples from the utterance's start.
+    rest_from: usize,
+    /// Resume then, unless the caller's words arrive first (`None` while they talk).
+    resume_at: Option<Instant>,
 }
 
 /// The reply in flight.
@@ -249,6 +320,12 @@ struct Reply {
     done: bool,
     end_call: bool,
     hold_played: bool,
+    /// Started on this (normalised) hypothesis and not confirmed yet: its audio is held.
+    speculative: Option<String>,
+    held: Vec<i16>,
+    /// Estimated prompt tokens, and characters streamed, for the waste count.
+    prompt_tokens: u64,
+    text_chars: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -276,6 +353,12 @@ struct Agent {
     apology_after_greeting: bool,
     last_speech_end: Option<Instant>,
     last_activity: Instant,
+    still_there_asked: bool,
+    /// The latest hypothesis (as said) and since when it has stood unchanged.
+    hypothesis: Option<(String, Instant)>,
+    /// The normalised hypothesis a reply was last started on (not again for the same).
+    speculated: Option<String>,
+    paused: Option<Paused>,
 }
 
 #[derive(Debug, Default)]
@@ -308,6 +391,10 @@ pub struct CallMachine {
     other_rate_frames: u64,
     /// Levels of the frames sent over the echo path's reach, newest last.
     sent_levels: VecDeque<f64>,
+    /// The last speech samples sent (for resuming a little before an interruption).
+    recent_sent: VecDeque<i16>,
+    /// Set while a barge-in flushes: the utterance being heard pauses instead of ending.
+    pausing: bool,
 }
 
 impl std::fmt::Debug for CallMachine {
@@ -343,6 +430,8 @@ impl CallMachine {
             dtmf_digits: String::new(),
             other_rate_frames: 0,
             sent_levels: VecDeque::with_capacity(ECHO_REFERENCE_FRAMES),
+            recent_sent: VecDeque::new(),
+            pausing: false,
         }
     }
 
@@ -383,7 +472,7 @@ impl CallMachine {
         let mut t = [
             Some(frame),
             self.hangup.deadline(),
-            self.idle_deadline(),
+            self.idle_deadline().map(|(at, _)| at),
             self.inbound_deadline(),
         ]
         .into_iter()
@@ -397,6 +486,8 @@ impl CallMachine {
                     _ => None,
                 },
                 self.reply_silence_deadline(),
+                self.speculate_deadline(),
+                a.paused.as_ref().and_then(|p| p.resume_at),
             ];
             t = t.into_iter().chain(agent.into_iter().flatten()).min();
         }
@@ -580,6 +671,10 @@ impl CallMachine {
             apology_after_greeting: false,
             last_speech_end: None,
             last_activity: now,
+            still_there_asked: false,
+            hypothesis: None,
+            speculated: None,
+            paused: None,
             cfg: Arc::clone(&cfg),
         });
         if greeting {
@@ -633,17 +728,31 @@ impl CallMachine {
             TurnEvent::SpeechStarted { .. } => {
                 debug!(caller_db = level, "caller speaking");
                 a.last_activity = now;
+                a.still_there_asked = false;
+                if let Some(p) = a.paused.as_mut() {
+                    // Never resume over the caller: wait for them to stop again.
+                    p.resume_at = None;
+                }
+                // The caller goes on: a reply started on their last hypothesis is premature.
+                if a.reply.as_ref().is_some_and(|r| r.speculative.is_some()) {
+                    self.abandon_speculation("the caller went on talking");
+                }
             }
             TurnEvent::SpeechEnded { at } => {
                 debug!("caller stopped speaking");
                 a.last_speech_end = Some(at);
                 a.last_activity = now;
+                let resume_after = a.cfg.resume_after;
+                if let Some(p) = a.paused.as_mut() {
+                    p.resume_at = Some(at + resume_after);
+                }
             }
             TurnEvent::BargeIn { at } => {
                 if self.hangup.is_final() {
                     return;
                 }
                 a.last_activity = now;
+                a.still_there_asked = false;
                 info!(
                     at_ms = self.ms(at),
                     "barge-in: caller talked over the agent; stopping playout"
@@ -652,7 +761,11 @@ impl CallMachine {
                 self.report.barge_ins += 1;
                 self.report.barge_in_ms.push(self.ms(at));
                 self.hangup = self.hangup.on_caller_turn();
+                // The utterance being heard pauses: if the interruption brings no words
+                // (a cough, "mm"), the agent goes on instead of leaving silence.
+                self.pausing = true;
                 self.flush(now);
+                self.pausing = false;
             }
         }
     }
@@ -705,7 +818,18 @@ impl CallMachine {
     fn on_stt(&mut self, ev: SttEvent, now: Instant) {
         match ev {
             SttEvent::SpeechStarted => {}
-            SttEvent::Partial(text) => debug!(%text, "partial transcript"),
+            SttEvent::Partial(text) => {
+                debug!(%text, "partial transcript");
+                if let Some(a) = self.agent.as_mut() {
+                    let changed = a
+                        .hypothesis
+                        .as_ref()
+                        .is_none_or(|(h, _)| normalise(h) != normalise(&text));
+                    if changed {
+                        a.hypothesis = Some((text, now));
+                    }
+                }
+            }
             SttEvent::Reconnected => info!("speech-to-text reconnected"),
             SttEvent::Failed(e) => self.on_stt_down(&e, now),
             SttEvent::Final { text, .. } => self.on_final(text.trim(), now),
@@ -713,19 +837,51 @@ impl CallMachine {
     }
 
     fn on_final(&mut self, text: &str, now: Instant) {
-        let Some(a) = self.agent.as_ref() else {
+        let Some(a) = self.agent.as_mut() else {
             return;
         };
-        if text.is_empty() {
+        a.hypothesis = None;
+        let words = normalise(text);
+        let backchannel = words.is_empty() || a.cfg.backchannels.contains(&words);
+        if a.paused.is_some() && backchannel {
+            if !words.is_empty() {
+                self.note_caller(text, now);
+            }
+            info!(%text, "the interruption carried no words; resuming");
+            self.resume(now);
+            return;
+        }
+        if words.is_empty() {
             return;
         }
         if a.vad.is_some() && a.turns.looks_like_echo(now) {
             info!(%text, "transcript while the agent was talking (or just after) with no caller voice detected: treated as line echo, ignored");
             return;
         }
+        let agent_talking = self.playout.as_ref().is_some_and(Playout::is_speaking);
+        if backchannel && agent_talking {
+            info!(%text, "listening noise while the agent talks; going on");
+            self.note_caller(text, now);
+            return;
+        }
+        if self.confirm_speculation(&words, text, now) {
+            return;
+        }
         info!(%text, "caller said");
+        let Some(a) = self.agent.as_ref() else {
+            return;
+        };
         let speech_end = a.last_speech_end.unwrap_or(now);
         let speech_end_ms = a.last_speech_end.map(|t| self.ms(t));
+        self.note_caller(text, now);
+        if let Some(a) = self.agent.as_mut() {
+            a.last_speech_end = None;
+        }
+        self.start_reply(text.to_owned(), now, speech_end, speech_end_ms);
+    }
+
+    /// A caller line for the transcript.
+    fn note_caller(&mut self, text: &str, now: Instant) {
         let at_ms = self.ms(now);
         self.report.transcript.push(TranscriptEntry {
             role: Role::Caller,
@@ -734,10 +890,185 @@ impl CallMachine {
             interrupted: false,
         });
         if let Some(a) = self.agent.as_mut() {
-            a.last_speech_end = None;
             a.last_activity = now;
+            a.still_there_asked = false;
         }
-        self.start_reply(text.to_owned(), now, speech_end, speech_end_ms);
+    }
+
+    // ---- speculation ------------------------------------------------------------------
+
+    /// When to start the reply on the hypothesis: it has stood unchanged and the caller has
+    /// been silent for `speculate_after`, nothing else is going on, and the cap allows.
+    fn speculate_deadline(&self) -> Option<Instant> {
+        let a = self.agent.as_ref()?;
+        let after = a.cfg.speculate_after?;
+        let (hyp, since) = a.hypothesis.as_ref()?;
+        let speech_end = a.last_speech_end?;
+        let busy = a.reply.is_some()
+            || a.paused.is_some()
+            || a.turns.caller_speaking()
+            || a.stt != Stt::Up
+            || !self.hangup.is_none()
+            || self.report.speculative.started >= a.cfg.speculative_max;
+        if busy || a.speculated.as_deref() == Some(normalise(hyp).as_str()) {
+            return None;
+        }
+        Some((*since).max(speech_end) + after)
+    }
+
+    fn speculate(&mut self, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some((hyp, _)) = a.hypothesis.clone() else {
+            return;
+        };
+        let words = normalise(&hyp);
+        if words.is_empty() {
+            a.speculated = Some(words);
+            return;
+        }
+        a.speculated = Some(words.clone());
+        let speech_end = a.last_speech_end.unwrap_or(now);
+        let speech_end_ms = a.last_speech_end.map(|t| self.ms(t));
+        debug!(%hyp, "starting the reply on the stable hypothesis");
+        self.report.speculative.started += 1;
+        self.metrics.llm_speculative("started", 0);
+        self.start_reply(hyp, now, speech_end, speech_end_ms);
+        if let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) {
+            r.speculative = Some(words);
+            if let Some(t) = self.report.turns.get_mut(r.turn) {
+                t.stt_final_ms = None;
+            }
+        }
+    }
+
+    /// The final matches the hypothesis a reply was started on: the reply goes on (its
+    /// held audio plays now). Returns whether it did.
+    fn confirm_speculation(&mut self, words: &str, text: &str, now: Instant) -> bool {
+        let Some(a) = self.agent.as_mut() else {
+            return false;
+        };
+        let Some(r) = a.reply.as_mut() else {
+            return false;
+        };
+        match r.speculative.as_deref() {
+            None => return false,
+            Some(spec) if spec != words => {
+                self.abandon_speculation("the final differs from the hypothesis");
+                return false;
+            }
+            Some(_) => {}
+        }
+        info!(%text, "caller said (the reply started on the hypothesis goes on)");
+        r.speculative = None;
+        a.history.set_text(r.user_entry, text);
+        r.user_text = text.to_owned();
+        let (u, turn, done, end_call) = (r.utterance, r.turn, r.done, r.end_call);
+        let held = std::mem::take(&mut r.held);
+        a.last_speech_end = None;
+        self.report.speculative.used += 1;
+        self.metrics.llm_speculative("used", 0);
+        let ms = self.ms(now);
+        if let Some(t) = self.report.turns.get_mut(turn) {
+            t.stt_final_ms = Some(ms);
+        }
+        self.note_caller(text, now);
+        if let Some(p) = self.playout.as_mut() {
+            if !held.is_empty() {
+                p.push(u, &held);
+            }
+            if done {
+                p.finish(u);
+            }
+        }
+        if done && end_call {
+            self.hangup = Hangup::after(u, HangupReason::Goodbye);
+        }
+        self.drain_playout_events(now);
+        true
+    }
+
+    /// Throws away a reply started on a hypothesis, as if it had never been.
+    fn abandon_speculation(&mut self, why: &str) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(r) = a.reply.take_if(|r| r.speculative.is_some()) else {
+            return;
+        };
+        debug!(why, "speculative reply abandoned");
+        self.effects.push_back(Effect::CancelReply(r.id));
+        a.history.remove(r.user_entry);
+        if let Some(e) = a.utterances.remove(&r.utterance).and_then(|s| s.entry) {
+            a.history.remove(e);
+        }
+        let tokens = r.prompt_tokens + r.text_chars.div_ceil(4);
+        self.report.speculative.wasted += 1;
+        self.report.speculative.wasted_tokens += tokens;
+        self.metrics.llm_speculative("wasted", tokens);
+    }
+
+    // ---- interruptions that carry no words ----------------------------------------------
+
+    /// Goes on with the paused utterance from a little before where it was cut.
+    fn resume(&mut self, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(p) = a.paused.take() else {
+            return;
+        };
+        let Some(mut spoken) = a.utterances.remove(&p.utterance) else {
+            return;
+        };
+        self.next_utterance += 1;
+        let u = UtteranceId(self.next_utterance);
+        spoken.heard_before = p.rest_from;
+        let is_reply = a.reply.as_ref().is_some_and(|r| r.utterance == p.utterance);
+        let (finished, goodbye) = match a.reply.as_mut().filter(|_| is_reply) {
+            Some(r) => {
+                r.utterance = u;
+                (r.done, r.done && r.end_call)
+            }
+            None => (true, false),
+        };
+        a.utterances.insert(u, spoken);
+        self.report.resumes += 1;
+        if let Some(pl) = self.playout.as_mut() {
+            pl.push(u, &p.rest);
+            if finished {
+                pl.finish(u);
+            }
+        }
+        if goodbye {
+            self.hangup = Hangup::after(u, HangupReason::Goodbye);
+        }
+        self.drain_playout_events(now);
+    }
+
+    /// The interruption was a real turn: the paused utterance ends where it was cut.
+    fn abandon_pause(&mut self) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(p) = a.paused.take() else {
+            return;
+        };
+        let before = a.utterances.get(&p.utterance).map_or(0, |s| s.heard_before);
+        let progress = Progress {
+            utterance: p.utterance,
+            sent_samples: p.heard.saturating_sub(before),
+            dropped_samples: p.rest.len().max(1),
+            input_finished: false,
+            flushed: true,
+        };
+        let at = self
+            .playout
+            .as_ref()
+            .and_then(Playout::last_speech_end)
+            .unwrap_or(self.started);
+        self.on_ended(progress, at);
     }
 
     // ---- replies ----------------------------------------------------------------------
@@ -755,6 +1086,8 @@ impl CallMachine {
             debug!("the call is ending; turn ignored");
             return;
         }
+        self.abandon_speculation("a new turn");
+        self.abandon_pause();
         self.hangup = self.hangup.on_caller_turn();
         let stt_final_ms = Some(self.ms(now));
         let Some(a) = self.agent.as_mut() else {
@@ -795,6 +1128,10 @@ impl CallMachine {
         let cfg = Arc::clone(&a.cfg);
         let user_entry = a.history.push(Speaker::Caller, text.clone());
         let messages = a.history.for_model(&cfg.system_prompt, cfg.history);
+        let prompt_tokens = messages
+            .iter()
+            .map(|m| estimate_tokens(&m.content) as u64)
+            .sum();
         self.next_utterance += 1;
         let utterance = UtteranceId(self.next_utterance);
         let entry = a.history.push(Speaker::Agent, "");
@@ -804,6 +1141,7 @@ impl CallMachine {
                 kind: SpokenKind::Reply,
                 text: String::new(),
                 samples: 0,
+                heard_before: 0,
                 entry: Some(entry),
             },
         );
@@ -826,6 +1164,10 @@ impl CallMachine {
             done: false,
             end_call: false,
             hold_played: false,
+            speculative: None,
+            held: Vec::new(),
+            prompt_tokens,
+            text_chars: 0,
         });
         let rate = self.rate.map_or(8_000, SampleRate::hz);
         self.effects.push_back(Effect::StartReply {
@@ -853,6 +1195,10 @@ impl CallMachine {
             return;
         };
         let turn = r.turn;
+        // Audio of a reply not yet confirmed (speculative) or paused by an interruption
+        // waits outside the playout.
+        let paused = a.paused.as_mut().filter(|p| p.utterance == r.utterance);
+        let held = r.speculative.is_some() || paused.is_some();
         match ev {
             ReplyEvent::FirstToken => {
                 r.first_token = true;
@@ -861,6 +1207,7 @@ impl CallMachine {
                 }
             }
             ReplyEvent::Text(clause) => {
+                r.text_chars += clause.chars().count() as u64;
                 let u = r.utterance;
                 if let Some(s) = a.utterances.get_mut(&u) {
                     s.text.push_str(&clause);
@@ -883,7 +1230,11 @@ impl CallMachine {
                 if let Some(s) = a.utterances.get_mut(&u) {
                     s.samples += samples.len();
                 }
-                if let Some(p) = self.playout.as_mut() {
+                if let Some(p) = paused {
+                    p.rest.extend_from_slice(&samples);
+                } else if r.speculative.is_some() {
+                    r.held.extend_from_slice(&samples);
+                } else if let Some(p) = self.playout.as_mut() {
                     p.push(u, &samples);
                 }
             }
@@ -901,6 +1252,7 @@ impl CallMachine {
                     *self.report.llm_cost.get_or_insert(0.0) += c;
                 }
             }
+            ReplyEvent::Done if held => r.done = true,
             ReplyEvent::Done => {
                 r.done = true;
                 let u = r.utterance;
@@ -911,8 +1263,21 @@ impl CallMachine {
                     p.finish(u);
                 }
             }
+            ReplyEvent::Failed { .. } if r.speculative.is_some() => {
+                // The final will start the reply again.
+                self.abandon_speculation("it failed");
+            }
             ReplyEvent::Failed { provider, error } => {
                 warn!(?provider, %error, "reply failed");
+                if held {
+                    self.abandon_pause();
+                }
+                let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) else {
+                    self.provider_failed(provider, classify(&error), &error);
+                    self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+                    self.drain_playout_events(now);
+                    return;
+                };
                 r.done = true;
                 r.end_call = false;
                 let u = r.utterance;
@@ -1007,7 +1372,9 @@ impl CallMachine {
                         warn!(?kind, %error, "prompt unavailable");
                         self.cannot_speak(now);
                     }
-                    PromptKind::Hold => warn!(%error, "hold phrase unavailable"),
+                    PromptKind::Hold | PromptKind::StillThere => {
+                        warn!(?kind, %error, "prompt unavailable")
+                    }
                 }
                 return;
             }
@@ -1024,6 +1391,7 @@ impl CallMachine {
             PromptKind::Greeting => SpokenKind::Greeting,
             PromptKind::Apology => SpokenKind::Apology,
             PromptKind::Hold => SpokenKind::Hold,
+            PromptKind::StillThere => SpokenKind::StillThere,
         };
         let entry =
             (spoken != SpokenKind::Hold).then(|| a.history.push(Speaker::Agent, text.clone()));
@@ -1035,6 +1403,7 @@ impl CallMachine {
                 kind: spoken,
                 text,
                 samples: pcm.len(),
+                heard_before: 0,
                 entry,
             },
         );
@@ -1061,6 +1430,8 @@ impl CallMachine {
         self.report
             .errors
             .push("tts: agent could not speak; call handed back to the dialplan".into());
+        self.abandon_speculation("the call is ending");
+        self.abandon_pause();
         if let Some(id) = self
             .agent
             .as_mut()
@@ -1120,6 +1491,9 @@ impl CallMachine {
     /// An utterance is over: record what the caller heard.
     fn on_ended(&mut self, p: Progress, ends_at: Instant) {
         let interrupted = p.interrupted();
+        if self.pausing && interrupted && p.sent_samples > 0 && self.pause(p, ends_at) {
+            return;
+        }
         self.hangup = self
             .hangup
             .on_utterance_ended(p.utterance, interrupted, ends_at);
@@ -1137,7 +1511,7 @@ impl CallMachine {
             return;
         };
         let heard = if interrupted {
-            heard_prefix(&u.text, p.sent_samples, u.samples.max(1))
+            heard_prefix(&u.text, u.heard_before + p.sent_samples, u.samples.max(1))
         } else {
             u.text.trim().to_owned()
         };
@@ -1158,6 +1532,51 @@ impl CallMachine {
                 interrupted,
             });
         }
+    }
+
+    /// Keeps the utterance being heard for a possible resume. Returns whether it paused.
+    fn pause(&mut self, p: Progress, at: Instant) -> bool {
+        let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
+        let unsent = self
+            .playout
+            .as_mut()
+            .and_then(Playout::take_flushed_front)
+            .filter(|(u, _)| *u == p.utterance)
+            .map(|(_, pcm)| pcm)
+            .unwrap_or_default();
+        let Some(a) = self.agent.as_mut() else {
+            return false;
+        };
+        if a.paused.is_some() {
+            return false;
+        }
+        let Some(spoken) = a.utterances.get(&p.utterance) else {
+            return false;
+        };
+        if spoken.kind == SpokenKind::Hold {
+            return false;
+        }
+        // Go back over what the caller talked over before the barge-in was decided.
+        let talked_over = a.cfg.turn.barge_in_min_speech + Duration::from_millis(100);
+        let rewind = (rate * talked_over.as_millis() as usize / 1000)
+            .min(p.sent_samples)
+            .min(self.recent_sent.len());
+        let heard = spoken.heard_before + p.sent_samples;
+        let mut rest: Vec<i16> = self
+            .recent_sent
+            .iter()
+            .skip(self.recent_sent.len() - rewind)
+            .copied()
+            .collect();
+        rest.extend(unsent);
+        a.paused = Some(Paused {
+            utterance: p.utterance,
+            heard,
+            rest,
+            rest_from: heard - rewind,
+            resume_at: Some(at + a.cfg.resume_after + RESUME_FALLBACK),
+        });
+        true
     }
 
     fn update_agent_speaking(&mut self, now: Instant) {
@@ -1189,10 +1608,33 @@ impl CallMachine {
             return;
         }
         self.echo_idle_check(now);
-        if self.idle_deadline().is_some_and(|d| now >= d) {
-            info!("nobody has spoken for the idle limit; hanging up");
-            self.end_idle(now);
-            return;
+        if let Some((_, ask)) = self.idle_deadline().filter(|(at, _)| now >= *at) {
+            if ask {
+                info!("nobody has spoken for a while; asking whether the caller is still there");
+                if let Some(a) = self.agent.as_mut() {
+                    a.still_there_asked = true;
+                    a.last_activity = now;
+                }
+                self.effects
+                    .push_back(Effect::Prompt(PromptKind::StillThere));
+            } else {
+                info!("nobody has spoken for the idle limit; hanging up");
+                self.end_idle(now);
+                return;
+            }
+        }
+        if self
+            .agent
+            .as_ref()
+            .and_then(|a| a.paused.as_ref())
+            .and_then(|p| p.resume_at)
+            .is_some_and(|at| now >= at)
+        {
+            info!("no words came after the interruption; resuming");
+            self.resume(now);
+        }
+        if self.speculate_deadline().is_some_and(|d| now >= d) {
+            self.speculate(now);
         }
         let Some(a) = self.agent.as_mut() else {
             return;
@@ -1246,6 +1688,11 @@ impl CallMachine {
                 FrameKind::Silence => SILENT_DB,
             };
             self.sent_levels.push_back(level);
+            if tick.kind == FrameKind::Speech {
+                self.recent_sent.extend(tick.pcm.iter().copied());
+                let excess = self.recent_sent.len().saturating_sub(RECENT_SENT_SAMPLES);
+                self.recent_sent.drain(..excess);
+            }
         }
         self.effects.push_back(Effect::Frame {
             rate,
@@ -1256,6 +1703,8 @@ impl CallMachine {
     }
 
     fn end_idle(&mut self, now: Instant) {
+        self.abandon_speculation("the call is ending");
+        self.abandon_pause();
         if let Some(id) = self
             .agent
             .as_mut()
@@ -1268,14 +1717,14 @@ impl CallMachine {
         self.hangup = Hangup::soon(last, now, HangupReason::Idle);
     }
 
-    /// When the call counts as abandoned: nobody has spoken for the idle limit (counted from
-    /// the end of the agent's audio as the caller heard it), and the agent is neither
-    /// thinking nor talking.
-    fn idle_deadline(&self) -> Option<Instant> {
+    /// When nobody has spoken for long enough (counted from the end of the agent's audio as
+    /// the caller heard it) and the agent is neither thinking nor talking: first the "are you
+    /// still there?" question (`true`), then the idle hang-up (`false`).
+    fn idle_deadline(&self) -> Option<(Instant, bool)> {
         let a = self.agent.as_ref()?;
-        let idle = a.cfg.idle_hangup?;
         let p = self.playout.as_ref()?;
         let busy = a.reply.is_some()
+            || a.paused.is_some()
             || !self.hangup.is_none()
             || a.turns.caller_speaking()
             || !p.is_idle()
@@ -1286,7 +1735,17 @@ impl CallMachine {
         let since = p
             .last_speech_end()
             .map_or(a.last_activity, |e| e.max(a.last_activity));
-        Some(since + idle)
+        let idle = a.cfg.idle_hangup;
+        match (a.cfg.still_there_after, a.still_there_asked, idle) {
+            (Some(ask), false, None) => Some((since + ask, true)),
+            (Some(ask), false, Some(idle)) if ask < idle => Some((since + ask, true)),
+            (Some(ask), true, Some(idle)) => Some((
+                since + idle.saturating_sub(ask).max(MIN_IDLE_AFTER_ASKING),
+                false,
+            )),
+            (_, _, Some(idle)) => Some((since + idle, false)),
+            (_, _, None) => None,
+        }
     }
 
     /// A peer that sends nothing at all (no audio, no keypad) for the idle limit is gone,
@@ -1325,6 +1784,8 @@ impl CallMachine {
             return;
         }
         info!("daemon shutting down: hanging up");
+        self.abandon_speculation("the call is ending");
+        self.abandon_pause();
         if let Some(id) = self
             .agent
             .as_mut()

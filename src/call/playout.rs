@@ -150,6 +150,7 @@ pub struct Playout {
     max_queued: usize,
     last_speech_end: Option<Instant>,
     stats: PlayoutStats,
+    flushed_front: Option<(UtteranceId, Vec<i16>)>,
 }
 
 impl Playout {
@@ -168,6 +169,7 @@ impl Playout {
             max_queued: rate.hz() as usize * 300,
             last_speech_end: None,
             stats: PlayoutStats::default(),
+            flushed_front: None,
         }
     }
 
@@ -260,6 +262,11 @@ impl Playout {
     /// utterance ends with an [`PlayoutEvent::Ended`] saying how far it got; `now` is when
     /// the caller stops hearing it (the frame in flight still plays).
     pub fn flush(&mut self, now: Instant) {
+        self.flushed_front = self
+            .utterances
+            .front()
+            .filter(|u| u.started)
+            .map(|u| (u.id, self.samples.drain(..u.queued).collect()));
         self.samples.clear();
         let ends_at = self.last_speech_end.map_or(now, |e| e.max(now));
         for u in self.utterances.drain(..) {
@@ -274,6 +281,12 @@ impl Playout {
                 ends_at: if u.started { ends_at } else { now },
             });
         }
+    }
+
+    /// The unsent samples of the utterance that was playing at the last flush (once), so
+    /// an interrupted utterance can go on if the interruption turns out to be nothing.
+    pub fn take_flushed_front(&mut self) -> Option<(UtteranceId, Vec<i16>)> {
+        self.flushed_front.take()
     }
 
     /// Whether audio is queued or an utterance is open and has started playing (the caller

@@ -23,6 +23,8 @@ pub enum PromptKind {
     Apology,
     /// `agent.hold_prompt`
     Hold,
+    /// `agent.still_there_prompt`
+    StillThere,
 }
 
 /// The texts of the phrases.
@@ -34,6 +36,8 @@ pub struct PromptTexts {
     pub apology: String,
     /// Said when a reply is slow to start.
     pub hold: String,
+    /// Said when the caller has been silent for a while, before the idle hang-up.
+    pub still_there: String,
 }
 
 impl PromptTexts {
@@ -43,6 +47,7 @@ impl PromptTexts {
             PromptKind::Greeting => &self.greeting,
             PromptKind::Apology => &self.apology,
             PromptKind::Hold => &self.hold,
+            PromptKind::StillThere => &self.still_there,
         }
     }
 }
@@ -138,8 +143,13 @@ impl PromptCache {
         let jobs: Vec<(PromptKind, u32)> = rates
             .iter()
             .flat_map(|&rate| {
-                [PromptKind::Greeting, PromptKind::Apology, PromptKind::Hold]
-                    .map(move |kind| (kind, rate))
+                [
+                    PromptKind::Greeting,
+                    PromptKind::Apology,
+                    PromptKind::Hold,
+                    PromptKind::StillThere,
+                ]
+                .map(move |kind| (kind, rate))
             })
             .collect();
         futures_util::stream::iter(jobs)
@@ -150,6 +160,9 @@ impl PromptCache {
     }
 
     async fn preload_one(&self, kind: PromptKind, rate: u32) {
+        if self.texts.text(kind).trim().is_empty() {
+            return;
+        }
         match self.synthesize(kind, rate).await {
             Ok(pcm) => info!(
                 ?kind,
@@ -284,6 +297,7 @@ mod tests {
             greeting: "Selamat datang ke khidmat pelanggan.".into(),
             apology: "Maaf, ada gangguan.".into(),
             hold: "Sekejap, ya.".into(),
+            still_there: "Helo, anda masih di talian?".into(),
         }
     }
 
@@ -309,7 +323,12 @@ mod tests {
     async fn all_cached(cache: &PromptCache) -> usize {
         let mut n = 0;
         for rate in [8_000, 16_000] {
-            for kind in [PromptKind::Greeting, PromptKind::Apology, PromptKind::Hold] {
+            for kind in [
+                PromptKind::Greeting,
+                PromptKind::Apology,
+                PromptKind::Hold,
+                PromptKind::StillThere,
+            ] {
                 n += usize::from(cache.cached(kind, rate).is_some());
             }
         }
@@ -324,24 +343,24 @@ mod tests {
             tokio::time::timeout(GUARD, cache.preload(&[8_000, 16_000]))
                 .await
                 .expect("hang guard");
-            assert_eq!(all_cached(&cache).await, 6, "{transport:?}");
+            assert_eq!(all_cached(&cache).await, 8, "{transport:?}");
             assert!(srv.stats().max_concurrent_seen() <= 2);
         }
     }
 
     #[tokio::test]
     async fn preload_retries_429_until_every_prompt_is_cached() {
-        // Six at once against a plan of two: four are refused at first, then retried.
+        // Eight at once against a plan of two: six are refused at first, then retried.
         let (srv, tts) = small_plan(TtsTransport::Websocket).await;
-        let cache = PromptCache::new(texts(), tts).with_max_concurrency(6);
+        let cache = PromptCache::new(texts(), tts).with_max_concurrency(8);
         tokio::time::timeout(GUARD, cache.preload(&[8_000, 16_000]))
             .await
             .expect("hang guard");
         assert!(
-            srv.stats().busy_rejections() >= 4,
+            srv.stats().busy_rejections() >= 6,
             "the plan's limit was hit"
         );
-        assert_eq!(all_cached(&cache).await, 6);
+        assert_eq!(all_cached(&cache).await, 8);
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn config() -> AgentConfig {
             greeting: "Selamat datang.".into(),
             apology: "Maaf, ada masalah.".into(),
             hold: "Sebentar ya.".into(),
+            still_there: "Masih di sana?".into(),
         },
         segmentation_silence_ms: 300,
         turn: TurnConfig::default(),
@@ -63,6 +64,11 @@ fn config() -> AgentConfig {
         idle_hangup: Some(Duration::from_secs(60)),
         history: HistoryBudget::default(),
         pipeline: Pipeline::Streamed,
+        still_there_after: None,
+        speculate_after: None,
+        speculative_max: 20,
+        backchannels: vec!["ya".into(), "ok".into(), "hmm".into(), "mm".into()],
+        resume_after: Duration::from_millis(1200),
     }
 }
 
@@ -677,4 +683,278 @@ fn idle_hangup_counts_from_the_end_of_the_agents_audio() {
         + 20 * MS;
     let after = h - greeting_end;
     assert!(after >= 5000 * MS && after <= 5200 * MS, "{after:?}");
+}
+
+#[test]
+fn a_listening_noise_over_the_agent_is_not_a_turn() {
+    let mut cfg = config();
+    // So that a 300 ms "ya" is heard as the caller's voice but is no barge-in.
+    cfg.turn.barge_in_min_speech = Duration::from_millis(600);
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        3000,
+        false,
+    );
+    let t = sim.silence(t, 1000);
+    // The caller says "ya": voiced, but too short for the VAD to call it a barge-in.
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..2400]);
+    let t = sim.silence(t, 300);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 0);
+    sim.final_(t, "Ya.");
+    sim.silence(t, 3000);
+    assert_eq!(sim.replies.len(), 1, "no new turn");
+    assert_eq!(sim.frames_of(2001), 150, "the reply is heard in full");
+    assert!(
+        sim.transcript()
+            .contains(&(Role::Caller, "Ya.".into(), false))
+    );
+}
+
+#[test]
+fn an_interruption_without_words_resumes_the_sentence() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.reply(t + 300 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(
+        t + 300 * MS,
+        r1,
+        ReplyEvent::Text("Pakej premium termasuk banyak perkara. ".into()),
+    );
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 2000)));
+    let t = sim.silence(t, 1000);
+    // A cough: voiced for 400 ms, enough for a barge-in.
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..3200]);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 1);
+    let cut_at = sim.frames_of(2001);
+    // The rest of the reply streams while the agent waits to hear what it was.
+    sim.reply(t, r1, ReplyEvent::Audio(reply_tone(r1, 1000)));
+    sim.reply(t, r1, ReplyEvent::Done);
+    let t = sim.silence(t, 500);
+    assert_eq!(sim.frames_of(2001), cut_at, "silent while it waits");
+    // Azure finds no words.
+    sim.final_(t, "");
+    sim.silence(t, 4000);
+    let report = sim.m.report().unwrap();
+    assert_eq!(report.resumes, 1);
+    assert_eq!(sim.replies.len(), 1, "no new turn");
+    let total = sim.frames_of(2001);
+    // Everything from a little before the cut is played: 150 frames plus the rewind.
+    assert!((150..=150 + 16).contains(&total), "{total} reply frames");
+    assert!(sim.cancelled.is_empty(), "the reply was never cancelled");
+    let lines = sim.transcript();
+    assert!(
+        lines.contains(&(
+            Role::Agent,
+            "Pakej premium termasuk banyak perkara.".into(),
+            false
+        )),
+        "heard to its end: {lines:?}"
+    );
+}
+
+#[test]
+fn an_interrupted_goodbye_that_carried_no_words_still_hangs_up_after_it() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Itu sahaja.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Terima kasih, selamat tinggal!",
+        2000,
+        true,
+    );
+    let t = sim.silence(t, 900);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..3200]);
+    let t = sim.silence(t, 300);
+    assert_eq!(sim.hangup, None);
+    sim.final_(t, "hmm");
+    sim.silence(t, 4000);
+    assert!(
+        sim.hangup.is_some(),
+        "the goodbye resumed and the call ended after it"
+    );
+    assert_eq!(sim.m.report().unwrap().resumes, 1);
+}
+
+#[test]
+fn the_agent_asks_whether_the_caller_is_still_there_before_hanging_up() {
+    let mut cfg = config();
+    cfg.still_there_after = Some(Duration::from_secs(10));
+    cfg.idle_hangup = Some(Duration::from_secs(20));
+    let mut sim = Sim::new(cfg);
+    sim.prompts
+        .insert(PromptKind::StillThere, Arc::new(tone(1400, 1000)));
+    sim.silence(sim.t0, 40_000);
+    let asked = sim
+        .prompt_requests
+        .iter()
+        .find(|(_, k)| *k == PromptKind::StillThere)
+        .unwrap()
+        .0;
+    let greeting_end = sim.at(1000);
+    assert!(
+        asked - greeting_end >= 10_000 * MS && asked - greeting_end <= 10_040 * MS,
+        "asked {:?} after the greeting",
+        asked - greeting_end
+    );
+    assert_eq!(sim.frames_of(1400), 50, "the question is heard");
+    let h = sim.hangup.expect("hung up");
+    // 20 s of silence in all: 10 before asking, 10 after the question ended.
+    let question_end = sim
+        .frames
+        .iter()
+        .filter(|(_, f)| f.contains(&1400))
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap()
+        + 20 * MS;
+    assert!(
+        h - question_end >= 10_000 * MS && h - question_end <= 10_200 * MS,
+        "{:?}",
+        h - question_end
+    );
+}
+
+#[test]
+fn a_caller_who_answers_the_question_keeps_the_call() {
+    let mut cfg = config();
+    cfg.still_there_after = Some(Duration::from_secs(10));
+    cfg.idle_hangup = Some(Duration::from_secs(20));
+    let mut sim = Sim::new(cfg);
+    sim.prompts
+        .insert(PromptKind::StillThere, Arc::new(tone(1400, 1000)));
+    let t = sim.silence(sim.t0, 12_500);
+    assert_eq!(sim.frames_of(1400), 50);
+    let t = sim.ask(t, "Ya, saya masih di sini.");
+    let r = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r, "Baik.", 500, false);
+    sim.silence(t, 15_000);
+    assert_eq!(sim.hangup, None);
+    assert_eq!(
+        sim.prompt_requests
+            .iter()
+            .filter(|(_, k)| *k == PromptKind::StillThere)
+            .count(),
+        2,
+        "asked again after the next silence"
+    );
+}
+
+fn hypothesis(sim: &mut Sim, t: Instant, text: &str) {
+    sim.input(t, Input::Stt(SttEvent::Partial(text.into())));
+}
+
+#[test]
+fn a_reply_started_on_a_stable_hypothesis_goes_on_when_the_final_matches() {
+    let mut cfg = config();
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    hypothesis(&mut sim, t, "Berapa harga");
+    let t = sim.caller(t, &voiced[..6400]);
+    hypothesis(&mut sim, t, "Berapa harga pakej");
+    // The VAD hears the end of speech; 200 ms later the reply starts on the hypothesis.
+    let t = sim.silence(t, 700);
+    assert_eq!(sim.replies.len(), 1, "started before the final");
+    let started = sim.replies[0].0;
+    let r = sim.last_reply();
+    sim.full_reply(started + 100 * MS, r, "Harga bermula RM99.", 600, false);
+    assert_eq!(
+        sim.frames_of(2001),
+        0,
+        "nothing is played before the final confirms it"
+    );
+    let t = sim.silence(t, 160);
+    sim.final_(t, "Berapa harga pakej?");
+    assert_eq!(sim.replies.len(), 1, "the final matched: no second request");
+    sim.silence(t, 1500);
+    assert_eq!(sim.frames_of(2001), 30, "played once confirmed");
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        (report.speculative.started, report.speculative.used),
+        (1, 1)
+    );
+    let turn = &report.turns[0];
+    assert!(turn.llm_first_token_ms.unwrap() < turn.stt_final_ms.unwrap());
+    assert!(turn.first_frame_ms.unwrap() <= turn.stt_final_ms.unwrap() + 20);
+}
+
+#[test]
+fn a_final_that_differs_cancels_the_speculative_reply_and_starts_again() {
+    let mut cfg = config();
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..6400]);
+    hypothesis(&mut sim, t, "Berapa harga");
+    let t = sim.silence(t, 700);
+    let spec = sim.last_reply();
+    sim.reply(t, spec, ReplyEvent::FirstToken);
+    sim.reply(t, spec, ReplyEvent::Text("Harga ".into()));
+    sim.final_(t + 100 * MS, "Berapa harga pakej premium?");
+    assert_eq!(sim.cancelled, vec![spec]);
+    assert_eq!(sim.replies.len(), 2);
+    let real = sim.replies.last().unwrap();
+    let users: Vec<_> = real
+        .2
+        .messages
+        .iter()
+        .filter(|m| m.role == "user")
+        .collect();
+    assert_eq!(users.len(), 1, "the hypothesis left no trace: {users:?}");
+    assert_eq!(users[0].content, "Berapa harga pakej premium?");
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        (report.speculative.started, report.speculative.wasted),
+        (1, 1)
+    );
+    assert!(report.speculative.wasted_tokens > 0);
+    assert_eq!(report.turns.len(), 1, "one turn in the record");
+}
+
+#[test]
+fn after_an_interruption_the_agent_never_resumes_over_a_caller_who_pauses_and_goes_on() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        4000,
+        false,
+    );
+    let t = sim.silence(t, 1000);
+    let voiced = speech();
+    // Talks over the agent, pauses half a second, then talks on for two seconds.
+    let t = sim.caller(t, &voiced[..4800]);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 1);
+    let cut = sim.frames_of(2001);
+    let t = sim.silence(t, 500);
+    let t = sim.caller(t, &voiced[4800..20_800]);
+    assert_eq!(
+        sim.frames_of(2001),
+        cut,
+        "no word of the reply over the caller"
+    );
+    let t = sim.silence(t, 460);
+    sim.final_(t, "Bukan, saya mahu tahu harga pakej asas.");
+    assert_eq!(sim.replies.len(), 2);
+    assert_eq!(sim.m.report().unwrap().resumes, 0);
 }

@@ -249,6 +249,23 @@ pub struct AgentSettings {
     pub history_max_tokens: u64,
     /// `streamed` (production) or `sequential` (the benchmark's non-streaming baseline).
     pub pipeline: crate::call::Pipeline,
+    /// Asked after `still_there_after_secs` of silence, before the idle hang-up.
+    pub still_there_prompt: String,
+    /// Silence before the "are you still there?" prompt; 0 disables it.
+    #[serde(deserialize_with = "strict::uint")]
+    pub still_there_after_secs: u64,
+    /// VAD silence with an unchanged hypothesis before the reply starts on the hypothesis;
+    /// 0 disables speculation.
+    #[serde(deserialize_with = "strict::uint")]
+    pub speculate_after_ms: u64,
+    /// Speculative requests allowed per call.
+    #[serde(deserialize_with = "strict::uint")]
+    pub speculative_max_per_call: u64,
+    /// Words that, said alone while the agent talks, are listening noises, not a turn.
+    pub backchannels: Vec<String>,
+    /// After a barge-in that brought no words, resume this long after the caller stopped.
+    #[serde(deserialize_with = "strict::uint")]
+    pub resume_after_ms: u64,
 }
 
 /// `[stt]`
@@ -566,6 +583,34 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             "estimated conversation tokens per model request",
         ),
         range(
+            "agent.still_there_after_secs",
+            Integer,
+            0.0,
+            86_400.0,
+            "seconds of silence before asking; 0 = never",
+        ),
+        range(
+            "agent.speculate_after_ms",
+            Integer,
+            0.0,
+            5_000.0,
+            "ms of silence on a stable hypothesis; 0 = never",
+        ),
+        range(
+            "agent.speculative_max_per_call",
+            Integer,
+            0.0,
+            1_000.0,
+            "speculative model requests per call",
+        ),
+        range(
+            "agent.resume_after_ms",
+            Integer,
+            100.0,
+            10_000.0,
+            "ms after a wordless interruption",
+        ),
+        range(
             "stt.segmentation_silence_ms",
             Integer,
             100.0,
@@ -668,6 +713,10 @@ impl Settings {
             "agent.idle_hangup_secs" => Int(g.idle_hangup_secs),
             "agent.history_max_entries" => Int(g.history_max_entries),
             "agent.history_max_tokens" => Int(g.history_max_tokens),
+            "agent.still_there_after_secs" => Int(g.still_there_after_secs),
+            "agent.speculate_after_ms" => Int(g.speculate_after_ms),
+            "agent.speculative_max_per_call" => Int(g.speculative_max_per_call),
+            "agent.resume_after_ms" => Int(g.resume_after_ms),
             "stt.segmentation_silence_ms" => Int(u64::from(s.segmentation_silence_ms)),
             "llm.max_tokens" => Int(u64::from(l.max_tokens)),
             "llm.temperature" => F32(l.temperature),
@@ -745,6 +794,7 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("audiosocket.allow")
             .with_list_parse_key("llm.fallback_models")
+            .with_list_parse_key("agent.backchannels")
             .try_parsing(true)
             .source(Some(vars));
         b = b.add_source(env_src);

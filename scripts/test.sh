@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, protocol tests over TCP, whole calls against the fake
-# providers, and conformance tests that drive the vendors' official SDKs against the fakes.
-# Needs cargo and Python >= 3.9 with venv (scripts/sdk-setup.sh installs the SDKs).
+# providers, conformance against the vendors' official SDKs. Needs cargo, Node.js/npm and
+# Python >= 3.9 with venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/sdk-setup.sh
+./scripts/sdk-setup.sh  # the official SDKs the conformance tests drive
 cargo test --locked "$@"

@@ -170,6 +170,7 @@ async fn streamed(
                     send(tx, id, ReplyEvent::Audio(pcm)).await;
                 }
                 Some(TtsOutput::Audio(_)) => {}
+                Some(TtsOutput::Alignment { .. }) => {}
                 Some(TtsOutput::Done) => tts_done = true,
                 Some(TtsOutput::Failed(e)) => return Err((Provider::Tts, e)),
                 None if llm_done => tts_done = true,
@@ -219,6 +220,7 @@ async fn sequential(
     loop {
         match tts.audio.recv().await {
             Some(TtsOutput::Audio(pcm)) => audio.extend(pcm),
+            Some(TtsOutput::Alignment { .. }) => {}
             Some(TtsOutput::Done) | None => break,
             Some(TtsOutput::Failed(e)) => return Err((Provider::Tts, e)),
         }

@@ -321,7 +321,20 @@ pub struct LlmSettings {
     /// Mid-stream stall deadline, ms.
     #[serde(deserialize_with = "strict::uint")]
     pub stall_timeout_ms: u64,
+    /// OpenRouter `reasoning.effort` (`none`, `minimal`, `low`, `medium`, `high`, `xhigh`);
+    /// empty leaves it to the provider.
+    pub reasoning_effort: String,
+    /// OpenRouter `reasoning.exclude`: the model still thinks, but its reasoning is not
+    /// streamed (then nothing but keep-alive comments arrives while it thinks).
+    pub reasoning_exclude: bool,
+    /// OpenRouter `reasoning.max_tokens`; 0 leaves it unset. When set it replaces the effort
+    /// (OpenRouter takes one of the two).
+    #[serde(deserialize_with = "strict::uint")]
+    pub reasoning_max_tokens: u32,
 }
+
+/// The values `llm.reasoning_effort` may take (empty: the provider's default).
+pub const REASONING_EFFORTS: [&str; 7] = ["", "none", "minimal", "low", "medium", "high", "xhigh"];
 
 /// TTS transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,6 +404,10 @@ pub struct TtsSettings {
     /// First-audio deadline, ms.
     #[serde(deserialize_with = "strict::uint")]
     pub first_byte_timeout_ms: u64,
+    /// Syntheses the daemon runs at once outside calls (the prompt cache at startup): small
+    /// plans allow only a few concurrent requests and answer more with 429.
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_concurrency: u32,
 }
 
 /// `[records]`
@@ -617,11 +634,25 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             "ms a reply stream may stall",
         ),
         range(
+            "llm.reasoning_max_tokens",
+            Integer,
+            0.0,
+            32_768.0,
+            "reasoning tokens per reply; 0 = not set",
+        ),
+        range(
             "tts.first_byte_timeout_ms",
             Integer,
             100.0,
             60_000.0,
             "ms to the first audio",
+        ),
+        range(
+            "tts.max_concurrency",
+            Integer,
+            1.0,
+            64.0,
+            "prompt syntheses at once",
         ),
     ]
 };
@@ -691,7 +722,9 @@ impl Settings {
             "llm.temperature" => F32(l.temperature),
             "llm.first_token_timeout_ms" => Int(l.first_token_timeout_ms),
             "llm.stall_timeout_ms" => Int(l.stall_timeout_ms),
+            "llm.reasoning_max_tokens" => Int(u64::from(l.reasoning_max_tokens)),
             "tts.first_byte_timeout_ms" => Int(t.first_byte_timeout_ms),
+            "tts.max_concurrency" => Int(u64::from(t.max_concurrency)),
             _ => return None,
         })
     }
@@ -918,6 +951,15 @@ impl Settings {
             if let Err(why) = model_name(m) {
                 p.bad("llm.fallback_models", format!("entry {}: {why}", i + 1));
             }
+        }
+        if !REASONING_EFFORTS.contains(&l.reasoning_effort.as_str()) {
+            p.bad(
+                "llm.reasoning_effort",
+                format!(
+                    "{:?} is not one of {:?}",
+                    l.reasoning_effort, REASONING_EFFORTS
+                ),
+            );
         }
         if t.provider != "elevenlabs" {
             p.bad("tts.provider", "only \"elevenlabs\" is supported");

@@ -13,6 +13,11 @@
 //! Formats: `pcm_8000|16000|22050|24000|32000|44100|48000` (s16le) and `ulaw_8000`/`alaw_8000`
 //! (ITU G.711). MP3 and Opus are not implemented by the fake: they get a 422
 //! `unsupported_output_format` error.
+//!
+//! Websocket audio messages carry `alignment`/`normalizedAlignment` (`chars`,
+//! `charStartTimesMs`, `charDurationsMs`, relative to the message's audio) exact for the
+//! synthesized audio. The fake records what each websocket client sent, for comparing our
+//! client with the official SDK, and can enforce a plan's concurrency limit (429).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -105,6 +110,9 @@ pub struct FakeElevenLabsConfig {
     pub chunk_ms: u64,
     /// The fault to inject.
     pub fault: TtsFault,
+    /// The plan's concurrency limit: a synthesis request (websocket or HTTP) arriving while
+    /// this many are running gets 429 `too_many_concurrent_requests`; 0 means no limit.
+    pub max_concurrent: usize,
 }
 
 impl Default for FakeElevenLabsConfig {
@@ -115,8 +123,21 @@ impl Default for FakeElevenLabsConfig {
             realtime_factor: 4.0,
             chunk_ms: 100,
             fault: TtsFault::None,
+            max_concurrent: 0,
         }
     }
+}
+
+/// What one websocket client sent: the upgrade's query and headers and every text message
+/// (parsed as JSON, or as a JSON string when it was not JSON), for comparing clients.
+#[derive(Debug, Clone, Default)]
+pub struct RecordedWsSession {
+    /// The query parameters of the upgrade.
+    pub query: HashMap<String, String>,
+    /// The upgrade request's headers.
+    pub headers: HeaderMap,
+    /// The client's text messages, in order.
+    pub messages: Vec<Value>,
 }
 
 /// Counters the tests read.
@@ -130,6 +151,10 @@ pub struct FakeElevenLabsStats {
     http_requests: AtomicUsize,
     output_formats: std::sync::Mutex<Vec<String>>,
     sessions: std::sync::Mutex<Vec<TtsSessionTimes>>,
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+    busy_rejections: AtomicUsize,
+    recorded: std::sync::Mutex<Vec<RecordedWsSession>>,
 }
 
 /// Wall-clock marks of one websocket session, for attributing latency in benchmarks.
@@ -179,6 +204,27 @@ impl FakeElevenLabsStats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Requests refused with 429 for the concurrency limit.
+    pub fn busy_rejections(&self) -> usize {
+        self.busy_rejections.load(Ordering::SeqCst)
+    }
+
+    /// The most synthesis requests that ran at once.
+    pub fn max_concurrent_seen(&self) -> usize {
+        self.max_active.load(Ordering::SeqCst)
+    }
+
+    /// What each websocket client sent (upgrades that were accepted), in arrival order.
+    pub fn recorded_sessions(&self) -> Vec<RecordedWsSession> {
+        self.recorded_lock().clone()
+    }
+
+    fn recorded_lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedWsSession>> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Timing marks of every websocket session, in the order they were initialised.
@@ -270,7 +316,36 @@ struct App {
     requests: AtomicUsize,
 }
 
+/// One running synthesis request, counted against the concurrency limit until dropped.
+struct Slot(Arc<FakeElevenLabsStats>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl App {
+    /// Takes a concurrency slot, or the 429 the real service answers past the plan's limit.
+    fn take_slot(&self) -> Result<Slot, Reject> {
+        let now = self.stats.active.fetch_add(1, Ordering::SeqCst) + 1;
+        let slot = Slot(Arc::clone(&self.stats));
+        if self.cfg.max_concurrent > 0 && now > self.cfg.max_concurrent {
+            drop(slot);
+            self.stats.busy_rejections.fetch_add(1, Ordering::SeqCst);
+            return Err(detail(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_concurrent_requests",
+                &format!(
+                    "Too many concurrent requests for your subscription ({} allowed).",
+                    self.cfg.max_concurrent
+                ),
+            ));
+        }
+        self.stats.max_active.fetch_max(now, Ordering::SeqCst);
+        Ok(slot)
+    }
+
     /// Counts a request, records its format and returns the fault to inject into it.
     fn begin_request(&self, query: &HashMap<String, String>) -> TtsFault {
         let format = query.get("output_format").cloned().unwrap_or_default();
@@ -610,9 +685,10 @@ fn http_audio(
     query: &HashMap<String, String>,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<(Format, String, Vec<u8>, TtsFault), Reject> {
+) -> Result<(Format, String, Vec<u8>, TtsFault, Slot), Reject> {
     app.stats.http_requests.fetch_add(1, Ordering::SeqCst);
     let fault = app.begin_request(query);
+    let slot = app.take_slot()?;
     if let TtsFault::Status(s) = fault {
         return Err(fault_response(s));
     }
@@ -634,7 +710,7 @@ fn http_audio(
     };
     app.stats.count_text(&text);
     let bytes = format.encode(&synthesize(&text, format.rate()));
-    Ok((format, text, bytes, fault))
+    Ok((format, text, bytes, fault, slot))
 }
 
 fn audio_headers(text: &str) -> [(header::HeaderName, String); 3] {
@@ -666,7 +742,7 @@ async fn stream_handler(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (format, text, bytes, fault) = match http_audio(&app, &query, &headers, &body) {
+    let (format, text, bytes, fault, slot) = match http_audio(&app, &query, &headers, &body) {
         Ok(v) => v,
         Err(resp) => return *resp,
     };
@@ -687,6 +763,8 @@ async fn stream_handler(
     let step = pace(&cfg, cfg.chunk_ms);
     let stream = futures_util::stream::unfold((chunks, 0usize), move |(mut chunks, sent)| {
         let cfg = cfg.clone();
+        // The request counts against the limit until its body is done (or dropped).
+        let _slot = &slot;
         async move {
             match fault {
                 TtsFault::StallAfterChunks(n) if sent >= n => std::future::pending::<()>().await,
@@ -719,7 +797,7 @@ async fn file_handler(
     body: Bytes,
 ) -> Response {
     match http_audio(&app, &query, &headers, &body) {
-        Ok((_, text, bytes, _)) => {
+        Ok((_, text, bytes, _, _slot)) => {
             sleep(Duration::from_millis(app.cfg.first_byte_delay_ms)).await;
             (audio_headers(&text), bytes).into_response()
         }
@@ -760,6 +838,19 @@ async fn ws_handler(
     if !key_ok(&app.cfg, key) {
         return *unauthorized(key.is_some());
     }
+    let slot = match app.take_slot() {
+        Ok(s) => s,
+        Err(resp) => return *resp,
+    };
+    let recorded = {
+        let mut r = app.stats.recorded_lock();
+        r.push(RecordedWsSession {
+            query: query.clone(),
+            headers: headers.clone(),
+            messages: Vec::new(),
+        });
+        r.len() - 1
+    };
     let inactivity = match fault {
         TtsFault::InputTimeoutSecs(s) => s,
         _ => query
@@ -772,8 +863,12 @@ async fn ws_handler(
         format,
         inactivity: Duration::from_secs(inactivity),
         fault,
+        recorded,
     };
-    ws.on_upgrade(move |socket| session.run(socket))
+    ws.on_upgrade(move |socket| async move {
+        let _slot = slot;
+        session.run(socket).await;
+    })
 }
 
 struct WsSession {
@@ -782,6 +877,8 @@ struct WsSession {
     inactivity: Duration,
     /// This session's fault.
     fault: TtsFault,
+    /// Its index in the recorded sessions.
+    recorded: usize,
 }
 
 #[derive(Debug, PartialEq)]
@@ -829,12 +926,17 @@ impl Generator {
         }
         let timings = char_timings(text);
         let per_chunk = samples_for_ms(self.chunk_ms, rate).max(1);
+        let chunks = samples.len().div_ceil(per_chunk);
         for (k, chunk) in samples.chunks(per_chunk).enumerate() {
+            // Times in each message are relative to that message's audio, as the service
+            // sends them; a character belongs to the message its start falls in (trailing
+            // zero-length spaces to the last one).
             let start_ms = k as u64 * self.chunk_ms;
             let end_ms = start_ms + self.chunk_ms;
+            let last = k + 1 == chunks;
             let in_chunk: Vec<&(char, u64, u64)> = timings
                 .iter()
-                .filter(|(_, s, _)| *s >= start_ms && *s < end_ms)
+                .filter(|(_, s, _)| *s >= start_ms && (*s < end_ms || last))
                 .collect();
             let alignment = if in_chunk.is_empty() {
                 Value::Null
@@ -842,7 +944,7 @@ impl Generator {
                 json!({
                     "chars": in_chunk.iter().map(|(c, _, _)| c.to_string()).collect::<Vec<_>>(),
                     "charStartTimesMs": in_chunk.iter().map(|(_, s, _)| s - start_ms).collect::<Vec<_>>(),
-                    "charsDurationsMs": in_chunk.iter().map(|(_, _, d)| *d).collect::<Vec<_>>(),
+                    "charDurationsMs": in_chunk.iter().map(|(_, _, d)| *d).collect::<Vec<_>>(),
                 })
             };
             let audio = base64::engine::general_purpose::STANDARD.encode(self.format.encode(chunk));
@@ -926,7 +1028,10 @@ impl WsSession {
                 return Self::fail(&mut socket, "input_timeout_exceeded", &self.timeout_text())
                     .await;
             }
-            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Text(t)))) => {
+                self.record(t.as_str());
+                t
+            }
             Ok(Some(Ok(_))) => {
                 return Self::fail(
                     &mut socket,
@@ -1008,7 +1113,10 @@ impl WsSession {
             tokio::select! {
                 msg = socket.next() => {
                     let text = match msg {
-                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Text(t))) => {
+                            self.record(t.as_str());
+                            t
+                        }
                         Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return SessionEnd::ClientGone,
                         Some(Ok(_)) => continue,
                     };
@@ -1084,6 +1192,13 @@ impl WsSession {
         }
     }
 
+    fn record(&self, text: &str) {
+        let v = serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()));
+        if let Some(r) = self.app.stats.recorded_lock().get_mut(self.recorded) {
+            r.messages.push(v);
+        }
+    }
+
     fn timeout_text(&self) -> String {
         format!(
             "Have not received a new text input within the timeout of {} seconds. Streaming input terminated. Please make sure to send text before the timeout expires.",
@@ -1120,6 +1235,7 @@ mod tests {
             realtime_factor: 0.0,
             chunk_ms: 100,
             fault: TtsFault::None,
+            max_concurrent: 0,
         }
     }
 

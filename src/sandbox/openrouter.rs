@@ -4,7 +4,11 @@
 //! keep-alives, a role chunk, one content delta per token, a finish chunk, a usage chunk with
 //! empty `choices`, `[DONE]`), streams `end_call` tool calls as deltas, validates requests,
 //! records them for tests, and injects faults: HTTP errors, stalls, mid-stream errors,
-//! garbage and dropped connections. Without scripted replies it answers in Malay.
+//! garbage and dropped connections. Without scripted replies it answers in Malay. Models
+//! named in [`FakeOpenRouterConfig::reasoning_models`] think first: `reasoning` deltas (with
+//! `reasoning_details`) before any content, as OpenRouter streams reasoning models, honouring
+//! the request's `reasoning` object (`exclude` hides the thinking but not its time,
+//! `effort: "none"` skips it).
 
 use std::io;
 use std::net::SocketAddr;
@@ -80,6 +84,11 @@ pub struct FakeOpenRouterConfig {
     /// Inject `fault` only into requests whose last user message contains this
     /// (case-insensitive), so one call of several can fail; `None` faults every request.
     pub fault_only_for: Option<String>,
+    /// Models that reason before answering (`"*"` matches every model).
+    pub reasoning_models: Vec<String>,
+    /// What such a model thinks, streamed token by token (at `tokens_per_sec`, after
+    /// `first_token_delay_ms`) before the content.
+    pub reasoning_text: String,
 }
 
 impl Default for FakeOpenRouterConfig {
@@ -95,6 +104,10 @@ impl Default for FakeOpenRouterConfig {
                 .to_vec(),
             fault: LlmFault::None,
             fault_only_for: None,
+            reasoning_models: Vec::new(),
+            reasoning_text: "The caller asked a question. I should answer briefly and politely, \
+                             in Malay, in one or two short sentences."
+                .into(),
         }
     }
 }
@@ -427,6 +440,30 @@ fn validate(req: &Value) -> Result<(), String> {
     if temperature.is_some_and(|v| v.as_f64().is_none_or(|t| !(0.0..=2.0).contains(&t))) {
         return Err("`temperature` must be a number between 0 and 2".into());
     }
+    if let Some(r) = obj.get("reasoning") {
+        let r = r.as_object().ok_or("`reasoning` must be an object")?;
+        const EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+        if let Some(e) = r.get("effort")
+            && e.as_str().is_none_or(|e| !EFFORTS.contains(&e))
+        {
+            return Err(format!("`reasoning.effort` must be one of {EFFORTS:?}"));
+        }
+        if r.get("max_tokens")
+            .is_some_and(|v| v.as_u64().is_none_or(|n| n == 0))
+        {
+            return Err("`reasoning.max_tokens` must be a positive integer".into());
+        }
+        if r.contains_key("effort") && r.contains_key("max_tokens") {
+            return Err(
+                "Only one of `reasoning.effort` and `reasoning.max_tokens` may be set".into(),
+            );
+        }
+        for flag in ["exclude", "enabled"] {
+            if r.get(flag).is_some_and(|v| !v.is_boolean()) {
+                return Err(format!("`reasoning.{flag}` must be a boolean"));
+            }
+        }
+    }
     if let Some(tools) = obj.get("tools") {
         let ok = tools.as_array().is_some_and(|a| {
             a.iter().all(|t| {
@@ -581,6 +618,10 @@ const GOODBYE: &str = "Baiklah, terima kasih kerana menghubungi kami. Selamat ti
 /// What one request's stream will say.
 struct Script {
     model: String,
+    /// Thinking before the content (empty: the model does not reason).
+    reasoning: Vec<String>,
+    /// `reasoning.exclude`: think for as long, but stream only keep-alives meanwhile.
+    reasoning_hidden: bool,
     tokens: Vec<String>,
     end_call: bool,
     finish_reason: &'static str,
@@ -624,12 +665,22 @@ impl Script {
             .and_then(Value::as_array)
             .map(|m| m.iter().map(|m| m.to_string().len()).sum())
             .unwrap_or(0);
+        let model = req
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let reasons = cfg.reasoning_models.iter().any(|m| m == "*" || *m == model)
+            && req.pointer("/reasoning/effort").and_then(Value::as_str) != Some("none");
+        let reasoning = if reasons {
+            split_tokens(&cfg.reasoning_text)
+        } else {
+            Vec::new()
+        };
         Self {
-            model: req
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
+            model,
+            reasoning,
+            reasoning_hidden: req.pointer("/reasoning/exclude") == Some(&Value::Bool(true)),
             tokens,
             end_call,
             finish_reason: if end_call {
@@ -672,13 +723,32 @@ impl Script {
         if cfg.fault == LlmFault::StallBeforeFirstToken {
             return out.stall().await;
         }
-        out.data(&self.chunk(&out.id, json!({"role": "assistant", "content": ""}), None))
-            .await?;
         let gap = if cfg.tokens_per_sec > 0.0 && cfg.tokens_per_sec.is_finite() {
             Duration::from_secs_f64(1.0 / cfg.tokens_per_sec)
         } else {
             Duration::ZERO
         };
+        for (i, thought) in self.reasoning.iter().enumerate() {
+            if i > 0 {
+                out.wait(gap).await?;
+            }
+            if self.reasoning_hidden {
+                out.comment().await?;
+                continue;
+            }
+            let detail = json!([{"type": "reasoning.text", "text": thought, "format": "unknown", "index": 0}]);
+            out.data(&self.chunk(
+                &out.id,
+                json!({"role": "assistant", "content": "", "reasoning": thought, "reasoning_details": detail}),
+                None,
+            ))
+            .await?;
+        }
+        if !self.reasoning.is_empty() {
+            out.wait(gap).await?;
+        }
+        out.data(&self.chunk(&out.id, json!({"role": "assistant", "content": ""}), None))
+            .await?;
         let fault_at = match cfg.fault {
             LlmFault::StallAfterTokens(n)
             | LlmFault::MidStreamError { after_tokens: n }
@@ -729,7 +799,9 @@ impl Script {
         }
         out.data(&self.chunk(&out.id, json!({"content": ""}), Some(self.finish_reason)))
             .await?;
-        let completion = self.tokens.len() as u64 + if self.end_call { 5 } else { 0 };
+        let reasoning_tokens = self.reasoning.len() as u64;
+        let completion =
+            self.tokens.len() as u64 + reasoning_tokens + if self.end_call { 5 } else { 0 };
         let cost = (self.prompt_tokens as f64 * 0.15 + completion as f64 * 0.6) / 1_000_000.0;
         out.data(&json!({
             "id": out.id, "provider": "Sandbox", "model": self.model,
@@ -737,6 +809,8 @@ impl Script {
             "usage": {
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion, "cost": cost,
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
             },
         }))
         .await?;

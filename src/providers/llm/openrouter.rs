@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -70,6 +70,13 @@ struct Choice {
 struct Delta {
     #[serde(default)]
     content: Option<String>,
+    /// A reasoning model's thinking (OpenRouter), streamed before the content.
+    #[serde(default)]
+    reasoning: Option<String>,
+    /// The same in structured form (`reasoning.text`, `reasoning.summary`,
+    /// `reasoning.encrypted` items); only its presence matters here.
+    #[serde(default)]
+    reasoning_details: Option<Value>,
     #[serde(default)]
     tool_calls: Option<Vec<ToolCallDelta>>,
 }
@@ -111,6 +118,8 @@ pub struct ChunkDecoder {
     tool_bytes: usize,
     finish_reason: Option<String>,
     output: bool,
+    reasoning: bool,
+    reasoning_chars: usize,
     done: bool,
 }
 
@@ -140,6 +149,19 @@ impl ChunkDecoder {
         let mut out = Vec::new();
         if let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) {
             if let Some(delta) = choice.delta {
+                // Thinking is life (it keeps the deadlines at bay) but never speech.
+                if let Some(r) = delta.reasoning.filter(|r| !r.is_empty()) {
+                    self.reasoning = true;
+                    self.reasoning_chars += r.chars().count();
+                }
+                if delta
+                    .reasoning_details
+                    .as_ref()
+                    .and_then(Value::as_array)
+                    .is_some_and(|d| !d.is_empty())
+                {
+                    self.reasoning = true;
+                }
                 if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
                     self.output = true;
                     out.push(LlmEvent::Text(text));
@@ -197,6 +219,17 @@ impl ChunkDecoder {
     /// token" for the time-to-first-token deadline.
     pub fn has_output(&self) -> bool {
         self.output
+    }
+
+    /// Whether anything at all came from the model, reasoning included: the first token of
+    /// any kind, which ends the first-token deadline (the stall deadline takes over).
+    pub fn has_activity(&self) -> bool {
+        self.output || self.reasoning
+    }
+
+    /// Characters of reasoning streamed so far (never spoken; for logs).
+    pub fn reasoning_chars(&self) -> usize {
+        self.reasoning_chars
     }
 
     fn complete(&mut self) -> Result<Vec<LlmEvent>, LlmError> {
@@ -387,6 +420,8 @@ struct RequestBody<'a> {
     tools: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning: Option<&'a Value>,
 }
 
 struct Inner {
@@ -400,6 +435,8 @@ struct Inner {
     temperature: f32,
     first_token: Duration,
     stall: Duration,
+    /// The request's `reasoning` object, if any setting is made.
+    reasoning: Option<Value>,
 }
 
 /// The OpenRouter client. Cheap to share (`Arc` inside); one connection pool for all calls.
@@ -467,6 +504,7 @@ impl OpenRouter {
                 temperature: settings.temperature,
                 first_token,
                 stall: Duration::from_millis(settings.stall_timeout_ms),
+                reasoning: reasoning_settings(settings),
             }),
         })
     }
@@ -518,6 +556,7 @@ impl Inner {
             temperature: self.temperature,
             tool_choice: tools.as_ref().map(|_| "auto"),
             tools,
+            reasoning: self.reasoning.as_ref(),
         };
         serde_json::to_vec(&body)
             .map(Bytes::from)
@@ -540,6 +579,8 @@ impl Inner {
                 .post(&self.chat_url)
                 .header(AUTHORIZATION, self.auth.clone())
                 .header(CONTENT_TYPE, "application/json")
+                // As the official SDK sends it, even for a stream.
+                .header(ACCEPT, "application/json")
                 .header("HTTP-Referer", APP_REFERER)
                 .header("X-OpenRouter-Title", APP_TITLE)
                 .body(body.clone())
@@ -576,6 +617,27 @@ impl Inner {
                 .map_err(|_| timed_out())?;
         }
     }
+}
+
+/// OpenRouter's `reasoning` object from the settings: `max_tokens` if set, else `effort`
+/// (OpenRouter takes one of the two), `exclude` when set; `None` when nothing is set (the
+/// provider's default).
+fn reasoning_settings(settings: &LlmSettings) -> Option<Value> {
+    let effort = settings.reasoning_effort.trim();
+    let mut obj = serde_json::Map::new();
+    if !effort.is_empty() && settings.reasoning_max_tokens == 0 {
+        obj.insert("effort".into(), Value::from(effort));
+    }
+    if settings.reasoning_max_tokens > 0 {
+        obj.insert(
+            "max_tokens".into(),
+            Value::from(settings.reasoning_max_tokens),
+        );
+    }
+    if settings.reasoning_exclude {
+        obj.insert("exclude".into(), Value::Bool(true));
+    }
+    (!obj.is_empty()).then_some(Value::Object(obj))
 }
 
 async fn read_capped(resp: &mut reqwest::Response) -> Vec<u8> {
@@ -648,6 +710,9 @@ impl StreamState {
                     Ok(LlmEvent::Done { .. }) => {
                         self.finished = true;
                         self.queue.clear();
+                        if self.decoder.reasoning_chars() > 0 {
+                            tracing::debug!(call_id = %self.call_id, chars = self.decoder.reasoning_chars(), "the model reasoned before answering");
+                        }
                         self.release_connection().await;
                     }
                     Err(_) => {
@@ -669,7 +734,7 @@ impl StreamState {
                 }
                 continue;
             }
-            let started = self.decoder.has_output();
+            let started = self.decoder.has_activity();
             let deadline = if started {
                 self.last_event_at + self.inner.stall
             } else {
@@ -722,7 +787,7 @@ impl StreamState {
     /// Queues the error, unless nothing was produced yet and the one retry is left: then the
     /// request is sent again and the reply starts over.
     async fn fail(&mut self, e: LlmError) {
-        if self.decoder.has_output() || self.retries == 0 || !is_retryable(&e) {
+        if self.decoder.has_activity() || self.retries == 0 || !is_retryable(&e) {
             self.queue.push_back(Err(e));
             return;
         }
@@ -994,6 +1059,9 @@ mod tests {
             temperature: 0.7,
             first_token_timeout_ms: 10_000,
             stall_timeout_ms: 10_000,
+            reasoning_effort: String::new(),
+            reasoning_exclude: false,
+            reasoning_max_tokens: 0,
         }
     }
 
@@ -1460,5 +1528,103 @@ mod tests {
         ));
         let dbg = format!("{:?}", client(&s));
         assert!(!dbg.contains(KEY));
+    }
+
+    // ---- Reasoning models ----
+
+    const THINK: &str = r#"{"id":"gen-..","choices":[{"index":0,"delta":{"role":"assistant","content":"","reasoning":"The caller","reasoning_details":[{"type":"reasoning.text","text":"The caller","format":"unknown","index":0}]},"finish_reason":null}]}"#;
+    const THINK_DETAILS_ONLY: &str = r#"{"id":"gen-..","choices":[{"index":0,"delta":{"content":null,"reasoning":null,"reasoning_details":[{"type":"reasoning.encrypted","data":"gAAAA..","index":0}]},"finish_reason":null}]}"#;
+
+    #[test]
+    fn reasoning_is_activity_but_never_text() {
+        let mut d = ChunkDecoder::new();
+        assert_eq!(d.decode(ROLE).unwrap(), vec![]);
+        assert!(!d.has_activity());
+        assert_eq!(d.decode(THINK).unwrap(), vec![], "reasoning is not spoken");
+        assert!(d.has_activity(), "reasoning ends the first-token wait");
+        assert!(!d.has_output(), "but it is not the reply's first token");
+        assert_eq!(d.reasoning_chars(), "The caller".len());
+        let mut d = ChunkDecoder::new();
+        assert_eq!(d.decode(THINK_DETAILS_ONLY).unwrap(), vec![]);
+        assert!(d.has_activity(), "encrypted reasoning details count too");
+        assert_eq!(
+            d.decode(HELLO).unwrap(),
+            vec![LlmEvent::Text("Hello".into())]
+        );
+        assert!(d.has_output());
+    }
+
+    fn thinking_fake(reasoning_words: usize) -> FakeOpenRouterConfig {
+        FakeOpenRouterConfig {
+            reasoning_models: vec!["openai/gpt-4o-mini".into()],
+            reasoning_text: vec!["hmm"; reasoning_words].join(" "),
+            // Thinking takes reasoning_words / 4 s, well past the first-token deadline below
+            // (and each gap well inside the stall deadline).
+            tokens_per_sec: 4.0,
+            ..fast(LlmFault::None, &["Harga pakej RM99."])
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reasoning_model_thinking_past_the_first_token_deadline_still_answers() {
+        let srv = fake::spawn(thinking_fake(10)).await.unwrap();
+        let mut s = settings(srv.base_url());
+        s.first_token_timeout_ms = 1_000;
+        s.reasoning_effort = "low".into();
+        let events = run(&client(&s), request("hai", false)).await.unwrap();
+        assert_eq!(texts(&events), "Harga pakej RM99.", "{events:?}");
+        assert!(
+            !events.iter().any(Result::is_err),
+            "no deadline fired: {events:?}"
+        );
+        assert!(
+            matches!(
+                events.iter().rev().nth(1),
+                Some(Ok(LlmEvent::Usage {
+                    completion_tokens: 13,
+                    ..
+                }))
+            ),
+            "usage counts the reasoning tokens: {events:?}"
+        );
+        assert_eq!(srv.request_count(), 1, "no retry");
+        assert_eq!(
+            srv.requests()[0].get("reasoning").unwrap(),
+            &json!({"effort": "low"})
+        );
+    }
+
+    #[tokio::test]
+    async fn hidden_reasoning_leaves_only_keepalives_and_hits_the_deadline() {
+        // Why `llm.reasoning_exclude` defaults to false: the model thinks just as long, but
+        // nothing tells the client it is alive.
+        let srv = fake::spawn(thinking_fake(10)).await.unwrap();
+        let mut s = settings(srv.base_url());
+        s.first_token_timeout_ms = 1_000;
+        s.reasoning_exclude = true;
+        let events = hai(&s).await.unwrap();
+        assert!(
+            matches!(events.as_slice(), [Err(LlmError::FirstTokenTimeout(1_000))]),
+            "{events:?}"
+        );
+        assert_eq!(
+            srv.requests()[0].get("reasoning").unwrap(),
+            &json!({"exclude": true})
+        );
+    }
+
+    #[test]
+    fn reasoning_settings_become_the_request_object() {
+        let mut s = settings("http://127.0.0.1:1/api/v1".into());
+        assert_eq!(reasoning_settings(&s), None, "nothing set: omitted");
+        s.reasoning_effort = "minimal".into();
+        assert_eq!(reasoning_settings(&s), Some(json!({"effort": "minimal"})));
+        s.reasoning_max_tokens = 64;
+        s.reasoning_exclude = true;
+        assert_eq!(
+            reasoning_settings(&s),
+            Some(json!({"max_tokens": 64, "exclude": true})),
+            "a token budget replaces the effort"
+        );
     }
 }

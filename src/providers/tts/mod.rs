@@ -32,6 +32,21 @@ pub enum TtsInput {
 pub enum TtsOutput {
     /// i16 PCM at the requested rate, whole samples only.
     Audio(Vec<i16>),
+    /// Which characters the audio so far speaks, and when: sent right after the
+    /// [`TtsOutput::Audio`] chunk it belongs to, on transports that report it (the websocket;
+    /// HTTP `/stream` does not, so a consumer falls back to proportions of the text). The three
+    /// lists have the same length; times are ms from the start of this stream's audio (the
+    /// first sample of the first `Audio`), so a playout position maps straight to the text the
+    /// listener has heard: every character with `start_ms < heard_ms`.
+    Alignment {
+        /// The characters, spaces and punctuation included, as the service reported them
+        /// (each normally one `char`).
+        chars: Vec<String>,
+        /// When each starts, ms from the start of the stream's audio.
+        start_ms: Vec<u32>,
+        /// How long each lasts, ms.
+        duration_ms: Vec<u32>,
+    },
     /// Everything was generated.
     Done,
     /// Synthesis failed part-way.
@@ -58,6 +73,8 @@ pub enum TtsError {
         status: u16,
         /// `detail.status` / `detail.message` as the service gave them.
         message: String,
+        /// The wait the service asked for (`Retry-After`), if any.
+        retry_after_ms: Option<u64>,
     },
     /// Connection-level failure.
     #[error("TTS transport error: {0}")]
@@ -68,6 +85,14 @@ pub enum TtsError {
     /// Nothing came back in time.
     #[error("TTS timed out after {0} ms")]
     Timeout(u64),
+}
+
+impl TtsError {
+    /// Whether the service refused for load (429: too many concurrent requests, or busy):
+    /// worth retrying after a wait.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Status { status: 429, .. })
+    }
 }
 
 /// A text-to-speech provider.

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use super::messages::{http_request_body, parse_error_body};
+use super::messages::{http_request_body, parse_error_body, retry_after_ms};
 use super::{ElevenLabs, duration_ms, endpoint_url, output_format_for, spawn_driver};
 use crate::ops::config::OutputFormat;
 use crate::providers::tts::decode::AudioDecoder;
@@ -85,7 +85,21 @@ impl HttpTarget {
                         break;
                     }
                 }
-                return Err(parse_error_body(status.as_u16(), &err_body));
+                let retry_after = retry_after_ms(
+                    resp.headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()),
+                );
+                return Err(match parse_error_body(status.as_u16(), &err_body) {
+                    TtsError::Status {
+                        status, message, ..
+                    } => TtsError::Status {
+                        status,
+                        message,
+                        retry_after_ms: retry_after,
+                    },
+                    other => other,
+                });
             }
             Ok(resp
                 .bytes_stream()

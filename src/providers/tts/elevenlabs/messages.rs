@@ -54,8 +54,13 @@ pub(super) fn keepalive_message() -> String {
 /// One server message, decoded.
 #[derive(Debug, PartialEq)]
 pub(super) enum ServerEvent {
-    /// Audio bytes in the output format, and whether this was also the final message.
-    Audio { bytes: Vec<u8>, is_final: bool },
+    /// Audio bytes in the output format, the characters they speak (if reported) and whether
+    /// this was also the final message.
+    Audio {
+        bytes: Vec<u8>,
+        alignment: Option<CharTimes>,
+        is_final: bool,
+    },
     /// `{"isFinal":true}` without audio.
     Final,
     /// Nothing for us (e.g. an alignment-only message).
@@ -64,10 +69,54 @@ pub(super) enum ServerEvent {
     Error(String),
 }
 
+/// Character timings of one audio message, relative to the start of that message's audio
+/// (the service's `alignment` / `normalizedAlignment`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct CharTimes {
+    pub chars: Vec<String>,
+    pub start_ms: Vec<u32>,
+    pub duration_ms: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawAlignment {
+    #[serde(default)]
+    chars: Vec<String>,
+    #[serde(default, rename = "charStartTimesMs")]
+    start: Vec<f64>,
+    #[serde(default, rename = "charDurationsMs")]
+    duration: Vec<f64>,
+}
+
+impl RawAlignment {
+    /// `None` unless the three lists are there, as long as each other and not empty.
+    fn into_times(self) -> Option<CharTimes> {
+        let n = self.chars.len();
+        if n == 0 || self.start.len() != n || self.duration.len() != n {
+            return None;
+        }
+        let ms = |v: Vec<f64>| -> Vec<u32> {
+            // Saturating float-to-int casts: a negative or absurd time cannot wrap.
+            v.into_iter().map(|x| x.round().max(0.0) as u32).collect()
+        };
+        Some(CharTimes {
+            chars: self.chars,
+            start_ms: ms(self.start),
+            duration_ms: ms(self.duration),
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct RawServerMessage {
     #[serde(default)]
     audio: Option<String>,
+    /// The input characters; preferred, as it is the text we sent (the normalised form spells
+    /// out numbers and the like).
+    #[serde(default)]
+    alignment: Option<serde_json::Value>,
+    #[serde(default, rename = "normalizedAlignment")]
+    normalized_alignment: Option<serde_json::Value>,
     #[serde(default, rename = "isFinal", alias = "is_final")]
     is_final: Option<bool>,
     #[serde(default)]
@@ -100,9 +149,19 @@ pub(super) fn parse_server_message(text: &str) -> ServerEvent {
         return ServerEvent::Error(msg);
     }
     let is_final = raw.is_final == Some(true);
+    // A malformed alignment is dropped, not fatal: the audio is what matters.
+    let times = |v: Option<serde_json::Value>| {
+        v.and_then(|v| serde_json::from_value::<RawAlignment>(v).ok())
+            .and_then(RawAlignment::into_times)
+    };
+    let alignment = times(raw.alignment).or_else(|| times(raw.normalized_alignment));
     match raw.audio.filter(|a| !a.is_empty()) {
         Some(b64) => match base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()) {
-            Ok(bytes) => ServerEvent::Audio { bytes, is_final },
+            Ok(bytes) => ServerEvent::Audio {
+                bytes,
+                alignment,
+                is_final,
+            },
             Err(e) => ServerEvent::Error(format!("bad base64 audio from ElevenLabs: {e}")),
         },
         None if is_final => ServerEvent::Final,
@@ -183,7 +242,17 @@ pub(super) fn parse_error_body(status: u16, body: &[u8]) -> TtsError {
             }
         }
     };
-    TtsError::Status { status, message }
+    TtsError::Status {
+        status,
+        message,
+        retry_after_ms: None,
+    }
+}
+
+/// A `Retry-After` given in seconds (the HTTP-date form is not worth honouring here).
+pub(super) fn retry_after_ms(value: Option<&str>) -> Option<u64> {
+    let secs: f64 = value?.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0).round() as u64)
 }
 
 /// The JSON body of an HTTP `/stream` request.
@@ -227,22 +296,53 @@ mod tests {
     fn server_messages_parse() {
         let b64 = base64::engine::general_purpose::STANDARD.encode([1u8, 2, 3]);
         let full = format!(
-            r#"{{"audio":"{b64}","isFinal":null,"normalizedAlignment":{{"chars":["H"],"charStartTimesMs":[0],"charsDurationsMs":[3]}},"alignment":null}}"#
+            r#"{{"audio":"{b64}","isFinal":null,"normalizedAlignment":{{"chars":["H","i"],"charStartTimesMs":[0,3],"charDurationsMs":[3,5]}},"alignment":null}}"#
         );
+        let hi = CharTimes {
+            chars: vec!["H".into(), "i".into()],
+            start_ms: vec![0, 3],
+            duration_ms: vec![3, 5],
+        };
         assert_eq!(
             parse_server_message(&full),
             ServerEvent::Audio {
                 bytes: vec![1, 2, 3],
+                alignment: Some(hi.clone()),
                 is_final: false
-            }
+            },
+            "normalizedAlignment when alignment is null"
+        );
+        let both = format!(
+            r#"{{"audio":"{b64}","normalizedAlignment":{{"chars":["x"],"charStartTimesMs":[9],"charDurationsMs":[9]}},"alignment":{{"chars":["H","i"],"charStartTimesMs":[0,3.4],"charDurationsMs":[3,4.6]}}}}"#
         );
         assert_eq!(
-            parse_server_message(&format!(r#"{{"audio":"{b64}"}}"#)),
+            parse_server_message(&both),
             ServerEvent::Audio {
                 bytes: vec![1, 2, 3],
+                alignment: Some(hi),
                 is_final: false
-            }
+            },
+            "alignment (the input text) is preferred; fractional ms round"
         );
+        // The misspelling `charsDurationsMs` is not the service's: no durations, no alignment.
+        let misspelt = format!(
+            r#"{{"audio":"{b64}","alignment":{{"chars":["H"],"charStartTimesMs":[0],"charsDurationsMs":[3]}}}}"#
+        );
+        let ragged = format!(
+            r#"{{"audio":"{b64}","alignment":{{"chars":["H","i"],"charStartTimesMs":[0],"charDurationsMs":[3,4]}}}}"#
+        );
+        let garbage = format!(r#"{{"audio":"{b64}","alignment":{{"chars":"Hi"}}}}"#);
+        for m in [format!(r#"{{"audio":"{b64}"}}"#), misspelt, ragged, garbage] {
+            assert_eq!(
+                parse_server_message(&m),
+                ServerEvent::Audio {
+                    bytes: vec![1, 2, 3],
+                    alignment: None,
+                    is_final: false
+                },
+                "{m}"
+            );
+        }
         assert_eq!(
             parse_server_message(r#"{"isFinal":true}"#),
             ServerEvent::Final
@@ -281,7 +381,10 @@ mod tests {
     #[test]
     fn error_bodies_parse_in_both_shapes() {
         let body = br#"{"detail":{"status":"quota_exceeded","message":"This request exceeds your quota of 10000."}}"#;
-        let TtsError::Status { status, message } = parse_error_body(401, body) else {
+        let TtsError::Status {
+            status, message, ..
+        } = parse_error_body(401, body)
+        else {
             panic!()
         };
         assert_eq!(status, 401);
@@ -291,7 +394,10 @@ mod tests {
         );
         let body =
             br#"{"detail":[{"loc":["body","text"],"msg":"Field required","type":"missing"}]}"#;
-        let TtsError::Status { status, message } = parse_error_body(422, body) else {
+        let TtsError::Status {
+            status, message, ..
+        } = parse_error_body(422, body)
+        else {
             panic!()
         };
         assert_eq!(
@@ -307,6 +413,15 @@ mod tests {
             panic!()
         };
         assert_eq!(message, "no body");
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        assert_eq!(retry_after_ms(Some("2")), Some(2_000));
+        assert_eq!(retry_after_ms(Some(" 0.5 ")), Some(500));
+        assert_eq!(retry_after_ms(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        assert_eq!(retry_after_ms(Some("-1")), None);
+        assert_eq!(retry_after_ms(None), None);
     }
 
     #[test]

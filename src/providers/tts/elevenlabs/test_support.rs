@@ -37,6 +37,7 @@ pub(crate) fn fast() -> FakeElevenLabsConfig {
         realtime_factor: 50.0,
         chunk_ms: 100,
         fault: TtsFault::None,
+        max_concurrent: 0,
     }
 }
 
@@ -96,11 +97,22 @@ pub(crate) async fn recv(audio: &mut mpsc::Receiver<TtsOutput>) -> Option<TtsOut
     timeout(GUARD, audio.recv()).await.expect("hang guard")
 }
 
-/// All audio up to the end marker.
+/// All audio up to the end marker (alignments skipped).
 pub(crate) async fn collect(
     audio: &mut mpsc::Receiver<TtsOutput>,
 ) -> (Vec<i16>, usize, Option<TtsOutput>) {
-    let (mut pcm, mut chunks) = (Vec::new(), 0);
+    let (pcm, chunks, _, end) = collect_aligned(audio).await;
+    (pcm, chunks, end)
+}
+
+/// One character's timing: (character, start ms, duration ms), from the stream's start.
+pub(crate) type CharTiming = (String, u32, u32);
+
+/// All audio and alignment up to the end marker.
+pub(crate) async fn collect_aligned(
+    audio: &mut mpsc::Receiver<TtsOutput>,
+) -> (Vec<i16>, usize, Vec<CharTiming>, Option<TtsOutput>) {
+    let (mut pcm, mut chunks, mut timings) = (Vec::new(), 0, Vec::new());
     loop {
         match recv(audio).await {
             Some(TtsOutput::Audio(s)) => {
@@ -108,7 +120,21 @@ pub(crate) async fn collect(
                 chunks += 1;
                 pcm.extend_from_slice(&s);
             }
-            end => return (pcm, chunks, end),
+            Some(TtsOutput::Alignment {
+                chars,
+                start_ms,
+                duration_ms,
+            }) => {
+                assert!(chars.len() == start_ms.len() && chars.len() == duration_ms.len());
+                timings.extend(
+                    chars
+                        .into_iter()
+                        .zip(start_ms)
+                        .zip(duration_ms)
+                        .map(|((c, s), d)| (c, s, d)),
+                );
+            }
+            end => return (pcm, chunks, timings, end),
         }
     }
 }
@@ -131,6 +157,7 @@ pub(crate) async fn synthesize_all(
     while let Some(out) = audio.recv().await {
         match out {
             TtsOutput::Audio(samples) => pcm.extend_from_slice(&samples),
+            TtsOutput::Alignment { .. } => {}
             TtsOutput::Done => return Ok(pcm),
             TtsOutput::Failed(msg) => return Err(crate::providers::tts::TtsError::Transport(msg)),
         }

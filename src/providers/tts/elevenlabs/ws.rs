@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::messages::{
-    CHUNK_LENGTH_SCHEDULE, ServerEvent, close_message, flush_message, init_message,
-    keepalive_message, parse_error_body, parse_server_message, text_message,
+    CHUNK_LENGTH_SCHEDULE, CharTimes, ServerEvent, close_message, flush_message, init_message,
+    keepalive_message, parse_error_body, parse_server_message, retry_after_ms, text_message,
 };
 use super::{
     DEFAULT_CONNECT_TIMEOUT, ElevenLabs, duration_ms, endpoint_url, output_format_for, spawn_driver,
@@ -96,6 +96,8 @@ impl ElevenLabs {
                 text_rx,
                 audio_tx,
                 decoder: AudioDecoder::new(format),
+                rate: format.sample_rate(),
+                samples_out: 0,
                 outbound: Outbound::new(Instant::now()),
                 deadline_after,
                 call_id: params.call_id,
@@ -109,7 +111,20 @@ fn upgrade_error(e: tungstenite::Error) -> TtsError {
     match e {
         tungstenite::Error::Http(resp) => {
             let body = resp.body().as_deref().unwrap_or_default();
-            parse_error_body(resp.status().as_u16(), body)
+            match parse_error_body(resp.status().as_u16(), body) {
+                TtsError::Status {
+                    status, message, ..
+                } => TtsError::Status {
+                    status,
+                    message,
+                    retry_after_ms: retry_after_ms(
+                        resp.headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok()),
+                    ),
+                },
+                other => other,
+            }
         }
         other => TtsError::Transport(format!("websocket connect: {other}")),
     }
@@ -179,6 +194,10 @@ struct WsDriver {
     text_rx: mpsc::Receiver<TtsInput>,
     audio_tx: mpsc::Sender<TtsOutput>,
     decoder: AudioDecoder,
+    /// The decoded audio's sample rate.
+    rate: u32,
+    /// Samples handed out so far: where the next message's alignment starts.
+    samples_out: u64,
     outbound: Outbound,
     deadline_after: Duration,
     call_id: String,
@@ -221,14 +240,33 @@ impl WsDriver {
             .map_err(|e| WsEnd::Failed(format!("sending text to ElevenLabs: {e}")))
     }
 
-    async fn emit(&mut self, samples: Vec<i16>) -> Result<(), WsEnd> {
-        if samples.is_empty() {
-            return Ok(());
+    /// Hands out one message's audio, then its alignment moved from the message's own time
+    /// base to the stream's (the audio handed out before it).
+    async fn emit(&mut self, samples: Vec<i16>, alignment: Option<CharTimes>) -> Result<(), WsEnd> {
+        let offset_ms = self.samples_out * 1000 / u64::from(self.rate.max(1));
+        if !samples.is_empty() {
+            self.samples_out += samples.len() as u64;
+            self.audio_tx
+                .send(TtsOutput::Audio(samples))
+                .await
+                .map_err(|_| WsEnd::Cancelled)?;
         }
-        self.audio_tx
-            .send(TtsOutput::Audio(samples))
-            .await
-            .map_err(|_| WsEnd::Cancelled)
+        if let Some(a) = alignment {
+            let offset = u32::try_from(offset_ms).unwrap_or(u32::MAX);
+            self.audio_tx
+                .send(TtsOutput::Alignment {
+                    chars: a.chars,
+                    start_ms: a
+                        .start_ms
+                        .into_iter()
+                        .map(|t| t.saturating_add(offset))
+                        .collect(),
+                    duration_ms: a.duration_ms,
+                })
+                .await
+                .map_err(|_| WsEnd::Cancelled)?;
+        }
+        Ok(())
     }
 
     async fn drive(&mut self) -> WsEnd {
@@ -271,10 +309,10 @@ impl WsDriver {
                     let frame = frame.map_err(|e| WsEnd::Failed(format!("ElevenLabs websocket: {e}")))?;
                     match frame {
                         Message::Text(text) => match parse_server_message(text.as_str()) {
-                            ServerEvent::Audio { bytes, is_final } => {
+                            ServerEvent::Audio { bytes, alignment, is_final } => {
                                 got_audio = true;
                                 let samples = self.decoder.decode(&bytes);
-                                self.emit(samples).await?;
+                                self.emit(samples, alignment).await?;
                                 if is_final {
                                     return Ok(self.final_received());
                                 }
@@ -443,6 +481,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn websocket_alignment_follows_the_audio_in_stream_time() {
+        let (_srv, el) = start(fast(), TtsTransport::Websocket, OutputFormat::Pcm8000, KEY).await;
+        // Two clauses: two generations, each of several messages whose alignment times
+        // restart at 0 (relative to the message's audio).
+        let clauses = [
+            "Selamat pagi, terima kasih.",
+            "Ada apa yang boleh saya bantu?",
+        ];
+        let mut stream = open_and_send(&el, 8_000, &clauses, true).await;
+        let (pcm, chunks, timings, end) = collect_aligned(&mut stream.audio).await;
+        assert_eq!(end, Some(TtsOutput::Done));
+        assert!(chunks > 4, "{chunks}");
+        let spoken: String = timings.iter().map(|(c, _, _)| c.as_str()).collect();
+        assert_eq!(spoken.trim_end(), clauses.join(" "));
+        // Every character starts where the fake's speech for the text before it ends.
+        let mut expected_start = 0u32;
+        for (i, (c, start, duration)) in timings.iter().enumerate() {
+            assert_eq!(*start, expected_start, "char {i} {c:?}");
+            expected_start += duration;
+        }
+        let audio_ms = u32::try_from(pcm.len() / 8).unwrap();
+        assert_eq!(
+            expected_start, audio_ms,
+            "the alignment covers all the audio"
+        );
+        let p = spoken.find("pagi").unwrap();
+        assert_eq!(timings[p].1, 7 * 65, "\"pagi\" starts after \"Selamat \"");
+    }
+
+    #[tokio::test]
     async fn websocket_bad_key_is_status_401() {
         let (srv, el) = start(
             fast(),
@@ -455,6 +523,7 @@ mod tests {
             Err(TtsError::Status {
                 status: 401,
                 message,
+                ..
             }) => assert!(message.contains("invalid_api_key"), "{message}"),
             other => panic!("expected 401, got {other:?}"),
         }
@@ -514,7 +583,10 @@ mod tests {
         drop(text);
         // The stream stops without Done or Failed...
         while let Some(out) = recv(&mut audio).await {
-            assert!(matches!(out, TtsOutput::Audio(_)), "unexpected {out:?}");
+            assert!(
+                matches!(out, TtsOutput::Audio(_) | TtsOutput::Alignment { .. }),
+                "unexpected {out:?}"
+            );
         }
         // ...and the service sees the client go away.
         timeout(GUARD, async {

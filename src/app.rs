@@ -98,7 +98,10 @@ pub async fn behaviour(
                 hold: a.hold_prompt.clone(),
                 still_there: a.still_there_prompt.clone(),
             };
-            let prompts = Arc::new(PromptCache::new(texts.clone(), Arc::clone(&tts)));
+            let prompts = Arc::new(
+                PromptCache::new(texts.clone(), Arc::clone(&tts))
+                    .with_max_concurrency(settings.tts.max_concurrency),
+            );
             // Cache the phrases before taking calls, so the first caller hears the greeting in
             // the first frame; if TTS is slow or down, start anyway (calls synthesize live).
             let preload = Arc::clone(&prompts);

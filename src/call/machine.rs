@@ -149,6 +149,14 @@ pub enum ReplyEvent {
     Text(String),
     /// Synthesized audio at the call rate.
     Audio(Vec<i16>),
+    /// Which characters the audio so far speaks: each character and when it starts, ms from
+    /// the start of the reply's audio.
+    Alignment {
+        /// The characters as the TTS service reported them.
+        chars: Vec<String>,
+        /// Start of each.
+        start_ms: Vec<u32>,
+    },
     /// The model asked to end the call after this reply.
     EndCall,
     /// Token usage and cost.
@@ -275,6 +283,9 @@ struct Spoken {
     /// Samples the caller heard before this utterance id (it resumes an interrupted one).
     heard_before: usize,
     entry: Option<EntryId>,
+    /// The TTS service's alignment: each character and when it starts (ms from the start of
+    /// the audio), when the transport reports it.
+    aligned: Vec<(String, u32)>,
 }
 
 /// An utterance stopped by an interruption that may turn out to carry no words.
@@ -1130,6 +1141,7 @@ impl CallMachine {
                 samples: 0,
                 heard_before: 0,
                 entry: Some(entry),
+                aligned: Vec::new(),
             },
         );
         self.next_reply += 1;
@@ -1223,6 +1235,11 @@ impl CallMachine {
                     r.held.extend_from_slice(&samples);
                 } else if let Some(p) = self.playout.as_mut() {
                     p.push(u, &samples);
+                }
+            }
+            ReplyEvent::Alignment { chars, start_ms } => {
+                if let Some(s) = a.utterances.get_mut(&r.utterance) {
+                    s.aligned.extend(chars.into_iter().zip(start_ms));
                 }
             }
             ReplyEvent::EndCall => {
@@ -1392,6 +1409,7 @@ impl CallMachine {
                 samples: pcm.len(),
                 heard_before: 0,
                 entry,
+                aligned: Vec::new(),
             },
         );
         if let Some(p) = self.playout.as_mut() {
@@ -1498,7 +1516,14 @@ impl CallMachine {
             return;
         };
         let heard = if interrupted {
-            heard_prefix(&u.text, u.heard_before + p.sent_samples, u.samples.max(1))
+            let heard_samples = u.heard_before + p.sent_samples;
+            let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
+            let heard_ms = (heard_samples * 1000 / rate) as u32;
+            if u.aligned.is_empty() {
+                heard_prefix(&u.text, heard_samples, u.samples.max(1))
+            } else {
+                heard_by_alignment(&u.aligned, heard_ms)
+            }
         } else {
             u.text.trim().to_owned()
         };
@@ -1610,15 +1635,21 @@ impl CallMachine {
                 return;
             }
         }
-        if self
-            .agent
-            .as_ref()
-            .and_then(|a| a.paused.as_ref())
-            .and_then(|p| p.resume_at)
-            .is_some_and(|at| now >= at)
-        {
-            info!("no words came after the interruption; resuming");
-            self.resume(now);
+        if let Some(a) = self.agent.as_mut() {
+            let speaking = a.turns.caller_speaking();
+            if let Some(p) = a
+                .paused
+                .as_mut()
+                .filter(|p| p.resume_at.is_some_and(|at| now >= at))
+            {
+                if speaking {
+                    // Never over the caller: re-armed when they stop.
+                    p.resume_at = None;
+                } else {
+                    info!("no words came after the interruption; resuming");
+                    self.resume(now);
+                }
+            }
         }
         if self.speculate_deadline().is_some_and(|d| now >= d) {
             self.speculate(now);
@@ -1872,9 +1903,47 @@ fn heard_prefix(text: &str, sent: usize, total: usize) -> String {
     }
 }
 
+/// The words the caller heard, from the TTS service's alignment: the characters that had
+/// started by `heard_ms`, cut back to a word boundary unless the word was complete.
+fn heard_by_alignment(aligned: &[(String, u32)], heard_ms: u32) -> String {
+    let n = aligned
+        .iter()
+        .take_while(|(_, start)| *start < heard_ms)
+        .count();
+    let prefix: String = aligned[..n].iter().map(|(c, _)| c.as_str()).collect();
+    let word_complete = aligned
+        .get(n)
+        .is_none_or(|(c, _)| c.chars().all(char::is_whitespace));
+    let prefix = if word_complete {
+        prefix.as_str()
+    } else {
+        prefix
+            .rfind(char::is_whitespace)
+            .map_or("", |i| &prefix[..i])
+    };
+    prefix.trim().to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heard_words_come_from_the_alignment() {
+        let text = "Harga pakej asas ialah tiga puluh ringgit.";
+        // 60 ms a character.
+        let aligned: Vec<(String, u32)> = text
+            .chars()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), i as u32 * 60))
+            .collect();
+        assert_eq!(heard_by_alignment(&aligned, 0), "");
+        // "Harga pakej as" had started: "as" is cut off.
+        assert_eq!(heard_by_alignment(&aligned, 14 * 60), "Harga pakej");
+        // "Harga pakej " had started: both words whole.
+        assert_eq!(heard_by_alignment(&aligned, 12 * 60), "Harga pakej");
+        assert_eq!(heard_by_alignment(&aligned, 10_000), text);
+    }
 
     #[test]
     fn heard_prefix_cuts_at_words() {

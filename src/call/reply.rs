@@ -170,7 +170,9 @@ async fn streamed(
                     send(tx, id, ReplyEvent::Audio(pcm)).await;
                 }
                 Some(TtsOutput::Audio(_)) => {}
-                Some(TtsOutput::Alignment { .. }) => {}
+                Some(TtsOutput::Alignment { chars, start_ms, .. }) => {
+                    send(tx, id, ReplyEvent::Alignment { chars, start_ms }).await;
+                }
                 Some(TtsOutput::Done) => tts_done = true,
                 Some(TtsOutput::Failed(e)) => return Err((Provider::Tts, e)),
                 None if llm_done => tts_done = true,

@@ -105,16 +105,18 @@ enum Flow {
     End(EndReason, Option<String>),
 }
 
-/// Runs one call to its end. Never panics on peer input; always returns a summary.
-pub async fn run(
-    stream: TcpStream,
+/// Runs one call to its end, once its UUID has arrived (the listener reads the UUID, so a
+/// connection holds a call slot only from then on). `started` is when the connection was
+/// accepted. Never panics on peer input; always returns a summary.
+pub async fn serve_call(
+    framed: Framed<TcpStream, ServerCodec>,
+    call_id: Uuid,
     peer: SocketAddr,
+    started: Instant,
     cfg: SessionConfig,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> CallSummary {
-    let started = Instant::now();
-    let mut framed = Framed::new(stream, ServerCodec::new());
     let mut summary = CallSummary {
         call_id: None,
         peer,
@@ -128,38 +130,6 @@ pub async fn run(
         inbound_dropped: 0,
         dtmf: String::new(),
         agent: None,
-    };
-
-    // The first message must be the UUID, promptly.
-    let first = tokio::select! {
-        r = timeout(cfg.first_message_timeout, framed.next()) => r,
-        () = shutdown.cancelled() => {
-            summary.reason = EndReason::Shutdown;
-            return finish(summary, started, &metrics);
-        }
-    };
-    let call_id = match first {
-        Err(_) => {
-            summary.detail = Some(format!("no UUID within {:?}", cfg.first_message_timeout));
-            return finish(summary, started, &metrics);
-        }
-        Ok(None) => {
-            summary.reason = EndReason::CallerHangup;
-            summary.detail = Some("closed before sending a UUID".into());
-            return finish(summary, started, &metrics);
-        }
-        Ok(Some(Err(e))) => {
-            summary.reason = EndReason::ProtocolError;
-            summary.detail = Some(e.to_string());
-            return finish(summary, started, &metrics);
-        }
-        Ok(Some(Ok(Inbound::Uuid(id)))) => id,
-        Ok(Some(Ok(other))) => {
-            // The codec only yields a UUID first; anything else is an error above.
-            summary.reason = EndReason::ProtocolError;
-            summary.detail = Some(format!("unexpected first message {other:?}"));
-            return finish(summary, started, &metrics);
-        }
     };
     summary.call_id = Some(call_id);
     metrics.frames_in(1);

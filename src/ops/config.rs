@@ -107,6 +107,8 @@ pub struct AudioSocketSettings {
     pub first_message_timeout_ms: u64,
     /// Drain time on shutdown, seconds.
     pub shutdown_grace_secs: u64,
+    /// Cap on connections still waiting for their UUID (they hold no call slot).
+    pub max_pending: usize,
 }
 
 /// `[admin]`
@@ -115,6 +117,11 @@ pub struct AudioSocketSettings {
 pub struct AdminSettings {
     /// Listen address of the admin HTTP server.
     pub listen: SocketAddr,
+    /// A request's headers must arrive within this, ms; also closes idle keep-alive
+    /// connections.
+    pub header_timeout_ms: u64,
+    /// Cap on open admin connections (lowered further under a low open-file limit).
+    pub max_connections: usize,
 }
 
 /// Log output format.
@@ -393,6 +400,18 @@ impl Settings {
         };
         if self.audiosocket.max_calls == 0 {
             return bad("audiosocket.max_calls", "must be at least 1");
+        }
+        if self.audiosocket.max_pending == 0 {
+            return bad("audiosocket.max_pending", "must be at least 1");
+        }
+        if self.admin.max_connections == 0 {
+            return bad("admin.max_connections", "must be at least 1");
+        }
+        if !(100..=600_000).contains(&self.admin.header_timeout_ms) {
+            return bad(
+                "admin.header_timeout_ms",
+                "must be between 100 and 600000",
+            );
         }
         if self.audiosocket.allow.is_empty() {
             return bad(

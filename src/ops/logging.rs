@@ -575,10 +575,10 @@ mod tests {
         tracing::subscriber::set_global_default(sub).unwrap();
         install_panic_hook();
         let span = tracing::info_span!("call", call_id = "6f1c2a4e-0000-4000-8000-000000000007");
-        let caught = std::panic::catch_unwind(|| {
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _g = span.enter();
             panic!("agent state {} broke", 3);
-        });
+        }));
         assert!(caught.is_err());
         let _ = std::panic::take_hook();
         println!("CHILD-LOG-BEGIN\n{}CHILD-LOG-END", buf.text());

@@ -618,13 +618,14 @@ mod tests {
         wait_for(path.clone(), 1).await;
         std::fs::rename(&path, &rotated).unwrap();
         sink.reopen();
-        sink.submit(record(2));
+        let second = record(2);
+        sink.submit(second.clone());
         sink.close(Duration::from_secs(30)).await;
         let old = std::fs::read_to_string(&rotated).unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
         assert_eq!(old.lines().count(), 1, "{old}");
         assert_eq!(new.lines().count(), 1, "{new}");
-        assert_eq!(serde_json::from_str::<CallRecord>(new.trim()).unwrap(), record(2));
+        assert_eq!(serde_json::from_str::<CallRecord>(new.trim()).unwrap(), second);
         let _ = std::fs::remove_dir_all(dir);
     }
 

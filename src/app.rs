@@ -299,11 +299,14 @@ pub async fn run_controlled(
     systemd::notify_ready();
     let stopping = {
         let shutdown = shutdown.clone();
-        let stop_now = stop_now.clone();
-        let handle = server_handle.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
             systemd::notify_stopping();
+        })
+    };
+    let hurry = {
+        let handle = server_handle.clone();
+        tokio::spawn(async move {
             stop_now.cancelled().await;
             handle.stop_now();
         })
@@ -319,7 +322,8 @@ pub async fn run_controlled(
         ))
     });
     server.run(listener, on_end, shutdown).await;
-    stopping.abort();
+    let _ = stopping.await;
+    hurry.abort();
     if let Some(r) = reloader {
         r.abort();
     }

@@ -794,4 +794,154 @@ mod tests {
         assert_eq!(s.sources, 5000);
         assert_eq!(s.total, 5000);
     }
+
+    #[test]
+    fn default_drain_fits_inside_the_units_stop_timeout() {
+        let unit = include_str!("../deploy/sifucall.service");
+        let stop: u64 = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the unit sets TimeoutStopSec in seconds");
+        let defaults: toml_grace::Defaults = toml_grace::parse(crate::ops::config::DEFAULT_TOML);
+        let worst = Duration::from_secs(defaults.grace) + HANGUP_DEADLINE;
+        // Leave systemd at least 10 s of margin (records flush, slow exit) before SIGKILL.
+        assert!(
+            worst + Duration::from_secs(10) <= Duration::from_secs(stop),
+            "drain {worst:?} vs TimeoutStopSec={stop}"
+        );
+    }
+
+    mod toml_grace {
+        pub(super) struct Defaults {
+            pub(super) grace: u64,
+        }
+        pub(super) fn parse(toml: &str) -> Defaults {
+            let grace = toml
+                .lines()
+                .find_map(|l| l.strip_prefix("shutdown_grace_secs"))
+                .and_then(|r| r.trim().strip_prefix('='))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("default.toml sets shutdown_grace_secs");
+            Defaults { grace }
+        }
+    }
+
+    // ---- a panic in one call -------------------------------------------------------------
+    // Uses today's `AgentFactory` to inject the panic inside the call task; adapt the
+    // factory when the agent API changes, the assertions stay.
+
+    use crate::call::agent::{AgentCommand, AgentFactory, AgentHandle, AgentInput, CallInfo};
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::AsyncReadExt as _;
+
+    #[derive(Default)]
+    struct PanicOnce {
+        panicked: AtomicBool,
+        keep: Mutex<Vec<(tokio::sync::mpsc::Receiver<AgentInput>, tokio::sync::mpsc::Sender<AgentCommand>)>>,
+    }
+
+    impl AgentFactory for PanicOnce {
+        fn start(&self, _call: CallInfo, _cancel: CancellationToken) -> AgentHandle {
+            if !self.panicked.swap(true, Ordering::SeqCst) {
+                panic!("injected agent panic");
+            }
+            let (input, input_rx) = tokio::sync::mpsc::channel(8);
+            let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
+            self.keep.lock().unwrap().push((input_rx, commands_tx));
+            AgentHandle {
+                input,
+                commands,
+                initial: Vec::new(),
+                report: None,
+            }
+        }
+    }
+
+    /// Sends a UUID and one audio frame; returns the stream.
+    async fn call(addr: SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut msg = vec![0x01, 0, 16];
+        msg.extend_from_slice(Uuid::new_v4().as_bytes());
+        msg.extend_from_slice(&[0x10, 1, 64]);
+        msg.extend_from_slice(&[0; 320]);
+        s.write_all(&msg).await.unwrap();
+        s
+    }
+
+    /// Reads whole frames until `want` of them arrived or the stream closed; returns kinds.
+    async fn read_kinds(s: &mut TcpStream, want: usize) -> Vec<u8> {
+        let mut kinds = Vec::new();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let guard = tokio::time::Instant::now() + Duration::from_secs(10);
+        while kinds.len() < want {
+            let n = tokio::time::timeout_at(guard, s.read(&mut chunk))
+                .await
+                .expect("frames or close within the guard")
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 3 {
+                let len = usize::from(u16::from_be_bytes([buf[1], buf[2]]));
+                if buf.len() < 3 + len {
+                    break;
+                }
+                kinds.push(buf[0]);
+                buf.drain(..3 + len);
+            }
+        }
+        kinds
+    }
+
+    #[tokio::test]
+    async fn a_panic_ends_only_its_own_call_and_frees_its_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut c = cfg(&["127.0.0.0/8"]);
+        c.max_calls = 2;
+        c.session.behaviour = Behaviour::Agent(Arc::new(PanicOnce::default()));
+        let (tx, mut summaries) = tokio::sync::mpsc::unbounded_channel();
+        let on_end: OnCallEnd = Arc::new(move |s| {
+            let _ = tx.send(s);
+        });
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            c,
+            Arc::clone(&metrics),
+            ReadyFlag::new(),
+            Some(on_end),
+            shutdown.clone(),
+        ));
+
+        let mut panicking = call(addr).await;
+        assert_eq!(
+            read_kinds(&mut panicking, usize::MAX).await,
+            vec![0],
+            "the panicking call gets a hangup, then EOF"
+        );
+        let s = summaries.recv().await.unwrap();
+        assert_eq!(s.reason, EndReason::InternalError);
+        assert!(s.call_id.is_some());
+        assert!(s.detail.unwrap().contains("injected agent panic"));
+        assert_eq!(metrics.active_calls(), 0);
+        assert_eq!(
+            metrics.sample("sifucall_calls_total{end_reason=\"internal_error\"}"),
+            Some(1.0)
+        );
+
+        // Both slots are free again: two more calls run side by side.
+        let mut a = call(addr).await;
+        let mut b = call(addr).await;
+        assert!(read_kinds(&mut a, 5).await.iter().all(|k| *k == 0x10));
+        assert!(read_kinds(&mut b, 5).await.iter().all(|k| *k == 0x10));
+        assert_eq!(metrics.active_calls(), 2);
+        shutdown.cancel();
+        drop((a, b));
+        task.await.unwrap();
+    }
 }

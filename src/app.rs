@@ -22,8 +22,8 @@ use crate::call::prompts::{PromptCache, PromptTexts};
 use crate::call::session::{Behaviour, CallSummary, SessionConfig};
 use crate::call::turn::TurnConfig;
 use crate::ops::admin::{self, AdminLimits, AdminState, ReadyFlag};
-use crate::ops::logging::{self, LevelChange};
 use crate::ops::config::{AgentMode, Settings};
+use crate::ops::logging::{self, LevelChange};
 use crate::ops::metrics::Metrics;
 use crate::ops::records::{CallRecord, RecordSink};
 use crate::ops::systemd;
@@ -374,7 +374,9 @@ async fn reload_loop(
         systemd::notify_reloading();
         records.reopen();
         match loader() {
-            Err(e) => error!(error = %e, "reload: the configuration is invalid; keeping the running one"),
+            Err(e) => {
+                error!(error = %e, "reload: the configuration is invalid; keeping the running one")
+            }
             Ok(new) => {
                 if let Err(e) = apply_reload(&current, &new, &server, &metrics).await {
                     error!(error = %e, "reload: keeping the running configuration");

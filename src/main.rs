@@ -173,7 +173,9 @@ fn load_with_logs(
         Err(e @ LoggingError::Filter { .. }) => {
             // The filter cannot be trusted, so say it through one at the default level.
             match logging::init_with_filter(settings.log.format, "info") {
-                Ok(_guard) => tracing::error!(error = %e, "configuration error: invalid log filter"),
+                Ok(_guard) => {
+                    tracing::error!(error = %e, "configuration error: invalid log filter")
+                }
                 Err(_) => eprintln!("sifucall: configuration error: {e}"),
             }
             Err(ExitCode::from(2))
@@ -317,10 +319,16 @@ fn handle_signals(loader: Option<sifucall::app::Loader>) -> anyhow::Result<sifuc
                 }
             };
             if s.is_cancelled() {
-                tracing::warn!(signal = name, "second stop signal: hanging up every call now");
+                tracing::warn!(
+                    signal = name,
+                    "second stop signal: hanging up every call now"
+                );
                 n.cancel();
             } else {
-                tracing::info!(signal = name, "stop signal: draining (send it again to hang up at once)");
+                tracing::info!(
+                    signal = name,
+                    "stop signal: draining (send it again to hang up at once)"
+                );
                 s.cancel();
             }
         }

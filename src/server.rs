@@ -102,7 +102,9 @@ impl Slots {
     fn try_take(&self) -> bool {
         let max = self.max.load(Ordering::SeqCst);
         self.used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -758,10 +760,12 @@ mod tests {
                 alone += 1;
             }
         }
-        assert!(log.record("10.0.0.1".parse().unwrap(), RefuseReason::OverCapacity) == false);
+        assert!(!log.record("10.0.0.1".parse().unwrap(), RefuseReason::OverCapacity));
         assert_eq!(alone, REFUSALS_LOGGED_ALONE);
         assert_eq!(log.take_summary(t0 + Duration::from_secs(9), false), None);
-        let s = log.take_summary(t0 + Duration::from_secs(10), false).unwrap();
+        let s = log
+            .take_summary(t0 + Duration::from_secs(10), false)
+            .unwrap();
         assert_eq!(s.total, 1001);
         assert_eq!(s.sources, 51);
         assert_eq!(s.top.len(), 5);
@@ -838,7 +842,12 @@ mod tests {
     #[derive(Default)]
     struct PanicOnce {
         panicked: AtomicBool,
-        keep: Mutex<Vec<(tokio::sync::mpsc::Receiver<AgentInput>, tokio::sync::mpsc::Sender<AgentCommand>)>>,
+        keep: Mutex<
+            Vec<(
+                tokio::sync::mpsc::Receiver<AgentInput>,
+                tokio::sync::mpsc::Sender<AgentCommand>,
+            )>,
+        >,
     }
 
     impl AgentFactory for PanicOnce {

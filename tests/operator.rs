@@ -260,7 +260,10 @@ impl PacedCall {
 
     async fn hang_up(self) -> Vec<Frame> {
         self.stop.cancel();
-        let peer = tokio::time::timeout(GUARD, self.task).await.unwrap().unwrap();
+        let peer = tokio::time::timeout(GUARD, self.task)
+            .await
+            .unwrap()
+            .unwrap();
         peer.assert_no_violations();
         drop(peer);
         self.frames.lock().unwrap().clone()
@@ -338,7 +341,11 @@ async fn sighup_reloads_without_dropping_the_call() {
     // The running call is untouched: frames keep coming, no hangup.
     let at_reload = first.count();
     first.wait_frames(at_reload + 50).await;
-    assert!(!first.kinds().contains(&0), "no hangup: {:?}", first.kinds());
+    assert!(
+        !first.kinds().contains(&0),
+        "no hangup: {:?}",
+        first.kinds()
+    );
 
     // max_calls is now 1 and the first call holds it: a second call gets a hangup.
     // (Twice: the first refusal from a source is a WARN, later ones are DEBUG lines.)
@@ -354,9 +361,11 @@ async fn sighup_reloads_without_dropping_the_call() {
         );
     }
     // The new level is in force: the second refusal is logged at DEBUG by the listener.
-    let debug_after = d.json_lines().iter().skip(before_reload).any(|v| {
-        v["level"] == "DEBUG" && v["target"].as_str() == Some("sifucall::server")
-    });
+    let debug_after = d
+        .json_lines()
+        .iter()
+        .skip(before_reload)
+        .any(|v| v["level"] == "DEBUG" && v["target"].as_str() == Some("sifucall::server"));
     let r = http_get(admin, "/readyz").await;
     assert!(r.ends_with("full"), "readyz at the cap: {r}");
 
@@ -366,7 +375,10 @@ async fn sighup_reloads_without_dropping_the_call() {
     d.signal(libc::SIGHUP);
     let bad = d.wait_for("keeping the running", before_bad).await;
     assert_eq!(bad["level"], "ERROR", "{bad}");
-    assert!(bad["error"].as_str().unwrap().contains("max_calls"), "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("max_calls"),
+        "{bad}"
+    );
     let at_bad = first.count();
     first.wait_frames(at_bad + 25).await;
 
@@ -434,9 +446,7 @@ async fn second_sigterm_ends_the_drain_at_once() {
         "the call got its hangup"
     );
     assert!(
-        d.lines()
-            .iter()
-            .any(|l| l.contains("second stop signal")),
+        d.lines().iter().any(|l| l.contains("second stop signal")),
         "{}",
         d.lines().join("\n")
     );
@@ -548,7 +558,10 @@ async fn idle_admin_connections_do_not_starve_calls() {
     let deadline = Instant::now() + GUARD;
     loop {
         let lines = d.lines();
-        if lines.iter().any(|l| l.contains("admin connections at their cap")) {
+        if lines
+            .iter()
+            .any(|l| l.contains("admin connections at their cap"))
+        {
             break;
         }
         assert!(Instant::now() < deadline, "{}", lines.join("\n"));
@@ -558,10 +571,7 @@ async fn idle_admin_connections_do_not_starve_calls() {
         let call = PacedCall::start(addr).await;
         call.wait_frames(5).await;
         let frames = call.hang_up().await;
-        assert!(
-            frames.iter().all(|f| f.kind == 0x10),
-            "echoed, not refused"
-        );
+        assert!(frames.iter().all(|f| f.kind == 0x10), "echoed, not refused");
     }
     assert!(
         !d.lines().iter().any(|l| l.contains("accept failed")),
@@ -667,7 +677,9 @@ async fn dual_stack_listener_admits_ipv4_peers() {
     let listener = match tokio::net::TcpListener::bind("[::]:0").await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("note: skipping dual_stack_listener_admits_ipv4_peers: cannot bind [::] ({e})");
+            eprintln!(
+                "note: skipping dual_stack_listener_admits_ipv4_peers: cannot bind [::] ({e})"
+            );
             return;
         }
     };

@@ -430,9 +430,11 @@ mod tests {
     async fn get(addr: std::net::SocketAddr, path: &str) -> String {
         use tokio::io::AsyncWriteExt as _;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned()
     }
 
@@ -457,7 +459,10 @@ mod tests {
             .await
             .unwrap();
         let got = String::from_utf8_lossy(&read_until_closed(&mut keep).await).into_owned();
-        assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("ok"), "{got}");
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.ends_with("ok"),
+            "{got}"
+        );
         token.cancel();
         task.await.unwrap().unwrap();
     }

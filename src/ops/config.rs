@@ -408,10 +408,7 @@ impl Settings {
             return bad("admin.max_connections", "must be at least 1");
         }
         if !(100..=600_000).contains(&self.admin.header_timeout_ms) {
-            return bad(
-                "admin.header_timeout_ms",
-                "must be between 100 and 600000",
-            );
+            return bad("admin.header_timeout_ms", "must be between 100 and 600000");
         }
         if self.audiosocket.allow.is_empty() {
             return bad(

@@ -97,7 +97,10 @@ impl NonBlocking {
             .spawn(move || write_lines(rx, out));
         if let Err(e) = spawned {
             // Without the thread every line is dropped (and counted); say so once.
-            let _ = writeln!(io::stderr(), "sifucall: cannot start the log writer thread: {e}");
+            let _ = writeln!(
+                io::stderr(),
+                "sifucall: cannot start the log writer thread: {e}"
+            );
         }
         (Self { tx: tx.clone() }, LogGuard { tx })
     }
@@ -552,7 +555,10 @@ mod tests {
         }
         drop(guard);
         let written = out.text().lines().count() as u64;
-        assert!(written >= 1, "queued lines are written once the output moves");
+        assert!(
+            written >= 1,
+            "queued lines are written once the output moves"
+        );
         assert!(written + dropped <= 200);
     }
 

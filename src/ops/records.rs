@@ -12,8 +12,8 @@ use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -625,7 +625,10 @@ mod tests {
         let new = std::fs::read_to_string(&path).unwrap();
         assert_eq!(old.lines().count(), 1, "{old}");
         assert_eq!(new.lines().count(), 1, "{new}");
-        assert_eq!(serde_json::from_str::<CallRecord>(new.trim()).unwrap(), second);
+        assert_eq!(
+            serde_json::from_str::<CallRecord>(new.trim()).unwrap(),
+            second
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -550,6 +550,10 @@ mod tests {
         });
         let dropped = dropped_lines() - before;
         assert!(dropped >= 100, "only {dropped} dropped");
+        let exported = crate::ops::metrics::Metrics::new()
+            .sample("sifucall_log_lines_dropped_total")
+            .unwrap();
+        assert!(exported >= dropped as f64, "{exported} exported");
         for _ in 0..1000 {
             let _ = go_tx.send(());
         }

@@ -466,9 +466,11 @@ async fn pending(
             Some(format!("unexpected first message {other:?}")),
         ),
     };
-    shared.metrics.connection_refused(RefuseReason::NoUuid);
+    // Counted and logged in aggregate like refusals: a TCP health check or a peer that
+    // connects and closes in a loop must not write a line per connection.
+    shared.refuse(peer, RefuseReason::NoUuid);
     let summary = summary_without_call(peer, reason, detail, accepted.elapsed());
-    info!(
+    debug!(
         %peer,
         reason = reason.as_str(),
         detail = summary.detail.as_deref().unwrap_or(""),

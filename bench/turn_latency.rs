@@ -67,8 +67,8 @@ use uuid::Uuid;
 
 use sifucall::app::{self, Hooks};
 use sifucall::audio::{pcm, wav};
+use sifucall::call::CallSummary;
 use sifucall::call::clauses::ClauseSplitter;
-use sifucall::call::session::CallSummary;
 use sifucall::ops::config::{AgentMode, Settings};
 use sifucall::providers::stt::azure::AzureStt;
 use sifucall::providers::stt::{SttEvent, SttParams, SttProvider};

@@ -40,7 +40,8 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::audiosocket::{Inbound, ServerCodec};
-use crate::call::session::{self, CallSummary, SessionConfig};
+use crate::call::driver;
+use crate::call::{CallSummary, SessionConfig};
 use crate::ops::admin::ReadyFlag;
 use crate::ops::logging::panic_text;
 use crate::ops::metrics::{EndReason, Metrics, RefuseReason};
@@ -521,7 +522,7 @@ async fn run_call(
     // task panics (its own descriptor is dropped while unwinding).
     let spare = spare_descriptor(framed.get_ref());
     let metrics = Arc::clone(&shared.metrics);
-    let call = session::serve_call(
+    let call = driver::serve_call(
         framed,
         call_id,
         peer,
@@ -530,6 +531,18 @@ async fn run_call(
         Arc::clone(&metrics),
         cancel,
     );
+    // Test seam: a panic inside the call, after the driver counted the call as started.
+    #[cfg(test)]
+    let call = {
+        let m = Arc::clone(&metrics);
+        async move {
+            if tests::should_panic(call_id) {
+                m.call_started();
+                panic!("injected call panic");
+            }
+            call.await
+        }
+    };
     let summary = match AssertUnwindSafe(call).catch_unwind().await {
         Ok(summary) => summary,
         Err(payload) => {
@@ -707,7 +720,7 @@ impl RefusalLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::call::session::Behaviour;
+    use crate::call::Behaviour;
 
     fn cfg(allow: &[&str]) -> ServerConfig {
         ServerConfig {
@@ -718,6 +731,7 @@ mod tests {
             session: SessionConfig {
                 first_message_timeout: Duration::from_secs(1),
                 behaviour: Behaviour::Echo,
+                idle_hangup: None,
             },
         }
     }
@@ -834,46 +848,22 @@ mod tests {
     }
 
     // ---- a panic in one call -------------------------------------------------------------
-    // Uses today's `AgentFactory` to inject the panic inside the call task; adapt the
-    // factory when the agent API changes, the assertions stay.
+    // A test-only seam in `run_call` panics inside the call's future for a chosen UUID,
+    // which is where a panic in the call driver unwinds to.
 
-    use crate::call::agent::{AgentCommand, AgentFactory, AgentHandle, AgentInput, CallInfo};
-    use std::sync::atomic::AtomicBool;
     use tokio::io::AsyncReadExt as _;
 
-    #[derive(Default)]
-    struct PanicOnce {
-        panicked: AtomicBool,
-        keep: Mutex<
-            Vec<(
-                tokio::sync::mpsc::Receiver<AgentInput>,
-                tokio::sync::mpsc::Sender<AgentCommand>,
-            )>,
-        >,
-    }
+    static PANIC_FOR: Mutex<Vec<Uuid>> = Mutex::new(Vec::new());
 
-    impl AgentFactory for PanicOnce {
-        fn start(&self, _call: CallInfo, _cancel: CancellationToken) -> AgentHandle {
-            if !self.panicked.swap(true, Ordering::SeqCst) {
-                panic!("injected agent panic");
-            }
-            let (input, input_rx) = tokio::sync::mpsc::channel(8);
-            let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
-            self.keep.lock().unwrap().push((input_rx, commands_tx));
-            AgentHandle {
-                input,
-                commands,
-                initial: Vec::new(),
-                report: None,
-            }
-        }
+    pub(super) fn should_panic(call_id: Uuid) -> bool {
+        PANIC_FOR.lock().unwrap().contains(&call_id)
     }
 
     /// Sends a UUID and one audio frame; returns the stream.
-    async fn call(addr: SocketAddr) -> TcpStream {
+    async fn call(addr: SocketAddr, id: Uuid) -> TcpStream {
         let mut s = TcpStream::connect(addr).await.unwrap();
         let mut msg = vec![0x01, 0, 16];
-        msg.extend_from_slice(Uuid::new_v4().as_bytes());
+        msg.extend_from_slice(id.as_bytes());
         msg.extend_from_slice(&[0x10, 1, 64]);
         msg.extend_from_slice(&[0; 320]);
         s.write_all(&msg).await.unwrap();
@@ -914,7 +904,6 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let mut c = cfg(&["127.0.0.0/8"]);
         c.max_calls = 2;
-        c.session.behaviour = Behaviour::Agent(Arc::new(PanicOnce::default()));
         let (tx, mut summaries) = tokio::sync::mpsc::unbounded_channel();
         let on_end: OnCallEnd = Arc::new(move |s| {
             let _ = tx.send(s);
@@ -929,7 +918,9 @@ mod tests {
             shutdown.clone(),
         ));
 
-        let mut panicking = call(addr).await;
+        let doomed = Uuid::new_v4();
+        PANIC_FOR.lock().unwrap().push(doomed);
+        let mut panicking = call(addr, doomed).await;
         assert_eq!(
             read_kinds(&mut panicking, usize::MAX).await,
             vec![0],
@@ -938,7 +929,7 @@ mod tests {
         let s = summaries.recv().await.unwrap();
         assert_eq!(s.reason, EndReason::InternalError);
         assert!(s.call_id.is_some());
-        assert!(s.detail.unwrap().contains("injected agent panic"));
+        assert!(s.detail.unwrap().contains("injected call panic"));
         assert_eq!(metrics.active_calls(), 0);
         assert_eq!(
             metrics.sample("sifucall_calls_total{end_reason=\"internal_error\"}"),
@@ -946,8 +937,8 @@ mod tests {
         );
 
         // Both slots are free again: two more calls run side by side.
-        let mut a = call(addr).await;
-        let mut b = call(addr).await;
+        let mut a = call(addr, Uuid::new_v4()).await;
+        let mut b = call(addr, Uuid::new_v4()).await;
         assert!(read_kinds(&mut a, 5).await.iter().all(|k| *k == 0x10));
         assert!(read_kinds(&mut b, 5).await.iter().all(|k| *k == 0x10));
         assert_eq!(metrics.active_calls(), 2);

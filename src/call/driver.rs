@@ -8,6 +8,7 @@
 //! turn, because Asterisk's writes are non-blocking and a server that stops reading ends
 //! the call; input beyond twice real time is dropped and counted, far beyond it ends the
 //! call. A peer that stops reading our frames is noticed from the socket's send queue.
+//! (Why each of these matters to Asterisk: `docs/audiosocket.md`; the design: `docs/call-core.md`.)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -47,7 +47,7 @@ const ECHO_REFERENCE_FRAMES: usize = 16;
 const SILENT_DB: f64 = -120.0;
 /// Caller audio held while the recogniser connects (10 s at 20 ms).
 const STT_BACKLOG_FRAMES: usize = 500;
-/// If the caller never seems to stop after an interruption, resume this much later anyway.
+/// If the VAD never hears the caller stop after an interruption, resume this much later.
 const RESUME_FALLBACK: Duration = Duration::from_secs(2);
 /// Speech samples kept for rewinding at a resume (at 16 kHz, 500 ms).
 const RECENT_SENT_SAMPLES: usize = 8_000;
@@ -301,8 +301,8 @@ struct Paused {
     rest: Vec<i16>,
     /// Where `rest` starts, in samples from the utterance's start.
     rest_from: usize,
-    /// Resume then, unless the caller's words arrive first.
-    resume_at: Instant,
+    /// Resume then, unless the caller's words arrive first (`None` while they talk).
+    resume_at: Option<Instant>,
 }
 
 /// The reply in flight.
@@ -487,7 +487,7 @@ impl CallMachine {
                 },
                 self.reply_silence_deadline(),
                 self.speculate_deadline(),
-                a.paused.as_ref().map(|p| p.resume_at),
+                a.paused.as_ref().and_then(|p| p.resume_at),
             ];
             t = t.into_iter().chain(agent.into_iter().flatten()).min();
         }
@@ -729,6 +729,10 @@ impl CallMachine {
                 debug!(caller_db = level, "caller speaking");
                 a.last_activity = now;
                 a.still_there_asked = false;
+                if let Some(p) = a.paused.as_mut() {
+                    // Never resume over the caller: wait for them to stop again.
+                    p.resume_at = None;
+                }
                 // The caller goes on: a reply started on their last hypothesis is premature.
                 if a.reply.as_ref().is_some_and(|r| r.speculative.is_some()) {
                     self.abandon_speculation("the caller went on talking");
@@ -740,7 +744,7 @@ impl CallMachine {
                 a.last_activity = now;
                 let resume_after = a.cfg.resume_after;
                 if let Some(p) = a.paused.as_mut() {
-                    p.resume_at = at + resume_after;
+                    p.resume_at = Some(at + resume_after);
                 }
             }
             TurnEvent::BargeIn { at } => {
@@ -1570,7 +1574,7 @@ impl CallMachine {
             heard,
             rest,
             rest_from: heard - rewind,
-            resume_at: at + a.cfg.resume_after + RESUME_FALLBACK,
+            resume_at: Some(at + a.cfg.resume_after + RESUME_FALLBACK),
         });
         true
     }
@@ -1623,7 +1627,8 @@ impl CallMachine {
             .agent
             .as_ref()
             .and_then(|a| a.paused.as_ref())
-            .is_some_and(|p| now >= p.resume_at)
+            .and_then(|p| p.resume_at)
+            .is_some_and(|at| now >= at)
         {
             info!("no words came after the interruption; resuming");
             self.resume(now);

@@ -926,3 +926,35 @@ fn a_final_that_differs_cancels_the_speculative_reply_and_starts_again() {
     assert!(report.speculative.wasted_tokens > 0);
     assert_eq!(report.turns.len(), 1, "one turn in the record");
 }
+
+#[test]
+fn after_an_interruption_the_agent_never_resumes_over_a_caller_who_pauses_and_goes_on() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        4000,
+        false,
+    );
+    let t = sim.silence(t, 1000);
+    let voiced = speech();
+    // Talks over the agent, pauses half a second, then talks on for two seconds.
+    let t = sim.caller(t, &voiced[..4800]);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 1);
+    let cut = sim.frames_of(2001);
+    let t = sim.silence(t, 500);
+    let t = sim.caller(t, &voiced[4800..20_800]);
+    assert_eq!(
+        sim.frames_of(2001),
+        cut,
+        "no word of the reply over the caller"
+    );
+    let t = sim.silence(t, 460);
+    sim.final_(t, "Bukan, saya mahu tahu harga pakej asas.");
+    assert_eq!(sim.replies.len(), 2);
+    assert_eq!(sim.m.report().unwrap().resumes, 0);
+}

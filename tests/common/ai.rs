@@ -180,6 +180,10 @@ pub fn settings() -> Settings {
     s.agent.apology = APOLOGY.into();
     s.agent.hold_prompt = HOLD.into();
     s.agent.hold_after_ms = 5_000;
+    // The fake's hypotheses are word prefixes of its transcripts, so a reply started on one
+    // is always thrown away; tests that count requests turn speculation off (it has tests of
+    // its own).
+    s.agent.speculate_after_ms = 0;
     s.audiosocket.listen = "127.0.0.1:0".parse().unwrap();
     s.admin.listen = "127.0.0.1:0".parse().unwrap();
     s

@@ -1,21 +1,30 @@
 //! Wires the daemon together from [`Settings`]: the AudioSocket listener, the admin server,
 //! systemd notifications, call records and the per-call behaviour. `main` only parses
-//! arguments, loads the configuration, starts logging and calls [`run`].
+//! arguments, loads the configuration, starts logging, turns signals into a [`Control`] and
+//! calls [`run_controlled`].
+//!
+//! A reload (SIGHUP) re-reads the configuration through the same loader as startup and
+//! validates it completely (including building the new per-call behaviour) before anything
+//! changes; an invalid file leaves the daemon as it was and says why. What can change live
+//! does (new calls get it, running calls keep theirs); what cannot is named as "needs
+//! restart". The records file is reopened either way, so logrotate can move it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::call::history::HistoryBudget;
 use crate::call::prompts::{PromptCache, PromptTexts};
 use crate::call::reply::Providers;
 use crate::call::turn::TurnConfig;
 use crate::call::{AgentConfig, AgentSetup, Behaviour, CallSummary, SessionConfig};
-use crate::ops::admin::{self, AdminState, ReadyFlag};
+use crate::ops::admin::{self, AdminLimits, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
+use crate::ops::logging::{self, LevelChange};
 use crate::ops::metrics::Metrics;
 use crate::ops::records::{CallRecord, RecordSink};
 use crate::ops::systemd;
@@ -23,7 +32,7 @@ use crate::providers::llm::openrouter::OpenRouter;
 use crate::providers::stt::azure::AzureStt;
 use crate::providers::tts::TtsProvider;
 use crate::providers::tts::elevenlabs::ElevenLabs;
-use crate::server::{self, OnCallEnd, ServerConfig};
+use crate::server::{OnCallEnd, Server, ServerConfig, ServerHandle};
 
 /// How long startup waits for the greeting and apology to be synthesized.
 const PRELOAD_WAIT: Duration = Duration::from_secs(5);
@@ -181,6 +190,46 @@ pub struct Bound {
     pub admin: std::net::SocketAddr,
 }
 
+/// Re-reads the configuration for a reload, exactly as startup read it.
+pub type Loader = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
+
+/// How the process steers a running daemon (main turns signals into these).
+pub struct Control {
+    /// Start the drain (first SIGTERM or SIGINT).
+    pub shutdown: CancellationToken,
+    /// End the drain at once (a second SIGTERM or SIGINT): calls get their hangup now.
+    pub stop_now: CancellationToken,
+    /// Each message asks for a reload (SIGHUP), using the loader.
+    pub reload: Option<(mpsc::Receiver<()>, Loader)>,
+}
+
+impl Control {
+    /// Only a shutdown token: no reload, no hurry.
+    pub fn shutdown_only(shutdown: CancellationToken) -> Self {
+        Self {
+            shutdown,
+            stop_now: CancellationToken::new(),
+            reload: None,
+        }
+    }
+}
+
+/// The listener settings the configuration asks for, with the given per-call behaviour.
+pub fn server_config(settings: &Settings, behaviour: Behaviour) -> ServerConfig {
+    let a = &settings.audiosocket;
+    ServerConfig {
+        allow: a.allow.clone(),
+        max_calls: a.max_calls,
+        max_pending: a.max_pending,
+        shutdown_grace: Duration::from_secs(a.shutdown_grace_secs),
+        session: SessionConfig {
+            first_message_timeout: Duration::from_millis(a.first_message_timeout_ms),
+            behaviour,
+            idle_hangup: idle_hangup(settings),
+        },
+    }
+}
+
 /// Runs the daemon until `shutdown` fires and every call has drained. `on_bound` is told
 /// the listening addresses once both sockets are bound.
 pub async fn run(
@@ -188,6 +237,21 @@ pub async fn run(
     shutdown: CancellationToken,
     hooks: Hooks,
 ) -> Result<(), StartError> {
+    run_controlled(settings, Control::shutdown_only(shutdown), hooks).await
+}
+
+/// Runs the daemon until `control.shutdown` fires and every call has drained, reloading
+/// the configuration on each `control.reload` message.
+pub async fn run_controlled(
+    settings: Settings,
+    control: Control,
+    hooks: Hooks,
+) -> Result<(), StartError> {
+    let Control {
+        shutdown,
+        stop_now,
+        reload,
+    } = control;
     let listener = TcpListener::bind(settings.audiosocket.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -209,25 +273,20 @@ pub async fn run(
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
-    let cfg = ServerConfig {
-        allow: settings.audiosocket.allow.clone(),
-        max_calls: settings.audiosocket.max_calls,
-        shutdown_grace: Duration::from_secs(settings.audiosocket.shutdown_grace_secs),
-        session: SessionConfig {
-            first_message_timeout: Duration::from_millis(
-                settings.audiosocket.first_message_timeout_ms,
-            ),
-            behaviour,
-            idle_hangup: idle_hangup(&settings),
-        },
-    };
+    let server = Server::new(
+        server_config(&settings, behaviour),
+        Arc::clone(&metrics),
+        ready.clone(),
+    );
+    let server_handle = server.handle();
 
     let admin_stop = CancellationToken::new();
     let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone());
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
-    let admin_task = tokio::spawn(admin::serve(
+    let admin_task = tokio::spawn(admin::serve_with(
         admin_listener,
         admin_state,
+        admin_limits(&settings),
         admin_stop.clone(),
     ));
     let watchdog = tokio::spawn(systemd::watchdog_loop(admin_stop.clone()));
@@ -271,8 +330,29 @@ pub async fn run(
             systemd::notify_stopping();
         })
     };
-    server::serve(listener, cfg, Arc::clone(&metrics), ready, on_end, shutdown).await;
+    let hurry = {
+        let handle = server_handle.clone();
+        tokio::spawn(async move {
+            stop_now.cancelled().await;
+            handle.stop_now();
+        })
+    };
+    let reloader = reload.map(|(rx, loader)| {
+        tokio::spawn(reload_loop(
+            rx,
+            loader,
+            settings.clone(),
+            server_handle.clone(),
+            Arc::clone(&metrics),
+            Arc::clone(&records),
+        ))
+    });
+    server.run(listener, on_end, shutdown).await;
     let _ = stopping.await;
+    hurry.abort();
+    if let Some(r) = reloader {
+        r.abort();
+    }
     records.close(Duration::from_secs(5)).await;
     admin_stop.cancel();
     if let Ok(Err(e)) = admin_task.await {
@@ -281,6 +361,124 @@ pub async fn run(
     let _ = watchdog.await;
     info!("sifucall stopped");
     Ok(())
+}
+
+fn admin_limits(settings: &Settings) -> AdminLimits {
+    let limits = AdminLimits {
+        max_connections: settings.admin.max_connections,
+        header_timeout: Duration::from_millis(settings.admin.header_timeout_ms),
+        ..AdminLimits::default()
+    };
+    match crate::ops::rlimit::raise_nofile_limit() {
+        Ok(nofile) => limits.within_fd_limit(nofile),
+        Err(_) => limits,
+    }
+}
+
+/// Settings that only take effect at startup: a reload that changes them says so.
+const RESTART_ONLY: [&str; 7] = [
+    "audiosocket.listen",
+    "admin.listen",
+    "admin.header_timeout_ms",
+    "admin.max_connections",
+    "log.format",
+    "records.url",
+    "webhook.url",
+];
+
+async fn reload_loop(
+    mut requests: mpsc::Receiver<()>,
+    loader: Loader,
+    mut current: Settings,
+    server: ServerHandle,
+    metrics: Arc<Metrics>,
+    records: Arc<RecordSink>,
+) {
+    while requests.recv().await.is_some() {
+        // Several signals while one reload runs make one more reload, not many.
+        while requests.try_recv().is_ok() {}
+        systemd::notify_reloading();
+        records.reopen();
+        match loader() {
+            Err(e) => {
+                error!(error = %e, "reload: the configuration is invalid; keeping the running one")
+            }
+            Ok(new) => {
+                if let Err(e) = apply_reload(&current, &new, &server, &metrics).await {
+                    error!(error = %e, "reload: keeping the running configuration");
+                } else {
+                    current = new;
+                }
+            }
+        }
+        systemd::notify_ready();
+    }
+}
+
+/// Validates `new` completely, then applies what can change live. On error nothing
+/// changed.
+pub async fn apply_reload(
+    current: &Settings,
+    new: &Settings,
+    server: &ServerHandle,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<String>, String> {
+    logging::parse_filter(&new.log.level, "log.level").map_err(|e| e.to_string())?;
+    let changed = changed_keys(current, new);
+    // Building the behaviour checks the provider settings and caches the new prompts
+    // before any call can use them; running calls keep the one they started with.
+    let behaviour = behaviour(new, metrics)
+        .await
+        .map_err(|e| format!("the new agent settings do not work: {e}"))?;
+    let needs_restart: Vec<&String> = changed
+        .iter()
+        .filter(|k| RESTART_ONLY.contains(&k.as_str()))
+        .collect();
+    if !needs_restart.is_empty() {
+        warn!(
+            keys = ?needs_restart,
+            "reload: these settings changed but need a restart to take effect"
+        );
+    }
+    match logging::set_level(&new.log.level) {
+        Ok(LevelChange::OverriddenByRustLog) if changed.iter().any(|k| k == "log.level") => {
+            warn!("reload: log.level changed but RUST_LOG is set and wins; level unchanged");
+        }
+        Ok(_) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    server.reconfigure(server_config(new, behaviour));
+    info!(
+        changed = ?changed,
+        max_calls = new.audiosocket.max_calls,
+        "configuration reloaded; new calls use it, running calls keep theirs"
+    );
+    Ok(changed)
+}
+
+/// `section.key` names whose values differ (secrets compare as redacted).
+pub fn changed_keys(a: &Settings, b: &Settings) -> Vec<String> {
+    let (Ok(a), Ok(b)) = (serde_json::to_value(a), serde_json::to_value(b)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
+        for (section, av) in a {
+            let bv = b.get(section);
+            match (av.as_object(), bv.and_then(|v| v.as_object())) {
+                (Some(ao), Some(bo)) => {
+                    for (k, x) in ao {
+                        if bo.get(k) != Some(x) {
+                            out.push(format!("{section}.{k}"));
+                        }
+                    }
+                }
+                _ if Some(av) != bv => out.push(section.clone()),
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 /// Turns a call summary into a stored record; calls that never sent a UUID are not calls.

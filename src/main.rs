@@ -161,7 +161,8 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let level = if verbose { "info" } else { "warn" };
-            let _ = sifucall::ops::logging::init(sifucall::ops::config::LogFormat::Pretty, level);
+            let _log_guard =
+                sifucall::ops::logging::init(sifucall::ops::config::LogFormat::Pretty, level);
             let opts = sifucall::demo::DemoOptions {
                 wav_out: wav,
                 ..Default::default()
@@ -173,7 +174,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Sandbox { config } => match load_with_logs(config.as_ref(), false) {
-            Ok(settings) => block_on("sifucall", sandbox(settings)),
+            Ok((settings, _log_guard)) => block_on("sifucall", sandbox(settings)),
             Err(code) => code,
         },
         Command::Call {
@@ -197,17 +198,24 @@ fn main() -> ExitCode {
             block_on("sifucall call", call(opts))
         }
         Command::Run { config } => match load_with_logs(config.as_ref(), true) {
-            Ok(settings) => block_on("sifucall", run(settings)),
+            Ok((settings, _log_guard)) => {
+                let loader = reload_loader(config);
+                block_on("sifucall", run(settings, Some(loader)))
+            }
             Err(code) => code,
         },
     }
 }
 
-/// Loads the configuration, starts logging as it says, and checks the records file and (with
-/// `keys`, for `run`) the API keys, so that these configuration errors exit 2 (which the
-/// unit does not restart) rather than failing later with 1. A busy port is left to `run`
+/// Loads the configuration, starts logging as it says (through the non-blocking writer;
+/// keep the guard until exit), logs panics as JSON lines, and checks the records file and
+/// (with `keys`, for `run`) the API keys, so that these configuration errors exit 2 (which
+/// the unit does not restart) rather than failing later with 1. A busy port is left to `run`
 /// itself: that is usually transient (the old process still draining) and worth a restart.
-fn load_with_logs(config: Option<&PathBuf>, keys: bool) -> Result<Settings, ExitCode> {
+fn load_with_logs(
+    config: Option<&PathBuf>,
+    keys: bool,
+) -> Result<(Settings, sifucall::ops::logging::LogGuard), ExitCode> {
     let settings = load(config)?;
     if let Some(filter) = rust_log() {
         // `EnvFilter` reads an unknown word such as `inf` as a target and logs nothing at all.
@@ -218,14 +226,21 @@ fn load_with_logs(config: Option<&PathBuf>, keys: bool) -> Result<Settings, Exit
             .as_str()]));
         }
     }
-    if let Err(e) = sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
-        return Err(config_errors([e.to_string().as_str()]));
-    }
+    let guard = match sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
+        Ok(guard) => guard,
+        Err(e) => return Err(config_errors([e.to_string().as_str()])),
+    };
+    sifucall::ops::logging::install_panic_hook();
     let problems = settings.preflight(Preflight { keys, bind: false });
     if !problems.is_empty() {
         return Err(config_errors(problems.iter().map(String::as_str)));
     }
-    Ok(settings)
+    Ok((settings, guard))
+}
+
+/// Re-reads the configuration on SIGHUP exactly as startup read it.
+fn reload_loader(config: Option<PathBuf>) -> sifucall::app::Loader {
+    Box::new(move || Settings::load(config.as_deref()).map_err(|e| e.to_string()))
 }
 
 fn fail(what: &str, e: anyhow::Error) -> ExitCode {
@@ -248,17 +263,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+async fn run(settings: Settings, loader: Option<sifucall::app::Loader>) -> anyhow::Result<()> {
+    // Handlers first: from here on SIGHUP and SIGTERM never kill the process outright.
+    let control = handle_signals(loader).context("installing signal handlers")?;
     if let Err(e) = sifucall::ops::rlimit::raise_nofile_limit() {
         tracing::warn!(error = %e, "could not raise the open-file limit");
     }
-    let shutdown = CancellationToken::new();
-    let signals = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        signals.cancel();
-    });
-    sifucall::app::run(settings, shutdown, sifucall::app::Hooks::default()).await?;
+    sifucall::app::run_controlled(settings, control, sifucall::app::Hooks::default()).await?;
     Ok(())
 }
 
@@ -280,7 +291,8 @@ async fn sandbox(mut settings: Settings) -> anyhow::Result<()> {
         settings.audiosocket.listen,
         sifucall::sandbox::SANDBOX_TRANSCRIPTS.len()
     );
-    run(settings).await
+    // A reload would re-read the file and lose the fakes' addresses; not offered here.
+    run(settings, None).await
 }
 
 /// `sifucall call` arguments.
@@ -325,18 +337,52 @@ async fn call(args: CallArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Turns signals into the daemon's controls: the first SIGTERM or SIGINT starts the drain,
+/// a second one ends it at once (calls get their hangup now); SIGHUP asks for a reload
+/// (without a loader it is logged and ignored). Never lets a signal kill the process.
+fn handle_signals(loader: Option<sifucall::app::Loader>) -> anyhow::Result<sifucall::app::Control> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still stops on SIGKILL; keep running.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let shutdown = CancellationToken::new();
+    let stop_now = CancellationToken::new();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+    let can_reload = loader.is_some();
+    let (s, n) = (shutdown.clone(), stop_now.clone());
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    if can_reload {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        let _ = reload_tx.try_send(());
+                    } else {
+                        tracing::warn!("SIGHUP ignored: this mode cannot reload its configuration");
+                    }
+                    continue;
+                }
+            };
+            if s.is_cancelled() {
+                tracing::warn!(
+                    signal = name,
+                    "second stop signal: hanging up every call now"
+                );
+                n.cancel();
+            } else {
+                tracing::info!(
+                    signal = name,
+                    "stop signal: draining (send it again to hang up at once)"
+                );
+                s.cancel();
+            }
+        }
+    });
+    Ok(sifucall::app::Control {
+        shutdown,
+        stop_now,
+        reload: loader.map(|l| (reload_rx, l)),
+    })
 }

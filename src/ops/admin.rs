@@ -4,12 +4,20 @@
 //!
 //! - `GET /healthz`: 200 `ok` while the process serves HTTP at all.
 //! - `GET /readyz`: 200 `ready` when new calls are welcome; 503 `starting` before the daemon
-//!   is up and 503 `draining` once shutdown has begun, so a PBX-side health check can route
-//!   new calls elsewhere while existing calls finish.
+//!   is up, 503 `full` while `audiosocket.max_calls` calls are up, and 503 `draining` once
+//!   shutdown has begun, so a PBX-side health check or a load balancer can route new calls
+//!   elsewhere.
 //! - `GET /metrics`: OpenMetrics text from [`Metrics::render`].
+//!
+//! The admin port shares the process's file descriptors with the calls, so it must never
+//! starve them: connections are capped ([`AdminLimits::max_connections`], over the cap a
+//! connection is closed at once and counted), a request's headers must arrive within
+//! [`AdminLimits::header_timeout`] (which also closes idle keep-alive connections), and no
+//! connection lives longer than [`AdminLimits::max_age`].
 
+use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,8 +25,12 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::metrics::{CONTENT_TYPE, Metrics};
 
@@ -33,9 +45,10 @@ const DRAINING: u8 = 2;
 /// Whether the daemon accepts new calls. Clones share one flag.
 ///
 /// It starts "starting"; [`ReadyFlag::set_ready`]`(true)` makes it ready; `set_ready(false)`
-/// after that means "draining" (shutdown has begun).
+/// after that means "draining" (shutdown has begun). Independently, the listener marks it
+/// full ([`ReadyFlag::set_full`]) while every call slot is taken.
 #[derive(Debug, Clone, Default)]
-pub struct ReadyFlag(Arc<AtomicU8>);
+pub struct ReadyFlag(Arc<AtomicU8>, Arc<AtomicBool>);
 
 impl ReadyFlag {
     /// A flag in the "starting" state.
@@ -58,9 +71,19 @@ impl ReadyFlag {
         }
     }
 
-    /// Whether new calls are welcome.
+    /// Whether new calls are welcome: started, not draining, and not at the call cap.
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst) == READY
+        self.0.load(Ordering::SeqCst) == READY && !self.is_full()
+    }
+
+    /// Marks whether every call slot is taken.
+    pub fn set_full(&self, full: bool) {
+        self.1.store(full, Ordering::SeqCst);
+    }
+
+    /// Whether every call slot is taken.
+    pub fn is_full(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
     }
 
     /// Whether shutdown has begun.
@@ -103,6 +126,8 @@ async fn readyz(State(state): State<AdminState>) -> Response {
         (StatusCode::OK, "ready").into_response()
     } else if state.ready.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if state.ready.is_full() && state.ready.0.load(Ordering::SeqCst) == READY {
+        (StatusCode::SERVICE_UNAVAILABLE, "full").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
     }
@@ -116,27 +141,133 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
-/// Serves the admin routes on `listener` until `shutdown` is cancelled, then lets open
-/// requests finish (at most a few seconds) and returns.
+/// Limits that keep the admin port from holding descriptors or tasks the calls need.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// Open connections at most; more are closed at once.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this; an idle keep-alive connection is closed
+    /// after it too.
+    pub header_timeout: Duration,
+    /// No connection lives longer than this, whatever it does.
+    pub max_age: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            max_age: Duration::from_secs(60),
+        }
+    }
+}
+
+impl AdminLimits {
+    /// Lowers `max_connections` to a sixteenth of the open-file limit (at least 4), so calls
+    /// keep most descriptors whatever the admin port is sent.
+    pub fn within_fd_limit(mut self, nofile: u64) -> Self {
+        let share = usize::try_from(nofile / 16).unwrap_or(usize::MAX).max(4);
+        self.max_connections = self.max_connections.min(share);
+        self
+    }
+}
+
+/// Serves the admin routes on `listener` with the default [`AdminLimits`] until `shutdown`
+/// is cancelled, then lets open requests finish (at most a few seconds) and returns.
 pub async fn serve(
     listener: TcpListener,
     state: AdminState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, AdminLimits::default(), shutdown).await
+}
+
+/// Serves the admin routes on `listener` within `limits` until `shutdown` is cancelled,
+/// then lets open requests finish (at most a few seconds) and returns.
+pub async fn serve_with(
+    listener: TcpListener,
+    state: AdminState,
+    limits: AdminLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "admin HTTP server listening");
+        tracing::info!(%addr, max_connections = limits.max_connections, "admin HTTP server listening");
     }
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let metrics = Arc::clone(&state.metrics);
+    let app = router(state);
+    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let conns = TaskTracker::new();
+    let mut backoff = Duration::from_millis(10);
+    let mut refused_logged = false;
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; calls come first.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&open).try_acquire_owned() else {
+            metrics.admin_connection_refused();
+            if !refused_logged {
+                refused_logged = true;
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "admin connections at their cap; closing new ones (counted in sifucall_admin_connections_refused_total, logged once)"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        conns.spawn(serve_connection(
+            stream,
+            app.clone(),
+            limits,
+            permit,
+            shutdown.clone(),
+        ));
+    }
+    drop(listener);
+    conns.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin HTTP server: connections still open after shutdown grace; closing");
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    limits: AdminLimits,
+    _permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut conn = pin!(conn);
     tokio::select! {
-        r = server => r,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!("admin HTTP server: connections still open after shutdown grace; closing");
-            Ok(())
+        _ = conn.as_mut() => {}
+        () = tokio::time::sleep(limits.max_age) => {}
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
         }
     }
 }
@@ -267,5 +398,133 @@ mod tests {
             .unwrap()
             .unwrap();
         drop(stuck);
+    }
+
+    async fn start_with(
+        limits: AdminLimits,
+    ) -> (
+        std::net::SocketAddr,
+        AdminState,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AdminState::new(Arc::new(Metrics::new()), ReadyFlag::new());
+        let token = CancellationToken::new();
+        let task = tokio::spawn(serve_with(listener, state.clone(), limits, token.clone()));
+        (addr, state, token, task)
+    }
+
+    /// Reads until the server closes; returns what it sent. Panics if it never closes.
+    async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("the server closes the connection")
+            .ok();
+        out
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::AsyncWriteExt as _;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        String::from_utf8_lossy(&read_until_closed(&mut s).await).into_owned()
+    }
+
+    #[tokio::test]
+    async fn half_sent_and_idle_connections_are_closed() {
+        use tokio::io::AsyncWriteExt as _;
+        let (addr, _state, token, task) = start_with(AdminLimits {
+            header_timeout: Duration::from_millis(200),
+            ..AdminLimits::default()
+        })
+        .await;
+        let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        read_until_closed(&mut half).await;
+        read_until_closed(&mut silent).await;
+        // A keep-alive connection that goes idle after a request is closed too.
+        let mut keep = tokio::net::TcpStream::connect(addr).await.unwrap();
+        keep.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = String::from_utf8_lossy(&read_until_closed(&mut keep).await).into_owned();
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.ends_with("ok"),
+            "{got}"
+        );
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_counted() {
+        let (addr, state, token, task) = start_with(AdminLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_secs(60),
+            ..AdminLimits::default()
+        })
+        .await;
+        let idle1 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let idle2 = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The accept loop may not have taken both yet: wait until a third is refused.
+        let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let got = read_until_closed(&mut refused).await;
+        assert!(got.is_empty(), "refused without a response");
+        assert_eq!(
+            state
+                .metrics
+                .sample("sifucall_admin_connections_refused_total"),
+            Some(1.0)
+        );
+        drop(idle1);
+        drop(idle2);
+        // Slots come back when connections close.
+        let mut answered = false;
+        for _ in 0..100 {
+            if get(addr, "/healthz").await.ends_with("ok") {
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(answered);
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_full_at_the_call_cap() {
+        let (addr, state, token, task) = start_with(AdminLimits::default()).await;
+        state.ready.set_ready(true);
+        assert!(get(addr, "/readyz").await.contains("200 OK"));
+        state.ready.set_full(true);
+        let r = get(addr, "/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 503") && r.ends_with("full"), "{r}");
+        state.ready.set_full(false);
+        assert!(get(addr, "/readyz").await.ends_with("ready"));
+        state.ready.set_full(true);
+        state.ready.set_ready(false);
+        assert!(get(addr, "/readyz").await.ends_with("draining"));
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn admin_cap_leaves_descriptors_for_calls() {
+        let l = AdminLimits::default();
+        assert_eq!(l.within_fd_limit(65_536).max_connections, 64);
+        assert_eq!(l.within_fd_limit(256).max_connections, 16);
+        assert_eq!(l.within_fd_limit(16).max_connections, 4);
     }
 }

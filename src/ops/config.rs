@@ -167,6 +167,9 @@ pub struct AudioSocketSettings {
     /// Drain time on shutdown, seconds.
     #[serde(deserialize_with = "strict::uint")]
     pub shutdown_grace_secs: u64,
+    /// Cap on connections still waiting for their UUID (they hold no call slot).
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_pending: usize,
 }
 
 /// `[admin]`
@@ -175,6 +178,13 @@ pub struct AudioSocketSettings {
 pub struct AdminSettings {
     /// Listen address of the admin HTTP server.
     pub listen: SocketAddr,
+    /// A request's headers must arrive within this, ms; also closes idle keep-alive
+    /// connections.
+    #[serde(deserialize_with = "strict::uint")]
+    pub header_timeout_ms: u64,
+    /// Cap on open admin connections (lowered further under a low open-file limit).
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_connections: usize,
 }
 
 /// Log output format.
@@ -519,6 +529,27 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             "concurrent calls",
         ),
         range(
+            "audiosocket.max_pending",
+            Integer,
+            1.0,
+            10_000.0,
+            "connections still waiting for their UUID",
+        ),
+        range(
+            "admin.header_timeout_ms",
+            Integer,
+            100.0,
+            600_000.0,
+            "ms for an admin request's headers (also closes idle admin connections)",
+        ),
+        range(
+            "admin.max_connections",
+            Integer,
+            1.0,
+            10_000.0,
+            "open admin connections",
+        ),
+        range(
             "audiosocket.first_message_timeout_ms",
             Integer,
             100.0,
@@ -705,6 +736,9 @@ impl Settings {
             "audiosocket.max_calls" => Int(a.max_calls as u64),
             "audiosocket.first_message_timeout_ms" => Int(a.first_message_timeout_ms),
             "audiosocket.shutdown_grace_secs" => Int(a.shutdown_grace_secs),
+            "audiosocket.max_pending" => Int(a.max_pending as u64),
+            "admin.header_timeout_ms" => Int(self.admin.header_timeout_ms),
+            "admin.max_connections" => Int(self.admin.max_connections as u64),
             "agent.hold_after_ms" => Int(g.hold_after_ms),
             "agent.barge_in_min_speech_ms" => Int(g.barge_in_min_speech_ms),
             "agent.echo_margin_db" => F64(g.echo_margin_db),

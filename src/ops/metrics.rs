@@ -72,11 +72,13 @@ pub enum EndReason {
     WriteFailed,
     /// Reading from the socket failed.
     IoError,
+    /// The call's task panicked (a bug); only that call ended.
+    InternalError,
 }
 
 impl EndReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [EndReason; 9] = [
+    pub const ALL: [EndReason; 10] = [
         Self::CallerHangup,
         Self::HangupFrame,
         Self::ErrorFrame,
@@ -86,6 +88,7 @@ impl EndReason {
         Self::FirstMessageTimeout,
         Self::WriteFailed,
         Self::IoError,
+        Self::InternalError,
     ];
 
     /// The label value (and the call record's `end_reason`).
@@ -100,6 +103,7 @@ impl EndReason {
             Self::FirstMessageTimeout => "first_message_timeout",
             Self::WriteFailed => "write_failed",
             Self::IoError => "io_error",
+            Self::InternalError => "internal_error",
         }
     }
 
@@ -114,6 +118,7 @@ impl EndReason {
             Self::FirstMessageTimeout => 6,
             Self::WriteFailed => 7,
             Self::IoError => 8,
+            Self::InternalError => 9,
         }
     }
 }
@@ -134,11 +139,21 @@ pub enum RefuseReason {
     OverCapacity,
     /// The daemon is shutting down.
     Draining,
+    /// `audiosocket.max_pending` connections are already waiting for their UUID.
+    TooManyPending,
+    /// The connection closed, timed out or broke the protocol before its UUID arrived.
+    NoUuid,
 }
 
 impl RefuseReason {
     /// Every reason, in a fixed order.
-    pub const ALL: [RefuseReason; 3] = [Self::NotAllowed, Self::OverCapacity, Self::Draining];
+    pub const ALL: [RefuseReason; 5] = [
+        Self::NotAllowed,
+        Self::OverCapacity,
+        Self::Draining,
+        Self::TooManyPending,
+        Self::NoUuid,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
@@ -146,6 +161,8 @@ impl RefuseReason {
             Self::NotAllowed => "not_allowed",
             Self::OverCapacity => "over_capacity",
             Self::Draining => "draining",
+            Self::TooManyPending => "too_many_pending",
+            Self::NoUuid => "no_uuid",
         }
     }
 
@@ -154,6 +171,8 @@ impl RefuseReason {
             Self::NotAllowed => 0,
             Self::OverCapacity => 1,
             Self::Draining => 2,
+            Self::TooManyPending => 3,
+            Self::NoUuid => 4,
         }
     }
 }
@@ -365,8 +384,13 @@ fn stage_histogram() -> DurationHistogram {
 pub struct Metrics {
     registry: Registry,
     active_calls: Gauge,
-    calls_by_reason: [Counter; 9],
-    refused_by_reason: [Counter; 3],
+    calls_by_reason: [Counter; 10],
+    refused_by_reason: [Counter; 5],
+    pending_connections: Gauge,
+    log_lines_dropped: Counter,
+    /// Serialises the catch-up of `log_lines_dropped` from the logger's own count.
+    log_lines_seen: Mutex<u64>,
+    admin_refused: Counter,
     frames_in: Counter,
     frames_out: Counter,
     underruns: Counter,
@@ -422,6 +446,25 @@ impl Metrics {
         );
         let refused_by_reason =
             RefuseReason::ALL.map(|r| refused.get_or_create_owned(&[("reason", r.as_str())]));
+
+        let pending_connections = Gauge::default();
+        registry.register(
+            "pending_connections",
+            "AudioSocket connections accepted and still waiting for their UUID (they hold no call slot)",
+            pending_connections.clone(),
+        );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log output (stderr, journald) was not keeping up",
+            log_lines_dropped.clone(),
+        );
+        let admin_refused = Counter::default();
+        registry.register(
+            "admin_connections_refused",
+            "Admin HTTP connections closed at once because admin connections were at their cap",
+            admin_refused.clone(),
+        );
 
         let frames_in = Counter::default();
         registry.register(
@@ -529,6 +572,10 @@ impl Metrics {
             active_calls,
             calls_by_reason,
             refused_by_reason,
+            pending_connections,
+            log_lines_dropped,
+            log_lines_seen: Mutex::new(0),
+            admin_refused,
             frames_in,
             frames_out,
             underruns,
@@ -568,6 +615,27 @@ impl Metrics {
         if let Some(c) = self.refused_by_reason.get(reason.index()) {
             c.inc();
         }
+    }
+
+    /// A connection was accepted and now waits for its UUID. Pair with
+    /// [`Metrics::pending_ended`].
+    pub fn pending_started(&self) {
+        self.pending_connections.inc();
+    }
+
+    /// A pending connection sent its UUID, or was closed.
+    pub fn pending_ended(&self) {
+        self.pending_connections.dec();
+    }
+
+    /// Connections waiting for their UUID right now.
+    pub fn pending_connections(&self) -> i64 {
+        self.pending_connections.get()
+    }
+
+    /// An admin HTTP connection was closed at once (admin connections at their cap).
+    pub fn admin_connection_refused(&self) {
+        self.admin_refused.inc();
     }
 
     /// `n` audio frames arrived from Asterisk.
@@ -661,6 +729,18 @@ impl Metrics {
         self.speculative_wasted_tokens.inc_by(wasted_tokens);
     }
 
+    fn catch_up_log_drops(&self) {
+        let mut seen = self
+            .log_lines_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = crate::ops::logging::dropped_lines();
+        if now > *seen {
+            self.log_lines_dropped.inc_by(now - *seen);
+            *seen = now;
+        }
+    }
+
     /// Calls in progress right now.
     pub fn active_calls(&self) -> i64 {
         self.active_calls.get()
@@ -668,6 +748,7 @@ impl Metrics {
 
     /// The exposition text (OpenMetrics 1.0, ending in `# EOF`); serve with [`CONTENT_TYPE`].
     pub fn render(&self) -> String {
+        self.catch_up_log_drops();
         let mut out = String::with_capacity(8 * 1024);
         if let Err(e) = encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -12,8 +12,8 @@ use std::fs::OpenOptions;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -203,6 +203,8 @@ pub struct RecordSink {
     closing: CancellationToken,
     workers: Mutex<Vec<JoinHandle<()>>>,
     dropped: AtomicU64,
+    /// Set by [`RecordSink::reopen`]; the file writer reopens the path before its next write.
+    reopen: Arc<AtomicBool>,
 }
 
 impl RecordSink {
@@ -214,6 +216,7 @@ impl RecordSink {
             closing: CancellationToken::new(),
             workers: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
+            reopen: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -238,6 +241,7 @@ impl RecordSink {
                 path,
                 rx,
                 sink.closing.clone(),
+                Arc::clone(&sink.reopen),
             )));
             sink.file = Some(tx);
         }
@@ -253,6 +257,12 @@ impl RecordSink {
         }
         sink.workers = Mutex::new(workers);
         Ok(sink)
+    }
+
+    /// Makes the file writer close and reopen the records file before its next write, so
+    /// a file moved away by logrotate is recreated at its configured path (SIGHUP).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::SeqCst);
     }
 
     /// Whether any destination is configured.
@@ -399,6 +409,7 @@ async fn file_writer(
     path: PathBuf,
     mut rx: mpsc::Receiver<Bytes>,
     closing: CancellationToken,
+    reopen: Arc<AtomicBool>,
 ) {
     let mut batch = Vec::new();
     while let Some(first) = next(&mut rx, &closing).await {
@@ -412,6 +423,17 @@ async fn file_writer(
                     lines += 1;
                 }
                 Err(_) => break,
+            }
+        }
+        if reopen.swap(false, Ordering::SeqCst) {
+            match open_append(&path) {
+                Ok(f) => {
+                    file = tokio::fs::File::from_std(f);
+                    tracing::info!(path = %path.display(), "call records file reopened");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reopen the call records file; still writing to the old one");
+                }
             }
         }
         let written = async {
@@ -598,6 +620,40 @@ mod tests {
             RecordSink::new(&rs, &ws),
             Err(RecordsError::NoRuntime)
         ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn reopen_follows_logrotate_moving_the_file() {
+        let dir = temp_dir("rotate");
+        let path = dir.join("calls.jsonl");
+        let rotated = dir.join("calls.jsonl.1");
+        let (rs, ws) = settings(&format!("file://{}", path.display()), "");
+        let sink = RecordSink::new(&rs, &ws).unwrap();
+        let wait_for = |p: PathBuf, n: usize| async move {
+            for _ in 0..500 {
+                if std::fs::read_to_string(&p).map_or(0, |t| t.lines().count()) >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{} never had {n} lines", p.display());
+        };
+        sink.submit(record(1));
+        wait_for(path.clone(), 1).await;
+        std::fs::rename(&path, &rotated).unwrap();
+        sink.reopen();
+        let second = record(2);
+        sink.submit(second.clone());
+        sink.close(Duration::from_secs(30)).await;
+        let old = std::fs::read_to_string(&rotated).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(old.lines().count(), 1, "{old}");
+        assert_eq!(new.lines().count(), 1, "{new}");
+        assert_eq!(
+            serde_json::from_str::<CallRecord>(new.trim()).unwrap(),
+            second
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

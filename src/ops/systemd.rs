@@ -28,6 +28,15 @@ pub fn notify_stopping() {
     send(&[NotifyState::Stopping]);
 }
 
+/// `RELOADING=1` with the monotonic time: a reload (SIGHUP) has begun; [`notify_ready`]
+/// ends it.
+pub fn notify_reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[NotifyState::Reloading, now]),
+        Err(_) => send(&[NotifyState::Reloading]),
+    }
+}
+
 /// `STATUS=...`: a one-line status for `systemctl status`. Newlines are replaced, since
 /// they would end the field.
 pub fn notify_status(status: &str) {

@@ -34,6 +34,7 @@ pub fn echo_config() -> ServerConfig {
     ServerConfig {
         allow: vec!["127.0.0.0/8".parse().unwrap()],
         max_calls: 10,
+        max_pending: 16,
         shutdown_grace: Duration::from_secs(5),
         session: SessionConfig {
             first_message_timeout: Duration::from_secs(2),

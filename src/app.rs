@@ -508,6 +508,7 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         turns: agent.turns,
         llm_cost: agent.llm_cost,
         barge_ins: agent.barge_ins,
+        barge_in_ms: agent.barge_in_ms,
         resumes: agent.resumes,
         speculative: agent.speculative,
         errors,

@@ -852,7 +852,10 @@ impl CallMachine {
         if words.is_empty() {
             return;
         }
-        if a.vad.is_some() && a.turns.looks_like_echo(now) {
+        // The VAD heard the caller speak and stop since the last turn: the words are theirs,
+        // even if the agent has started talking again since (a resume).
+        let caller_phrase = a.last_speech_end.is_some();
+        if !caller_phrase && a.vad.is_some() && a.turns.looks_like_echo(now) {
             info!(%text, "transcript while the agent was talking (or just after) with no caller voice detected: treated as line echo, ignored");
             return;
         }

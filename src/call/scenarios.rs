@@ -958,3 +958,31 @@ fn after_an_interruption_the_agent_never_resumes_over_a_caller_who_pauses_and_go
     assert_eq!(sim.replies.len(), 2);
     assert_eq!(sim.m.report().unwrap().resumes, 0);
 }
+
+#[test]
+fn words_whose_final_comes_after_the_agent_resumed_are_still_answered() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        4000,
+        false,
+    );
+    let t = sim.silence(t, 1000);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..4000]);
+    // A slow recogniser: the agent resumes before the final comes.
+    let t = sim.silence(t, 1800);
+    assert_eq!(sim.m.report().unwrap().resumes, 1);
+    sim.final_(t, "Berapa harganya?");
+    assert_eq!(
+        sim.replies.len(),
+        2,
+        "the question is answered, not taken for echo"
+    );
+    assert_eq!(sim.cancelled, vec![r1]);
+}

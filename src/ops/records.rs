@@ -73,6 +73,9 @@ pub struct CallRecord {
     /// Times the caller talked over the agent.
     #[serde(default)]
     pub barge_ins: u32,
+    /// When each barge-in was decided, ms since the call started.
+    #[serde(default)]
+    pub barge_in_ms: Vec<u64>,
     /// ... of which carried no words, and the agent went on.
     #[serde(default)]
     pub resumes: u32,
@@ -528,6 +531,7 @@ mod tests {
             }],
             llm_cost: Some(0.00042),
             barge_ins: 1,
+            barge_in_ms: vec![2500],
             resumes: 0,
             speculative: Speculation::default(),
             errors: vec![],

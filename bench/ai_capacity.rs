@@ -96,10 +96,13 @@ async fn run(n: usize, window: Duration) -> Result<Report, String> {
     let (mut fakes, fake_env) = common::start_fakes_process()?;
     let mut env = fake_env;
     env.push(("SIFUCALL_AGENT__MODE".into(), "ai".into()));
-    env.push(("SIFUCALL_AUDIOSOCKET__MAX_CALLS".into(), (n + 10).to_string()));
+    env.push((
+        "SIFUCALL_AUDIOSOCKET__MAX_CALLS".into(),
+        (n + 10).to_string(),
+    ));
     env.push(("SIFUCALL_LOG__LEVEL".into(), "warn".into()));
     let log = common::temp_path(&format!("capacity-{n}-daemon.log"));
-    let mut daemon = common::start_daemon(&env, Some(&log)).await?;
+    let mut daemon = common::start_daemon(&env, Some(log.as_path())).await?;
     let pid = daemon.proc.pid();
     sleep(Duration::from_millis(500)).await;
     let rss_idle_kb = common::proc_rss_kb(pid);

@@ -68,8 +68,10 @@ pub(crate) fn dist(v: &[f64], digits: usize) -> String {
     let (Some(p50), Some(max)) = (pct(v, 50.0), pct(v, 100.0)) else {
         return "- (n=0)".into();
     };
+    // No "-0".
+    let (p50, max) = (p50 + 0.0, max + 0.0);
     if v.len() >= MIN_SAMPLES_FOR_P99 {
-        let p99 = pct(v, 99.0).unwrap_or(max);
+        let p99 = pct(v, 99.0).unwrap_or(max) + 0.0;
         format!("p50 {p50:.digits$} / p99 {p99:.digits$} (n={})", v.len())
     } else {
         format!("p50 {p50:.digits$} / max {max:.digits$} (n={})", v.len())

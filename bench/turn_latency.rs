@@ -31,10 +31,10 @@
 //!    setting gives an N/A row, never a substitute.
 //! 3. Barge-in as the caller feels it: the first frame of the interrupting speech written ->
 //!    the last non-silent agent frame read, next to the daemon's own VAD decision -> that
-//!    frame. The decision marks come from the call record (`barge_in_ms`) when it has them,
-//!    else from the daemon's JSON log line "barge-in" (`at_ms`); they are ms since the call
-//!    started and are put on the caller's clock with the record's `started_at` (1 ms
-//!    resolution).
+//!    frame. The decision is when the daemon logged its "barge-in" line (the JSON line's own
+//!    timestamp, microseconds, compared with the caller's wall-clock start); without such
+//!    lines, the call record's `barge_in_ms` if it has them (ms since the call started, put
+//!    on the caller's clock with the record's `started_at`, 1 ms resolution).
 //!
 //! Percentiles: a p99 is printed only over >= 100 samples; below that the maximum and the
 //! sample count are printed instead. The fakes and callers share this machine's cores with
@@ -273,14 +273,31 @@ fn plan(n: usize, turns: Option<usize>, barge_ins: Option<usize>) -> Vec<(usize,
     }
 }
 
-fn daemon_env(sandbox: &Sandbox, pipeline: Pipeline, n: usize, records: &Path) -> Vec<(String, String)> {
+fn daemon_env(
+    sandbox: &Sandbox,
+    pipeline: Pipeline,
+    n: usize,
+    records: &Path,
+) -> Vec<(String, String)> {
     let mut env = sandbox.env_overrides();
     let set = |env: &mut Vec<(String, String)>, k: &str, v: String| env.push((k.to_owned(), v));
     set(&mut env, "SIFUCALL_AGENT__MODE", "ai".into());
-    set(&mut env, "SIFUCALL_AUDIOSOCKET__MAX_CALLS", (n + 10).to_string());
-    set(&mut env, "SIFUCALL_STT__SEGMENTATION_SILENCE_MS", SEGMENTATION_MS.to_string());
+    set(
+        &mut env,
+        "SIFUCALL_AUDIOSOCKET__MAX_CALLS",
+        (n + 10).to_string(),
+    );
+    set(
+        &mut env,
+        "SIFUCALL_STT__SEGMENTATION_SILENCE_MS",
+        SEGMENTATION_MS.to_string(),
+    );
     set(&mut env, "SIFUCALL_AGENT__HOLD_AFTER_MS", "30000".into());
-    set(&mut env, "SIFUCALL_RECORDS__URL", format!("file://{}", records.display()));
+    set(
+        &mut env,
+        "SIFUCALL_RECORDS__URL",
+        format!("file://{}", records.display()),
+    );
     set(&mut env, "SIFUCALL_LOG__FORMAT", "json".into());
     set(&mut env, "SIFUCALL_LOG__LEVEL", "info".into());
     if pipeline == Pipeline::Sequential {
@@ -312,18 +329,20 @@ async fn scenario(
     let env = daemon_env(&sandbox, pipeline, n, &records);
     if pipeline == Pipeline::Sequential {
         match common::effective_settings(&env) {
-            Ok(s) if s.pointer("/agent/pipeline").and_then(|v| v.as_str()) == Some("sequential") => {}
+            Ok(s)
+                if s.pointer("/agent/pipeline").and_then(|v| v.as_str()) == Some("sequential") => {}
             Ok(_) => {
                 r.not_run = Some("N/A: the daemon ignores agent.pipeline".into());
                 return r;
             }
             Err(e) => {
-                r.not_run = Some(format!("N/A: the daemon rejects agent.pipeline ({e})"));
+                let why = e.split(", expected").next().unwrap_or(&e);
+                r.not_run = Some(format!("N/A: the daemon rejects agent.pipeline ({why})"));
                 return r;
             }
         }
     }
-    let mut daemon = match common::start_daemon(&env, Some(&log)).await {
+    let mut daemon = match common::start_daemon(&env, Some(log.as_path())).await {
         Ok(d) => d,
         Err(e) => {
             r.not_run = Some(format!("N/A: {e}"));
@@ -409,19 +428,23 @@ fn read_records(path: &Path) -> HashMap<Uuid, serde_json::Value> {
         .collect()
 }
 
-/// Barge-in decision marks (`at_ms`) from the daemon's JSON log, by call id.
-fn read_log_barge_ins(path: &Path, reports: &[DialogueReport]) -> HashMap<Uuid, Vec<f64>> {
+/// When the daemon logged each barge-in decision (the JSON log line's own timestamp, in
+/// microseconds), by call id.
+fn read_log_barge_ins(path: &Path, reports: &[DialogueReport]) -> HashMap<Uuid, Vec<SystemTime>> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let ids: Vec<(Uuid, String)> = reports.iter().map(|r| (r.call_id, r.call_id.to_string())).collect();
-    let mut out: HashMap<Uuid, Vec<f64>> = HashMap::new();
-    for line in text.lines().filter(|l| l.contains("barge-in") && l.contains("at_ms")) {
+    let ids: Vec<(Uuid, String)> = reports
+        .iter()
+        .map(|r| (r.call_id, r.call_id.to_string()))
+        .collect();
+    let mut out: HashMap<Uuid, Vec<SystemTime>> = HashMap::new();
+    for line in text.lines().filter(|l| l.contains("barge-in")) {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
         let Some(at) = v
-            .get("at_ms")
-            .or_else(|| v.pointer("/fields/at_ms"))
-            .and_then(serde_json::Value::as_f64)
+            .get("timestamp")
+            .and_then(|t| t.as_str())
+            .and_then(parse_rfc3339_utc)
         else {
             continue;
         };
@@ -430,6 +453,14 @@ fn read_log_barge_ins(path: &Path, reports: &[DialogueReport]) -> HashMap<Uuid, 
         }
     }
     out
+}
+
+/// ms from the caller's call start to `t`.
+fn caller_ms(rep: &DialogueReport, t: SystemTime) -> f64 {
+    match t.duration_since(rep.started_wall) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
 }
 
 /// `2026-12-01T21:39:57.123Z` -> the instant.
@@ -455,19 +486,17 @@ fn parse_rfc3339_utc(s: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_secs_f64(millis))
 }
 
-/// ms to add to a daemon mark (ms since its call started) to put it on the caller's clock.
+/// ms to add to a daemon mark (ms since its call started) to put it on the caller's clock,
+/// from the record's `started_at` (1 ms resolution).
 fn daemon_offset_ms(rep: &DialogueReport, record: &serde_json::Value) -> Option<f64> {
     let started = parse_rfc3339_utc(record.get("started_at")?.as_str()?)?;
-    Some(match started.duration_since(rep.started_wall) {
-        Ok(d) => d.as_secs_f64() * 1000.0,
-        Err(e) => -e.duration().as_secs_f64() * 1000.0,
-    })
+    Some(caller_ms(rep, started))
 }
 
 fn analyse(
     rep: &DialogueReport,
     record: Option<&serde_json::Value>,
-    log_marks: Option<&Vec<f64>>,
+    log_marks: Option<&Vec<SystemTime>>,
     r: &mut Results,
 ) {
     r.max_send_lag_ms = r.max_send_lag_ms.max(rep.max_send_lag_ms);
@@ -508,29 +537,41 @@ fn analyse(
         }
     }
     // Barge-ins.
-    let from_record: Option<Vec<f64>> = record
-        .and_then(|rec| rec.get("barge_in_ms"))
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect());
-    let decisions: Option<Vec<f64>> = match (from_record, log_marks) {
-        (Some(v), _) => {
+    // Decision marks on the caller's clock: the log lines' own timestamps (microseconds)
+    // if there are any, else the record's `barge_in_ms` (ms since the call started).
+    let decisions: Option<Vec<f64>> = if let Some(v) = log_marks {
+        r.decision_source = "daemon log timestamps";
+        Some(v.iter().map(|&t| caller_ms(rep, t)).collect())
+    } else {
+        let from_record = record
+            .and_then(|rec| rec.get("barge_in_ms"))
+            .and_then(|v| v.as_array())
+            .zip(offset)
+            .map(|(a, off)| {
+                a.iter()
+                    .filter_map(serde_json::Value::as_f64)
+                    .map(|m| m + off)
+                    .collect::<Vec<f64>>()
+            });
+        if from_record.is_some() && r.decision_source == "none" {
             r.decision_source = "call record";
-            Some(v)
         }
-        (None, Some(v)) => {
-            if r.decision_source == "none" {
-                r.decision_source = "daemon log";
-            }
-            Some(v.clone())
-        }
-        (None, None) => None,
+        from_record
     };
-    let voiced: Vec<f64> = rep.arrivals.iter().filter(|a| a.voiced).map(|a| a.at_ms).collect();
+    let voiced: Vec<f64> = rep
+        .arrivals
+        .iter()
+        .filter(|a| a.voiced)
+        .map(|a| a.at_ms)
+        .collect();
     for c in rep.turns.iter().filter(|t| t.barge) {
         r.barge_attempted += 1;
         // The interrupted reply's audio: from the onset until this question's own reply
         // (which cannot start before its speech end).
-        let until = c.first_reply_ms.unwrap_or(f64::INFINITY).min(c.end_ms + 300.0);
+        let until = c
+            .first_reply_ms
+            .unwrap_or(f64::INFINITY)
+            .min(c.end_ms + 300.0);
         let tail: Vec<f64> = voiced
             .iter()
             .copied()
@@ -542,9 +583,9 @@ fn analyse(
             r.barge_felt.push(last - c.start_ms);
             r.barge_frames_after_onset.push(tail.len() as f64);
         }
-        let decision = decisions.as_ref().zip(offset).and_then(|(d, off)| {
+        let decision = decisions.as_ref().and_then(|d| {
             d.iter()
-                .map(|m| m + off)
+                .copied()
                 .find(|&m| m >= c.start_ms && m <= c.end_ms + DECISION_WINDOW_AFTER_END_MS)
         });
         if let Some(dec) = decision {
@@ -793,13 +834,18 @@ async fn run_all(
                 "turn_latency: {} x{n} done in {:.0} s{}",
                 pipeline.name(),
                 t0.elapsed().as_secs_f64(),
-                r.not_run.as_deref().map(|s| format!(" ({s})")).unwrap_or_default()
+                r.not_run
+                    .as_deref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
             );
             results.push(r);
         }
     }
 
-    println!("\n## 1. Caller's speech end -> first non-silent reply frame read by the caller (ms)\n");
+    println!(
+        "\n## 1. Caller's speech end -> first non-silent reply frame read by the caller (ms)\n"
+    );
     println!(
         "| pipeline | calls | conversations (failed) | turns replied/asked | speech end -> first reply frame | overhead over the known {:.0} ms | daemon's first-frame mark -> read by caller | underruns | caller write lag max |",
         known.sum_ms
@@ -820,17 +866,23 @@ async fn run_all(
             r.e2e.len(),
             r.turns_asked,
             dist(&r.e2e, 0),
-            if r.pipeline == "streamed" { dist(&overhead, 0) } else { "-".into() },
+            if r.pipeline == "streamed" {
+                dist(&overhead, 0)
+            } else {
+                "-".into()
+            },
             dist(&r.mark_to_read, 0),
             r.underruns,
             r.max_send_lag_ms
         );
     }
     println!(
-        "\nOverhead = measured - the known provider delays; it includes the wait for the next 20 ms playout tick. The mark column compares the daemon's own `first_frame_ms` (call record, on the caller's clock via `started_at`, 1 ms resolution) with the caller's read: it should be >= 0 and small if the mark is the real write."
+        "\nOverhead = measured - the known provider delays; it includes the wait for the next 20 ms playout tick. The mark column compares the daemon's own `first_frame_ms` (call record, put on the caller's clock via the record's `started_at`: +-1-2 ms) with the caller's read: it should be >= 0 and small if the mark is the real write."
     );
 
-    println!("\n## 2. Streamed vs sequential, same daemon, same fakes (speech end -> first reply frame, p50 ms)\n");
+    println!(
+        "\n## 2. Streamed vs sequential, same daemon, same fakes (speech end -> first reply frame, p50 ms)\n"
+    );
     println!("| calls | streamed | sequential | sequential / streamed |");
     println!("|---|---|---|---|");
     for &n in &calls {
@@ -842,7 +894,10 @@ async fn run_all(
                 None => dist(&r.e2e, 0),
             },
         };
-        let p50 = |r: Option<&Results>| r.filter(|r| r.not_run.is_none()).and_then(|r| pct(&r.e2e, 50.0));
+        let p50 = |r: Option<&Results>| {
+            r.filter(|r| r.not_run.is_none())
+                .and_then(|r| pct(&r.e2e, 50.0))
+        };
         let ratio = match (p50(get("sequential")), p50(get("streamed"))) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
             _ => "N/A".into(),
@@ -928,8 +983,11 @@ async fn run_all(
         );
     }
     println!(
-        "\n(The onset is the write of the first frame of the interrupting speech; the barge-in starts {:.0} ms after the first frame of the reply it interrupts. The daemon cannot decide before it has heard enough speech (`agent.barge_in_min_speech_ms`), so onset -> last frame >= that.)",
-        DialogueOptions::new("", Vec::new(), 0).barge_after.as_secs_f64() * 1000.0
+        "\n(The onset is the write of the first frame of the interrupting speech; the barge-in starts {:.0} ms after the first frame of the reply it interrupts. The daemon cannot decide before it has heard enough speech (`agent.barge_in_min_speech_ms`), so onset -> last frame >= about that. Decision -> last frame <= 0: the last agent frame had been read before the daemon logged its decision, i.e. nothing was played after it.)",
+        DialogueOptions::new("", Vec::new(), 0)
+            .barge_after
+            .as_secs_f64()
+            * 1000.0
     );
     for r in &results {
         if !r.errors.is_empty() {

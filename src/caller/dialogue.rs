@@ -191,9 +191,7 @@ impl Dialogue {
         let quiet = now - self.last_voiced >= self.quiet_ms;
         let next_turn = self.asked.len();
         self.phase = match self.phase {
-            Phase::Greeting
-                if quiet && (self.heard_any || now >= self.greeting_timeout_ms) =>
-            {
+            Phase::Greeting if quiet && (self.heard_any || now >= self.greeting_timeout_ms) => {
                 self.start_or_finish(now)
             }
             Phase::Listening if quiet => self.start_or_finish(now),
@@ -292,7 +290,9 @@ pub async fn place_dialogue(opts: DialogueOptions) -> Result<DialogueReport, Cal
     let elapsed_ms = || ms(start.elapsed());
     let mut write = async |wr: &mut tokio::net::tcp::OwnedWriteHalf, msg: Inbound| {
         buf.clear();
-        CallerCodec.encode(msg, &mut buf).map_err(|e| e.to_string())?;
+        CallerCodec
+            .encode(msg, &mut buf)
+            .map_err(|e| e.to_string())?;
         match timeout(WRITE_TIMEOUT, wr.write_all(&buf)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("write failed: {e}")),
@@ -407,7 +407,11 @@ mod tests {
     }
 
     /// Drives the plan frame by frame; `agent` says whether a voiced frame arrives at `t`.
-    fn run(d: &mut Dialogue, until: f64, agent: impl Fn(f64, &Dialogue) -> bool) -> Vec<(f64, Next)> {
+    fn run(
+        d: &mut Dialogue,
+        until: f64,
+        agent: impl Fn(f64, &Dialogue) -> bool,
+    ) -> Vec<(f64, Next)> {
         let mut out = Vec::new();
         let mut t = 0.0;
         while t < until {
@@ -464,9 +468,9 @@ mod tests {
         let mut d = Dialogue::new(&o);
         // The agent talks from 400 ms after each question's end for 5 s.
         let out = run(&mut d, 30_000.0, |t, d| {
-            d.asked.last().is_some_and(|q| {
-                q.end_ms > 0.0 && t >= q.end_ms + 400.0 && t < q.end_ms + 5400.0
-            })
+            d.asked
+                .last()
+                .is_some_and(|q| q.end_ms > 0.0 && t >= q.end_ms + 400.0 && t < q.end_ms + 5400.0)
         });
         assert_eq!(d.asked.len(), 2);
         let (q, b) = (&d.asked[0], &d.asked[1]);

@@ -42,7 +42,7 @@ fn main() {
         .unwrap_or(60);
     let rt = common::runtime();
     println!(
-        "| calls | active calls (mean in window) | daemon CPU, % of one core: total / per call | daemon RSS: idle / in window max (MB) | RSS per call (KB) | fakes' CPU % | callers' CPU % | underruns | turns replied/asked | speech end -> first reply frame (ms) | failed conversations |"
+        "| calls | active calls (mean in window) | daemon CPU, % of one core: total / per call | daemon RSS: idle / in window max (MB) | RSS per call (KB) | fakes' CPU % | callers' CPU % | underruns | turns replied/asked | question's last frame -> first reply frame, ms (health check) | failed conversations |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for n in calls {
@@ -67,7 +67,7 @@ fn main() {
         }
     }
     println!(
-        "\nPer call = total / mean active calls in the window; RSS per call = (max RSS in the window - RSS before the first call) / mean active calls."
+        "\nPer call = total / mean active calls in the window; RSS per call = (max RSS in the window - RSS before the first call) / mean active calls. The question is the raw fixture, trailing silence included, so the health-check latency is not the turn latency (see `turn_latency`). The fakes, the callers and the daemon share the machine's cores: when they saturate them, the daemon's CPU share per call falls while underruns and latency rise."
     );
 }
 

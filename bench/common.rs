@@ -68,10 +68,12 @@ pub(crate) fn dist(v: &[f64], digits: usize) -> String {
     let (Some(p50), Some(max)) = (pct(v, 50.0), pct(v, 100.0)) else {
         return "- (n=0)".into();
     };
-    // No "-0".
-    let (p50, max) = (p50 + 0.0, max + 0.0);
+    // Rounded before printing, so that -0.3 does not print as "-0".
+    let scale = 10f64.powi(i32::try_from(digits).unwrap_or(0));
+    let round = |x: f64| (x * scale).round() / scale + 0.0;
+    let (p50, max) = (round(p50), round(max));
     if v.len() >= MIN_SAMPLES_FOR_P99 {
-        let p99 = pct(v, 99.0).unwrap_or(max) + 0.0;
+        let p99 = round(pct(v, 99.0).unwrap_or(max));
         format!("p50 {p50:.digits$} / p99 {p99:.digits$} (n={})", v.len())
     } else {
         format!("p50 {p50:.digits$} / max {max:.digits$} (n={})", v.len())

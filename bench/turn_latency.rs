@@ -2,7 +2,7 @@
 //! from the daemon running as its own process against fake providers of KNOWN delay.
 //!
 //! Run: `cargo bench --bench turn_latency -- [--calls 1,50,200] [--turns N] [--barge-ins N]
-//! [--pipelines streamed,sequential]`.
+//! [--pipelines streamed,sequential,speculative]` (default pipelines: streamed,sequential).
 //! Defaults: 1 call = 100 turns and 20 barge-ins, asked over calls of at most 25 turns placed
 //! one after the other (so the 1-call figures have the samples for a p99); N calls = N
 //! concurrent conversations of 3 turns and 2 barge-ins each, ramped over 2 s.
@@ -28,7 +28,10 @@
 //!    sets `agent.pipeline = "sequential"` (`SIFUCALL_AGENT__PIPELINE`), in which the daemon
 //!    waits for the whole LLM reply, sends it to TTS as one text and waits for all its audio
 //!    before playing. Every configuration run is printed; a daemon that does not accept the
-//!    setting gives an N/A row, never a substitute.
+//!    setting gives an N/A row, never a substitute. Both run with speculation off
+//!    (`agent.speculate_after_ms = 0`, so the reply starts at the STT final, as the known
+//!    delays assume); `speculative` runs the streamed pipeline with the daemon's default
+//!    speculation (a reply may start on a stable hypothesis, before the final).
 //! 3. Barge-in as the caller feels it: the first frame of the interrupting speech written ->
 //!    the last non-silent agent frame read, next to the daemon's own VAD decision -> that
 //!    frame. The decision is when the daemon logged its "barge-in" line (the JSON line's own
@@ -88,6 +91,9 @@ enum Pipeline {
     Streamed,
     /// Benchmark baseline: whole reply, then whole audio, then play.
     Sequential,
+    /// Streamed, and the reply may start on a stable STT hypothesis before the final
+    /// (`agent.speculate_after_ms`, the production default when the daemon has it).
+    Speculative,
 }
 
 impl Pipeline {
@@ -95,6 +101,7 @@ impl Pipeline {
         match self {
             Self::Streamed => "streamed",
             Self::Sequential => "sequential",
+            Self::Speculative => "speculative",
         }
     }
 }
@@ -112,6 +119,7 @@ fn main() {
         .filter_map(|p| match p.trim() {
             "streamed" => Some(Pipeline::Streamed),
             "sequential" => Some(Pipeline::Sequential),
+            "speculative" => Some(Pipeline::Speculative),
             _ => None,
         })
         .collect();
@@ -302,6 +310,10 @@ fn daemon_env(
     set(&mut env, "SIFUCALL_LOG__LEVEL", "info".into());
     if pipeline == Pipeline::Sequential {
         set(&mut env, "SIFUCALL_AGENT__PIPELINE", "sequential".into());
+    }
+    if pipeline != Pipeline::Speculative {
+        // The known-delay model starts the reply at the STT final.
+        set(&mut env, "SIFUCALL_AGENT__SPECULATE_AFTER_MS", "0".into());
     }
     env
 }
@@ -883,8 +895,10 @@ async fn run_all(
     println!(
         "\n## 2. Streamed vs sequential, same daemon, same fakes (speech end -> first reply frame, p50 ms)\n"
     );
-    println!("| calls | streamed | sequential | sequential / streamed |");
-    println!("|---|---|---|---|");
+    println!(
+        "| calls | streamed | sequential | sequential / streamed | speculative (streamed + reply on a stable hypothesis) |"
+    );
+    println!("|---|---|---|---|---|");
     for &n in &calls {
         let get = |p: &str| results.iter().find(|r| r.calls == n && r.pipeline == p);
         let cell = |r: Option<&Results>| match r {
@@ -903,9 +917,10 @@ async fn run_all(
             _ => "N/A".into(),
         };
         println!(
-            "| {n} | {} | {} | {ratio} |",
+            "| {n} | {} | {} | {ratio} | {} |",
             cell(get("streamed")),
-            cell(get("sequential"))
+            cell(get("sequential")),
+            cell(get("speculative"))
         );
     }
 

@@ -9,10 +9,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::call::conversation::{AgentConfig, AiAgentFactory, Providers};
+use crate::call::history::HistoryBudget;
 use crate::call::prompts::{PromptCache, PromptTexts};
-use crate::call::session::{Behaviour, CallSummary, SessionConfig};
+use crate::call::reply::Providers;
 use crate::call::turn::TurnConfig;
+use crate::call::{AgentConfig, AgentSetup, Behaviour, CallSummary, SessionConfig};
 use crate::ops::admin::{self, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::metrics::Metrics;
@@ -31,7 +32,7 @@ const PRELOAD_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listen address is taken or not ours.
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
@@ -91,14 +92,13 @@ pub async fn behaviour(
             llm.warm_up();
             let tts: Arc<dyn TtsProvider> = Arc::new(tts);
             let a = &settings.agent;
-            let prompts = Arc::new(PromptCache::new(
-                PromptTexts {
-                    greeting: a.greeting.clone(),
-                    apology: a.apology.clone(),
-                    hold: a.hold_prompt.clone(),
-                },
-                Arc::clone(&tts),
-            ));
+            let texts = PromptTexts {
+                greeting: a.greeting.clone(),
+                apology: a.apology.clone(),
+                hold: a.hold_prompt.clone(),
+                still_there: a.still_there_prompt.clone(),
+            };
+            let prompts = Arc::new(PromptCache::new(texts.clone(), Arc::clone(&tts)));
             // Cache the phrases before taking calls, so the first caller hears the greeting in
             // the first frame; if TTS is slow or down, start anyway (calls synthesize live).
             let preload = Arc::clone(&prompts);
@@ -111,6 +111,7 @@ pub async fn behaviour(
             let cfg = AgentConfig {
                 language: a.language.clone(),
                 system_prompt: a.system_prompt.clone(),
+                prompts: texts,
                 segmentation_silence_ms: settings.stt.segmentation_silence_ms,
                 turn: TurnConfig {
                     vad_threshold: a.vad_threshold,
@@ -120,22 +121,43 @@ pub async fn behaviour(
                 },
                 hold_after: Duration::from_millis(a.hold_after_ms),
                 dtmf_timeout: Duration::from_millis(a.dtmf_timeout_ms),
-                idle_hangup: (a.idle_hangup_secs > 0)
-                    .then(|| Duration::from_secs(a.idle_hangup_secs)),
+                idle_hangup: idle_hangup(settings),
+                history: HistoryBudget {
+                    max_entries: usize::try_from(a.history_max_entries).unwrap_or(usize::MAX),
+                    max_tokens: usize::try_from(a.history_max_tokens).unwrap_or(usize::MAX),
+                },
+                pipeline: a.pipeline,
+                still_there_after: (a.still_there_after_secs > 0)
+                    .then(|| Duration::from_secs(a.still_there_after_secs)),
+                speculate_after: (a.speculate_after_ms > 0)
+                    .then(|| Duration::from_millis(a.speculate_after_ms)),
+                speculative_max: u32::try_from(a.speculative_max_per_call).unwrap_or(u32::MAX),
+                backchannels: a
+                    .backchannels
+                    .iter()
+                    .map(|b| crate::call::machine::normalise(b))
+                    .filter(|b| !b.is_empty())
+                    .collect(),
+                resume_after: Duration::from_millis(a.resume_after_ms),
             };
             let providers = Providers {
                 stt: Arc::new(stt),
                 llm: Arc::new(llm),
                 tts,
             };
-            Ok(Behaviour::Agent(Arc::new(AiAgentFactory::new(
+            let _ = metrics;
+            Ok(Behaviour::Agent(Arc::new(AgentSetup {
                 providers,
                 prompts,
-                cfg,
-                Arc::clone(metrics),
-            ))))
+                cfg: Arc::new(cfg),
+            })))
         }
     }
+}
+
+fn idle_hangup(settings: &Settings) -> Option<Duration> {
+    let secs = settings.agent.idle_hangup_secs;
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 /// Optional observers of a running daemon (the demo, tests).
@@ -193,6 +215,7 @@ pub async fn run(
                 settings.audiosocket.first_message_timeout_ms,
             ),
             behaviour,
+            idle_hangup: idle_hangup(&settings),
         },
     };
 

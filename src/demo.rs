@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{self, Hooks};
 use crate::audio::wav;
 use crate::audiosocket::SampleRate;
-use crate::call::session::CallSummary;
+use crate::call::CallSummary;
 use crate::caller::{self, CallOptions, CallReport};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::records::{Role, TurnTiming};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sifucall::ops::config::Settings;
+use sifucall::ops::config::{Preflight, Settings, validate_log_filter};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -28,11 +28,17 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate the configuration and print the effective settings (secrets redacted).
+    /// Validate the configuration as `run` would need it (values, API keys, the records
+    /// file, the listen ports) and print the effective settings (secrets redacted). Exits 0
+    /// when `run` will start, 2 on any configuration problem.
     Check {
         /// Operator config file, layered over the built-in defaults.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Do not try to bind the listen addresses (use while the daemon is running, e.g.
+        /// before restarting it after an upgrade).
+        #[arg(long)]
+        no_bind: bool,
     },
     /// One complete AI call with no API keys: fake providers, the daemon and a synthetic
     /// caller speaking Malay; prints the conversation and per-stage latency.
@@ -88,27 +94,71 @@ enum Command {
     },
 }
 
+/// Exit code for every configuration problem (the unit's `RestartPreventExitStatus=2`).
+const CONFIG_ERROR: u8 = 2;
+
+fn config_errors<'a>(problems: impl IntoIterator<Item = &'a str>) -> ExitCode {
+    for p in problems {
+        eprintln!("sifucall: configuration error: {p}");
+    }
+    ExitCode::from(CONFIG_ERROR)
+}
+
 fn load(config: Option<&PathBuf>) -> Result<Settings, ExitCode> {
-    Settings::load(config.map(PathBuf::as_path)).map_err(|e| {
-        eprintln!("sifucall: configuration error: {e}");
-        ExitCode::from(2)
-    })
+    Settings::load(config.map(PathBuf::as_path)).map_err(|e| config_errors(e.problems()))
+}
+
+/// `sifucall check`: everything `run` needs, every problem reported, exit 2 on any.
+fn check(config: Option<&PathBuf>, no_bind: bool) -> ExitCode {
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut problems = settings.preflight(Preflight {
+        keys: true,
+        bind: !no_bind,
+    });
+    if let Some(filter) = rust_log() {
+        if let Err(why) = validate_log_filter(&filter) {
+            problems.push(format!(
+                "invalid RUST_LOG (environment; it overrides log.level): {why}"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        let code = config_errors(problems.iter().map(String::as_str));
+        eprintln!(
+            "configuration NOT OK: {} problem{}",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        );
+        return code;
+    }
+    match settings
+        .redacted_json()
+        .context("rendering settings")
+        .and_then(|v| serde_json::to_string_pretty(&v).context("rendering settings"))
+    {
+        Ok(text) => {
+            println!("{text}");
+            eprintln!("configuration OK");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("sifucall", e),
+    }
+}
+
+/// `RUST_LOG` when set and not blank (logging then ignores `log.level`).
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match load(config.as_ref()) {
-            Ok(s) => match toml_like(&s) {
-                Ok(text) => {
-                    println!("{text}");
-                    eprintln!("configuration OK");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail("sifucall", e),
-            },
-            Err(code) => code,
-        },
+        Command::Check { config, no_bind } => check(config.as_ref(), no_bind),
         Command::Demo {
             config,
             wav,
@@ -135,7 +185,7 @@ fn main() -> ExitCode {
             print_endpoints,
             ..
         } => block_on("sifucall", fakes_only(print_endpoints)),
-        Command::Sandbox { config, .. } => match load_with_logs(config.as_ref()) {
+        Command::Sandbox { config, .. } => match load_with_logs(config.as_ref(), false) {
             Ok(settings) => block_on("sifucall", sandbox(settings)),
             Err(code) => code,
         },
@@ -159,19 +209,34 @@ fn main() -> ExitCode {
             };
             block_on("sifucall call", call(opts))
         }
-        Command::Run { config } => match load_with_logs(config.as_ref()) {
+        Command::Run { config } => match load_with_logs(config.as_ref(), true) {
             Ok(settings) => block_on("sifucall", run(settings)),
             Err(code) => code,
         },
     }
 }
 
-/// Loads the configuration and starts logging as it says.
-fn load_with_logs(config: Option<&PathBuf>) -> Result<Settings, ExitCode> {
+/// Loads the configuration, starts logging as it says, and checks the records file and (with
+/// `keys`, for `run`) the API keys, so that these configuration errors exit 2 (which the
+/// unit does not restart) rather than failing later with 1. A busy port is left to `run`
+/// itself: that is usually transient (the old process still draining) and worth a restart.
+fn load_with_logs(config: Option<&PathBuf>, keys: bool) -> Result<Settings, ExitCode> {
     let settings = load(config)?;
+    if let Some(filter) = rust_log() {
+        // `EnvFilter` reads an unknown word such as `inf` as a target and logs nothing at all.
+        if let Err(why) = validate_log_filter(&filter) {
+            return Err(config_errors([format!(
+                "invalid RUST_LOG (environment; it overrides log.level): {why}"
+            )
+            .as_str()]));
+        }
+    }
     if let Err(e) = sifucall::ops::logging::init(settings.log.format, &settings.log.level) {
-        eprintln!("sifucall: configuration error: {e}");
-        return Err(ExitCode::from(2));
+        return Err(config_errors([e.to_string().as_str()]));
+    }
+    let problems = settings.preflight(Preflight { keys, bind: false });
+    if !problems.is_empty() {
+        return Err(config_errors(problems.iter().map(String::as_str)));
     }
     Ok(settings)
 }
@@ -187,10 +252,6 @@ fn block_on(what: &str, f: impl std::future::Future<Output = anyhow::Result<()>>
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(what, e),
     }
-}
-
-fn toml_like(s: &Settings) -> anyhow::Result<String> {
-    serde_json::to_string_pretty(s).context("rendering settings")
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

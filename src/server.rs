@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::call::session::{self, CallSummary, SessionConfig};
+use crate::call::driver;
+use crate::call::{CallSummary, SessionConfig};
 use crate::ops::admin::ReadyFlag;
 use crate::ops::metrics::{Metrics, RefuseReason};
 
@@ -145,7 +146,7 @@ async fn run_call(
     cancel: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
-    let summary = session::run(stream, peer, cfg.session.clone(), metrics, cancel).await;
+    let summary = driver::run(stream, peer, cfg.session.clone(), metrics, cancel).await;
     drop(permit);
     if let Some(f) = on_end {
         f(summary);

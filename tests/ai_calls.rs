@@ -314,7 +314,10 @@ async fn dtmf_entry_reaches_the_llm() {
     let reqs = d.llm_requests();
     assert_eq!(reqs.len(), 1, "'#' ends the entry: one turn");
     let user = last_user(&reqs[0]);
-    assert!(user.contains("1 2 #"), "{user:?}");
+    assert!(
+        user.ends_with(": 1 2)"),
+        "the digits, without the # that ended them: {user:?}"
+    );
     let a = agent(&summary);
     let dtmf: Vec<&str> = a
         .transcript

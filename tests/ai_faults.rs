@@ -7,7 +7,7 @@ mod common;
 
 use common::ai::*;
 use sifucall::audiosocket::Digit;
-use sifucall::call::session::CallSummary;
+use sifucall::call::CallSummary;
 use sifucall::caller::{CallReport, ClosedBy};
 use sifucall::ops::metrics::EndReason;
 use sifucall::ops::records::Role;
@@ -404,7 +404,11 @@ async fn a_failing_call_does_not_affect_a_healthy_one() {
             })
             .collect()
     };
-    failing_call.dtmf = [press(1_600, "5#"), press(4_000, "7#")].concat();
+    // The second entry comes after the first apology has been heard out: a keypad entry
+    // while the agent speaks takes the floor (the apology would be cut, by design).
+    let second = 1_600 + speech_ms(APOLOGY, RATE) + 1_200;
+    assert!(second + 3_000 < failing.ms(), "the call lasts long enough");
+    failing_call.dtmf = [press(1_600, "5#"), press(second, "7#")].concat();
 
     let (h, f) = tokio::join!(d.place(d.call(&healthy)), d.place(failing_call));
     let (s1, s2) = (d.next_summary().await, d.next_summary().await);

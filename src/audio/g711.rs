@@ -125,26 +125,6 @@ pub fn alaw_encode(sample: i16) -> u8 {
     code ^ mask
 }
 
-/// Appends the decoded samples of a µ-law buffer to `out`.
-pub fn ulaw_decode_into(codes: &[u8], out: &mut Vec<i16>) {
-    out.extend(codes.iter().map(|&c| ulaw_decode(c)));
-}
-
-/// Appends the decoded samples of an A-law buffer to `out`.
-pub fn alaw_decode_into(codes: &[u8], out: &mut Vec<i16>) {
-    out.extend(codes.iter().map(|&c| alaw_decode(c)));
-}
-
-/// Appends the µ-law codes of `samples` to `out` (used by the fake TTS server's `ulaw_8000`).
-pub fn ulaw_encode_into(samples: &[i16], out: &mut Vec<u8>) {
-    out.extend(samples.iter().map(|&s| ulaw_encode(s)));
-}
-
-/// Appends the A-law codes of `samples` to `out`.
-pub fn alaw_encode_into(samples: &[i16], out: &mut Vec<u8>) {
-    out.extend(samples.iter().map(|&s| alaw_encode(s)));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,18 +221,6 @@ mod tests {
             };
             assert!(ea <= bound, "A-law {x}: error {ea}");
         }
-    }
-
-    #[test]
-    fn slice_helpers_append() {
-        let mut out = vec![7i16];
-        ulaw_decode_into(&[0xff, 0x00], &mut out);
-        alaw_decode_into(&[0xd5, 0x55], &mut out);
-        assert_eq!(out, [7, 0, -32124, 8, -8]);
-        let mut codes = Vec::new();
-        ulaw_encode_into(&[0, i16::MIN], &mut codes);
-        alaw_encode_into(&[0, -1], &mut codes);
-        assert_eq!(codes, [0xff, 0x00, 0xd5, 0x55]);
     }
 
     /// Documents the one place where the old Sun `g711.c` µ-law encoder (magnitude `-x`)

@@ -1,8 +1,8 @@
-//! Sample-rate conversion: exact, streaming 2x between 8 and 16 kHz, and a linear one-shot
+//! Sample-rate conversion: exact, streaming 2x from 8 to 16 kHz, and a linear one-shot
 //! converter for fixtures.
 //!
 //! Calls arrive at 8 kHz (slin) or 16 kHz (slin16), and the VAD model only takes 16 kHz, so
-//! the hot path is a factor of two either way. Both directions use one 47-tap symmetric
+//! 8 kHz calls are upsampled by two. The converter uses a 47-tap symmetric
 //! half-band FIR (Kaiser-windowed sinc, beta 8, cut-off at a quarter of the 16 kHz rate):
 //! flat within 0.2 dB to 3.4 kHz (the telephone band), -6 dB at 4 kHz, below -35 dB from
 //! 4.6 kHz and below -90 dB from 5 kHz. A half-band filter has every second tap zero except
@@ -10,18 +10,16 @@
 //! only the in-between ones. (A cut-off of ~3.6 kHz with ~31 taps would lose 3-4 dB at
 //! 3.4 kHz; the half-band design keeps the band and costs about as much.)
 //!
-//! Both converters carry their filter history between calls, so a signal processed in any
+//! The converter carries its filter history between calls, so a signal processed in any
 //! chunking gives bit-identical output to processing it in one go. Arithmetic is `f32`,
 //! rounded to nearest and saturated to `i16`.
 //!
 //! # Group delay
-//! - [`Upsampler2x`]: 24 output samples at 16 kHz (12 input samples at 8 kHz) = 1.5 ms.
-//! - [`Downsampler2x`]: 22 input samples at 16 kHz (11 output samples at 8 kHz) = 1.375 ms.
-//! - Up then down: 23 samples at 8 kHz = 2.875 ms.
+//! [`Upsampler2x`]: 24 output samples at 16 kHz (12 input samples at 8 kHz) = 1.5 ms.
 
 /// Taps at odd distances 1, 3, .., 23 from the centre (the centre tap is exactly 0.5 and
 /// all other even-distance taps are zero). Scaled so these sum to 0.5 on each side pair,
-/// which makes both polyphase branches exactly unity gain at DC. Verified against the
+/// which makes the interpolating branch exactly unity gain at DC. Verified against the
 /// design formula by a test.
 const TAPS: [f32; 12] = [
     3.1625918e-01,
@@ -40,35 +38,13 @@ const TAPS: [f32; 12] = [
 
 /// Group delay of [`Upsampler2x`], in output (16 kHz) samples.
 pub const UPSAMPLER_DELAY_16K: usize = 24;
-/// Group delay of [`Downsampler2x`], in output (8 kHz) samples.
-pub const DOWNSAMPLER_DELAY_8K: usize = 11;
 
 /// Inputs the upsampler keeps between calls: x[n-23] ..= x[n-1].
 const UP_HISTORY: usize = 2 * TAPS.len() - 1;
-/// Inputs the downsampler keeps before each new pair.
-const DOWN_HISTORY: usize = 4 * TAPS.len() - 3;
 
 fn saturate(v: f32) -> i16 {
     // `as` saturates, and NaN cannot occur with finite taps and inputs.
     v.round() as i16
-}
-
-/// Symmetric FIR around a centre: `Σ TAPS[i] * (x[centre + 1 + 2i] + x[centre - 1 - 2i])`,
-/// where `after` starts at `x[centre + 1]` and `before` ends at `x[centre - 1]`.
-#[inline]
-fn odd_taps(after: &[i16], before: &[i16]) -> f32 {
-    let mut acc = 0.0f32;
-    for (i, &c) in TAPS.iter().enumerate() {
-        let a = after.get(2 * i).copied().unwrap_or(0);
-        let b = before
-            .len()
-            .checked_sub(1 + 2 * i)
-            .and_then(|j| before.get(j))
-            .copied()
-            .unwrap_or(0);
-        acc += c * (f32::from(a) + f32::from(b));
-    }
-    acc
 }
 
 /// Streaming 8 kHz to 16 kHz converter; see the module docs for response and delay.
@@ -116,55 +92,11 @@ impl Upsampler2x {
     }
 }
 
-/// Streaming 16 kHz to 8 kHz converter; see the module docs for response and delay.
-///
-/// Each output needs a complete input pair; an odd trailing sample is carried to the next
-/// call, so over a stream the output length is `floor(total_input / 2)`.
-#[derive(Debug, Clone)]
-pub struct Downsampler2x {
-    /// History (the last [`DOWN_HISTORY`] inputs before the next pair), then pending input.
-    buf: Vec<i16>,
-}
-
-impl Default for Downsampler2x {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Downsampler2x {
-    /// A converter whose past input is silence.
-    pub fn new() -> Self {
-        Self {
-            buf: vec![0; DOWN_HISTORY],
-        }
-    }
-
-    /// Converts `input`, appending one sample per completed input pair to `out`.
-    pub fn process(&mut self, input: &[i16], out: &mut Vec<i16>) {
-        self.buf.extend_from_slice(input);
-        out.reserve((self.buf.len() - DOWN_HISTORY) / 2);
-        // For the pair x[2n], x[2n+1] we output the filter at m = 2n+2, centred on x[m-24]:
-        // it uses x[m-47] ..= x[m-1], i.e. everything up to the pair's second sample.
-        let mut q = DOWN_HISTORY;
-        while q + 1 < self.buf.len() {
-            let last = q + 1; // x[m-1]
-            let centre = last + 1 - 2 * TAPS.len();
-            let window = &self.buf[..=last];
-            let acc = 0.5 * f32::from(window[centre])
-                + odd_taps(&window[centre + 1..], &window[..centre]);
-            out.push(saturate(acc));
-            q += 2;
-        }
-        self.buf.drain(..q - DOWN_HISTORY);
-    }
-}
-
 /// One-shot conversion between any two rates by linear interpolation, for fixtures (e.g.
 /// 22050 Hz `espeak-ng` output to 8 kHz). Output length is `floor(len * to / from)`.
 ///
 /// There is no anti-alias filter: when converting down, content above the new Nyquist
-/// folds back. Fine for speech fixtures fed to tests; use the 2x converters on live audio.
+/// folds back. Fine for speech fixtures fed to tests; use [`Upsampler2x`] on live audio.
 /// A zero rate yields an empty output.
 pub fn resample_linear(input: &[i16], from_hz: u32, to_hz: u32) -> Vec<i16> {
     if from_hz == 0 || to_hz == 0 || input.is_empty() {
@@ -205,12 +137,6 @@ mod tests {
     fn up(x: &[i16]) -> Vec<i16> {
         let mut out = Vec::new();
         Upsampler2x::new().process(x, &mut out);
-        out
-    }
-
-    fn down(x: &[i16]) -> Vec<i16> {
-        let mut out = Vec::new();
-        Downsampler2x::new().process(x, &mut out);
         out
     }
 
@@ -263,16 +189,6 @@ mod tests {
     fn lengths() {
         assert_eq!(up(&[1; 7]).len(), 14);
         assert!(up(&[]).is_empty());
-        let mut d = Downsampler2x::new();
-        let mut out = Vec::new();
-        d.process(&[1; 7], &mut out);
-        assert_eq!(out.len(), 3);
-        d.process(&[1; 1], &mut out); // completes the carried pair
-        assert_eq!(out.len(), 4);
-        d.process(&[], &mut out);
-        assert_eq!(out.len(), 4);
-        d.process(&[1; 5], &mut out);
-        assert_eq!(out.len(), 6);
     }
 
     #[test]
@@ -288,26 +204,6 @@ mod tests {
     fn dc_is_preserved_exactly() {
         let y = up(&[1000; 200]);
         assert!(y[60..].iter().all(|&v| v == 1000), "{:?}", &y[60..70]);
-        let z = down(&[-1000; 400]);
-        assert!(z[30..].iter().all(|&v| v == -1000), "{:?}", &z[30..40]);
-    }
-
-    #[test]
-    fn sine_keeps_amplitude_through_up_and_down() {
-        let x = sine(1000.0, 8000.0, 16000.0, 8000);
-        let y = down(&up(&x));
-        assert_eq!(y.len(), x.len());
-        let delay = UPSAMPLER_DELAY_16K / 2 + DOWNSAMPLER_DELAY_8K;
-        let (a, b) = (&x[1000..7000], &y[1000 + delay..7000 + delay]);
-        let change = db(crate::audio::pcm::rms(b), crate::audio::pcm::rms(a));
-        assert!(change.abs() < 1.0, "{change} dB");
-        // The documented delay is exact: the waveform lines up sample for sample.
-        let max_err = a
-            .iter()
-            .zip(b)
-            .map(|(p, q)| (i32::from(*p) - i32::from(*q)).abs())
-            .max();
-        assert!(max_err.is_some_and(|e| e < 40), "{max_err:?}");
     }
 
     #[test]
@@ -321,24 +217,6 @@ mod tests {
             "image at {} dB",
             db(image, wanted)
         );
-    }
-
-    #[test]
-    fn downsampler_attenuates_above_4khz() {
-        let x = sine(6000.0, 16000.0, 16000.0, 16000);
-        let y = down(&x);
-        let attenuation = db(
-            crate::audio::pcm::rms(&y[100..]).max(1e-3),
-            crate::audio::pcm::rms(&x),
-        );
-        assert!(attenuation < -30.0, "{attenuation} dB");
-        // And a 3 kHz tone (in band) passes.
-        let x = sine(3000.0, 16000.0, 16000.0, 16000);
-        let gain = db(
-            crate::audio::pcm::rms(&down(&x)[100..]),
-            crate::audio::pcm::rms(&x),
-        );
-        assert!(gain.abs() < 0.5, "{gain} dB");
     }
 
     #[test]
@@ -399,8 +277,6 @@ mod tests {
         ) {
             let mut u = Upsampler2x::new();
             prop_assert_eq!(chunked(&x, &cuts, |c, o| u.process(c, o)), up(&x));
-            let mut d = Downsampler2x::new();
-            prop_assert_eq!(chunked(&x, &cuts, |c, o| d.process(c, o)), down(&x));
         }
     }
 }

@@ -1,10 +1,8 @@
-//! Voice activity on call audio: speech probabilities from the `earshot` model, and a
-//! sans-IO gate that turns them into debounced speech start/end events.
+//! Voice activity on call audio: speech probabilities from the `earshot` model.
 //!
-//! The call loop uses the events for barge-in (the caller talks over the agent) and for
+//! The call loop uses them for barge-in (the caller talks over the agent) and for
 //! end-of-turn hints. [`Vad`] adapts arbitrary AudioSocket chunks at 8 or 16 kHz to the
-//! model's fixed input (256 samples at 16 kHz = 16 ms); [`SpeechGate`] counts those 16 ms
-//! windows, so it never reads a clock and is trivially testable.
+//! model's fixed input (256 samples at 16 kHz = 16 ms), one probability per window.
 
 use earshot::Detector;
 
@@ -91,118 +89,120 @@ impl Vad {
     }
 }
 
-/// Settings of a [`SpeechGate`]. Durations are rounded up to whole 16 ms windows.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GateConfig {
-    /// A window is speech when its probability is at least this (earshot suggests 0.5).
-    pub threshold: f32,
-    /// While speaking, a window still counts as speech down to this lower probability
-    /// (hysteresis on the level, so a wobbling score does not chop speech up). Clamped to at
-    /// most `threshold`.
-    pub release_threshold: f32,
-    /// Speech must last this long (consecutive speech windows) before `SpeechStart`; this is
-    /// the caller's barge-in setting.
-    pub min_speech_ms: u32,
-    /// Non-speech must last this long (consecutive) before `SpeechEnd` (the hangover).
-    pub min_silence_ms: u32,
-}
-
-impl Default for GateConfig {
-    fn default() -> Self {
-        Self {
-            threshold: 0.5,
-            release_threshold: 0.35,
-            min_speech_ms: 300,
-            min_silence_ms: 240,
-        }
-    }
-}
-
-/// A change of the gate's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateEvent {
-    /// Speech has lasted `min_speech_ms`; it began that long ago.
-    SpeechStart,
-    /// Non-speech has lasted `min_silence_ms`; speech ended that long ago.
-    SpeechEnd,
-}
-
-/// Speech/silence decision with hysteresis, fed one probability per 16 ms window.
-#[derive(Debug, Clone)]
-pub struct SpeechGate {
-    threshold: f32,
-    release_threshold: f32,
-    min_speech: u32,
-    min_silence: u32,
-    speaking: bool,
-    /// Consecutive windows contradicting the current state.
-    run: u32,
-}
-
-fn windows_for(ms: u32) -> u32 {
-    ms.div_ceil(Vad::WINDOW_MS).max(1)
-}
-
-impl SpeechGate {
-    /// A gate in the silent state.
-    pub fn new(config: GateConfig) -> Self {
-        Self {
-            threshold: config.threshold,
-            release_threshold: config.release_threshold.min(config.threshold),
-            min_speech: windows_for(config.min_speech_ms),
-            min_silence: windows_for(config.min_silence_ms),
-            speaking: false,
-            run: 0,
-        }
-    }
-
-    /// Takes the next window's probability; returns an event when the state flips.
-    pub fn push(&mut self, prob: f32) -> Option<GateEvent> {
-        // NaN is neither speech nor above the release level: it counts as silence.
-        let is_speech = if self.speaking {
-            prob >= self.release_threshold
-        } else {
-            prob >= self.threshold
-        };
-        if is_speech == self.speaking {
-            self.run = 0;
-            return None;
-        }
-        self.run += 1;
-        let needed = if self.speaking {
-            self.min_silence
-        } else {
-            self.min_speech
-        };
-        if self.run < needed {
-            return None;
-        }
-        self.run = 0;
-        self.speaking = !self.speaking;
-        Some(if self.speaking {
-            GateEvent::SpeechStart
-        } else {
-            GateEvent::SpeechEnd
-        })
-    }
-
-    /// Whether the gate is in the speaking state.
-    pub fn is_speaking(&self) -> bool {
-        self.speaking
-    }
-
-    /// Returns to the silent state.
-    pub fn reset(&mut self) {
-        self.speaking = false;
-        self.run = 0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::audio::wav;
     use std::path::PathBuf;
+
+    // A debouncer over the probabilities, as a call would use them, so the fixture tests
+    // can assert one speech region per recording. (Production does its own turn-taking.)
+    /// Settings of a [`SpeechGate`]. Durations are rounded up to whole 16 ms windows.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    struct GateConfig {
+        /// A window is speech when its probability is at least this (earshot suggests 0.5).
+        threshold: f32,
+        /// While speaking, a window still counts as speech down to this lower probability
+        /// (hysteresis on the level, so a wobbling score does not chop speech up). Clamped to at
+        /// most `threshold`.
+        release_threshold: f32,
+        /// Speech must last this long (consecutive speech windows) before `SpeechStart`; this is
+        /// the caller's barge-in setting.
+        min_speech_ms: u32,
+        /// Non-speech must last this long (consecutive) before `SpeechEnd` (the hangover).
+        min_silence_ms: u32,
+    }
+
+    impl Default for GateConfig {
+        fn default() -> Self {
+            Self {
+                threshold: 0.5,
+                release_threshold: 0.35,
+                min_speech_ms: 300,
+                min_silence_ms: 240,
+            }
+        }
+    }
+
+    /// A change of the gate's state.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum GateEvent {
+        /// Speech has lasted `min_speech_ms`; it began that long ago.
+        SpeechStart,
+        /// Non-speech has lasted `min_silence_ms`; speech ended that long ago.
+        SpeechEnd,
+    }
+
+    /// Speech/silence decision with hysteresis, fed one probability per 16 ms window.
+    #[derive(Debug, Clone)]
+    struct SpeechGate {
+        threshold: f32,
+        release_threshold: f32,
+        min_speech: u32,
+        min_silence: u32,
+        speaking: bool,
+        /// Consecutive windows contradicting the current state.
+        run: u32,
+    }
+
+    fn windows_for(ms: u32) -> u32 {
+        ms.div_ceil(Vad::WINDOW_MS).max(1)
+    }
+
+    impl SpeechGate {
+        /// A gate in the silent state.
+        fn new(config: GateConfig) -> Self {
+            Self {
+                threshold: config.threshold,
+                release_threshold: config.release_threshold.min(config.threshold),
+                min_speech: windows_for(config.min_speech_ms),
+                min_silence: windows_for(config.min_silence_ms),
+                speaking: false,
+                run: 0,
+            }
+        }
+
+        /// Takes the next window's probability; returns an event when the state flips.
+        fn push(&mut self, prob: f32) -> Option<GateEvent> {
+            // NaN is neither speech nor above the release level: it counts as silence.
+            let is_speech = if self.speaking {
+                prob >= self.release_threshold
+            } else {
+                prob >= self.threshold
+            };
+            if is_speech == self.speaking {
+                self.run = 0;
+                return None;
+            }
+            self.run += 1;
+            let needed = if self.speaking {
+                self.min_silence
+            } else {
+                self.min_speech
+            };
+            if self.run < needed {
+                return None;
+            }
+            self.run = 0;
+            self.speaking = !self.speaking;
+            Some(if self.speaking {
+                GateEvent::SpeechStart
+            } else {
+                GateEvent::SpeechEnd
+            })
+        }
+
+        /// Whether the gate is in the speaking state.
+        fn is_speaking(&self) -> bool {
+            self.speaking
+        }
+
+        /// Returns to the silent state.
+        fn reset(&mut self) {
+            self.speaking = false;
+            self.run = 0;
+        }
+    }
 
     fn fixture(name: &str) -> wav::MonoPcm {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

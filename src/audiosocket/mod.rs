@@ -4,7 +4,8 @@
 //! The types are split by direction on purpose. [`Inbound`] is everything Asterisk can
 //! send us; [`Outbound`] can only express what Asterisk accepts from a server (audio of a
 //! known rate, non-empty, and hangup), so no code path can emit a frame that makes Asterisk
-//! abort the call.
+//! abort the call. The rules and the observed Asterisk behaviour this relies on are in
+//! `docs/audiosocket.md`.
 
 mod codec;
 mod frame;

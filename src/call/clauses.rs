@@ -1,9 +1,12 @@
 //! Splits streamed LLM text into clauses for TTS, so speech starts after the first few
 //! words instead of after the whole reply.
 //!
-//! The first clause is released as early as a natural break allows (a comma after a few
-//! words), later clauses at sentence ends, which keeps prosody natural without adding delay:
-//! by the time the first clause has been spoken the rest has long arrived.
+//! The first chunk is released as early as a natural break allows (a comma after a few
+//! words), and never later than its fifth word, wherever the model puts its first comma: TTS
+//! starts speaking about six tokens after the first one. Later clauses go at clause and
+//! sentence ends; by the time the first chunk has been spoken the rest has long arrived. The
+//! ElevenLabs websocket keeps one generation context per reply, so a first chunk cut
+//! mid-sentence keeps the sentence's prosody there.
 
 /// Breaks that end a sentence.
 const SENTENCE_END: &[char] = &['.', '!', '?', '。', '…'];
@@ -16,13 +19,14 @@ pub struct ClauseSplitter {
     buf: String,
     emitted: usize,
     first_min_chars: usize,
+    first_max_words: usize,
     min_chars: usize,
     max_chars: usize,
 }
 
 impl Default for ClauseSplitter {
     fn default() -> Self {
-        Self::new(12, 40, 220)
+        Self::new(12, 40, 220).with_first_max_words(5)
     }
 }
 
@@ -34,9 +38,16 @@ impl ClauseSplitter {
             buf: String::new(),
             emitted: 0,
             first_min_chars,
+            first_max_words: usize::MAX,
             min_chars,
             max_chars,
         }
+    }
+
+    /// Releases the first chunk after this many whole words even without a break.
+    pub fn with_first_max_words(mut self, words: usize) -> Self {
+        self.first_max_words = words.max(1);
+        self
     }
 
     /// Adds streamed text; returns the clauses now complete, each ending with a space.
@@ -76,8 +87,21 @@ impl ClauseSplitter {
         let mut last_space = None;
         let mut chars = self.buf.char_indices().peekable();
         let mut count = 0;
+        let mut words = 0;
+        let mut in_word = false;
         while let Some((i, c)) = chars.next() {
             count += 1;
+            if c.is_whitespace() {
+                if in_word {
+                    words += 1;
+                    if self.emitted == 0 && words >= self.first_max_words {
+                        return Some(i);
+                    }
+                }
+                in_word = false;
+            } else {
+                in_word = true;
+            }
             let next = chars.peek().map(|&(_, n)| n);
             // A break needs the following whitespace to have arrived (so "3.5" is not split).
             let followed_by_space = next.is_some_and(char::is_whitespace);
@@ -130,6 +154,22 @@ mod tests {
     }
 
     #[test]
+    fn a_long_first_sentence_without_commas_starts_after_five_words() {
+        let sentence = "Pakej asas kami yang paling popular di kalangan pelanggan di seluruh Malaysia \
+                        termasuk data tanpa had dan panggilan percuma ke semua rangkaian tempatan \
+                        sepanjang bulan";
+        let mut s = ClauseSplitter::default();
+        let mut released_at = None;
+        for (n, token) in sentence.split_inclusive(' ').enumerate() {
+            if !s.push(token).is_empty() && released_at.is_none() {
+                released_at = Some(n + 1);
+            }
+        }
+        // The fifth word is known to be whole once the sixth token starts with a space.
+        assert_eq!(released_at, Some(5), "tokens before the first chunk");
+    }
+
+    #[test]
     fn sentences_split_and_join_back() {
         let text = "Terima kasih kerana menelefon. Harga pakej asas ialah tiga puluh ringgit sebulan, termasuk data tanpa had. Ada apa-apa lagi?";
         let deltas: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
@@ -146,7 +186,7 @@ mod tests {
         let clauses = split_all(&["Harganya RM3", ".50 sahaja hari ini untuk anda semua."]);
         assert_eq!(
             clauses,
-            vec!["Harganya RM3.50 sahaja hari ini untuk anda semua. "]
+            vec!["Harganya RM3.50 sahaja hari ini ", "untuk anda semua. "]
         );
     }
 

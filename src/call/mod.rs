@@ -1,10 +1,26 @@
-//! One call: the session task that owns the socket and the clock, the real-time playout
-//! buffer, and what the call does (echo, or the voice agent).
+//! One call, from the UUID to the hangup.
+//!
+//! A call is a sans-IO state machine ([`machine`]) that holds every decision of the
+//! conversation, and one async task ([`driver`]) that is its only I/O: the socket, the
+//! 20 ms clock and the provider tasks. Reading order: [`machine`] (inputs, effects, the
+//! state), then its parts ([`playout`], [`turn`], [`history`], [`hangup`], [`dtmf`]), then
+//! [`driver`] (the only waiting) and [`reply`] (the LLM -> clauses -> TTS task).
 
-pub mod agent;
 pub mod clauses;
-pub mod conversation;
+pub mod driver;
+pub mod dtmf;
+pub mod hangup;
+pub mod history;
+pub mod machine;
 pub mod playout;
 pub mod prompts;
-pub mod session;
+pub mod reply;
 pub mod turn;
+
+pub use driver::{AgentSetup, Behaviour, CallSummary, SessionConfig};
+pub use machine::{AgentConfig, AgentReport, CallMachine, Effect, Input, Pipeline};
+
+#[cfg(test)]
+mod driver_tests;
+#[cfg(test)]
+mod scenarios;

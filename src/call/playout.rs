@@ -6,9 +6,15 @@
 //! traffic), stop within one frame when told to (barge-in), and know exactly how much of
 //! each utterance went out (so the conversation history keeps only what was heard).
 //!
-//! This is sans-IO: it is fed `now` and asked for frames; the session task owns the timer
-//! and the socket. Frame `n` is due at `start + n * 20 ms`, so lateness never accumulates:
-//! a late tick is late on its own, the next deadline is unchanged.
+//! This is sans-IO: it is fed `now` and asked for frames; the call machine owns it and the
+//! driver owns the timer and the socket. Frame `n` is due at `start + n * 20 ms`, so lateness
+//! never accumulates: a late tick is late on its own, the next deadline is unchanged. Speech
+//! that arrives between ticks waits for the next tick of the same clock (at most 20 ms): the
+//! clock is never moved, so the wire never runs ahead of real time and never carries two
+//! frames closer than 20 ms apart (unless a starved task catches up a few late frames).
+//!
+//! The playout is the one owner of each utterance's life: queued, playing, then ended (played
+//! out or flushed) with exactly one [`PlayoutEvent::Ended`] saying how much the caller heard.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -59,6 +65,16 @@ pub struct Progress {
     pub dropped_samples: usize,
     /// Whether its producer had said it was complete.
     pub input_finished: bool,
+    /// Whether it was cut short by a flush (barge-in, a new turn, shutdown) rather than
+    /// played to its end.
+    pub flushed: bool,
+}
+
+impl Progress {
+    /// Whether the caller missed part of it: flushed with audio dropped or still to come.
+    pub fn interrupted(&self) -> bool {
+        self.flushed && (self.dropped_samples > 0 || !self.input_finished)
+    }
 }
 
 /// Something the playout noticed, for the conversation.
@@ -71,11 +87,12 @@ pub enum PlayoutEvent {
         /// The frame's scheduled time.
         at: Instant,
     },
-    /// The last sample of a finished utterance went out.
-    Completed {
-        /// How much was sent.
+    /// The utterance is over: its last sample went out, or it was flushed. The only end
+    /// event: whoever tracks an utterance learns here how much of it the caller heard.
+    Ended {
+        /// How much was sent, and whether it was cut short.
         progress: Progress,
-        /// When its last frame is scheduled to have finished playing.
+        /// When its last frame finishes playing at the caller.
         ends_at: Instant,
     },
     /// An utterance still open ran dry while playing: the caller hears a gap.
@@ -102,6 +119,7 @@ impl Utterance {
             sent_samples: self.sent,
             dropped_samples: 0,
             input_finished: true,
+            flushed: false,
         }
     }
 }
@@ -132,6 +150,7 @@ pub struct Playout {
     max_queued: usize,
     last_speech_end: Option<Instant>,
     stats: PlayoutStats,
+    flushed_front: Option<(UtteranceId, Vec<i16>)>,
 }
 
 impl Playout {
@@ -150,6 +169,7 @@ impl Playout {
             max_queued: rate.hz() as usize * 300,
             last_speech_end: None,
             stats: PlayoutStats::default(),
+            flushed_front: None,
         }
     }
 
@@ -230,26 +250,6 @@ impl Playout {
         }
     }
 
-    /// Queues samples like [`Playout::push`]; if the buffer was idle (sending silence), the
-    /// frame schedule is re-anchored so the first speech frame goes out at `now` instead of
-    /// waiting up to 20 ms for the silence clock's next tick. The far end sees an ordinary
-    /// talkspurt start; frames stay 20 ms apart on an absolute clock from there on. Not done
-    /// with a prebuffer (echo mode), which exists to absorb jitter, not add to it.
-    pub fn push_now(&mut self, utterance: UtteranceId, pcm: &[i16], now: Instant) {
-        let was_idle = self.utterances.is_empty();
-        self.push(utterance, pcm);
-        if !was_idle || pcm.is_empty() || self.prebuffer > 0 || self.next_frame == 0 {
-            return;
-        }
-        let due = self.next_deadline();
-        // Never earlier than 1 ms after the previous frame's slot.
-        let earliest = self.deadline(self.next_frame - 1) + Duration::from_millis(1);
-        let target = now.max(earliest);
-        if due > target {
-            self.start -= due - target;
-        }
-    }
-
     /// Marks an utterance complete: no more samples will come for it.
     pub fn finish(&mut self, utterance: UtteranceId) {
         self.open(utterance);
@@ -258,19 +258,41 @@ impl Playout {
         }
     }
 
-    /// Drops everything queued at once (barge-in). The next frame is silence. Returns how far
-    /// each dropped utterance got.
-    pub fn flush(&mut self) -> Vec<Progress> {
+    /// Drops everything queued at once (barge-in). The next frame is silence. Each dropped
+    /// utterance ends with an [`PlayoutEvent::Ended`] saying how far it got; `now` is when
+    /// the caller stops hearing it (the frame in flight still plays).
+    pub fn flush(&mut self, now: Instant) {
+        self.flushed_front = self
+            .utterances
+            .front()
+            .filter(|u| u.started)
+            .map(|u| (u.id, self.samples.drain(..u.queued).collect()));
         self.samples.clear();
-        self.utterances
-            .drain(..)
-            .map(|u| Progress {
-                utterance: u.id,
-                sent_samples: u.sent,
-                dropped_samples: u.queued,
-                input_finished: u.input_finished,
-            })
-            .collect()
+        let ends_at = self.last_speech_end.map_or(now, |e| e.max(now));
+        for u in self.utterances.drain(..) {
+            self.events.push_back(PlayoutEvent::Ended {
+                progress: Progress {
+                    utterance: u.id,
+                    sent_samples: u.sent,
+                    dropped_samples: u.queued,
+                    input_finished: u.input_finished,
+                    flushed: true,
+                },
+                ends_at: if u.started { ends_at } else { now },
+            });
+        }
+    }
+
+    /// The unsent samples of the utterance that was playing at the last flush (once), so
+    /// an interrupted utterance can go on if the interruption turns out to be nothing.
+    pub fn take_flushed_front(&mut self) -> Option<(UtteranceId, Vec<i16>)> {
+        self.flushed_front.take()
+    }
+
+    /// Whether audio is queued or an utterance is open and has started playing (the caller
+    /// is hearing the agent, or a gap inside its speech).
+    pub fn is_speaking(&self) -> bool {
+        self.utterances.front().is_some_and(|u| u.started)
     }
 
     /// Nothing queued and no utterance open.
@@ -348,7 +370,7 @@ impl Playout {
                     let done = u.completed();
                     self.utterances.pop_front();
                     let ends_at = if pcm.is_empty() { at } else { at + FRAME };
-                    self.events.push_back(PlayoutEvent::Completed {
+                    self.events.push_back(PlayoutEvent::Ended {
                         progress: done,
                         ends_at,
                     });
@@ -380,7 +402,7 @@ impl Playout {
         {
             let done = u.completed();
             self.utterances.pop_front();
-            self.events.push_back(PlayoutEvent::Completed {
+            self.events.push_back(PlayoutEvent::Ended {
                 progress: done,
                 ends_at: at + FRAME,
             });
@@ -464,7 +486,7 @@ mod tests {
         assert!(matches!(ev[0], PlayoutEvent::Started { utterance: U1, .. }));
         assert!(matches!(
             ev[1],
-            PlayoutEvent::Completed {
+            PlayoutEvent::Ended {
                 progress: Progress {
                     utterance: U1,
                     sent_samples: 250,
@@ -489,14 +511,20 @@ mod tests {
         p.push(U1, &[5; 3200]);
         p.poll(t0).unwrap();
         p.poll(t0 + FRAME).unwrap();
-        let progress = p.flush();
+        drain_events(&mut p);
+        p.flush(t0 + FRAME + Duration::from_millis(5));
         assert_eq!(
-            progress,
-            vec![Progress {
-                utterance: U1,
-                sent_samples: 640,
-                dropped_samples: 2560,
-                input_finished: false
+            drain_events(&mut p),
+            vec![PlayoutEvent::Ended {
+                progress: Progress {
+                    utterance: U1,
+                    sent_samples: 640,
+                    dropped_samples: 2560,
+                    input_finished: false,
+                    flushed: true,
+                },
+                // The frame already on the wire still plays to its end.
+                ends_at: t0 + FRAME * 2,
             }]
         );
         let next = p.poll(t0 + FRAME * 2).unwrap();
@@ -530,20 +558,47 @@ mod tests {
     }
 
     #[test]
-    fn speech_after_silence_starts_at_once() {
+    fn speech_after_silence_waits_for_the_next_tick_of_the_same_clock() {
         let t0 = Instant::now();
         let mut p = Playout::new(SampleRate::Hz8000, t0);
         p.poll(t0).unwrap();
-        // Audio arrives 5 ms into the silence frame: it goes out at 5 ms, not at 20 ms.
-        p.push_now(U1, &[3; 320], t0 + Duration::from_millis(5));
-        assert_eq!(p.next_deadline(), t0 + Duration::from_millis(5));
-        let t = p.poll(t0 + Duration::from_millis(5)).unwrap();
+        // Audio arrives 5 ms into the silence frame: it goes out at the next 20 ms tick, so
+        // the wire never carries two frames less than 20 ms apart.
+        p.push(U1, &[3; 320]);
+        assert_eq!(p.next_deadline(), t0 + FRAME);
+        assert!(p.poll(t0 + Duration::from_millis(5)).is_none());
+        let t = p.poll(t0 + FRAME).unwrap();
         assert_eq!(t.kind, FrameKind::Speech);
-        // From there on, 20 ms apart.
-        assert_eq!(p.next_deadline(), t0 + Duration::from_millis(25));
-        // Pushing more while speaking does not move the clock.
-        p.push_now(U1, &[3; 160], t0 + Duration::from_millis(7));
-        assert_eq!(p.next_deadline(), t0 + Duration::from_millis(25));
+        assert_eq!(p.next_deadline(), t0 + FRAME * 2);
+    }
+
+    #[test]
+    fn the_schedule_never_runs_ahead_of_real_time() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(SampleRate::Hz8000, t0);
+        let mut now = t0;
+        let mut sent = Vec::new();
+        // 100 talkspurts, each arriving at an odd moment inside a silence frame.
+        for spurt in 0..100u64 {
+            let arrive = now + Duration::from_millis(7 + spurt % 13);
+            while p.next_deadline() <= arrive {
+                now = p.next_deadline();
+                p.poll(now).unwrap();
+                sent.push(now);
+            }
+            p.push(UtteranceId(spurt), &[1; 400]);
+            p.finish(UtteranceId(spurt));
+            for _ in 0..6 {
+                now = p.next_deadline();
+                p.poll(now).unwrap();
+                sent.push(now);
+            }
+        }
+        for w in sent.windows(2) {
+            assert!(w[1] - w[0] >= FRAME, "frames {:?} apart", w[1] - w[0]);
+        }
+        let elapsed = *sent.last().unwrap() - t0;
+        assert!(sent.len() as u128 <= elapsed.as_millis() / 20 + 1);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum PromptKind {
     Apology,
     /// `agent.hold_prompt`
     Hold,
+    /// `agent.still_there_prompt`
+    StillThere,
 }
 
 /// The texts of the phrases.
@@ -31,6 +33,8 @@ pub struct PromptTexts {
     pub apology: String,
     /// Said when a reply is slow to start.
     pub hold: String,
+    /// Said when the caller has been silent for a while, before the idle hang-up.
+    pub still_there: String,
 }
 
 impl PromptTexts {
@@ -40,6 +44,7 @@ impl PromptTexts {
             PromptKind::Greeting => &self.greeting,
             PromptKind::Apology => &self.apology,
             PromptKind::Hold => &self.hold,
+            PromptKind::StillThere => &self.still_there,
         }
     }
 }
@@ -84,7 +89,10 @@ impl PromptCache {
     /// on first use.
     pub async fn preload(&self, rates: &[u32]) {
         let jobs = rates.iter().flat_map(|&rate| {
-            [PromptKind::Greeting, PromptKind::Apology, PromptKind::Hold].map(move |kind| async move {
+            [PromptKind::Greeting, PromptKind::Apology, PromptKind::Hold, PromptKind::StillThere].map(move |kind| async move {
+                if self.texts.text(kind).trim().is_empty() {
+                    return;
+                }
                 match self.synthesize(kind, rate).await {
                     Ok(pcm) => info!(?kind, rate, ms = pcm.len() as u64 * 1000 / u64::from(rate), "prompt cached"),
                     Err(e) => warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use"),

@@ -34,7 +34,7 @@ impl Default for TurnConfig {
         Self {
             vad_threshold: 0.5,
             min_speech: Duration::from_millis(96),
-            barge_in_min_speech: Duration::from_millis(300),
+            barge_in_min_speech: Duration::from_millis(200),
             min_silence: Duration::from_millis(240),
             echo_margin_db: 12.0,
             window: Duration::from_millis(16),
@@ -238,13 +238,13 @@ mod tests {
         let mut t = Instant::now();
         let mut d = TurnDetector::new(TurnConfig::default());
         d.set_agent_speaking(true, -20.0, t);
-        // 240 ms of caller speech: reported as speech, not yet an interruption.
-        let ev = feed(&mut d, &mut t, 15, 0.9, -18.0);
+        // 192 ms of caller speech: reported as speech, not yet an interruption.
+        let ev = feed(&mut d, &mut t, 12, 0.9, -18.0);
         assert!(
             matches!(ev[..], [TurnEvent::SpeechStarted { .. }]),
             "{ev:?}"
         );
-        let ev = feed(&mut d, &mut t, 5, 0.9, -18.0);
+        let ev = feed(&mut d, &mut t, 1, 0.9, -18.0);
         assert!(matches!(ev[..], [TurnEvent::BargeIn { .. }]), "{ev:?}");
         // Only once per agent utterance.
         assert!(feed(&mut d, &mut t, 30, 0.9, -18.0).is_empty());

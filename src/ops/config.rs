@@ -2,23 +2,49 @@
 //! defaults), then an optional operator file, then `SIFUCALL_<SECTION>__<KEY>` environment
 //! overrides. Secrets come only from their own environment variables and never print.
 //!
+//! Loading is strict so that `sifucall check` saying OK means `sifucall run` will start:
+//! numbers must be whole where whole numbers are meant (the `config` crate would otherwise
+//! round `1.5` and turn `true` into `1`) and lie inside the range listed in
+//! [`NUMERIC_RANGES`]; URLs, names, the language tag, the log filter and the allowlist are
+//! checked for the shapes the providers and the daemon need. Every problem names the key and
+//! where its value came from (the file, an environment variable, or the built-in default).
+//! What can only be known on the host (API keys, a writable records file, free listen ports)
+//! is checked by [`Settings::preflight`].
+//!
 //! Section and key names are a contract with operators' files: add keys, never rename.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 
-use config::{Config as Loader, Environment, File, FileFormat};
+use config::{Config as Loader, Environment, File, FileFormat, ValueKind};
 use ipnet::IpNet;
+use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
 /// The built-in defaults; the same file operators copy and edit.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
-/// A bad configuration. The message names the key and where its value came from.
+/// The prefix of environment overrides: `SIFUCALL_<SECTION>__<KEY>`.
+const ENV_PREFIX: &str = "SIFUCALL";
+
+/// A bad configuration: one problem per line, each naming the key and where its value came
+/// from.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn from_problems(problems: Vec<String>) -> Self {
+        Self(problems.join("\n"))
+    }
+
+    /// The problems, one per entry.
+    pub fn problems(&self) -> impl Iterator<Item = &str> {
+        self.0.lines()
+    }
+}
 
 /// A secret read from the environment. `Debug` and `Display` never show it.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -43,6 +69,34 @@ impl Secret {
     /// Whether a value is present.
     pub fn is_set(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// Why the value cannot be sent in an HTTP header, without showing it: keys are visible
+    /// ASCII, so whitespace, a line break, a control character or quotes mean the env file
+    /// was written wrongly.
+    pub fn format_problem(&self) -> Option<String> {
+        let key = self.0.as_deref()?;
+        if let Some((i, c)) = key.chars().enumerate().find(|(_, c)| !c.is_ascii_graphic()) {
+            let what = if c == '\n' || c == '\r' {
+                "a line break"
+            } else if c.is_whitespace() {
+                "whitespace"
+            } else if c.is_control() {
+                "a control character"
+            } else {
+                "a non-ASCII character"
+            };
+            return Some(format!(
+                "contains {what} at character {} of {}; API keys are printable ASCII with no spaces",
+                i + 1,
+                key.chars().count()
+            ));
+        }
+        let quoted = |q: char| key.len() >= 2 && key.starts_with(q) && key.ends_with(q);
+        if quoted('"') || quoted('\'') {
+            return Some("is wrapped in quotes; write KEY=value without them".into());
+        }
+        None
     }
 }
 
@@ -91,6 +145,9 @@ pub struct Settings {
     /// API keys, from the environment only.
     #[serde(skip_deserializing)]
     pub secrets: Secrets,
+    /// Where each value came from, for error messages.
+    #[serde(skip)]
+    origins: Origins,
 }
 
 /// `[audiosocket]`
@@ -102,10 +159,13 @@ pub struct AudioSocketSettings {
     /// Allowed source networks.
     pub allow: Vec<IpNet>,
     /// Concurrent call cap.
+    #[serde(deserialize_with = "strict::uint")]
     pub max_calls: usize,
     /// Deadline for the UUID message, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub first_message_timeout_ms: u64,
     /// Drain time on shutdown, seconds.
+    #[serde(deserialize_with = "strict::uint")]
     pub shutdown_grace_secs: u64,
 }
 
@@ -164,17 +224,48 @@ pub struct AgentSettings {
     /// Spoken when a reply is slow to start.
     pub hold_prompt: String,
     /// How slow, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub hold_after_ms: u64,
     /// Caller speech needed to interrupt the agent, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub barge_in_min_speech_ms: u64,
     /// Echo guard margin, dB.
+    #[serde(deserialize_with = "strict::float")]
     pub echo_margin_db: f64,
     /// DTMF entry timeout, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub dtmf_timeout_ms: u64,
     /// VAD speech probability threshold.
+    #[serde(deserialize_with = "strict::float32")]
     pub vad_threshold: f32,
     /// Hang up after this much caller silence; 0 disables.
+    #[serde(deserialize_with = "strict::uint")]
     pub idle_hangup_secs: u64,
+    /// Most recent conversation entries sent to the model with each request.
+    #[serde(deserialize_with = "strict::uint")]
+    pub history_max_entries: u64,
+    /// Estimated tokens of conversation sent to the model with each request.
+    #[serde(deserialize_with = "strict::uint")]
+    pub history_max_tokens: u64,
+    /// `streamed` (production) or `sequential` (the benchmark's non-streaming baseline).
+    pub pipeline: crate::call::Pipeline,
+    /// Asked after `still_there_after_secs` of silence, before the idle hang-up.
+    pub still_there_prompt: String,
+    /// Silence before the "are you still there?" prompt; 0 disables it.
+    #[serde(deserialize_with = "strict::uint")]
+    pub still_there_after_secs: u64,
+    /// VAD silence with an unchanged hypothesis before the reply starts on the hypothesis;
+    /// 0 disables speculation.
+    #[serde(deserialize_with = "strict::uint")]
+    pub speculate_after_ms: u64,
+    /// Speculative requests allowed per call.
+    #[serde(deserialize_with = "strict::uint")]
+    pub speculative_max_per_call: u64,
+    /// Words that, said alone while the agent talks, are listening noises, not a turn.
+    pub backchannels: Vec<String>,
+    /// After a barge-in that brought no words, resume this long after the caller stopped.
+    #[serde(deserialize_with = "strict::uint")]
+    pub resume_after_ms: u64,
 }
 
 /// `[stt]`
@@ -188,6 +279,7 @@ pub struct SttSettings {
     /// Full websocket URL override; empty means derive from `region`.
     pub endpoint: String,
     /// Segmentation silence, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub segmentation_silence_ms: u32,
 }
 
@@ -218,12 +310,16 @@ pub struct LlmSettings {
     /// Fallback models.
     pub fallback_models: Vec<String>,
     /// Reply length cap.
+    #[serde(deserialize_with = "strict::uint")]
     pub max_tokens: u32,
     /// Sampling temperature.
+    #[serde(deserialize_with = "strict::float32")]
     pub temperature: f32,
     /// Time-to-first-token deadline, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub first_token_timeout_ms: u64,
     /// Mid-stream stall deadline, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub stall_timeout_ms: u64,
 }
 
@@ -293,6 +389,7 @@ pub struct TtsSettings {
     /// Output format.
     pub output_format: OutputFormat,
     /// First-audio deadline, ms.
+    #[serde(deserialize_with = "strict::uint")]
     pub first_byte_timeout_ms: u64,
 }
 
@@ -305,11 +402,20 @@ pub struct RecordsSettings {
 }
 
 /// `[webhook]`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
-    /// Destination URL; empty disables.
+    /// Destination URL; empty disables. Its query often carries a token, so `Debug` shows it
+    /// through [`redact_url`].
     pub url: String,
+}
+
+impl fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
 }
 
 /// API keys.
@@ -332,6 +438,282 @@ impl Secrets {
             elevenlabs_api_key: Secret::from_env("ELEVENLABS_API_KEY"),
         }
     }
+
+    /// Each key with the environment variable it is read from.
+    pub fn named(&self) -> [(&'static str, &Secret); 3] {
+        [
+            ("AZURE_SPEECH_KEY", &self.azure_speech_key),
+            ("OPENROUTER_API_KEY", &self.openrouter_api_key),
+            ("ELEVENLABS_API_KEY", &self.elevenlabs_api_key),
+        ]
+    }
+}
+
+/// Whether a numeric setting takes whole numbers or decimals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberKind {
+    /// Whole numbers only: `1.5` and `true` are errors, not rounded.
+    Integer,
+    /// Any finite decimal.
+    Decimal,
+}
+
+/// The allowed range of one numeric setting, inclusive at both ends.
+#[derive(Debug, Clone, Copy)]
+pub struct NumericRange {
+    /// `section.key`.
+    pub key: &'static str,
+    /// Whole or decimal.
+    pub kind: NumberKind,
+    /// Smallest allowed value.
+    pub min: f64,
+    /// Largest allowed value.
+    pub max: f64,
+    /// What the number means (shown in errors).
+    pub meaning: &'static str,
+}
+
+const fn range(
+    key: &'static str,
+    kind: NumberKind,
+    min: f64,
+    max: f64,
+    meaning: &'static str,
+) -> NumericRange {
+    NumericRange {
+        key,
+        kind,
+        min,
+        max,
+        meaning,
+    }
+}
+
+/// Every numeric setting and its range (also written next to each key in
+/// `config/default.toml`). Values outside are configuration errors, never clamped.
+pub const NUMERIC_RANGES: &[NumericRange] = {
+    use NumberKind::{Decimal, Integer};
+    &[
+        range(
+            "audiosocket.max_calls",
+            Integer,
+            1.0,
+            10_000.0,
+            "concurrent calls",
+        ),
+        range(
+            "audiosocket.first_message_timeout_ms",
+            Integer,
+            100.0,
+            60_000.0,
+            "ms to wait for the call's UUID",
+        ),
+        range(
+            "audiosocket.shutdown_grace_secs",
+            Integer,
+            0.0,
+            600.0,
+            "seconds calls may run on after SIGTERM; keep it below the unit's TimeoutStopSec",
+        ),
+        range(
+            "agent.hold_after_ms",
+            Integer,
+            100.0,
+            30_000.0,
+            "ms of silence before the hold prompt",
+        ),
+        range(
+            "agent.barge_in_min_speech_ms",
+            Integer,
+            0.0,
+            5_000.0,
+            "ms of caller speech that interrupts the agent",
+        ),
+        range("agent.echo_margin_db", Decimal, 0.0, 60.0, "dB"),
+        range(
+            "agent.dtmf_timeout_ms",
+            Integer,
+            100.0,
+            30_000.0,
+            "ms after the last digit",
+        ),
+        range(
+            "agent.vad_threshold",
+            Decimal,
+            0.05,
+            0.95,
+            "speech probability",
+        ),
+        range(
+            "agent.idle_hangup_secs",
+            Integer,
+            0.0,
+            86_400.0,
+            "seconds of silence before hanging up; 0 = never",
+        ),
+        range(
+            "agent.history_max_entries",
+            Integer,
+            2.0,
+            1_000.0,
+            "conversation entries per model request",
+        ),
+        range(
+            "agent.history_max_tokens",
+            Integer,
+            100.0,
+            1_000_000.0,
+            "estimated conversation tokens per model request",
+        ),
+        range(
+            "agent.still_there_after_secs",
+            Integer,
+            0.0,
+            86_400.0,
+            "seconds of silence before asking; 0 = never",
+        ),
+        range(
+            "agent.speculate_after_ms",
+            Integer,
+            0.0,
+            5_000.0,
+            "ms of silence on a stable hypothesis; 0 = never",
+        ),
+        range(
+            "agent.speculative_max_per_call",
+            Integer,
+            0.0,
+            1_000.0,
+            "speculative model requests per call",
+        ),
+        range(
+            "agent.resume_after_ms",
+            Integer,
+            100.0,
+            10_000.0,
+            "ms after a wordless interruption",
+        ),
+        range(
+            "stt.segmentation_silence_ms",
+            Integer,
+            100.0,
+            5_000.0,
+            "ms of silence that ends a phrase (Azure's range)",
+        ),
+        range("llm.max_tokens", Integer, 1.0, 32_768.0, "tokens per reply"),
+        range("llm.temperature", Decimal, 0.0, 2.0, "sampling temperature"),
+        range(
+            "llm.first_token_timeout_ms",
+            Integer,
+            100.0,
+            120_000.0,
+            "ms to the first token",
+        ),
+        range(
+            "llm.stall_timeout_ms",
+            Integer,
+            100.0,
+            120_000.0,
+            "ms a reply stream may stall",
+        ),
+        range(
+            "tts.first_byte_timeout_ms",
+            Integer,
+            100.0,
+            60_000.0,
+            "ms to the first audio",
+        ),
+    ]
+};
+
+/// A numeric setting's current value.
+#[derive(Debug, Clone, Copy)]
+enum Number {
+    Int(u64),
+    F64(f64),
+    F32(f32),
+}
+
+impl fmt::Display for Number {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Int(n) => write!(f, "{n}"),
+            Self::F64(x) => write!(f, "{x}"),
+            Self::F32(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+impl NumericRange {
+    fn contains(&self, v: Number) -> bool {
+        match v {
+            // Bounds are small whole numbers, exact in f64.
+            Number::Int(n) => (self.min as u64..=self.max as u64).contains(&n),
+            Number::F64(x) => x.is_finite() && (self.min..=self.max).contains(&x),
+            Number::F32(x) => x.is_finite() && (self.min as f32..=self.max as f32).contains(&x),
+        }
+    }
+
+    /// `between 1 and 10000 (concurrent calls)`.
+    pub fn describe(&self) -> String {
+        format!("between {} and {} ({})", self.min, self.max, self.meaning)
+    }
+}
+
+impl Settings {
+    fn number(&self, key: &str) -> Option<Number> {
+        use Number::{F32, F64, Int};
+        let (a, g, s, l, t) = (
+            &self.audiosocket,
+            &self.agent,
+            &self.stt,
+            &self.llm,
+            &self.tts,
+        );
+        Some(match key {
+            "audiosocket.max_calls" => Int(a.max_calls as u64),
+            "audiosocket.first_message_timeout_ms" => Int(a.first_message_timeout_ms),
+            "audiosocket.shutdown_grace_secs" => Int(a.shutdown_grace_secs),
+            "agent.hold_after_ms" => Int(g.hold_after_ms),
+            "agent.barge_in_min_speech_ms" => Int(g.barge_in_min_speech_ms),
+            "agent.echo_margin_db" => F64(g.echo_margin_db),
+            "agent.dtmf_timeout_ms" => Int(g.dtmf_timeout_ms),
+            "agent.vad_threshold" => F32(g.vad_threshold),
+            "agent.idle_hangup_secs" => Int(g.idle_hangup_secs),
+            "agent.history_max_entries" => Int(g.history_max_entries),
+            "agent.history_max_tokens" => Int(g.history_max_tokens),
+            "agent.still_there_after_secs" => Int(g.still_there_after_secs),
+            "agent.speculate_after_ms" => Int(g.speculate_after_ms),
+            "agent.speculative_max_per_call" => Int(g.speculative_max_per_call),
+            "agent.resume_after_ms" => Int(g.resume_after_ms),
+            "stt.segmentation_silence_ms" => Int(u64::from(s.segmentation_silence_ms)),
+            "llm.max_tokens" => Int(u64::from(l.max_tokens)),
+            "llm.temperature" => F32(l.temperature),
+            "llm.first_token_timeout_ms" => Int(l.first_token_timeout_ms),
+            "llm.stall_timeout_ms" => Int(l.stall_timeout_ms),
+            "tts.first_byte_timeout_ms" => Int(t.first_byte_timeout_ms),
+            _ => return None,
+        })
+    }
+}
+
+/// Type-checks one integer setting as strictly as its field.
+#[derive(Deserialize)]
+#[allow(dead_code)] // Only whether it deserializes matters.
+struct WholeProbe(#[serde(deserialize_with = "strict::uint")] u64);
+
+/// Type-checks one decimal setting as strictly as its field.
+#[derive(Deserialize)]
+#[allow(dead_code)] // Only whether it deserializes matters.
+struct RealProbe(#[serde(deserialize_with = "strict::float")] f64);
+
+/// What [`Settings::preflight`] tries besides the records file.
+#[derive(Debug, Clone, Copy)]
+pub struct Preflight {
+    /// In AI mode, require the three API keys and check their format.
+    pub keys: bool,
+    /// Bind both listen addresses and release them (skip while the daemon is running).
+    pub bind: bool,
 }
 
 impl Settings {
@@ -349,121 +731,887 @@ impl Settings {
         Ok(s)
     }
 
-    /// Like [`Settings::load`] with an explicit environment (for tests).
+    /// Like [`Settings::load`] with an explicit environment (for tests). Secrets are left
+    /// unset.
     pub fn load_from(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let mut b = Loader::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(path) = file {
-            if !path.exists() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
+            // Read it once here: the `config` crate's message for an unreadable file does not
+            // always name it.
+            if let Err(e) = std::fs::read_to_string(path) {
+                return Err(ConfigError(if e.kind() == std::io::ErrorKind::NotFound {
+                    format!("config file {} does not exist", path.display())
+                } else {
+                    format!("cannot read config file {}: {e}", path.display())
+                }));
             }
             b = b.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
-        let vars: std::collections::HashMap<String, String> = env
+        let prefix = format!("{ENV_PREFIX}_");
+        let vars: HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("SIFUCALL_"))
+            .filter(|(k, _)| k.starts_with(&prefix))
             .collect();
-        let env_src = Environment::with_prefix("SIFUCALL")
+        let env_src = Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("audiosocket.allow")
             .with_list_parse_key("llm.fallback_models")
+            .with_list_parse_key("agent.backchannels")
             .try_parsing(true)
-            .source(Some(vars.clone()));
+            .source(Some(vars));
         b = b.add_source(env_src);
-        let loaded = b
-            .build()
-            .map_err(|e| ConfigError(describe(e, file, &vars)))?;
-        let settings: Self = loaded
-            .try_deserialize()
-            .map_err(|e| ConfigError(describe(e, file, &vars)))?;
+        let loaded = b.build().map_err(|e| {
+            let mut msg = e.to_string();
+            if let Some(path) = file {
+                let name = path.display().to_string();
+                if !msg.contains(&name) {
+                    msg = format!("{msg} (config file {name})");
+                }
+            }
+            ConfigError(msg)
+        })?;
+        let origins = Origins::from_cache(&loaded.cache, file);
+        let mut settings: Self = match loaded.clone().try_deserialize() {
+            Ok(s) => s,
+            Err(e) => {
+                // Deserialization stops at the first bad value; report every bad number.
+                let first = origins.annotate(&e.to_string());
+                let mut problems: Vec<String> = NUMERIC_RANGES
+                    .iter()
+                    .filter_map(|r| match r.kind {
+                        NumberKind::Integer => loaded.get::<WholeProbe>(r.key).err(),
+                        NumberKind::Decimal => loaded.get::<RealProbe>(r.key).err(),
+                    })
+                    .map(|e| origins.annotate(&e.to_string()))
+                    .collect();
+                if !problems.contains(&first) {
+                    problems.insert(0, first);
+                }
+                return Err(ConfigError::from_problems(problems));
+            }
+        };
+        settings.origins = origins;
         settings.validate()?;
         Ok(settings)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: &str| {
-            Err(ConfigError(format!("invalid value for key `{key}`: {why}")))
-        };
-        if self.audiosocket.max_calls == 0 {
-            return bad("audiosocket.max_calls", "must be at least 1");
+    /// Checks everything that can be checked without touching the host: ranges, URLs, names,
+    /// the language tag, the log filter, the allowlist. Reports every problem, not just the
+    /// first. [`Settings::load`] already calls it; call it again after changing fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::new(&self.origins);
+        for r in NUMERIC_RANGES {
+            match self.number(r.key) {
+                Some(v) if r.contains(v) => {}
+                Some(v)
+                    if matches!(v, Number::F64(x) if !x.is_finite())
+                        || matches!(v, Number::F32(x) if !x.is_finite()) =>
+                {
+                    p.bad(
+                        r.key,
+                        format!("{v} is not a finite number; must be {}", r.describe()),
+                    );
+                }
+                Some(v) => p.bad(
+                    r.key,
+                    format!("{v} is out of range; must be {}", r.describe()),
+                ),
+                None => p.bad(
+                    r.key,
+                    "unknown numeric setting (bug: NUMERIC_RANGES is stale)",
+                ),
+            }
         }
-        if self.audiosocket.allow.is_empty() {
-            return bad(
+        self.validate_network(&mut p);
+        if let Err(why) = validate_log_filter(&self.log.level) {
+            p.bad("log.level", why);
+        }
+        self.validate_agent(&mut p);
+        self.validate_providers(&mut p);
+        if let Err(why) = records_path(&self.records.url) {
+            p.bad("records.url", why);
+        }
+        if let Err(why) = webhook_url(&self.webhook.url) {
+            p.bad("webhook.url", why);
+        }
+        p.into_result()
+    }
+
+    fn validate_network(&self, p: &mut Problems<'_>) {
+        let a = &self.audiosocket;
+        if a.allow.is_empty() {
+            p.bad(
                 "audiosocket.allow",
                 "an empty allowlist refuses every connection",
             );
         }
-        if !(100..=5000).contains(&self.stt.segmentation_silence_ms) {
-            return bad(
-                "stt.segmentation_silence_ms",
-                "must be between 100 and 5000 (Azure's range)",
+        for net in &a.allow {
+            let network = net.trunc();
+            if *net != network {
+                let host = match net {
+                    IpNet::V4(_) => 32,
+                    IpNet::V6(_) => 128,
+                };
+                p.bad(
+                    "audiosocket.allow",
+                    format!(
+                        "{net} has host bits set and would allow all of {network}; write {network} for the \
+                         whole network or {}/{host} for that one host",
+                        net.addr()
+                    ),
+                );
+            }
+        }
+        let (calls, admin) = (a.listen, self.admin.listen);
+        let overlap = |x: IpAddr, y: IpAddr| x == y || x.is_unspecified() || y.is_unspecified();
+        if calls.port() != 0 && calls.port() == admin.port() && overlap(calls.ip(), admin.ip()) {
+            p.bad(
+                "admin.listen",
+                format!("{admin} collides with audiosocket.listen = {calls}; use another port"),
             );
         }
-        if self.stt.provider != "azure" {
-            return bad("stt.provider", "only \"azure\" is supported");
+    }
+
+    fn validate_agent(&self, p: &mut Problems<'_>) {
+        let g = &self.agent;
+        if let Err(why) = bcp47(&g.language) {
+            p.bad("agent.language", why);
         }
-        if self.llm.provider != "openrouter" {
-            return bad(
+        if g.apology.trim().is_empty() {
+            p.bad(
+                "agent.apology",
+                "is empty; it is what callers hear when a provider fails",
+            );
+        }
+    }
+
+    fn validate_providers(&self, p: &mut Problems<'_>) {
+        let (s, l, t) = (&self.stt, &self.llm, &self.tts);
+        if s.provider != "azure" {
+            p.bad("stt.provider", "only \"azure\" is supported");
+        }
+        if s.endpoint.trim().is_empty() {
+            if let Err(why) = hostname_label(&s.region) {
+                p.bad("stt.region", why);
+            }
+        } else if let Err(why) = service_url(&s.endpoint, &["ws", "wss"], true) {
+            p.bad("stt.endpoint", why);
+        }
+        if l.provider != "openrouter" {
+            p.bad(
                 "llm.provider",
                 "only \"openrouter\" (any OpenAI-compatible server) is supported",
             );
         }
-        if self.tts.provider != "elevenlabs" {
-            return bad("tts.provider", "only \"elevenlabs\" is supported");
+        if let Err(why) = service_url(&l.base_url, &["http", "https"], true) {
+            p.bad("llm.base_url", why);
         }
-        if !(0.0..=2.0).contains(&self.llm.temperature) {
-            return bad("llm.temperature", "must be between 0 and 2");
+        if let Err(why) = model_name(&l.model) {
+            p.bad("llm.model", why);
         }
-        if !(0.0..=1.0).contains(&self.agent.vad_threshold) {
-            return bad("agent.vad_threshold", "must be between 0 and 1");
-        }
-        for (key, url) in [
-            ("llm.base_url", &self.llm.base_url),
-            ("tts.base_url", &self.tts.base_url),
-        ] {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return bad(key, "must be an http:// or https:// URL");
+        for (i, m) in l.fallback_models.iter().enumerate() {
+            if let Err(why) = model_name(m) {
+                p.bad("llm.fallback_models", format!("entry {}: {why}", i + 1));
             }
         }
-        let ep = &self.stt.endpoint;
-        if !(ep.is_empty() || ep.starts_with("ws://") || ep.starts_with("wss://")) {
-            return bad("stt.endpoint", "must be a ws:// or wss:// URL");
+        if t.provider != "elevenlabs" {
+            p.bad("tts.provider", "only \"elevenlabs\" is supported");
         }
+        if let Err(why) = service_url(&t.base_url, &["http", "https"], false) {
+            p.bad("tts.base_url", why);
+        }
+        for (key, value) in [("tts.voice_id", &t.voice_id), ("tts.model_id", &t.model_id)] {
+            if let Err(why) = identifier(value) {
+                p.bad(key, why);
+            }
+        }
+        let code = &t.language_code;
+        if !(code.is_empty()
+            || ((2..=3).contains(&code.len()) && code.chars().all(|c| c.is_ascii_lowercase())))
+        {
+            p.bad(
+                "tts.language_code",
+                format!("{code:?} is not an ISO 639-1 code such as \"ms\" or \"en\" (or empty)"),
+            );
+        }
+    }
+
+    /// Checks what only the host can answer, as `sifucall run` would meet it: the API keys
+    /// (AI mode), whether the records file can be written (trying it, without leaving
+    /// anything behind), and whether both listen addresses can be bound (binding and
+    /// releasing them). Returns every problem found.
+    pub fn preflight(&self, what: Preflight) -> Vec<String> {
+        let mut p = Problems::new(&self.origins);
+        if what.keys && self.agent.mode == AgentMode::Ai {
+            self.check_keys(&mut p);
+        }
+        if let Ok(Some(path)) = records_path(&self.records.url) {
+            if let Err(why) = probe_records_file(&path) {
+                p.bad("records.url", why);
+            }
+        }
+        if what.bind {
+            self.probe_listen(&mut p);
+        }
+        p.list
+    }
+
+    fn check_keys(&self, p: &mut Problems<'_>) {
+        let named = self.secrets.named();
+        let missing: Vec<&str> = named
+            .iter()
+            .filter(|(_, s)| !s.is_set())
+            .map(|(name, _)| *name)
+            .collect();
+        if !missing.is_empty() {
+            p.bad(
+                "agent.mode",
+                format!(
+                    "\"ai\" needs the API keys AZURE_SPEECH_KEY, OPENROUTER_API_KEY and \
+                     ELEVENLABS_API_KEY in the environment; not set: {} (under systemd they go in \
+                     /etc/sifucall/sifucall.env). \
+                     Without keys, try `sifucall demo` (one scripted call against local stand-ins), \
+                     `sifucall sandbox` (the daemon against local stand-ins), or agent.mode = \"echo\" \
+                     (SIFUCALL_AGENT__MODE=echo) to test the PBX plumbing",
+                    missing.join(", "),
+                ),
+            );
+        }
+        for (name, secret) in named {
+            if let Some(why) = secret.format_problem() {
+                p.list
+                    .push(format!("invalid API key {name} (environment): {why}"));
+            }
+        }
+    }
+
+    fn probe_listen(&self, p: &mut Problems<'_>) {
+        // Held together, so two settings naming the same address are caught too.
+        let mut held = Vec::new();
+        for (key, addr) in [
+            ("audiosocket.listen", self.audiosocket.listen),
+            ("admin.listen", self.admin.listen),
+        ] {
+            match std::net::TcpListener::bind(addr) {
+                Ok(listener) => held.push(listener),
+                Err(e) => {
+                    let hint = match e.kind() {
+                        std::io::ErrorKind::AddrInUse => format!(
+                            "; another process (a running sifucall?) holds it: ss -ltnp 'sport = :{}'",
+                            addr.port()
+                        ),
+                        std::io::ErrorKind::PermissionDenied => {
+                            "; ports below 1024 need privileges the service does not have".into()
+                        }
+                        std::io::ErrorKind::AddrNotAvailable => {
+                            "; no network interface on this host has that address".into()
+                        }
+                        _ => String::new(),
+                    };
+                    p.bad(key, format!("cannot listen on {addr}: {e}{hint}"));
+                }
+            }
+        }
+    }
+
+    /// The settings as JSON for `sifucall check`: API keys are `<redacted>`, and secrets
+    /// inside URLs (passwords, query values, token-like path segments) are replaced by
+    /// `REDACTED`.
+    pub fn redacted_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+        let mut v = serde_json::to_value(self)?;
+        for (section, key) in [
+            ("records", "url"),
+            ("webhook", "url"),
+            ("llm", "base_url"),
+            ("tts", "base_url"),
+            ("stt", "endpoint"),
+        ] {
+            if let Some(field) = v.get_mut(section).and_then(|s| s.get_mut(key)) {
+                if let Some(url) = field.as_str() {
+                    *field = serde_json::Value::String(redact_url(url));
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// Where `key` (`section.key`) got its value: `set in FILE`, `set by environment
+    /// variable SIFUCALL_...` or `built-in default`; `None` for settings not loaded from
+    /// sources.
+    pub fn origin_of(&self, key: &str) -> Option<String> {
+        self.origins.describe(key)
+    }
+}
+
+/// Collects problems, each naming its key and origin.
+struct Problems<'a> {
+    origins: &'a Origins,
+    list: Vec<String>,
+}
+
+impl<'a> Problems<'a> {
+    fn new(origins: &'a Origins) -> Self {
+        Self {
+            origins,
+            list: Vec::new(),
+        }
+    }
+
+    fn bad(&mut self, key: &str, why: impl fmt::Display) {
+        self.list.push(match self.origins.describe(key) {
+            Some(origin) => format!("invalid value for key `{key}` ({origin}): {why}"),
+            None => format!("invalid value for key `{key}`: {why}"),
+        });
+    }
+
+    fn into_result(self) -> Result<(), ConfigError> {
+        if self.list.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::from_problems(self.list))
+        }
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    BuiltIn,
+    File,
+    Env,
+}
+
+/// The origin of every `section` and `section.key` after layering.
+#[derive(Clone, Default)]
+struct Origins {
+    file: Option<PathBuf>,
+    by_key: HashMap<String, Origin>,
+}
+
+impl fmt::Debug for Origins {
+    // Kept short: `Settings` is sometimes logged with `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origins")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `config` crate's origin string for environment values.
+const ENV_ORIGIN: &str = "the environment";
+
+impl Origins {
+    fn from_cache(cache: &config::Value, file: Option<&Path>) -> Self {
+        let origin = |v: &config::Value| match v.origin() {
+            None => Origin::BuiltIn,
+            Some(ENV_ORIGIN) => Origin::Env,
+            Some(_) => Origin::File,
+        };
+        let mut by_key = HashMap::new();
+        if let ValueKind::Table(sections) = &cache.kind {
+            for (section, table) in sections {
+                by_key.insert(section.clone(), origin(table));
+                if let ValueKind::Table(keys) = &table.kind {
+                    for (key, value) in keys {
+                        by_key.insert(format!("{section}.{key}"), origin(value));
+                    }
+                }
+            }
+        }
+        Self {
+            file: file.map(Path::to_owned),
+            by_key,
+        }
+    }
+
+    fn describe(&self, key: &str) -> Option<String> {
+        Some(match self.by_key.get(key)? {
+            Origin::BuiltIn => "built-in default".to_owned(),
+            Origin::Env => format!("set by environment variable {}", env_var(key)),
+            Origin::File => match &self.file {
+                Some(path) => format!("set in {}", path.display()),
+                None => "set in the config file".to_owned(),
+            },
+        })
+    }
+
+    /// Adds the origin to a `config` crate message that names a key ("... for key `a.b`").
+    fn annotate(&self, msg: &str) -> String {
+        let Some(key) = msg
+            .split("for key `")
+            .nth(1)
+            .and_then(|r| r.split('`').next())
+        else {
+            return msg.to_owned();
+        };
+        // An unknown key is reported against its section; the key itself has the origin.
+        let unknown = msg
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+            .map(|field| format!("{key}.{field}"));
+        let origin = unknown
+            .as_deref()
+            .and_then(|k| self.describe(k))
+            .or_else(|| self.describe(key));
+        match origin {
+            Some(o) if !msg.contains(ENV_ORIGIN) => format!("{msg} ({o})"),
+            _ => msg.to_owned(),
+        }
+    }
+}
+
+/// `audiosocket.max_calls` -> `SIFUCALL_AUDIOSOCKET__MAX_CALLS`.
+fn env_var(key: &str) -> String {
+    format!("{ENV_PREFIX}_{}", key.to_uppercase().replace('.', "__"))
+}
+
+/// Strict number parsing for the `config` crate, which would otherwise round `1.5` to 2,
+/// read `true` as 1 and saturate `1e30`. Strings are accepted when they parse exactly (an
+/// environment value the crate did not already turn into a number).
+mod strict {
+    use std::fmt;
+
+    use serde::Deserializer;
+    use serde::de::{self, Unexpected, Visitor};
+
+    struct Whole;
+
+    impl Visitor<'_> for Whole {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a whole number (no decimal point, not true/false)")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<u64, E> {
+            u64::try_from(v)
+                .map_err(|_| E::invalid_value(Unexpected::Other("a huge number"), &self))
+        }
+
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<u64, E> {
+            u64::try_from(v)
+                .map_err(|_| E::invalid_value(Unexpected::Other("a huge number"), &self))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            v.parse()
+                .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
+        }
+    }
+
+    struct Real;
+
+    impl Visitor<'_> for Real {
+        type Value = f64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a number")
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
+            Ok(v)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
+            Ok(v as f64)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
+            v.parse()
+                .map_err(|_| E::invalid_value(Unexpected::Str(v), &self))
+        }
+    }
+
+    /// A whole number that fits `T`.
+    pub(super) fn uint<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        let v = d.deserialize_any(Whole)?;
+        T::try_from(v).map_err(|_| {
+            de::Error::invalid_value(Unexpected::Unsigned(v), &"a smaller whole number")
+        })
+    }
+
+    /// Any number; range checks (which also reject NaN and infinities) come later.
+    pub(super) fn float<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        d.deserialize_any(Real)
+    }
+
+    /// As [`float`], narrowed to `f32` (huge values become infinite and fail the range).
+    pub(super) fn float32<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        Ok(d.deserialize_any(Real)? as f32)
+    }
+}
+
+/// The level names `tracing` knows.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a log filter (`log.level`, `RUST_LOG`): a level name, or comma-separated
+/// `target=level` directives, where every level is one of trace, debug, info, warn, error,
+/// off. `EnvFilter` itself would read an unknown word such as `inf` or `warning` as a target
+/// name and silently log nothing, so this is stricter than it.
+pub fn validate_log_filter(filter: &str) -> Result<(), String> {
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    let names = LEVELS.join(", ");
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err(format!(
+            "is empty; use a level ({names}) or directives like \"info,sifucall=debug\""
+        ));
+    }
+    for d in directives {
+        // `target[span{field=value}]` has no level of its own; `...=level` ends in one.
+        let level = if d.ends_with(']') {
+            None
+        } else {
+            d.rsplit_once('=').map(|(_, level)| level)
+        };
+        match level {
+            Some(l) if is_level(l) => {}
+            Some(l) => {
+                return Err(format!(
+                    "{l:?} in {d:?} is not a level name{}; use one of {names}",
+                    suggest_level(l)
+                ));
+            }
+            None if is_level(d) => {}
+            None => {
+                return Err(format!(
+                    "{d:?} is not a level name{} (use one of {names}); a directive for one module \
+                     is written module=level, e.g. sifucall=debug",
+                    suggest_level(d)
+                ));
+            }
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| format!("{filter:?} is not a valid filter: {e}"))
+}
+
+/// ` (did you mean "info"?)` for `inf`, `warning`, `err`...
+fn suggest_level(word: &str) -> String {
+    let w = word.trim().to_ascii_lowercase();
+    LEVELS
+        .iter()
+        .find(|l| !w.is_empty() && (l.starts_with(w.as_str()) || w.starts_with(*l)))
+        .map(|l| format!(" (did you mean {l:?}?)"))
+        .unwrap_or_default()
+}
+
+/// A BCP-47 language tag of the shape Azure expects: `ms-MY`, `en-US`, `zh-Hans-CN`,
+/// `es-419`.
+fn bcp47(tag: &str) -> Result<(), String> {
+    let bad = || {
+        let hint = if tag.contains('_') {
+            format!(
+                " (write {:?}: subtags are joined with '-')",
+                tag.replace('_', "-")
+            )
+        } else {
+            String::new()
+        };
+        Err(format!(
+            "{tag:?} is not a BCP-47 language tag such as \"ms-MY\", \"en-US\" or \"zh-Hans-CN\"{hint}"
+        ))
+    };
+    let mut parts = tag.split('-');
+    let lang = parts.next().unwrap_or_default();
+    if !((2..=3).contains(&lang.len()) && lang.chars().all(|c| c.is_ascii_alphabetic())) {
+        return bad();
+    }
+    let (mut script, mut region) = (false, false);
+    for part in parts {
+        let alpha = part.chars().all(|c| c.is_ascii_alphabetic());
+        let digits = part.chars().all(|c| c.is_ascii_digit());
+        let alnum = part.chars().all(|c| c.is_ascii_alphanumeric());
+        if part.len() == 4 && alpha && !script && !region {
+            script = true;
+        } else if ((part.len() == 2 && alpha) || (part.len() == 3 && digits)) && !region {
+            region = true;
+        } else if alnum
+            && ((5..=8).contains(&part.len())
+                || (part.len() == 4 && part.starts_with(|c: char| c.is_ascii_digit())))
+        {
+            // A variant, e.g. `de-CH-1996`.
+        } else {
+            return bad();
+        }
+    }
+    Ok(())
+}
+
+/// One DNS label (the Azure region becomes part of a host name).
+fn hostname_label(region: &str) -> Result<(), String> {
+    let ok = !region.is_empty()
+        && region.len() <= 63
+        && region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !region.starts_with('-')
+        && !region.ends_with('-');
+    if ok {
+        Ok(())
+    } else if region.trim().is_empty() {
+        Err(
+            "is empty; set the Azure Speech region, e.g. \"southeastasia\" (or stt.endpoint)"
+                .into(),
+        )
+    } else {
+        Err(format!(
+            "{region:?} is not an Azure region name such as \"southeastasia\""
+        ))
+    }
+}
+
+/// A model name: anything without spaces or control characters (`openai/gpt-4o-mini`).
+fn model_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        Err("is empty".into())
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Err(format!(
+            "{name:?} contains whitespace or control characters"
+        ))
+    } else {
         Ok(())
     }
 }
 
-/// Adds where a value came from when the `config` crate does not say it.
-fn describe(
-    e: config::ConfigError,
-    file: Option<&Path>,
-    env: &std::collections::HashMap<String, String>,
-) -> String {
-    let msg = e.to_string();
-    // The crate names the key ("for key `a.b`") but not always the source for env values.
-    if let Some(key) = msg
-        .split("for key `")
-        .nth(1)
-        .and_then(|r| r.split('`').next())
+/// An id that goes into a URL path or query: letters, digits, `-`, `_`, `.`.
+fn identifier(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() {
+        Err("is empty".into())
+    } else if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        let var = format!("SIFUCALL_{}", key.to_uppercase().replace('.', "__"));
-        if env.contains_key(&var) && !msg.contains("environment") {
-            return format!("{msg} (set by environment variable {var})");
-        }
-        if let Some(f) = file
-            && !msg.contains(&f.display().to_string())
-        {
-            return format!("{msg} (in {} or the built-in defaults)", f.display());
+        Err(format!(
+            "{id:?} may contain only letters, digits, '-', '_' and '.'"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// A provider URL the daemon appends its own path and query to.
+fn service_url(s: &str, schemes: &[&str], needs_path: bool) -> Result<Url, String> {
+    let url = Url::parse(s.trim()).map_err(|e| format!("not a URL ({e})"))?;
+    let shown = redact_url(url.as_str());
+    if !schemes.contains(&url.scheme()) {
+        let want: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+        return Err(format!(
+            "{shown:?}: scheme {:?} is not supported; use {}",
+            url.scheme(),
+            want.join(" or ")
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown:?} has no host"));
+    }
+    if needs_path && url.path().trim_matches('/').is_empty() {
+        return Err(format!(
+            "{shown:?} has no path; the API lives under one (e.g. https://openrouter.ai/api/v1, \
+             wss://REGION.stt.speech.microsoft.com/speech/recognition/conversation/cognitiveservices/v1)"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{shown:?} must not have a query string or fragment; the daemon adds its own parameters"
+        ));
+    }
+    Ok(url)
+}
+
+/// `records.url`: empty, or `file:///absolute/path/to/file`.
+fn records_path(s: &str) -> Result<Option<PathBuf>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let example = "file:///var/lib/sifucall/calls.jsonl";
+    let url =
+        Url::parse(s).map_err(|e| format!("not a URL ({e}); write {example} or leave it empty"))?;
+    if url.scheme() != "file" {
+        return Err(format!(
+            "scheme {:?} is not supported: records go to a local file such as {example} \
+             (use webhook.url to send them over HTTP)",
+            url.scheme()
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{s:?} must not have a query string or fragment"));
+    }
+    let path = url
+        .to_file_path()
+        .map_err(|()| format!("{s:?} is not a local absolute path; write {example}"))?;
+    if s.ends_with('/') || path.file_name().is_none() {
+        return Err(format!(
+            "{s:?} names a directory, not a file; e.g. {example}"
+        ));
+    }
+    Ok(Some(path))
+}
+
+/// `webhook.url`: empty, or `http(s)://host/...` (a query may carry a token).
+fn webhook_url(s: &str) -> Result<Option<Url>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let url = Url::parse(s).map_err(|e| format!("not a URL ({e}); use http:// or https://"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme {:?} is not supported; use http:// or https://",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    Ok(Some(url))
+}
+
+/// Tries what the records writer will do, leaving nothing behind: opens an existing file
+/// for appending, or creates and removes a probe file in its directory, or (when the
+/// directory does not exist yet) a probe directory where it would be created.
+fn probe_records_file(path: &Path) -> Result<(), String> {
+    let probe_name = format!(".sifucall-check-{}", std::process::id());
+    if path.is_dir() {
+        return Err(format!(
+            "{} is a directory; name a file inside it, e.g. {}",
+            path.display(),
+            path.join("calls.jsonl").display()
+        ));
+    }
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()));
+    }
+    let Some(dir) = path.parent() else {
+        return Err(format!("{} has no directory", path.display()));
+    };
+    if dir.is_dir() {
+        let probe = dir.join(&probe_name);
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map(|_| {
+                let _ = std::fs::remove_file(&probe);
+            })
+            .map_err(|e| format!("cannot create files in {}: {e}", dir.display()));
+    }
+    let mut ancestor = dir;
+    while !ancestor.exists() {
+        match ancestor.parent() {
+            Some(up) => ancestor = up,
+            None => break,
         }
     }
-    msg
+    if !ancestor.is_dir() {
+        return Err(format!(
+            "cannot create {}: {} is not a directory",
+            dir.display(),
+            ancestor.display()
+        ));
+    }
+    let probe = ancestor.join(&probe_name);
+    std::fs::create_dir(&probe)
+        .map(|()| {
+            let _ = std::fs::remove_dir(&probe);
+        })
+        .map_err(|e| {
+            format!(
+                "{} does not exist and cannot be created in {}: {e}",
+                dir.display(),
+                ancestor.display()
+            )
+        })
+}
+
+/// The text that replaces secrets in printed URLs.
+const REDACTED: &str = "REDACTED";
+
+/// A URL safe to print: the password (or a lone user name, often a token), every query
+/// value, the fragment and token-like path segments (16+ characters mixing letters and
+/// digits, as in Slack or Discord webhook URLs) become `REDACTED`. Text that is not a URL
+/// is replaced entirely.
+pub fn redact_url(s: &str) -> String {
+    if s.trim().is_empty() {
+        return String::new();
+    }
+    let Ok(mut url) = Url::parse(s.trim()) else {
+        return format!("<{REDACTED}: not a URL>");
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some(REDACTED));
+    } else if !url.username().is_empty() {
+        let _ = url.set_username(REDACTED);
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if v.is_empty() {
+                    String::new()
+                } else {
+                    REDACTED.to_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        if pairs.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+    }
+    if url.fragment().is_some() {
+        url.set_fragment(Some(REDACTED));
+    }
+    let token_like = |seg: &str| {
+        seg.len() >= 16
+            && seg.chars().any(|c| c.is_ascii_digit())
+            && seg.chars().any(|c| c.is_ascii_alphabetic())
+    };
+    // Segments stay percent-encoded, which `set_path` keeps as they are.
+    let path: Option<String> = url.path_segments().map(|segs| {
+        let kept: Vec<&str> = segs
+            .map(|seg| if token_like(seg) { REDACTED } else { seg })
+            .collect();
+        format!("/{}", kept.join("/"))
+    });
+    if let Some(path) = path {
+        url.set_path(&path);
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
@@ -475,6 +1623,32 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// A scratch directory unique to this test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sifucall-cfg-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Loads the defaults plus one TOML snippet written to a file.
+    fn with_toml(dir: &Path, toml: &str) -> Result<Settings, ConfigError> {
+        let path = dir.join("sifucall.toml");
+        std::fs::write(&path, toml).unwrap();
+        Settings::load_from(Some(&path), env(&[]))
+    }
+
+    fn with_env(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from(None, env(pairs))
+    }
+
+    fn err_with_env(pairs: &[(&str, &str)]) -> String {
+        match with_env(pairs) {
+            Ok(_) => panic!("{pairs:?} was accepted"),
+            Err(e) => e.0,
+        }
     }
 
     #[test]
@@ -490,49 +1664,72 @@ mod tests {
                 .iter()
                 .any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()))
         );
+        assert_eq!(
+            s.origin_of("audiosocket.max_calls").as_deref(),
+            Some("built-in default")
+        );
     }
 
     #[test]
     fn env_overrides() {
-        let s = Settings::load_from(
-            None,
-            env(&[
-                ("SIFUCALL_AGENT__MODE", "echo"),
-                ("SIFUCALL_AUDIOSOCKET__MAX_CALLS", "7"),
-                ("SIFUCALL_AUDIOSOCKET__ALLOW", "10.0.0.0/8,192.168.1.0/24"),
-                ("SIFUCALL_STT__SEGMENTATION_SILENCE_MS", "500"),
-                ("UNRELATED", "x"),
-            ]),
-        )
+        let s = with_env(&[
+            ("SIFUCALL_AGENT__MODE", "echo"),
+            ("SIFUCALL_AUDIOSOCKET__MAX_CALLS", "7"),
+            ("SIFUCALL_AUDIOSOCKET__ALLOW", "10.0.0.0/8,192.168.1.0/24"),
+            ("SIFUCALL_STT__SEGMENTATION_SILENCE_MS", "500"),
+            ("SIFUCALL_AGENT__ECHO_MARGIN_DB", "9"),
+            ("UNRELATED", "x"),
+        ])
         .unwrap();
         assert_eq!(s.agent.mode, AgentMode::Echo);
         assert_eq!(s.audiosocket.max_calls, 7);
         assert_eq!(s.audiosocket.allow.len(), 2);
         assert_eq!(s.stt.segmentation_silence_ms, 500);
+        assert_eq!(s.agent.echo_margin_db, 9.0);
+        assert_eq!(
+            s.origin_of("audiosocket.max_calls").as_deref(),
+            Some("set by environment variable SIFUCALL_AUDIOSOCKET__MAX_CALLS")
+        );
     }
 
     #[test]
     fn bad_values_name_the_key() {
-        let e = Settings::load_from(None, env(&[("SIFUCALL_AUDIOSOCKET__MAX_CALLS", "lots")]))
-            .unwrap_err();
-        assert!(e.0.contains("max_calls"), "{e}");
-        let e = Settings::load_from(None, env(&[("SIFUCALL_AGENT__MODE", "karaoke")])).unwrap_err();
-        assert!(e.0.contains("mode"), "{e}");
-        let e = Settings::load_from(
-            None,
-            env(&[("SIFUCALL_STT__SEGMENTATION_SILENCE_MS", "50")]),
-        )
+        let e = err_with_env(&[("SIFUCALL_AUDIOSOCKET__MAX_CALLS", "lots")]);
+        assert!(e.contains("max_calls"), "{e}");
+        assert!(e.contains("SIFUCALL_AUDIOSOCKET__MAX_CALLS"), "{e}");
+        let e = err_with_env(&[("SIFUCALL_AGENT__MODE", "karaoke")]);
+        assert!(e.contains("mode"), "{e}");
+        let e = err_with_env(&[("SIFUCALL_STT__SEGMENTATION_SILENCE_MS", "50")]);
+        assert!(e.contains("stt.segmentation_silence_ms"), "{e}");
+        let e = err_with_env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "not-a-net")]);
+        assert!(e.contains("allow"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let e = with_env(&[
+            ("SIFUCALL_LLM__MAX_TOKENS", "0"),
+            ("SIFUCALL_TTS__VOICE_ID", ""),
+            ("SIFUCALL_AGENT__LANGUAGE", "ms_MY"),
+        ])
         .unwrap_err();
-        assert!(e.0.contains("stt.segmentation_silence_ms"), "{e}");
-        let e = Settings::load_from(None, env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "not-a-net")]))
-            .unwrap_err();
-        assert!(e.0.contains("allow"), "{e}");
+        let lines: Vec<&str> = e.problems().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        for (key, var) in [
+            ("llm.max_tokens", "SIFUCALL_LLM__MAX_TOKENS"),
+            ("tts.voice_id", "SIFUCALL_TTS__VOICE_ID"),
+            ("agent.language", "SIFUCALL_AGENT__LANGUAGE"),
+        ] {
+            assert!(
+                lines.iter().any(|l| l.contains(key) && l.contains(var)),
+                "{key}: {e}"
+            );
+        }
     }
 
     #[test]
     fn file_errors_name_the_file() {
-        let dir = std::env::temp_dir().join(format!("sifucall-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("file-errors");
         let path = dir.join("bad.toml");
         std::fs::write(&path, "[admin]\nlisten = \"nonsense\"\n").unwrap();
         let e = Settings::load_from(Some(&path), env(&[])).unwrap_err();
@@ -540,18 +1737,526 @@ mod tests {
         assert!(e.0.contains("bad.toml"), "{e}");
         std::fs::write(&path, "[admin]\nlisen = \"127.0.0.1:1\"\n").unwrap();
         let e = Settings::load_from(Some(&path), env(&[])).unwrap_err();
-        assert!(e.0.contains("lisen"), "{e}");
+        assert!(e.0.contains("lisen") && e.0.contains("bad.toml"), "{e}");
+        std::fs::write(&path, "[admin\n").unwrap();
+        let e = Settings::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(e.0.contains("bad.toml"), "{e}");
         let e = Settings::load_from(Some(&dir.join("missing.toml")), env(&[])).unwrap_err();
-        assert!(e.0.contains("does not exist"), "{e}");
+        assert!(
+            e.0.contains("does not exist") && e.0.contains("missing.toml"),
+            "{e}"
+        );
+        // Unreadable (a directory; permission bits do not stop root).
+        let e = Settings::load_from(Some(&dir), env(&[])).unwrap_err();
+        assert!(
+            e.0.contains("cannot read config file") && e.0.contains(&*dir.to_string_lossy()),
+            "{e}"
+        );
+        std::fs::write(&path, "[llm]\nmax_tokens = 0\n").unwrap();
+        let e = Settings::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(
+            e.0.contains("llm.max_tokens") && e.0.contains(&format!("set in {}", path.display())),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The values to try at the edges of one range: (TOML literal, env value, accepted).
+    fn edge_cases(r: &NumericRange) -> Vec<(String, String, bool)> {
+        let mut cases = Vec::new();
+        let mut both = |v: String, ok: bool| cases.push((v.clone(), v, ok));
+        match r.kind {
+            NumberKind::Integer => {
+                let (min, max) = (r.min as u64, r.max as u64);
+                if min > 0 {
+                    both((min - 1).to_string(), false);
+                }
+                both(min.to_string(), true);
+                both(max.to_string(), true);
+                both((max + 1).to_string(), false);
+                both("-1".into(), false);
+                both(format!("{}.5", min), false);
+                both(format!("{}.0", max), false);
+                both("1e30".into(), false);
+                both("true".into(), false);
+                both("false".into(), false);
+            }
+            NumberKind::Decimal => {
+                let step = (r.max - r.min) / 100.0;
+                both(format!("{:?}", r.min - step), false);
+                both(format!("{:?}", r.min), true);
+                both(format!("{:?}", r.max), true);
+                both(format!("{:?}", r.max + step), false);
+                both(format!("{:?}", (r.min + r.max) / 2.0), true);
+                both("1e30".into(), false);
+                both("true".into(), false);
+                cases.push(("nan".into(), "NaN".into(), false));
+                cases.push(("inf".into(), "inf".into(), false));
+                cases.push(("-inf".into(), "-inf".into(), false));
+            }
+        }
+        cases
+    }
+
+    #[test]
+    fn every_numeric_setting_is_range_checked_at_its_edges() {
+        let dir = scratch("ranges");
+        for r in NUMERIC_RANGES {
+            let (section, key) = r.key.split_once('.').unwrap();
+            let var = env_var(r.key);
+            for (toml_value, env_value, ok) in edge_cases(r) {
+                let from_file = with_toml(&dir, &format!("[{section}]\n{key} = {toml_value}\n"));
+                let from_env = with_env(&[(var.as_str(), env_value.as_str())]);
+                for (how, result, origin) in [
+                    ("file", from_file, "sifucall.toml"),
+                    ("env", from_env, var.as_str()),
+                ] {
+                    match (result, ok) {
+                        (Ok(s), true) => {
+                            let got = s.number(r.key).unwrap().to_string().parse::<f64>().unwrap();
+                            let want: f64 = env_value.parse().unwrap();
+                            assert!(
+                                (got - want).abs() <= want.abs() * 1e-6,
+                                "{} = {toml_value} via {how} became {got}",
+                                r.key
+                            );
+                        }
+                        (Err(e), false) => {
+                            assert!(
+                                e.0.contains(r.key) && e.0.contains(origin),
+                                "{} = {toml_value} via {how}: {e}",
+                                r.key
+                            );
+                        }
+                        (Ok(_), false) => {
+                            panic!("{} = {toml_value} via {how} was accepted", r.key)
+                        }
+                        (Err(e), true) => {
+                            panic!("{} = {toml_value} via {how} was refused: {e}", r.key)
+                        }
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_numeric_table_covers_every_number_and_defaults_document_it() {
+        // Every number in the defaults is in the table...
+        let defaults: toml_like::Doc = toml_like::parse(DEFAULT_TOML);
+        for (key, value) in &defaults.values {
+            let numeric = value.parse::<f64>().is_ok();
+            assert_eq!(
+                numeric,
+                NUMERIC_RANGES.iter().any(|r| r.key == key),
+                "{key} = {value}: numeric settings and NUMERIC_RANGES disagree"
+            );
+        }
+        // ...and the comment above each documents its range as written in the table.
+        for r in NUMERIC_RANGES {
+            let comment = defaults
+                .comments
+                .get(r.key)
+                .map(String::as_str)
+                .unwrap_or("");
+            let range = format!("{}..={}", r.min, r.max);
+            assert!(
+                comment.contains(&range),
+                "config/default.toml: the comment above {} must say {range}",
+                r.key
+            );
+        }
+    }
+
+    /// Just enough TOML reading for the test above: `key = value` lines with the comment
+    /// lines right above them.
+    mod toml_like {
+        use std::collections::HashMap;
+
+        pub(super) struct Doc {
+            pub(super) values: Vec<(String, String)>,
+            pub(super) comments: HashMap<String, String>,
+        }
+
+        pub(super) fn parse(text: &str) -> Doc {
+            let (mut section, mut comment) = (String::new(), String::new());
+            let mut doc = Doc {
+                values: Vec::new(),
+                comments: HashMap::new(),
+            };
+            for line in text.lines() {
+                let line = line.trim();
+                if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                    section = name.to_owned();
+                    comment.clear();
+                } else if let Some(c) = line.strip_prefix('#') {
+                    comment.push_str(c);
+                } else if let Some((key, value)) = line.split_once(" = ") {
+                    if !key.contains(' ') && !section.is_empty() {
+                        let key = format!("{section}.{key}");
+                        doc.comments
+                            .insert(key.clone(), std::mem::take(&mut comment));
+                        doc.values.push((key, value.trim().to_owned()));
+                    }
+                } else {
+                    comment.clear();
+                }
+            }
+            doc
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_for_what_the_daemon_needs() {
+        let bad: &[(&str, &str)] = &[
+            ("SIFUCALL_RECORDS__URL", "calls.jsonl"),
+            ("SIFUCALL_RECORDS__URL", "/var/lib/sifucall/calls.jsonl"),
+            ("SIFUCALL_RECORDS__URL", "file:///var/lib/sifucall/"),
+            ("SIFUCALL_RECORDS__URL", "https://"),
+            ("SIFUCALL_RECORDS__URL", "https://example.com/records"),
+            ("SIFUCALL_RECORDS__URL", "file://host/var/calls.jsonl"),
+            ("SIFUCALL_WEBHOOK__URL", "garbage"),
+            ("SIFUCALL_WEBHOOK__URL", "ftp://example.com/hook"),
+            ("SIFUCALL_WEBHOOK__URL", "https://"),
+            ("SIFUCALL_STT__ENDPOINT", "wss://example.com"),
+            ("SIFUCALL_STT__ENDPOINT", "wss://example.com/"),
+            (
+                "SIFUCALL_STT__ENDPOINT",
+                "wss://example.com/stt?language=en-US",
+            ),
+            ("SIFUCALL_STT__ENDPOINT", "https://example.com/stt"),
+            ("SIFUCALL_LLM__BASE_URL", "https://openrouter.ai"),
+            ("SIFUCALL_LLM__BASE_URL", "https://openrouter.ai/api/v1?x=1"),
+            ("SIFUCALL_LLM__BASE_URL", "openrouter.ai/api/v1"),
+            ("SIFUCALL_TTS__BASE_URL", "https://api.elevenlabs.io/?a=b"),
+            ("SIFUCALL_TTS__BASE_URL", "ws://api.elevenlabs.io"),
+        ];
+        for (var, value) in bad {
+            let e = err_with_env(&[(var, value)]);
+            assert!(e.contains(var), "{var}={value}: {e}");
+        }
+        let good: &[(&str, &str)] = &[
+            (
+                "SIFUCALL_RECORDS__URL",
+                "file:///var/lib/sifucall/calls.jsonl",
+            ),
+            (
+                "SIFUCALL_WEBHOOK__URL",
+                "https://hooks.example.com/x?token=abc",
+            ),
+            (
+                "SIFUCALL_STT__ENDPOINT",
+                "ws://127.0.0.1:4000/speech/recognition/x/v1",
+            ),
+            ("SIFUCALL_LLM__BASE_URL", "http://127.0.0.1:4001/api/v1/"),
+            ("SIFUCALL_TTS__BASE_URL", "http://127.0.0.1:4002"),
+        ];
+        for (var, value) in good {
+            with_env(&[(var, value)]).unwrap_or_else(|e| panic!("{var}={value}: {e}"));
+        }
+    }
+
+    #[test]
+    fn names_and_texts_must_be_usable() {
+        for (var, value) in [
+            ("SIFUCALL_TTS__VOICE_ID", ""),
+            ("SIFUCALL_TTS__VOICE_ID", "voice 1"),
+            ("SIFUCALL_TTS__VOICE_ID", "../x"),
+            ("SIFUCALL_TTS__MODEL_ID", " "),
+            ("SIFUCALL_TTS__LANGUAGE_CODE", "ms-MY"),
+            ("SIFUCALL_LLM__MODEL", ""),
+            ("SIFUCALL_LLM__MODEL", "openai/gpt 4o"),
+            ("SIFUCALL_LLM__FALLBACK_MODELS", "a/b,"),
+            ("SIFUCALL_AGENT__APOLOGY", ""),
+            ("SIFUCALL_AGENT__APOLOGY", "   "),
+            ("SIFUCALL_STT__REGION", ""),
+            ("SIFUCALL_STT__REGION", "south east asia"),
+            ("SIFUCALL_AGENT__LANGUAGE", "ms_MY"),
+            ("SIFUCALL_AGENT__LANGUAGE", "malay"),
+            ("SIFUCALL_AGENT__LANGUAGE", ""),
+            ("SIFUCALL_AGENT__LANGUAGE", "ms-"),
+            ("SIFUCALL_LOG__LEVEL", "inf"),
+            ("SIFUCALL_LOG__LEVEL", "warning"),
+            ("SIFUCALL_LOG__LEVEL", ""),
+            ("SIFUCALL_LOG__LEVEL", "info,sifucall=loud"),
+        ] {
+            let e = err_with_env(&[(var, value)]);
+            assert!(e.contains(var), "{var}={value:?}: {e}");
+        }
+        let e = err_with_env(&[("SIFUCALL_AGENT__LANGUAGE", "ms_MY")]);
+        assert!(e.contains("\"ms-MY\""), "suggests the fix: {e}");
+        // An empty region is fine when the endpoint replaces it.
+        with_env(&[
+            ("SIFUCALL_STT__REGION", ""),
+            ("SIFUCALL_STT__ENDPOINT", "wss://private.example/speech/v1"),
+        ])
+        .unwrap();
+        with_env(&[("SIFUCALL_TTS__LANGUAGE_CODE", "")]).unwrap();
+        with_env(&[("SIFUCALL_LLM__FALLBACK_MODELS", "a/b,c/d:free")]).unwrap();
+    }
+
+    #[test]
+    fn language_tags() {
+        for ok in [
+            "ms-MY",
+            "en-US",
+            "en",
+            "zh-Hans-CN",
+            "es-419",
+            "de-CH-1996",
+            "fil-PH",
+        ] {
+            assert!(bcp47(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ms_MY", "", "m", "malay", "ms-", "-MY", "ms-MY-", "en-US-US", "12-US", "ms MY",
+        ] {
+            assert!(bcp47(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn log_filters() {
+        for ok in [
+            "info",
+            "INFO",
+            " warn ",
+            "off",
+            "info,sifucall=debug",
+            "warn,sifucall::providers=trace,hyper=off",
+            "sifucall[call]=debug",
+            "info,",
+        ] {
+            validate_log_filter(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for (bad, hint) in [
+            ("inf", "\"info\""),
+            ("warning", "\"warn\""),
+            ("", "empty"),
+            (" , ", "empty"),
+            ("sifucall", "module=level"),
+            ("info,sifucall=loud", "loud"),
+            ("sifucall=", "level name"),
+            ("info,err", "\"error\""),
+        ] {
+            let e = validate_log_filter(bad).unwrap_err();
+            assert!(e.contains(hint), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn allowlist_entries_must_not_have_host_bits() {
+        let e = err_with_env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "10.0.0.5/8")]);
+        assert!(
+            e.contains("10.0.0.0/8")
+                && e.contains("10.0.0.5/32")
+                && e.contains("audiosocket.allow"),
+            "{e}"
+        );
+        let e = err_with_env(&[("SIFUCALL_AUDIOSOCKET__ALLOW", "fd00::1/64")]);
+        assert!(e.contains("fd00::/64") && e.contains("fd00::1/128"), "{e}");
+        with_env(&[(
+            "SIFUCALL_AUDIOSOCKET__ALLOW",
+            "10.0.0.0/8,10.0.0.5/32,::1/128",
+        )])
+        .unwrap();
+    }
+
+    #[test]
+    fn listen_addresses_must_not_collide() {
+        let e = err_with_env(&[
+            ("SIFUCALL_AUDIOSOCKET__LISTEN", "0.0.0.0:9000"),
+            ("SIFUCALL_ADMIN__LISTEN", "127.0.0.1:9000"),
+        ]);
+        assert!(e.contains("admin.listen"), "{e}");
+        with_env(&[
+            ("SIFUCALL_AUDIOSOCKET__LISTEN", "127.0.0.1:0"),
+            ("SIFUCALL_ADMIN__LISTEN", "127.0.0.1:0"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn key_format_problems_never_show_the_key() {
+        for bad in [
+            "sk-abc\n",
+            "sk-abc\ndef",
+            "sk abc",
+            "sk-abc\r",
+            "sk-\tabc",
+            "sk-\u{7f}abc",
+            "sk-é",
+            "\"sk-abc\"",
+        ] {
+            let why = Secret::new(Some(bad.into())).format_problem();
+            let why = why.unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(!why.contains("abc"), "{why}");
+        }
+        assert_eq!(
+            Secret::new(Some("sk-or-v1-0123".into())).format_problem(),
+            None
+        );
+        assert_eq!(Secret::new(None).format_problem(), None);
+    }
+
+    fn ai_settings() -> Settings {
+        let mut s = Settings::defaults();
+        s.agent.mode = AgentMode::Ai;
+        s
+    }
+
+    const NO_BIND: Preflight = Preflight {
+        keys: true,
+        bind: false,
+    };
+
+    #[test]
+    fn ai_mode_needs_every_key_and_says_which_are_missing() {
+        let mut s = ai_settings();
+        s.secrets.openrouter_api_key = Secret::new(Some("sk-or-v1-x".into()));
+        let p = s.preflight(NO_BIND);
+        assert_eq!(p.len(), 1, "{p:?}");
+        for needle in [
+            "not set: AZURE_SPEECH_KEY, ELEVENLABS_API_KEY (",
+            "sifucall demo",
+            "sifucall sandbox",
+            "echo",
+        ] {
+            assert!(p[0].contains(needle), "{needle}: {}", p[0]);
+        }
+        s.secrets.azure_speech_key = Secret::new(Some("abc".into()));
+        s.secrets.elevenlabs_api_key = Secret::new(Some("sk_x\n".into()));
+        let p = s.preflight(NO_BIND);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("ELEVENLABS_API_KEY") && p[0].contains("line break"),
+            "{p:?}"
+        );
+        s.secrets.elevenlabs_api_key = Secret::new(Some("sk_x".into()));
+        assert!(s.preflight(NO_BIND).is_empty());
+        let mut echo = Settings::defaults();
+        echo.agent.mode = AgentMode::Echo;
+        assert!(echo.preflight(NO_BIND).is_empty());
+    }
+
+    #[test]
+    fn records_destination_is_tried() {
+        let dir = scratch("records");
+        let mut s = Settings::defaults();
+        s.agent.mode = AgentMode::Echo;
+        let try_url = |s: &mut Settings, url: String| {
+            s.records.url = url;
+            s.preflight(NO_BIND)
+        };
+        // Writable: an existing directory, a directory still to be created, an existing file.
+        assert!(try_url(&mut s, format!("file://{}/calls.jsonl", dir.display())).is_empty());
+        assert!(try_url(&mut s, format!("file://{}/a/b/calls.jsonl", dir.display())).is_empty());
+        assert!(!dir.join("a").exists(), "the probe leaves nothing behind");
+        std::fs::write(dir.join("calls.jsonl"), "").unwrap();
+        assert!(try_url(&mut s, format!("file://{}/calls.jsonl", dir.display())).is_empty());
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "nothing left behind"
+        );
+        // A directory, and a path under a file: refused even for root.
+        let p = try_url(&mut s, format!("file://{}", dir.display()));
+        assert!(p.len() == 1 && p[0].contains("is a directory"), "{p:?}");
+        let p = try_url(
+            &mut s,
+            format!("file://{}/calls.jsonl/x.jsonl", dir.display()),
+        );
+        assert!(p.len() == 1 && p[0].contains("records.url"), "{p:?}");
+        // A read-only directory, which only stops a non-root user.
+        let ro = dir.join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let p = try_url(&mut s, format!("file://{}/calls.jsonl", ro.display()));
+            assert!(
+                p.len() == 1 && p[0].contains("cannot create files"),
+                "{p:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_port_in_use_is_reported_once() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = Settings::defaults();
+        s.agent.mode = AgentMode::Echo;
+        s.audiosocket.listen = taken.local_addr().unwrap();
+        s.admin.listen = "127.0.0.1:0".parse().unwrap();
+        let p = s.preflight(Preflight {
+            keys: true,
+            bind: true,
+        });
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("audiosocket.listen"), "{p:?}");
+        assert_eq!(p[0].matches("in use").count(), 1, "{p:?}");
+        drop(taken);
+        s.audiosocket.listen = "127.0.0.1:0".parse().unwrap();
+        assert!(
+            s.preflight(Preflight {
+                keys: true,
+                bind: true
+            })
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        for (url, secret) in [
+            (
+                "https://hooks.example.com/in?token=s3cr3tT0ken&x=1",
+                "s3cr3tT0ken",
+            ),
+            ("https://user:hunter2pass@example.com/hook", "hunter2pass"),
+            ("https://tok3nAsUser@example.com/hook", "tok3nAsUser"),
+            (
+                "https://hooks.slack.com/services/T000/B000/XXXXXXXX1234XXXXXXXXXXXX",
+                "XXXXXXXX1234XXXXXXXXXXXX",
+            ),
+            ("https://example.com/hook#frag-s3cret", "frag-s3cret"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(shown.contains(REDACTED), "{shown}");
+            assert!(
+                shown.contains("example.com") || shown.contains("slack.com"),
+                "{shown}"
+            );
+        }
+        let azure = "wss://southeastasia.stt.speech.microsoft.com/speech/recognition/conversation/cognitiveservices/v1";
+        assert_eq!(redact_url(azure), azure);
+        assert_eq!(
+            redact_url("https://openrouter.ai/api/v1"),
+            "https://openrouter.ai/api/v1"
+        );
+        assert_eq!(redact_url(""), "");
+        assert!(!redact_url("not a url s3cret").contains("s3cret"));
     }
 
     #[test]
     fn secrets_are_redacted() {
         let mut s = Settings::defaults();
         s.secrets.openrouter_api_key = Secret::new(Some("sk-or-v1-verysecret".into()));
+        s.webhook.url = "https://example.com/hook?token=verysecret".into();
         let dbg = format!("{s:?}");
-        let json = serde_json::to_string(&s).unwrap();
-        assert!(!dbg.contains("verysecret") && !json.contains("verysecret"));
+        let json = s.redacted_json().unwrap().to_string();
+        assert!(
+            !dbg.contains("verysecret") && !json.contains("verysecret"),
+            "{json}"
+        );
         assert!(dbg.contains("<redacted>") && json.contains("<redacted>"));
+        assert!(
+            json.contains("https://example.com/hook?token=REDACTED"),
+            "{json}"
+        );
     }
 }

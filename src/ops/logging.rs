@@ -51,7 +51,7 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), LoggingError> {
 /// Parses a filter directive, naming where it came from on error.
 pub fn parse_filter(directive: &str, source_name: &'static str) -> Result<EnvFilter, LoggingError> {
     EnvFilter::builder()
-        .parse(directive)
+        .parse(super::log_filter::cap_noisy_targets(directive))
         .map_err(|e| LoggingError::Filter {
             directive: directive.to_owned(),
             source_name,

@@ -382,6 +382,8 @@ pub struct Metrics {
     llm_cost: Counter<f64, AtomicU64>,
     prompt_tokens: Counter,
     completion_tokens: Counter,
+    speculative: LabelledCounter,
+    speculative_wasted_tokens: Counter,
     call_duration: DurationHistogram,
 }
 
@@ -498,6 +500,22 @@ impl Metrics {
         let prompt_tokens = tokens.get_or_create_owned(&[("kind", "prompt")]);
         let completion_tokens = tokens.get_or_create_owned(&[("kind", "completion")]);
 
+        let speculative = LabelledCounter::default();
+        registry.register(
+            "llm_speculative_requests",
+            "LLM requests started on a hypothesis before the final, by outcome (started, used, wasted)",
+            speculative.clone(),
+        );
+        for outcome in ["started", "used", "wasted"] {
+            let _ = speculative.get_or_create(&[("outcome", outcome)]);
+        }
+        let speculative_wasted_tokens = Counter::default();
+        registry.register(
+            "llm_speculative_wasted_tokens",
+            "Estimated tokens of speculative requests that were thrown away",
+            speculative_wasted_tokens.clone(),
+        );
+
         let call_duration = DurationHistogram::new(&CALL_DURATION_BUCKETS);
         registry.register_with_unit(
             "call_duration",
@@ -525,6 +543,8 @@ impl Metrics {
             llm_cost,
             prompt_tokens,
             completion_tokens,
+            speculative,
+            speculative_wasted_tokens,
             call_duration,
         }
     }
@@ -631,6 +651,14 @@ impl Metrics {
         if let Some(c) = cost.filter(|c| c.is_finite() && *c > 0.0) {
             self.llm_cost.inc_by(c);
         }
+    }
+
+    /// A speculative request `started`, `used` or `wasted` (with its estimated tokens).
+    pub fn llm_speculative(&self, outcome: &'static str, wasted_tokens: u64) {
+        self.speculative
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+        self.speculative_wasted_tokens.inc_by(wasted_tokens);
     }
 
     /// Calls in progress right now.

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod log_filter;
 pub mod logging;
 pub mod metrics;
 pub mod records;

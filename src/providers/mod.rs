@@ -1,9 +1,9 @@
 //! Clients for the three cloud stages of a turn, one trait per stage.
 //!
 //! The call pipeline only sees the traits, so a test can drive it with any implementation;
-//! the real clients speak the providers' exact wire formats (see
-//! `shared/docs/provider-apis.md`) and are pointed at the real services or at the fakes in
-//! [`crate::sandbox`] purely by configuration.
+//! the real clients speak the providers' exact wire formats (see `docs/providers/`) and are
+//! pointed at the real services or at the fakes in [`crate::sandbox`] purely by
+//! configuration. Keys go only in request headers.
 
 pub mod llm;
 pub mod stt;

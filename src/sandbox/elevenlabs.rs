@@ -1,6 +1,8 @@
 //! A fake ElevenLabs text-to-speech service speaking the real wire formats
-//! (`shared/docs/provider-apis.md` section 3): the `stream-input` websocket and the HTTP
-//! `/stream` and whole-file endpoints, with controllable latency, pacing and faults.
+//! (`docs/providers/elevenlabs.md`): the `stream-input` websocket and the HTTP `/stream` and
+//! whole-file endpoints, with controllable latency, pacing and faults. It reads and writes
+//! the messages with its own code (not the client's), and accepts the key only in the
+//! `xi-api-key` header.
 //!
 //! The audio is synthesized deterministically from the text, so tests can predict its exact
 //! length ([`speech_samples`]) and it is speech-like enough to drive a VAD: every letter is
@@ -22,13 +24,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use futures_util::StreamExt as _;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+use super::ws::{ServerSocket, Upgrade};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -239,13 +244,8 @@ pub async fn spawn(cfg: FakeElevenLabsConfig) -> std::io::Result<FakeElevenLabs>
     Ok(FakeElevenLabs { addr, stats, task })
 }
 
-/// The fake's routes, to mount in another server.
-pub fn router(cfg: FakeElevenLabsConfig) -> Router {
-    router_with_stats(cfg).0
-}
-
 /// The routes and their counters.
-pub fn router_with_stats(cfg: FakeElevenLabsConfig) -> (Router, Arc<FakeElevenLabsStats>) {
+fn router_with_stats(cfg: FakeElevenLabsConfig) -> (Router, Arc<FakeElevenLabsStats>) {
     let stats = Arc::new(FakeElevenLabsStats::default());
     let app = Arc::new(App {
         cfg,
@@ -741,7 +741,7 @@ async fn ws_handler(
     Path(_voice_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     let fault = app.begin_request(&query);
     if let TtsFault::Status(s) = fault {
@@ -754,15 +754,11 @@ async fn ws_handler(
     if let Err(resp) = check_model(query.get("model_id").map(String::as_str)) {
         return *resp;
     }
-    // The header, or a bearer token in the query; otherwise the key must be in the first message.
-    let query_key = query
-        .get("authorization")
-        .map(|a| a.strip_prefix("Bearer ").unwrap_or(a));
-    let early_key = header_str(&headers, "xi-api-key").or(query_key);
-    if let Some(k) = early_key
-        && !key_ok(&app.cfg, Some(k))
-    {
-        return *unauthorized(true);
+    // Only the upgrade header counts: the real service also takes a key in the first message,
+    // but a key in a body or URL ends up in logs, so the fake refuses those (below).
+    let key = header_str(&headers, "xi-api-key");
+    if !key_ok(&app.cfg, key) {
+        return *unauthorized(key.is_some());
     }
     let inactivity = match fault {
         TtsFault::InputTimeoutSecs(s) => s,
@@ -774,7 +770,6 @@ async fn ws_handler(
     let session = WsSession {
         app: Arc::clone(&app),
         format,
-        authenticated: early_key.is_some(),
         inactivity: Duration::from_secs(inactivity),
         fault,
     };
@@ -784,7 +779,6 @@ async fn ws_handler(
 struct WsSession {
     app: Arc<App>,
     format: Format,
-    authenticated: bool,
     inactivity: Duration,
     /// This session's fault.
     fault: TtsFault,
@@ -902,13 +896,13 @@ fn error_message(error: &str, message: &str) -> Message {
 
 fn close(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: code.into(),
         reason: reason.to_owned().into(),
     }))
 }
 
 impl WsSession {
-    async fn run(self, socket: WebSocket) {
+    async fn run(self, socket: ServerSocket) {
         let stats = Arc::clone(&self.app.stats);
         stats.connections.fetch_add(1, Ordering::SeqCst);
         let end = self.serve(socket).await;
@@ -918,13 +912,13 @@ impl WsSession {
         stats.sessions_ended.fetch_add(1, Ordering::SeqCst);
     }
 
-    async fn fail(socket: &mut WebSocket, error: &str, message: &str) -> SessionEnd {
+    async fn fail(socket: &mut ServerSocket, error: &str, message: &str) -> SessionEnd {
         let _ = socket.send(error_message(error, message)).await;
         let _ = socket.send(close(1008, error)).await;
         SessionEnd::ServerClosed
     }
 
-    async fn serve(self, mut socket: WebSocket) -> SessionEnd {
+    async fn serve(self, mut socket: ServerSocket) -> SessionEnd {
         let cfg = &self.app.cfg;
         // The initialise message.
         let first = match tokio::time::timeout(self.inactivity, socket.next()).await {
@@ -954,14 +948,13 @@ impl WsSession {
                 .await;
             }
         };
-        if !self.authenticated {
-            let key = init
-                .xi_api_key
-                .as_deref()
-                .or(init.xi_api_key_dashed.as_deref());
-            if cfg.key.is_some() && !key_ok(cfg, key) {
-                return Self::fail(&mut socket, "invalid_api_key", "Invalid API key").await;
-            }
+        if init.xi_api_key.is_some() || init.xi_api_key_dashed.is_some() {
+            return Self::fail(
+                &mut socket,
+                "invalid_input_message",
+                "This fake refuses an API key in a message: send it as the xi-api-key header.",
+            )
+            .await;
         }
         if init.text.as_deref() != Some(" ") {
             return Self::fail(
@@ -1098,7 +1091,7 @@ impl WsSession {
         )
     }
 
-    async fn finish(socket: &mut WebSocket) -> SessionEnd {
+    async fn finish(socket: &mut ServerSocket) -> SessionEnd {
         let _ = socket
             .send(Message::Text(json!({"isFinal": true}).to_string().into()))
             .await;
@@ -1131,11 +1124,29 @@ mod tests {
     }
 
     async fn connect(srv: &FakeElevenLabs, query: &str) -> Client {
+        connect_with_key(srv, query, Some("k")).await.unwrap()
+    }
+
+    /// Opens the websocket with `key` in the `xi-api-key` header; the refusal's status if any.
+    async fn connect_with_key(
+        srv: &FakeElevenLabs,
+        query: &str,
+        key: Option<&str>,
+    ) -> Result<Client, u16> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
         let url = format!(
             "ws://{}/v1/text-to-speech/v/stream-input?model_id=eleven_flash_v2_5&{query}",
             srv.addr()
         );
-        tokio_tungstenite::connect_async(url).await.unwrap().0
+        let mut req = url.into_client_request().unwrap();
+        if let Some(k) = key {
+            req.headers_mut().insert("xi-api-key", k.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+            Err(e) => panic!("{e}"),
+        }
     }
 
     /// Every frame until the server closes: texts as JSON, then the close code.
@@ -1162,10 +1173,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn websocket_key_in_first_message_and_full_exchange() {
+    async fn websocket_key_in_header_and_full_exchange() {
         let srv = spawn(cfg()).await.unwrap();
         let mut ws = connect(&srv, "output_format=pcm_16000").await;
-        send(&mut ws, json!({"text": " ", "xi-api-key": "k"})).await;
+        send(&mut ws, json!({"text": " "})).await;
         send(
             &mut ws,
             json!({"text": "Hi there, friend. ", "flush": true}),
@@ -1194,13 +1205,26 @@ mod tests {
     #[tokio::test]
     async fn websocket_rejects_bad_keys_and_bad_first_messages() {
         let srv = spawn(cfg()).await.unwrap();
-        let mut ws = connect(&srv, "output_format=ulaw_8000").await;
-        send(&mut ws, json!({"text": " ", "xi_api_key": "wrong"})).await;
-        let (texts, close) = drain(&mut ws).await;
-        assert_eq!(texts[0]["error"], "invalid_api_key");
-        assert_eq!(close, Some(CloseCode::Policy));
+        let q = "output_format=ulaw_8000";
+        assert_eq!(
+            connect_with_key(&srv, q, Some("wrong")).await.err(),
+            Some(401)
+        );
+        assert_eq!(connect_with_key(&srv, q, None).await.err(), Some(401));
+        // A key in the URL does not count.
+        let q_key = "output_format=ulaw_8000&xi_api_key=k&authorization=Bearer%20k";
+        assert_eq!(connect_with_key(&srv, q_key, None).await.err(), Some(401));
 
-        let mut ws = connect(&srv, "output_format=ulaw_8000&authorization=Bearer%20k").await;
+        // A key in the first message is refused, even the right one.
+        for field in ["xi_api_key", "xi-api-key"] {
+            let mut ws = connect(&srv, q).await;
+            send(&mut ws, json!({"text": " ", field: "k"})).await;
+            let (texts, close) = drain(&mut ws).await;
+            assert_eq!(texts[0]["error"], "invalid_input_message", "{field}");
+            assert_eq!(close, Some(CloseCode::Policy));
+        }
+
+        let mut ws = connect(&srv, q).await;
         send(&mut ws, json!({"text": "Hello "})).await;
         let (texts, close) = drain(&mut ws).await;
         assert_eq!(texts[0]["error"], "invalid_input_message");

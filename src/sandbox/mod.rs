@@ -8,6 +8,7 @@
 pub mod azure;
 pub mod elevenlabs;
 pub mod openrouter;
+mod ws;
 
 use std::net::SocketAddr;
 

@@ -17,8 +17,8 @@ use serde_json::Value;
 use sifucall::app::{self, Hooks};
 use sifucall::audio::{pcm, wav};
 use sifucall::audiosocket::SampleRate;
-use sifucall::call::agent::AgentReport;
-use sifucall::call::session::CallSummary;
+use sifucall::call::AgentReport;
+use sifucall::call::CallSummary;
 use sifucall::caller::{self, CallOptions, CallReport};
 use sifucall::ops::config::{AgentMode, Settings};
 use sifucall::ops::records::{Role, TranscriptEntry};
@@ -180,6 +180,10 @@ pub fn settings() -> Settings {
     s.agent.apology = APOLOGY.into();
     s.agent.hold_prompt = HOLD.into();
     s.agent.hold_after_ms = 5_000;
+    // The fake's hypotheses are word prefixes of its transcripts, so a reply started on one
+    // is always thrown away; tests that count requests turn speculation off (it has tests of
+    // its own).
+    s.agent.speculate_after_ms = 0;
     s.audiosocket.listen = "127.0.0.1:0".parse().unwrap();
     s.admin.listen = "127.0.0.1:0".parse().unwrap();
     s
@@ -382,8 +386,11 @@ pub fn assert_clean(report: &CallReport) {
         "protocol violations: {:?}",
         report.protocol_violations
     );
+    // Pacing is asserted in virtual time (src/call/scenarios.rs) and measured in the
+    // benchmarks; over real sockets on a shared machine only the behaviour is checked:
+    // the line never went quiet long enough for Asterisk to drop the call (2 s).
     assert!(
-        report.max_gap_ms < 100.0,
+        report.max_gap_ms < 1500.0,
         "the daemon went {} ms without sending a frame",
         report.max_gap_ms
     );

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sifucall::call::session::{Behaviour, CallSummary, SessionConfig};
+use sifucall::call::{Behaviour, CallSummary, SessionConfig};
 use sifucall::ops::admin::ReadyFlag;
 use sifucall::ops::metrics::Metrics;
 use sifucall::server::{self, ServerConfig};
@@ -38,6 +38,7 @@ pub fn echo_config() -> ServerConfig {
         session: SessionConfig {
             first_message_timeout: Duration::from_secs(2),
             behaviour: Behaviour::Echo,
+            idle_hangup: Some(Duration::from_secs(60)),
         },
     }
 }

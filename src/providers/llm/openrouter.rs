@@ -5,7 +5,7 @@
 //! [`OpenRouter`] is the thin async driver around it: one pooled HTTP client reused across
 //! turns, the single pre-first-token retry, and the first-token and stall deadlines.
 //!
-//! Wire format: `shared/docs/provider-apis.md` section 2.
+//! Wire format: `docs/providers/openrouter.md`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -186,11 +186,6 @@ impl ChunkDecoder {
         Err(LlmError::Transport(
             "the stream ended before the reply finished".into(),
         ))
-    }
-
-    /// Whether the reply is over (`Done` or an error was produced).
-    pub fn is_done(&self) -> bool {
-        self.done
     }
 
     /// The `finish_reason` seen so far.
@@ -768,7 +763,7 @@ mod tests {
     use crate::sandbox::openrouter::{self as fake, FakeOpenRouterConfig, LlmFault};
     use serde_json::json;
 
-    // ---- ChunkDecoder, on the exact lines of provider-apis.md section 2 ----
+    // ---- ChunkDecoder, on the exact lines of docs/providers/openrouter.md ----
 
     const ROLE: &str = r#"{"id":"gen-..","provider":"OpenAI","model":"openai/gpt-4o-mini","object":"chat.completion.chunk","created":1739458867,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null,"native_finish_reason":null,"logprobs":null}],"system_fingerprint":"fp_72ed7ab54c"}"#;
     const HELLO: &str = r#"{"id":"gen-..","choices":[{"index":0,"delta":{"role":"assistant","content":"Hello"},"finish_reason":null,"native_finish_reason":null,"logprobs":null}]}"#;
@@ -804,7 +799,6 @@ mod tests {
         assert_eq!(d.finish_reason(), Some("stop"));
         assert_eq!(d.decode(USAGE).unwrap(), vec![usage(22, 7, Some(0.000171))]);
         assert_eq!(d.decode("[DONE]").unwrap(), vec![done("stop")]);
-        assert!(d.is_done());
         assert_eq!(d.decode(HELLO).unwrap(), vec![], "nothing after the end");
         assert_eq!(d.finish().unwrap(), vec![]);
     }

@@ -44,7 +44,6 @@ pub struct SseParser {
     has_data: bool,
     event_type: Option<String>,
     last_id: Option<String>,
-    retry_ms: Option<u64>,
     ready: VecDeque<SseEvent>,
     failed: Option<SseError>,
 }
@@ -72,7 +71,6 @@ impl SseParser {
             has_data: false,
             event_type: None,
             last_id: None,
-            retry_ms: None,
             ready: VecDeque::new(),
             failed: None,
         }
@@ -114,17 +112,6 @@ impl SseParser {
     /// The next complete event, if any.
     pub fn next_event(&mut self) -> Option<SseEvent> {
         self.ready.pop_front()
-    }
-
-    /// The last `retry:` value the server sent, in ms.
-    pub fn retry_ms(&self) -> Option<u64> {
-        self.retry_ms
-    }
-
-    /// Whether bytes of an unfinished line or event are buffered (they are discarded if the
-    /// stream ends now, per the spec).
-    pub fn has_partial(&self) -> bool {
-        !self.line.is_empty() || self.has_data
     }
 
     fn extend_line(&mut self, bytes: &[u8]) -> Result<(), SseError> {
@@ -174,9 +161,7 @@ impl SseParser {
                 self.has_data = true;
             }
             "id" if !value.contains('\0') => self.last_id = Some(value.to_owned()),
-            "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
-                self.retry_ms = value.parse().ok();
-            }
+            // `retry` only matters to a client that reconnects an event stream; ours never does.
             _ => {}
         }
         Ok(())
@@ -281,10 +266,11 @@ mod tests {
     }
 
     #[test]
-    fn retry_field() {
+    fn retry_field_is_ignored() {
         let mut p = SseParser::new();
-        p.push(b"retry: 250\nretry: x1\n").unwrap();
-        assert_eq!(p.retry_ms(), Some(250));
+        p.push(b"retry: 250\nretry: x1\ndata: a\n\n").unwrap();
+        assert_eq!(p.next_event().map(|e| e.data), Some("a".into()));
+        assert_eq!(p.next_event(), None);
     }
 
     #[test]
@@ -292,7 +278,6 @@ mod tests {
         let mut p = SseParser::new();
         p.push(b"data: partial\n").unwrap();
         assert_eq!(p.next_event(), None);
-        assert!(p.has_partial());
     }
 
     #[test]

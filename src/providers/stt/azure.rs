@@ -232,8 +232,10 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
         .as_str()
         .into_client_request()
         .map_err(|e| SttError::Config(format!("bad stt endpoint: {e}")))?;
-    let key = HeaderValue::from_str(&cfg.key)
+    let mut key = HeaderValue::from_str(&cfg.key)
         .map_err(|_| SttError::Config("key is not a valid header".into()))?;
+    // Only ever in this header (never the URL); sensitive, so `Debug` of the request hides it.
+    key.set_sensitive(true);
     req.headers_mut().insert("Ocp-Apim-Subscription-Key", key);
     let conn_id = protocol::new_id();
     if let Ok(v) = HeaderValue::from_str(&conn_id) {
@@ -731,6 +733,16 @@ impl Recognition {
 mod tests {
     use super::*;
     use crate::sandbox::azure::{AzureFault, FakeAzure, FakeAzureConfig};
+
+    #[test]
+    fn the_key_is_in_no_url_and_no_debug() {
+        let mut settings = crate::ops::config::Settings::defaults().stt;
+        settings.endpoint =
+            "ws://127.0.0.1:9/speech/recognition/conversation/cognitiveservices/v1".into();
+        let stt = AzureStt::new(&settings, Secret::new(Some("MARKER-KEY-123".into()))).unwrap();
+        assert!(!format!("{stt:?}").contains("MARKER-KEY-123"));
+        assert!(!request_url(&stt.url, "ms-MY").contains("MARKER"));
+    }
 
     fn params(rate: u32) -> SttParams {
         SttParams {

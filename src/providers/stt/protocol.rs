@@ -1,9 +1,10 @@
-//! Azure Speech real-time websocket protocol, sans-IO: the exact client messages the
-//! JavaScript Speech SDK sends, and parsers for both directions.
+//! Azure Speech real-time websocket protocol, client side, sans-IO: the exact messages the
+//! JavaScript Speech SDK sends, and the parser of what the service sends back.
 //!
-//! The async client ([`super::azure`]) and the fake server ([`crate::sandbox::azure`]) are
-//! thin drivers around these functions, so every byte on the wire is decided (and unit
-//! tested) here. Wire format reference: `shared/docs/provider-apis.md` section 1b.
+//! The async client ([`super::azure`]) is a thin driver around these functions, so every
+//! byte it puts on the wire is decided (and unit tested) here. The fake server
+//! (`crate::sandbox::azure`) deliberately has its own reader and writer. Wire format
+//! reference: `docs/providers/azure-stt.md`.
 
 use std::time::SystemTime;
 
@@ -15,8 +16,6 @@ pub const PATH_SPEECH_CONFIG: &str = "speech.config";
 pub const PATH_SPEECH_CONTEXT: &str = "speech.context";
 /// `audio`: the WAV header, then raw PCM, then an empty body for end of stream.
 pub const PATH_AUDIO: &str = "audio";
-/// The SDK's `telemetry` message after `turn.end`.
-pub const PATH_TELEMETRY: &str = "telemetry";
 
 /// The most header bytes a message may carry (AZ-WSDOC).
 pub const MAX_HEADER_BYTES: usize = 8192;
@@ -27,19 +26,13 @@ pub const WAV_HEADER_LEN: usize = 44;
 /// One 100 ns tick per unit: what Azure offsets and durations are counted in.
 pub const TICKS_PER_SECOND: u64 = 10_000_000;
 
-/// A malformed message, in either direction.
+/// A malformed service message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProtocolError {
-    /// A binary frame shorter than its 2-byte header-length prefix or its declared headers.
-    #[error("binary frame truncated: {0}")]
-    Truncated(&'static str),
     /// The header block exceeds [`MAX_HEADER_BYTES`].
     #[error("header block of {0} bytes exceeds the 8192-byte limit")]
     HeadersTooLong(usize),
-    /// Header bytes that are not ASCII/UTF-8.
-    #[error("headers are not valid UTF-8")]
-    HeadersNotUtf8,
     /// A text frame without the blank line that separates headers from the body.
     #[error("text frame has no blank line after its headers")]
     NoHeaderTerminator,
@@ -49,9 +42,6 @@ pub enum ProtocolError {
     /// A required header is absent.
     #[error("missing header {0}")]
     MissingHeader(&'static str),
-    /// `X-RequestId` is not 32 hex digits.
-    #[error("bad X-RequestId {0:?}")]
-    BadRequestId(String),
     /// A JSON body that does not parse or lacks a required field.
     #[error("bad {path} body: {reason}")]
     BadBody {
@@ -60,9 +50,6 @@ pub enum ProtocolError {
         /// What was wrong.
         reason: String,
     },
-    /// A WAV header the service would not accept.
-    #[error("bad WAV header: {0}")]
-    BadWav(String),
 }
 
 /// Message headers in arrival order; lookups ignore case.
@@ -111,11 +98,6 @@ pub fn new_id() -> String {
         .simple()
         .to_string()
         .to_ascii_uppercase()
-}
-
-/// Whether `id` is a valid `X-RequestId`: 32 hex digits, no dashes.
-pub fn is_valid_request_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// `X-Timestamp` for `t`: ISO-8601 UTC with milliseconds, like JavaScript's
@@ -254,61 +236,6 @@ pub fn end_of_stream_message(request_id: &str, timestamp: &str) -> Vec<u8> {
     audio_message(request_id, timestamp, None, &[])
 }
 
-/// What a WAV header declares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WavFormat {
-    /// WAVE format tag (1 = PCM, 6 = A-law, 7 = µ-law).
-    pub format_tag: u16,
-    /// Channels.
-    pub channels: u16,
-    /// Samples per second.
-    pub sample_rate: u32,
-    /// Bits per sample.
-    pub bits_per_sample: u16,
-}
-
-/// Reads the `fmt ` chunk of a RIFF/WAVE header (as the service does with the first audio
-/// message). Returns the format and the byte offset where sample data starts.
-pub fn parse_wav_header(bytes: &[u8]) -> Result<(WavFormat, usize), ProtocolError> {
-    let bad = |why: &str| ProtocolError::BadWav(why.to_owned());
-    if bytes.get(0..4) != Some(b"RIFF") || bytes.get(8..12) != Some(b"WAVE") {
-        return Err(bad("not RIFF/WAVE"));
-    }
-    let u16_at = |at: usize| {
-        bytes
-            .get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
-    let u32_at = |at: usize| {
-        bytes
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let mut at = 12;
-    let mut fmt = None;
-    loop {
-        let id = bytes.get(at..at + 4).ok_or_else(|| bad("no data chunk"))?;
-        let size = u32_at(at + 4).ok_or_else(|| bad("truncated chunk header"))? as usize;
-        let body = at + 8;
-        if id == b"data" {
-            let f = fmt.ok_or_else(|| bad("data chunk before fmt chunk"))?;
-            return Ok((f, body));
-        }
-        if id == b"fmt " {
-            let get16 = |o| u16_at(body + o).ok_or_else(|| bad("truncated fmt chunk"));
-            fmt = Some(WavFormat {
-                format_tag: get16(0)?,
-                channels: get16(2)?,
-                sample_rate: u32_at(body + 4).ok_or_else(|| bad("truncated fmt chunk"))?,
-                bits_per_sample: get16(14)?,
-            });
-        }
-        at = body
-            .checked_add(size + (size & 1))
-            .ok_or_else(|| bad("chunk size overflow"))?;
-    }
-}
-
 /// Splits a text frame into headers and body at the first blank line.
 pub fn parse_text_frame(text: &str) -> Result<(Headers, &str), ProtocolError> {
     let (head, body) = if let Some(i) = text.find("\r\n\r\n") {
@@ -325,79 +252,6 @@ pub fn parse_text_frame(text: &str) -> Result<(Headers, &str), ProtocolError> {
         return Err(ProtocolError::HeadersTooLong(head.len()));
     }
     Ok((Headers::parse(head)?, body))
-}
-
-/// Splits a binary frame (BE u16 header length, headers, payload) into headers and payload.
-pub fn parse_binary_frame(frame: &[u8]) -> Result<(Headers, &[u8]), ProtocolError> {
-    let len_bytes = frame
-        .get(0..2)
-        .ok_or(ProtocolError::Truncated("no header length"))?;
-    let len = usize::from(u16::from_be_bytes([len_bytes[0], len_bytes[1]]));
-    if len > MAX_HEADER_BYTES {
-        return Err(ProtocolError::HeadersTooLong(len));
-    }
-    let head = frame
-        .get(2..2 + len)
-        .ok_or(ProtocolError::Truncated("headers shorter than declared"))?;
-    let head = std::str::from_utf8(head).map_err(|_| ProtocolError::HeadersNotUtf8)?;
-    let payload = frame.get(2 + len..).unwrap_or_default();
-    Ok((Headers::parse(head)?, payload))
-}
-
-/// A websocket frame as received, for [`parse_client_message`].
-#[derive(Debug, Clone, Copy)]
-pub enum Frame<'a> {
-    /// A text frame.
-    Text(&'a str),
-    /// A binary frame.
-    Binary(&'a [u8]),
-}
-
-/// A client message as the service sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientMessage {
-    /// `Path`, e.g. `speech.config` or `audio`.
-    pub path: String,
-    /// `X-RequestId` (validated: 32 hex digits).
-    pub request_id: String,
-    /// All headers.
-    pub headers: Headers,
-    /// Whether it came in a binary frame.
-    pub binary: bool,
-    /// The body (JSON text or audio bytes).
-    pub body: Vec<u8>,
-}
-
-/// Parses a client message, tolerating every framing variant real clients use. Missing
-/// `Path` or a missing/bad `X-RequestId` is an error (the service closes with 1002).
-pub fn parse_client_message(frame: Frame<'_>) -> Result<ClientMessage, ProtocolError> {
-    let (headers, body, binary) = match frame {
-        Frame::Text(t) => {
-            let (h, b) = parse_text_frame(t)?;
-            (h, b.as_bytes().to_vec(), false)
-        }
-        Frame::Binary(b) => {
-            let (h, p) = parse_binary_frame(b)?;
-            (h, p.to_vec(), true)
-        }
-    };
-    let path = headers
-        .get("Path")
-        .filter(|p| !p.is_empty())
-        .ok_or(ProtocolError::MissingHeader("Path"))?;
-    let request_id = headers
-        .get("X-RequestId")
-        .ok_or(ProtocolError::MissingHeader("X-RequestId"))?;
-    if !is_valid_request_id(request_id) {
-        return Err(ProtocolError::BadRequestId(request_id.to_owned()));
-    }
-    Ok(ClientMessage {
-        path: path.to_owned(),
-        request_id: request_id.to_owned(),
-        headers,
-        binary,
-        body,
-    })
 }
 
 /// `RecognitionStatus` of a `speech.phrase`.
@@ -577,14 +431,6 @@ pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError
     })
 }
 
-/// A service text message (`Path`, echoed `X-RequestId`, JSON content type, body), as the
-/// fake server sends them.
-pub fn service_message(path: &str, request_id: &str, body: &str) -> String {
-    format!(
-        "X-RequestId: {request_id}\r\nContent-Type: application/json; charset=utf-8\r\nPath: {path}\r\n\r\n{body}"
-    )
-}
-
 /// Converts a sample count at `sample_rate` to 100 ns ticks.
 pub fn samples_to_ticks(samples: u64, sample_rate: u32) -> u64 {
     if sample_rate == 0 {
@@ -638,11 +484,12 @@ mod tests {
     #[test]
     fn ids() {
         let id = new_id();
-        assert!(is_valid_request_id(&id), "{id}");
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
         assert_eq!(id, id.to_ascii_uppercase());
         assert_ne!(id, new_id());
-        assert!(!is_valid_request_id("9e1c5e4b-2a3d-4f6e-8a7b-6c5d4e3f2a1b"));
-        assert!(!is_valid_request_id("XYZ"));
     }
 
     #[test]
@@ -685,17 +532,6 @@ mod tests {
         );
         let h16 = wav_header(16000);
         assert_eq!(&h16[24..32], &hex("803e0000 007d0000")[..]);
-        let (f, data_at) = parse_wav_header(&h16).unwrap();
-        assert_eq!(
-            f,
-            WavFormat {
-                format_tag: 1,
-                channels: 1,
-                sample_rate: 16000,
-                bits_per_sample: 16
-            }
-        );
-        assert_eq!(data_at, 44);
     }
 
     #[test]
@@ -714,112 +550,17 @@ mod tests {
         expected.extend_from_slice(&wav_header(8000));
         assert_eq!(w, expected);
 
-        let eos = end_of_stream_message(RID, TS);
-        let (h, p) = parse_binary_frame(&eos).unwrap();
-        assert!(p.is_empty());
-        assert_eq!(h.get("path"), Some("audio"));
-        assert_eq!(h.get("Content-Type"), None);
+        let head = format!("Path: audio\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\n");
+        let mut expected = (head.len() as u16).to_be_bytes().to_vec();
+        expected.extend_from_slice(head.as_bytes());
+        assert_eq!(end_of_stream_message(RID, TS), expected);
     }
 
-    #[test]
-    fn client_messages_round_trip() {
-        let m = parse_client_message(Frame::Text(&speech_context_message(RID, TS, "ms-MY", 500)))
-            .unwrap();
-        assert_eq!(m.path, "speech.context");
-        assert_eq!(m.request_id, RID);
-        assert!(!m.binary);
-        assert_eq!(m.headers.get("x-timestamp"), Some(TS));
-        assert_eq!(m.body, speech_context_body("ms-MY", 500).into_bytes());
-
-        let m = parse_client_message(Frame::Binary(&wav_header_message(RID, TS, 8000))).unwrap();
-        assert_eq!(m.path, "audio");
-        assert!(m.binary);
-        assert_eq!(m.headers.get("content-type"), Some("audio/x-wav"));
-        assert_eq!(m.body, wav_header(8000).to_vec());
-    }
-
-    #[test]
-    fn client_binary_framing_variants() {
-        for head in [
-            format!("Path:audio\r\nX-RequestId:{RID}\r\n"),
-            format!("path: audio\r\nx-requestid: {RID}\r\nX-Timestamp: {TS}\r\n\r\n"),
-            format!("X-RequestId: {RID}\r\n  Path  :  audio  \r\n"),
-            format!("Path: audio\nX-RequestId: {RID}"),
-        ] {
-            let mut f = (head.len() as u16).to_be_bytes().to_vec();
-            f.extend_from_slice(head.as_bytes());
-            f.extend_from_slice(&[9, 8]);
-            let m =
-                parse_client_message(Frame::Binary(&f)).unwrap_or_else(|e| panic!("{head:?}: {e}"));
-            assert_eq!(
-                (m.path.as_str(), m.request_id.as_str(), m.body.as_slice()),
-                ("audio", RID, &[9u8, 8][..])
-            );
-        }
-    }
-
-    #[test]
-    fn client_malformed() {
-        let frame = |head: &str| {
-            let mut f = (head.len() as u16).to_be_bytes().to_vec();
-            f.extend_from_slice(head.as_bytes());
-            f
-        };
-        assert_eq!(
-            parse_client_message(Frame::Binary(&[0])),
-            Err(ProtocolError::Truncated("no header length"))
-        );
-        assert_eq!(
-            parse_client_message(Frame::Binary(&[0, 50, b'P'])),
-            Err(ProtocolError::Truncated("headers shorter than declared"))
-        );
-        assert_eq!(
-            parse_client_message(Frame::Binary(&frame(&format!("X-RequestId: {RID}\r\n")))),
-            Err(ProtocolError::MissingHeader("Path"))
-        );
-        assert_eq!(
-            parse_client_message(Frame::Binary(&frame("Path: audio\r\n"))),
-            Err(ProtocolError::MissingHeader("X-RequestId"))
-        );
-        assert_eq!(
-            parse_client_message(Frame::Text(
-                "Path: speech.config\r\nX-RequestId: 123\r\n\r\n{}"
-            )),
-            Err(ProtocolError::BadRequestId("123".into()))
-        );
-        assert!(matches!(
-            parse_client_message(Frame::Binary(&frame("garbage line\r\n"))),
-            Err(ProtocolError::BadHeaderLine(_))
-        ));
-        assert_eq!(
-            parse_client_message(Frame::Binary(&[0x30, 0x00])),
-            Err(ProtocolError::HeadersTooLong(0x3000))
-        );
-        assert_eq!(
-            parse_client_message(Frame::Binary(&[0, 2, 0xff, 0xfe])),
-            Err(ProtocolError::HeadersNotUtf8)
-        );
-        assert_eq!(
-            parse_client_message(Frame::Text("Path: x")),
-            Err(ProtocolError::NoHeaderTerminator)
-        );
-    }
-
-    #[test]
-    fn wav_header_malformed() {
-        assert!(parse_wav_header(b"RIFX").is_err());
-        assert!(parse_wav_header(&wav_header(8000)[..30]).is_err());
-        let mut h = wav_header(8000);
-        h[12..16].copy_from_slice(b"junk");
-        // A "junk" chunk of size 16 is skipped, then "data" comes before any "fmt ".
-        assert!(parse_wav_header(&h).is_err());
-        let mut h = wav_header(8000).to_vec();
-        h[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(parse_wav_header(&h).is_err());
-    }
-
+    /// A service message as the service writes it (from the documentation).
     fn svc(path: &str, body: &str) -> String {
-        service_message(path, RID, body)
+        format!(
+            "X-RequestId: {RID}\r\nContent-Type: application/json; charset=utf-8\r\nPath: {path}\r\n\r\n{body}"
+        )
     }
 
     #[test]

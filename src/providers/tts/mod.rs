@@ -20,7 +20,8 @@ pub struct TtsParams {
 /// Text for an open synthesis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TtsInput {
-    /// More text (a clause); the client keeps trailing spaces as the API wants.
+    /// More text: a whole clause (never a word cut in two; splitting the reply into clauses
+    /// is the caller's job). The client adds the trailing space the API wants.
     Text(String),
     /// The reply is complete: generate everything buffered, then end the audio stream.
     Finish,

@@ -1,8 +1,9 @@
 //! A fake Azure Speech real-time recognition server.
 //!
-//! It speaks the SDK websocket protocol exactly (see `shared/docs/provider-apis.md` 1b and
-//! [`crate::providers::stt::protocol`]), validates what the real service validates (auth at
-//! upgrade, `Path`/`X-RequestId`, `speech.config` first, the WAV header's format) and
+//! It speaks the SDK websocket protocol exactly (see `docs/providers/azure-stt.md`), reading
+//! and writing it with its own code in `wire.rs` (never the client's), validates what the
+//! real service validates (auth at upgrade, `Path`/`X-RequestId`, `speech.config` first, the
+//! WAV header's format) and
 //! "recognises" speech with an energy endpointer on the decoded PCM, answering with scripted
 //! transcripts. Faults (auth rejection, server closes, stalls) exercise the client's
 //! reconnect logic.
@@ -13,18 +14,33 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::debug;
 
 use crate::audio::pcm;
-use crate::providers::stt::protocol::{self, Frame, ProtocolError};
+
+mod wire;
+
+use super::ws::{ServerSocket, Upgrade};
+use wire::{Received, Refusal};
+
+/// The close codes the service uses (RFC 6455).
+mod close_code {
+    pub(super) const NORMAL: u16 = 1000;
+    pub(super) const PROTOCOL: u16 = 1002;
+    pub(super) const INVALID: u16 = 1007;
+    pub(super) const SIZE: u16 = 1009;
+    pub(super) const ERROR: u16 = 1011;
+}
 
 /// The paths the fake serves: the SDK's v1 recognition modes and the 2025 `universal/v2`.
 pub const PATHS: [&str; 4] = [
@@ -62,8 +78,8 @@ pub enum AzureFault {
 /// How the fake behaves.
 #[derive(Debug, Clone)]
 pub struct FakeAzureConfig {
-    /// Required key (`Ocp-Apim-Subscription-Key` header or query parameter, or
-    /// `Authorization: Bearer`); `None` accepts anything.
+    /// Required key (`Ocp-Apim-Subscription-Key` header or `Authorization: Bearer`); `None`
+    /// accepts any or none. A key in the URL is always refused.
     pub key: Option<String>,
     /// Transcripts, cycled for successive phrases.
     pub transcripts: Vec<String>,
@@ -190,25 +206,6 @@ pub async fn spawn(cfg: FakeAzureConfig) -> std::io::Result<FakeAzure> {
     FakeAzure::spawn(cfg).await
 }
 
-/// Serves the fake on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, cfg: FakeAzureConfig) -> std::io::Result<()> {
-    serve_with_stats(
-        listener,
-        cfg,
-        Arc::new(Mutex::new(FakeAzureStats::default())),
-    )
-    .await
-}
-
-/// [`serve`], recording into `stats`.
-pub async fn serve_with_stats(
-    listener: tokio::net::TcpListener,
-    cfg: FakeAzureConfig,
-    stats: Arc<Mutex<FakeAzureStats>>,
-) -> std::io::Result<()> {
-    super::serve_nodelay(listener, routes(cfg, stats), || {}).await
-}
-
 /// The fake's routes on every path the SDKs use.
 fn routes(cfg: FakeAzureConfig, stats: Arc<Mutex<FakeAzureStats>>) -> Router {
     let shared = Arc::new(Shared { cfg, stats });
@@ -219,12 +216,22 @@ fn routes(cfg: FakeAzureConfig, stats: Arc<Mutex<FakeAzureStats>>) -> Router {
     app.with_state(shared)
 }
 
+/// The key must come in the `Ocp-Apim-Subscription-Key` header (or a bearer token in
+/// `Authorization`). A key in the URL is refused outright, whatever `key` says: URLs end up in
+/// logs and proxies, so the client must never put it there.
 fn authorised(
     cfg: &FakeAzureConfig,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
 ) -> Result<(), StatusCode> {
     if cfg.fault == AzureFault::RejectAuth {
+        return Err(StatusCode::UNAUTHORIZED);
+    }
+    let in_url = query.keys().any(|k| {
+        k.eq_ignore_ascii_case("Ocp-Apim-Subscription-Key")
+            || k.eq_ignore_ascii_case("Authorization")
+    });
+    if in_url {
         return Err(StatusCode::UNAUTHORIZED);
     }
     let Some(want) = &cfg.key else { return Ok(()) };
@@ -235,8 +242,7 @@ fn authorised(
         .get("Authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let query_key = query.get("Ocp-Apim-Subscription-Key").map(String::as_str);
-    let offered: Vec<&str> = [header, bearer, query_key].into_iter().flatten().collect();
+    let offered: Vec<&str> = [header, bearer].into_iter().flatten().collect();
     if offered.is_empty() {
         Err(StatusCode::FORBIDDEN)
     } else if offered.iter().any(|k| *k == want) {
@@ -250,7 +256,7 @@ async fn upgrade(
     State(sh): State<Arc<Shared>>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     if let Err(status) = authorised(&sh.cfg, &headers, &query) {
         sh.stats().rejected_auth += 1;
@@ -352,7 +358,7 @@ impl Connection {
         }
     }
 
-    async fn run(&mut self, mut socket: WebSocket) {
+    async fn run(&mut self, mut socket: ServerSocket) {
         let fault = self.sh.cfg.fault;
         let close_at = match fault {
             AzureFault::CloseAfterMs(ms) => Some(Instant::now() + Duration::from_millis(ms)),
@@ -376,12 +382,12 @@ impl Connection {
                         return;
                     }
                 }
-                msg = socket.recv() => {
+                msg = socket.next() => {
                     idle_deadline = Instant::now() + IDLE_TIMEOUT;
                     let result = match msg {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                        Some(Ok(Message::Text(t))) => self.on_frame(Frame::Text(t.as_str())),
-                        Some(Ok(Message::Binary(b))) => self.on_frame(Frame::Binary(&b)),
+                        Some(Ok(Message::Text(t))) => self.on_frame(wire::read_text(t.as_str())),
+                        Some(Ok(Message::Binary(b))) => self.on_frame(wire::read_binary(&b)),
                         Some(Ok(_)) => Ok(()),
                     };
                     if let Err((code, why)) = result {
@@ -400,7 +406,7 @@ impl Connection {
     }
 
     /// Sends everything due; false if the connection is over.
-    async fn send_due(&mut self, socket: &mut WebSocket) -> bool {
+    async fn send_due(&mut self, socket: &mut ServerSocket) -> bool {
         let now = Instant::now();
         while self.queue.front().is_some_and(|(t, _)| *t <= now) {
             let Some((_, out)) = self.queue.pop_front() else {
@@ -427,7 +433,7 @@ impl Connection {
                     let body = json!({"RecognitionStatus": "Success", "DisplayText": text,
                         "Offset": offset, "Duration": duration, "Channel": 0});
                     (
-                        protocol::service_message("speech.phrase", &rid, &body.to_string()),
+                        wire::service_text("speech.phrase", &rid, &body.to_string()),
                         Some((text, last_speech_at, segmented_at)),
                     )
                 }
@@ -469,7 +475,7 @@ impl Connection {
         let Some(rid) = self.turn.as_ref().map(|t| t.request_id.clone()) else {
             return;
         };
-        let text = protocol::service_message(
+        let text = wire::service_text(
             path,
             &rid,
             &if body.is_null() {
@@ -481,10 +487,10 @@ impl Connection {
         self.push(Instant::now(), Out::Text(text));
     }
 
-    fn on_frame(&mut self, frame: Frame<'_>) -> Result<(), Violation> {
-        let msg = protocol::parse_client_message(frame).map_err(|e| match e {
-            ProtocolError::HeadersTooLong(_) => violation(close_code::SIZE, e.to_string()),
-            e => violation(close_code::PROTOCOL, e.to_string()),
+    fn on_frame(&mut self, frame: Result<Received, Refusal>) -> Result<(), Violation> {
+        let msg = frame.map_err(|e| match e {
+            Refusal::TooBig(_) => violation(close_code::SIZE, e.to_string()),
+            Refusal::Protocol(why) => violation(close_code::PROTOCOL, why),
         })?;
         if self.finished_ids.contains(&msg.request_id) {
             return Err(violation(
@@ -557,9 +563,9 @@ impl Connection {
                 ));
             }
             let (rate, pcm_at) = if body.starts_with(b"RIFF") {
-                let (f, at) = protocol::parse_wav_header(body)
-                    .map_err(|e| violation(close_code::INVALID, e.to_string()))?;
-                if f.format_tag != 1 || f.channels != 1 || f.bits_per_sample != 16 {
+                let f =
+                    wire::read_wav_header(body).map_err(|e| violation(close_code::INVALID, e))?;
+                if f.format_tag != 1 || f.channels != 1 || f.bits != 16 {
                     return Err(violation(
                         close_code::INVALID,
                         format!("unsupported audio format {f:?}"),
@@ -571,7 +577,7 @@ impl Connection {
                         format!("unsupported sample rate {}", f.sample_rate),
                     ));
                 }
-                (f.sample_rate, at.min(body.len()))
+                (f.sample_rate, f.data_at.min(body.len()))
             } else {
                 // No header: the service assumes 16 kHz 16-bit mono.
                 (16000, 0)
@@ -594,7 +600,7 @@ impl Connection {
             });
             self.say(
                 "turn.start",
-                json!({"context": {"serviceTag": protocol::new_id()}}),
+                json!({"context": {"serviceTag": wire::fresh_id()}}),
             );
             let rest = body.get(pcm_at..).unwrap_or_default();
             if body.is_empty() {
@@ -679,7 +685,7 @@ impl Connection {
             }
             _ => {}
         }
-        let ticks = |samples: u64| protocol::samples_to_ticks(samples, rate as u32);
+        let ticks = |samples: u64| wire::ticks(samples, rate as u32);
         if started {
             self.say("speech.startDetected", json!({"Offset": ticks(start)}));
         }
@@ -689,7 +695,7 @@ impl Connection {
             let words: Vec<&str> = full.split_whitespace().take(n).collect();
             self.say(
                 "speech.hypothesis",
-                json!({"Text": words.join(" "), "Offset": ticks(s), "Duration": ticks(d), "Id": protocol::new_id()}),
+                json!({"Text": words.join(" "), "Offset": ticks(s), "Duration": ticks(d), "Id": wire::fresh_id()}),
             );
         }
         if let Some((s, d, heard)) = ended {
@@ -731,7 +737,7 @@ impl Connection {
         let rate = turn.rate;
         let pos = turn.pos;
         let rid = turn.request_id.clone();
-        let ticks = |samples: u64| protocol::samples_to_ticks(samples, rate);
+        let ticks = |samples: u64| wire::ticks(samples, rate);
         if let Some(sp) = turn.speech.take() {
             self.queue_final(
                 ticks(sp.start),
@@ -753,7 +759,7 @@ impl Connection {
             ),
             ("turn.end", String::new()),
         ] {
-            self.push(now, Out::Text(protocol::service_message(path, &rid, &body)));
+            self.push(now, Out::Text(wire::service_text(path, &rid, &body)));
         }
         self.finished_ids.insert(rid);
     }
@@ -766,12 +772,12 @@ fn transcript(list: &[String], i: usize) -> String {
     list.get(i % list.len()).cloned().unwrap_or_default()
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+async fn close(socket: &mut ServerSocket, code: u16, reason: &str) {
     // Close reasons are limited to 123 bytes.
     let reason: String = reason.chars().take(100).collect();
     let frame = CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
+        code: code.into(),
+        reason: reason.into(),
     };
     let _ = timeout(
         Duration::from_secs(1),
@@ -787,10 +793,74 @@ mod tests {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
     use super::*;
-    use crate::providers::stt::protocol::{ServiceMessage, parse_service_message};
 
     const RID: &str = "0123456789ABCDEF0123456789ABCDEF";
     const TS: &str = "2026-05-01T10:00:00.000Z";
+
+    // The client's side of the protocol, written out by hand from the documentation (not
+    // with the client's builders, which these tests must not trust).
+
+    fn text_frame(path: &str, body: &str) -> WsMessage {
+        WsMessage::text(format!(
+            "Path: {path}\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\nContent-Type: application/json\r\n\r\n{body}"
+        ))
+    }
+
+    fn config_frame() -> WsMessage {
+        text_frame(
+            "speech.config",
+            r#"{"context":{"system":{"name":"SpeechSDK","build":"JavaScript"}}}"#,
+        )
+    }
+
+    fn audio_frame(content_type: Option<&str>, payload: &[u8]) -> WsMessage {
+        let mut head = format!("Path: audio\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\n");
+        if let Some(ct) = content_type {
+            head.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        let mut f = u16::try_from(head.len()).unwrap().to_be_bytes().to_vec();
+        f.extend_from_slice(head.as_bytes());
+        f.extend_from_slice(payload);
+        WsMessage::binary(f)
+    }
+
+    fn wav_header_frame(rate: u32) -> WsMessage {
+        let mut h = b"RIFF\0\0\0\0WAVEfmt \x10\0\0\0\x01\0\x01\0".to_vec();
+        h.extend(rate.to_le_bytes());
+        h.extend((rate * 2).to_le_bytes());
+        h.extend(b"\x02\0\x10\0data\0\0\0\0");
+        assert_eq!(h.len(), 44);
+        audio_frame(Some("audio/x-wav"), &h)
+    }
+
+    fn end_of_stream_frame() -> WsMessage {
+        audio_frame(None, &[])
+    }
+
+    /// A service message: its `Path` and JSON body (`Null` when empty).
+    #[derive(Debug, PartialEq)]
+    struct Said {
+        path: String,
+        body: Value,
+    }
+
+    fn said(frame: &str) -> Said {
+        let (head, body) = frame.split_once("\r\n\r\n").expect("blank line");
+        let path = head
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("Path: "))
+            .expect("Path header");
+        assert!(head.contains(&format!("X-RequestId: {RID}")), "{head}");
+        let body = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(body).unwrap()
+        };
+        Said {
+            path: path.to_owned(),
+            body,
+        }
+    }
 
     type Client = tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
@@ -803,7 +873,7 @@ mod tests {
     }
 
     /// Reads until close; returns the parsed messages and the close code.
-    async fn read_all(ws: &mut Client) -> (Vec<ServiceMessage>, Option<u16>) {
+    async fn read_all(ws: &mut Client) -> (Vec<Said>, Option<u16>) {
         let mut out = Vec::new();
         loop {
             match timeout(Duration::from_secs(10), ws.next())
@@ -811,8 +881,8 @@ mod tests {
                 .expect("fake hung")
             {
                 Some(Ok(WsMessage::Text(t))) => {
-                    let m = parse_service_message(&t).unwrap();
-                    let end = m == ServiceMessage::TurnEnd;
+                    let m = said(&t);
+                    let end = m.path == "turn.end";
                     out.push(m);
                     if end {
                         return (out, None);
@@ -858,24 +928,23 @@ mod tests {
         send_all(
             &mut ws,
             vec![
-                WsMessage::text(protocol::speech_config_message(RID, TS)),
-                WsMessage::binary(protocol::audio_message(RID, TS, None, &bytes)),
-                WsMessage::binary(protocol::end_of_stream_message(RID, TS)),
+                config_frame(),
+                audio_frame(None, &bytes),
+                end_of_stream_frame(),
             ],
         )
         .await;
         let (msgs, code) = read_all(&mut ws).await;
         assert_eq!(code, None);
-        assert_eq!(msgs.first(), Some(&ServiceMessage::TurnStart));
-        assert!(msgs.contains(&ServiceMessage::Phrase {
-            status: protocol::RecognitionStatus::Success,
-            display_text: Some("Helo, apa khabar?".into()),
-            offset: 0,
-            duration: 5_000_000,
+        assert_eq!(msgs.first().map(|m| m.path.as_str()), Some("turn.start"));
+        assert!(msgs.contains(&Said {
+            path: "speech.phrase".into(),
+            body: json!({"RecognitionStatus": "Success", "DisplayText": "Helo, apa khabar?",
+                "Offset": 0, "Duration": 5_000_000, "Channel": 0}),
         }));
         assert!(
             msgs.iter()
-                .any(|m| matches!(m, ServiceMessage::Hypothesis { text, .. } if text == "Helo,"))
+                .any(|m| m.path == "speech.hypothesis" && m.body["Text"] == "Helo,")
         );
         let st = fake.stats();
         assert_eq!(st.sample_rates, vec![16000]);
@@ -895,15 +964,9 @@ mod tests {
     #[tokio::test]
     async fn protocol_violations_close_the_connection() {
         let fake = FakeAzure::spawn(cfg()).await.unwrap();
-        let config = || WsMessage::text(protocol::speech_config_message(RID, TS));
-        let header = |rate| WsMessage::binary(protocol::wav_header_message(RID, TS, rate));
-        let bad_context = WsMessage::text(protocol::text_message(
-            "speech.context",
-            RID,
-            TS,
-            "application/json",
-            "{",
-        ));
+        let config = config_frame;
+        let header = wav_header_frame;
+        let bad_context = text_frame("speech.context", "{");
         for (what, frames, code) in [
             ("audio before speech.config", vec![header(8000)], 1002),
             (
@@ -923,17 +986,16 @@ mod tests {
         }
         // Reusing a request id after turn.end.
         let mut ws = open(&fake, PATHS[0], "").await;
-        let eos = WsMessage::binary(protocol::end_of_stream_message(RID, TS));
-        send_all(&mut ws, vec![config(), header(8000), eos]).await;
+        send_all(&mut ws, vec![config(), header(8000), end_of_stream_frame()]).await;
         let (msgs, _) = read_all(&mut ws).await;
-        assert_eq!(msgs.last(), Some(&ServiceMessage::TurnEnd));
+        assert_eq!(msgs.last().map(|m| m.path.as_str()), Some("turn.end"));
         ws.send(header(8000)).await.unwrap();
         assert_eq!(read_all(&mut ws).await.1, Some(1002));
         assert_eq!(fake.stats().violations.len(), 6);
     }
 
     #[tokio::test]
-    async fn auth_in_header_query_or_bearer() {
+    async fn auth_in_header_or_bearer_never_in_the_url() {
         let fake = FakeAzure::spawn(FakeAzureConfig {
             key: Some("k1".into()),
             ..cfg()
@@ -967,13 +1029,31 @@ mod tests {
         );
         assert_eq!(
             status(format!("{base}&Ocp-Apim-Subscription-Key=k1"), None).await,
-            101
+            401,
+            "a key in the URL is refused"
+        );
+        assert_eq!(
+            status(
+                format!("{base}&Ocp-Apim-Subscription-Key=k1"),
+                Some(("Ocp-Apim-Subscription-Key", "k1"))
+            )
+            .await,
+            401,
+            "even beside the right header"
         );
         let no_lang = format!("ws://{}{}", fake.addr, PATHS[1]);
         assert_eq!(
             status(no_lang, Some(("Ocp-Apim-Subscription-Key", "k1"))).await,
             400
         );
-        assert_eq!(fake.stats().rejected_auth, 2);
+        assert_eq!(fake.stats().rejected_auth, 4);
+        // Without a configured key, anything goes except a key in the URL.
+        let open_fake = FakeAzure::spawn(cfg()).await.unwrap();
+        let base = format!("ws://{}{}?language=ms-MY", open_fake.addr, PATHS[0]);
+        assert_eq!(status(base.clone(), None).await, 101);
+        assert_eq!(
+            status(format!("{base}&ocp-apim-subscription-key=x"), None).await,
+            401
+        );
     }
 }

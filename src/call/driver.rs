@@ -1,0 +1,669 @@
+//! The only I/O of a call: one task that reads the socket, writes the frames the machine
+//! asks for, runs the provider work as tasks, feeds their results back as inputs, and sleeps
+//! until the machine's next deadline. It never awaits a provider in its loop.
+//!
+//! Order of the loop (biased): the outbound timer first (a flooding or chatty peer cannot
+//! delay our frames), then control events from the provider tasks (never dropped: the tasks
+//! wait for room), then recognition events, then the socket. The socket is read at every
+//! turn, because Asterisk's writes are non-blocking and a server that stops reading ends
+//! the call; input beyond twice real time is dropped and counted, far beyond it ends the
+//! call. A peer that stops reading our frames is noticed from the socket's send queue.
+//! (Why each of these matters to Asterisk: `docs/audiosocket.md`; the design: `docs/call-core.md`.)
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, warn};
+use uuid::Uuid;
+
+use super::hangup::HangupReason;
+use super::machine::{
+    AgentConfig, AgentReport, CallMachine, Effect, Input, Mode, ReplyEvent, ReplyId,
+};
+use super::prompts::{PromptCache, PromptKind};
+use super::reply::{self, Providers};
+use crate::audio::pcm;
+use crate::audiosocket::{FrameError, Inbound, Outbound, SampleRate, ServerCodec};
+use crate::ops::metrics::{EndReason, Metrics};
+use crate::providers::stt::{SttEvent, SttSession};
+
+/// A single frame write that takes longer than this means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Close a peer that leaves more than this much of our audio unread in the socket.
+const MAX_UNSENT_AUDIO: Duration = Duration::from_secs(2);
+/// How often the send queue is looked at.
+const UNSENT_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Caller audio beyond this multiple of real time (per one-second window) is dropped...
+const INPUT_BUDGET: u64 = 2;
+/// ... and beyond this multiple the call is ended: no PBX sends that.
+const INPUT_FLOOD: u64 = 10;
+/// Longest wait for a phrase that is not cached (the caller is hearing silence meanwhile).
+const PROMPT_DEADLINE: Duration = Duration::from_millis(800);
+/// Longest wait for the recognition's websocket to open.
+const STT_START_DEADLINE: Duration = Duration::from_secs(5);
+/// Room for control events from the provider tasks (they wait when it is full).
+const CONTROL_QUEUE: usize = 64;
+
+/// Everything the AI agent needs, shared by all calls.
+#[derive(Debug)]
+pub struct AgentSetup {
+    /// The provider clients.
+    pub providers: Providers,
+    /// The fixed phrases.
+    pub prompts: Arc<PromptCache>,
+    /// How the agent behaves.
+    pub cfg: Arc<AgentConfig>,
+}
+
+/// How the call behaves.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    /// Loop the caller's audio back: a plumbing test.
+    Echo,
+    /// Run the voice agent.
+    Agent(Arc<AgentSetup>),
+}
+
+/// Everything a call needs from the daemon.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Deadline for the UUID message.
+    pub first_message_timeout: Duration,
+    /// Echo or agent.
+    pub behaviour: Behaviour,
+    /// End the call after this long without anything from the peer (and, in AI mode,
+    /// without anybody speaking).
+    pub idle_hangup: Option<Duration>,
+}
+
+/// What happened on a call, for the summary line and the call record.
+#[derive(Debug, Clone)]
+pub struct CallSummary {
+    /// The UUID, if one arrived.
+    pub call_id: Option<Uuid>,
+    /// Where from.
+    pub peer: SocketAddr,
+    /// Why it ended.
+    pub reason: EndReason,
+    /// Error detail, for protocol and I/O errors.
+    pub detail: Option<String>,
+    /// The call's rate.
+    pub rate: Option<SampleRate>,
+    /// Wall time.
+    pub duration: Duration,
+    /// Messages received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+    /// Playout underruns.
+    pub underruns: u64,
+    /// Inbound audio dropped (over the input budget, or the recogniser behind).
+    pub inbound_dropped: u64,
+    /// DTMF digits in order.
+    pub dtmf: String,
+    /// The agent's transcript and timings (AI mode).
+    pub agent: Option<AgentReport>,
+}
+
+impl CallSummary {
+    /// A connection that ended before (or without) a call.
+    pub fn no_call(peer: SocketAddr, reason: EndReason, detail: Option<String>) -> Self {
+        Self {
+            call_id: None,
+            peer,
+            reason,
+            detail,
+            rate: None,
+            duration: Duration::ZERO,
+            frames_in: 0,
+            frames_out: 0,
+            underruns: 0,
+            inbound_dropped: 0,
+            dtmf: String::new(),
+            agent: None,
+        }
+    }
+}
+
+/// A call's transport: TCP in production, an in-memory pipe in tests.
+pub trait CallStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Bytes written but not yet taken by the peer, where the transport can tell.
+    fn unsent_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl CallStream for TcpStream {
+    fn unsent_bytes(&self) -> Option<usize> {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int for a valid socket descriptor, which `self` owns.
+        let rc = unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        (rc == 0).then(|| usize::try_from(n).unwrap_or(0))
+    }
+}
+
+impl CallStream for tokio::io::DuplexStream {}
+
+/// Runs one connection to its end: waits for the UUID, then serves the call. Never panics
+/// on peer input; always returns a summary.
+pub async fn run<S: CallStream>(
+    stream: S,
+    peer: SocketAddr,
+    cfg: SessionConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> CallSummary {
+    let started = now();
+    let mut framed = Framed::new(stream, ServerCodec::new());
+    let first = tokio::select! {
+        r = timeout(cfg.first_message_timeout, framed.next()) => r,
+        () = shutdown.cancelled() => {
+            return CallSummary::no_call(peer, EndReason::Shutdown, None);
+        }
+    };
+    let call_id = match first {
+        Err(_) => {
+            let detail = format!("no UUID within {:?}", cfg.first_message_timeout);
+            warn!(%peer, "{detail}");
+            return CallSummary::no_call(peer, EndReason::FirstMessageTimeout, Some(detail));
+        }
+        Ok(None) => {
+            debug!(%peer, "closed before sending a UUID");
+            return CallSummary::no_call(peer, EndReason::CallerHangup, None);
+        }
+        Ok(Some(Err(e))) => {
+            warn!(%peer, error = %e, "bad first message");
+            return CallSummary::no_call(peer, EndReason::ProtocolError, Some(e.to_string()));
+        }
+        Ok(Some(Ok(Inbound::Uuid(id)))) => id,
+        Ok(Some(Ok(other))) => {
+            return CallSummary::no_call(
+                peer,
+                EndReason::ProtocolError,
+                Some(format!("unexpected first message {other:?}")),
+            );
+        }
+    };
+    serve_call(framed, call_id, peer, started, cfg, metrics, shutdown).await
+}
+
+/// Serves a call whose UUID has arrived (at `started`) until it ends.
+pub async fn serve_call<S: CallStream>(
+    framed: Framed<S, ServerCodec>,
+    call_id: Uuid,
+    peer: SocketAddr,
+    started: Instant,
+    cfg: SessionConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> CallSummary {
+    metrics.frames_in(1);
+    metrics.call_started();
+    let span = tracing::info_span!("call", call_id = %call_id, peer = %peer);
+    span.in_scope(|| info!("call started"));
+    let (mode, agent) = match &cfg.behaviour {
+        Behaviour::Echo => (
+            Mode::Echo {
+                idle_hangup: cfg.idle_hangup,
+            },
+            None,
+        ),
+        Behaviour::Agent(setup) => {
+            setup.providers.llm.warm_up();
+            (Mode::Agent(Arc::clone(&setup.cfg)), Some(Arc::clone(setup)))
+        }
+    };
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (reply_tx, reply_rx) = mpsc::channel(CONTROL_QUEUE);
+    let mut driver = Driver {
+        framed,
+        machine: CallMachine::new(call_id, started, mode, Arc::clone(&metrics)),
+        agent,
+        metrics: Arc::clone(&metrics),
+        control_tx,
+        control_rx,
+        reply_tx,
+        reply_rx,
+        stt: None,
+        stt_generation: 0,
+        replies: HashMap::new(),
+        tasks: CancellationToken::new(),
+        frames_in: 1,
+        frames_out: 0,
+        inbound_dropped: 0,
+        budget: InputBudget::new(started),
+        next_unsent_check: started,
+    };
+    let (reason, detail) = driver.run(shutdown).instrument(span.clone()).await;
+    driver.tasks.cancel();
+    let summary = CallSummary {
+        call_id: Some(call_id),
+        peer,
+        reason,
+        detail,
+        rate: driver.machine.rate(),
+        duration: now().saturating_duration_since(started),
+        frames_in: driver.frames_in,
+        frames_out: driver.frames_out,
+        underruns: driver.machine.underruns(),
+        inbound_dropped: driver.inbound_dropped,
+        dtmf: driver.machine.dtmf().to_owned(),
+        agent: driver.machine.report(),
+    };
+    span.in_scope(|| log_end(&summary, &metrics));
+    summary
+}
+
+fn log_end(summary: &CallSummary, metrics: &Metrics) {
+    metrics.call_ended(summary.reason, summary.duration);
+    info!(
+        reason = summary.reason.as_str(),
+        detail = summary.detail.as_deref().unwrap_or(""),
+        duration_ms = summary.duration.as_millis() as u64,
+        rate = summary.rate.map_or(0, SampleRate::hz),
+        frames_in = summary.frames_in,
+        frames_out = summary.frames_out,
+        underruns = summary.underruns,
+        inbound_dropped = summary.inbound_dropped,
+        dtmf = %summary.dtmf,
+        "call ended"
+    );
+}
+
+/// What the provider tasks send back.
+enum Control {
+    SttStarted(u64, Result<SttSession, String>),
+    Prompt(PromptKind, Result<Arc<Vec<i16>>, String>),
+}
+
+/// Caller audio per one-second window, against the call's real-time rate.
+#[derive(Debug)]
+struct InputBudget {
+    window_start: Instant,
+    samples: u64,
+}
+
+enum Admit {
+    Take,
+    Drop,
+    Flood,
+}
+
+impl InputBudget {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            samples: 0,
+        }
+    }
+
+    fn admit(&mut self, rate: SampleRate, samples: usize, now: Instant) -> Admit {
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.samples = 0;
+        }
+        self.samples += samples as u64;
+        let per_sec = u64::from(rate.hz());
+        if self.samples > per_sec * INPUT_FLOOD {
+            Admit::Flood
+        } else if self.samples > per_sec * INPUT_BUDGET {
+            Admit::Drop
+        } else {
+            Admit::Take
+        }
+    }
+}
+
+type Flow = Result<(), (EndReason, Option<String>)>;
+
+struct Driver<S: CallStream> {
+    framed: Framed<S, ServerCodec>,
+    machine: CallMachine,
+    agent: Option<Arc<AgentSetup>>,
+    metrics: Arc<Metrics>,
+    control_tx: mpsc::Sender<Control>,
+    control_rx: mpsc::Receiver<Control>,
+    /// Every reply task's events, tagged with its id (the tasks wait for room).
+    reply_tx: mpsc::Sender<(ReplyId, ReplyEvent)>,
+    reply_rx: mpsc::Receiver<(ReplyId, ReplyEvent)>,
+    stt: Option<SttSession>,
+    stt_generation: u64,
+    replies: HashMap<ReplyId, CancellationToken>,
+    /// Parent of every task this call started: cancelled when the call ends.
+    tasks: CancellationToken,
+    frames_in: u64,
+    frames_out: u64,
+    inbound_dropped: u64,
+    budget: InputBudget,
+    next_unsent_check: Instant,
+}
+
+impl<S: CallStream> Driver<S> {
+    async fn run(&mut self, shutdown: CancellationToken) -> (EndReason, Option<String>) {
+        let mut shutdown_seen = false;
+        loop {
+            if let Err(end) = self.perform().await {
+                return end;
+            }
+            if let Some(reason) = self.machine.hangup_reason() {
+                let reason = match reason {
+                    HangupReason::Shutdown => EndReason::Shutdown,
+                    _ => EndReason::AgentHangup,
+                };
+                return (reason, None);
+            }
+            let deadline = self
+                .machine
+                .poll_timeout()
+                .unwrap_or_else(|| now() + Duration::from_secs(3600));
+            let flow = tokio::select! {
+                biased;
+                () = sleep_until(deadline.into()) => {
+                    self.machine.handle(Input::Timeout, now());
+                    Ok(())
+                }
+                Some(c) = self.control_rx.recv() => {
+                    self.on_control(c);
+                    Ok(())
+                }
+                Some((id, ev)) = self.reply_rx.recv() => {
+                    if matches!(ev, ReplyEvent::Done | ReplyEvent::Failed { .. }) {
+                        self.replies.remove(&id);
+                    }
+                    self.machine.handle(Input::Reply(id, ev), now());
+                    Ok(())
+                }
+                ev = recv_stt(&mut self.stt) => {
+                    self.on_stt(ev);
+                    Ok(())
+                }
+                msg = self.framed.next() => self.on_inbound(msg),
+                () = shutdown.cancelled(), if !shutdown_seen => {
+                    shutdown_seen = true;
+                    self.machine.handle(Input::Shutdown, now());
+                    Ok(())
+                }
+            };
+            if let Err(end) = flow {
+                return end;
+            }
+        }
+    }
+
+    /// Performs every effect the machine has queued.
+    async fn perform(&mut self) -> Flow {
+        while let Some(effect) = self.machine.poll_effect() {
+            match effect {
+                Effect::Frame {
+                    rate,
+                    pcm,
+                    lateness,
+                } => {
+                    self.metrics.pacing_lateness(lateness);
+                    let frame = Outbound::audio_samples(rate, &pcm)
+                        .map_err(|e| (EndReason::WriteFailed, Some(e.to_string())))?;
+                    self.send(frame).await?;
+                    let now = now();
+                    self.machine.frame_written(now);
+                    self.frames_out += 1;
+                    self.metrics.frames_out(1);
+                    self.check_unsent(rate, now)?;
+                }
+                Effect::Hangup => {
+                    info!("hanging up");
+                    self.send(Outbound::Hangup).await?;
+                }
+                Effect::StartStt(params) => self.start_stt(params),
+                Effect::SttAudio(pcm) => {
+                    if let Some(s) = &self.stt {
+                        if s.audio.try_send(pcm).is_err() {
+                            self.inbound_dropped += 1;
+                            self.metrics.inbound_dropped(1);
+                        }
+                    }
+                }
+                Effect::StartReply {
+                    id,
+                    request,
+                    tts,
+                    pipeline,
+                } => {
+                    let Some(agent) = &self.agent else { continue };
+                    let cancel = self.tasks.child_token();
+                    self.replies.insert(id, cancel.clone());
+                    tokio::spawn(
+                        reply::run(
+                            id,
+                            agent.providers.clone(),
+                            request,
+                            tts,
+                            pipeline,
+                            self.reply_tx.clone(),
+                            cancel,
+                        )
+                        .instrument(tracing::Span::current()),
+                    );
+                }
+                Effect::CancelReply(id) => {
+                    if let Some(t) = self.replies.remove(&id) {
+                        t.cancel();
+                    }
+                }
+                Effect::Prompt(kind) => self.fetch_prompt(kind),
+            }
+        }
+        Ok(())
+    }
+
+    fn start_stt(&mut self, params: crate::providers::stt::SttParams) {
+        let Some(agent) = &self.agent else { return };
+        self.stt = None;
+        self.stt_generation += 1;
+        let generation = self.stt_generation;
+        let stt = Arc::clone(&agent.providers.stt);
+        let tx = self.control_tx.clone();
+        let cancel = self.tasks.clone();
+        tokio::spawn(
+            async move {
+                let started = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = timeout(STT_START_DEADLINE, stt.start(params)) => r,
+                };
+                let result = match started {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no connection within {STT_START_DEADLINE:?}")),
+                };
+                let _ = tx.send(Control::SttStarted(generation, result)).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    /// A cached phrase is handed over at once (so the greeting starts in the first frame);
+    /// one that is not is synthesized in a task the call waits on for a short while only.
+    /// The synthesis itself runs on, so the cache fills for later calls.
+    fn fetch_prompt(&mut self, kind: PromptKind) {
+        let (Some(agent), Some(rate)) = (&self.agent, self.machine.rate()) else {
+            return;
+        };
+        if let Some(pcm) = agent.prompts.cached(kind, rate.hz()) {
+            self.machine.handle(Input::Prompt(kind, Ok(pcm)), now());
+            return;
+        }
+        let prompts = Arc::clone(&agent.prompts);
+        let tx = self.control_tx.clone();
+        let cancel = self.tasks.clone();
+        let synth = tokio::spawn(async move { prompts.get(kind, rate.hz()).await });
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = timeout(PROMPT_DEADLINE, synth) => r,
+            };
+            let result = match result {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => Err(format!("prompt synthesis failed: {e}")),
+                Err(_) => Err(format!("not synthesized within {PROMPT_DEADLINE:?}")),
+            };
+            let _ = tx.send(Control::Prompt(kind, result)).await;
+        });
+    }
+
+    fn on_control(&mut self, c: Control) {
+        let now = now();
+        match c {
+            Control::SttStarted(generation, result) => {
+                if generation != self.stt_generation {
+                    return;
+                }
+                match result {
+                    Ok(s) => {
+                        self.stt = Some(s);
+                        self.machine.handle(Input::SttUp, now);
+                    }
+                    Err(e) => self.machine.handle(Input::SttDown(e), now),
+                }
+            }
+            Control::Prompt(kind, result) => self.machine.handle(Input::Prompt(kind, result), now),
+        }
+    }
+
+    fn on_stt(&mut self, ev: Option<SttEvent>) {
+        let now = now();
+        match ev {
+            Some(ev) => self.machine.handle(Input::Stt(ev), now),
+            None => {
+                self.stt = None;
+                self.machine
+                    .handle(Input::SttDown("speech-to-text stream ended".into()), now);
+            }
+        }
+    }
+
+    fn on_inbound(&mut self, msg: Option<Result<Inbound, FrameError>>) -> Flow {
+        let msg = match msg {
+            None => return Err((EndReason::CallerHangup, None)),
+            // A caller who hangs up while our frames are still unread resets the connection:
+            // that is a hangup, not a fault.
+            Some(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err((EndReason::CallerHangup, Some("connection reset".into())));
+            }
+            Some(Err(FrameError::Io(e))) => return Err((EndReason::IoError, Some(e.to_string()))),
+            Some(Err(e)) => {
+                warn!(error = %e, "protocol error from Asterisk");
+                return Err((EndReason::ProtocolError, Some(e.to_string())));
+            }
+            Some(Ok(m)) => m,
+        };
+        self.frames_in += 1;
+        self.metrics.frames_in(1);
+        let now = now();
+        match msg {
+            Inbound::Audio { rate, pcm } => {
+                let samples = pcm.len() / 2;
+                match self.budget.admit(rate, samples, now) {
+                    Admit::Take => {
+                        let pcm = pcm::le_bytes_to_samples(&pcm);
+                        self.machine.handle(Input::CallerAudio { rate, pcm }, now);
+                    }
+                    Admit::Drop => {
+                        self.inbound_dropped += 1;
+                        self.metrics.inbound_dropped(1);
+                    }
+                    Admit::Flood => {
+                        warn!("caller audio at over {INPUT_FLOOD}x real time; ending the call");
+                        return Err((
+                            EndReason::ProtocolError,
+                            Some(format!("audio input over {INPUT_FLOOD}x real time")),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Inbound::Dtmf(d) => {
+                info!(digit = %d, "DTMF");
+                self.machine.handle(Input::Dtmf(d), now);
+                Ok(())
+            }
+            Inbound::Hangup => Err((EndReason::HangupFrame, None)),
+            Inbound::Error(code) => {
+                warn!(code = ?code.as_ref(), "Asterisk sent an error message");
+                Err((
+                    EndReason::ErrorFrame,
+                    Some(format!("error payload {:02x?}", code.as_ref())),
+                ))
+            }
+            // The codec rejects a second UUID, so this cannot happen.
+            Inbound::Uuid(_) => Err((EndReason::ProtocolError, Some("second UUID".into()))),
+        }
+    }
+
+    /// A peer that stopped reading is noticed from the send queue long before a write
+    /// blocks (the kernel takes megabytes first).
+    fn check_unsent(&mut self, rate: SampleRate, now: Instant) -> Flow {
+        if now < self.next_unsent_check {
+            return Ok(());
+        }
+        self.next_unsent_check = now + UNSENT_CHECK_EVERY;
+        let limit = rate.hz() as usize * 2 * MAX_UNSENT_AUDIO.as_secs() as usize;
+        match self.framed.get_ref().unsent_bytes() {
+            Some(n) if n > limit => {
+                warn!(
+                    unsent_bytes = n,
+                    "peer is not reading our audio; ending the call"
+                );
+                Err((
+                    EndReason::WriteFailed,
+                    Some(format!("peer not reading: {n} bytes unsent")),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes one message (header and payload in one write); on failure says why the call
+    /// ends. A peer that closed (the caller hung up between our read and our write) is a
+    /// hangup, not a write fault.
+    async fn send(&mut self, msg: Outbound) -> Flow {
+        match timeout(WRITE_TIMEOUT, self.framed.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Err((EndReason::CallerHangup, Some(format!("peer closed: {e}"))))
+            }
+            Ok(Err(e)) => Err((EndReason::WriteFailed, Some(format!("write failed: {e}")))),
+            Err(_) => Err((
+                EndReason::WriteFailed,
+                Some(format!(
+                    "write blocked for {WRITE_TIMEOUT:?}: peer not reading"
+                )),
+            )),
+        }
+    }
+}
+
+/// The time, from tokio's clock so that tests can run a call in paused (virtual) time.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn recv_stt(stt: &mut Option<SttSession>) -> Option<SttEvent> {
+    match stt {
+        Some(s) => s.events.recv().await,
+        None => std::future::pending().await,
+    }
+}

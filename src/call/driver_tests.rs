@@ -1,0 +1,282 @@
+//! The driver over an in-memory socket in paused (virtual) time: what only the I/O layer
+//! can get wrong (losing control events under an audio flood, waiting on a provider,
+//! budgeting a flooding peer). Providers are small in-process stand-ins that misbehave on
+//! purpose; the wire fakes in `crate::sandbox` cover the real protocols elsewhere.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio_util::sync::CancellationToken;
+
+use super::driver::{self, AgentSetup, Behaviour, CallSummary, SessionConfig};
+use super::history::HistoryBudget;
+use super::machine::{AgentConfig, Pipeline};
+use super::prompts::{PromptCache, PromptTexts};
+use super::reply::Providers;
+use super::turn::TurnConfig;
+use crate::ops::metrics::{EndReason, Metrics};
+use crate::ops::records::Role;
+use crate::providers::BoxFuture;
+use crate::providers::llm::{ChatRequest, LlmError, LlmProvider, LlmStream};
+use crate::providers::stt::{SttError, SttEvent, SttParams, SttProvider, SttSession};
+use crate::providers::tts::{TtsError, TtsParams, TtsProvider, TtsStream};
+
+/// A recogniser that accepts the connection and then never reads the audio.
+/// A recognition's channels, held open and never read.
+type HeldSession = (
+    tokio::sync::mpsc::Receiver<Vec<i16>>,
+    tokio::sync::mpsc::Sender<SttEvent>,
+);
+
+#[derive(Default)]
+struct DeafStt {
+    keep: Mutex<Vec<HeldSession>>,
+}
+
+impl SttProvider for DeafStt {
+    fn start(&self, _: SttParams) -> BoxFuture<'_, Result<SttSession, SttError>> {
+        let (atx, arx) = tokio::sync::mpsc::channel(4);
+        let (etx, erx) = tokio::sync::mpsc::channel(4);
+        self.keep.lock().unwrap().push((arx, etx));
+        Box::pin(async move {
+            Ok(SttSession {
+                audio: atx,
+                events: erx,
+            })
+        })
+    }
+}
+
+/// A model that never answers.
+struct SilentLlm;
+
+impl LlmProvider for SilentLlm {
+    fn stream(&self, _: ChatRequest) -> BoxFuture<'_, Result<LlmStream, LlmError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A TTS whose connection hangs forever (a black-holed endpoint).
+struct StalledTts;
+
+impl TtsProvider for StalledTts {
+    fn open(&self, _: TtsParams) -> BoxFuture<'_, Result<TtsStream, TtsError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+fn agent(stt: Arc<dyn SttProvider>, tts: Arc<dyn TtsProvider>) -> Behaviour {
+    let texts = PromptTexts {
+        greeting: "Selamat datang.".into(),
+        apology: "Maaf.".into(),
+        hold: "Sebentar.".into(),
+        still_there: String::new(),
+    };
+    Behaviour::Agent(Arc::new(AgentSetup {
+        providers: Providers {
+            stt,
+            llm: Arc::new(SilentLlm),
+            tts: Arc::clone(&tts),
+        },
+        prompts: Arc::new(PromptCache::new(texts.clone(), tts)),
+        cfg: Arc::new(AgentConfig {
+            language: "ms-MY".into(),
+            system_prompt: "s".into(),
+            prompts: texts,
+            segmentation_silence_ms: 300,
+            turn: TurnConfig::default(),
+            hold_after: Duration::from_millis(1200),
+            dtmf_timeout: Duration::from_millis(2000),
+            idle_hangup: Some(Duration::from_secs(60)),
+            history: HistoryBudget::default(),
+            pipeline: Pipeline::Streamed,
+            still_there_after: None,
+            speculate_after: None,
+            speculative_max: 20,
+            backchannels: Vec::new(),
+            resume_after: Duration::from_millis(1200),
+        }),
+    }))
+}
+
+fn config(behaviour: Behaviour) -> SessionConfig {
+    SessionConfig {
+        first_message_timeout: Duration::from_secs(2),
+        behaviour,
+        idle_hangup: Some(Duration::from_secs(60)),
+    }
+}
+
+fn start(cfg: SessionConfig) -> (DuplexStream, tokio::task::JoinHandle<CallSummary>) {
+    let (asterisk, daemon) = tokio::io::duplex(1 << 20);
+    let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let task = tokio::spawn(driver::run(
+        daemon,
+        peer,
+        cfg,
+        Arc::new(Metrics::new()),
+        CancellationToken::new(),
+    ));
+    (asterisk, task)
+}
+
+fn msg(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind];
+    m.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+fn uuid() -> Vec<u8> {
+    msg(0x01, &[7; 16])
+}
+
+fn audio_8k() -> Vec<u8> {
+    msg(0x10, &[0; 320])
+}
+
+/// Reads messages until the daemon's 0x00 or EOF; returns (kind, payload length) each.
+async fn read_all(asterisk: &mut DuplexStream) -> Vec<(u8, usize)> {
+    let mut out = Vec::new();
+    let mut header = [0u8; 3];
+    while asterisk.read_exact(&mut header).await.is_ok() {
+        let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
+        let mut payload = vec![0; len];
+        if asterisk.read_exact(&mut payload).await.is_err() {
+            break;
+        }
+        out.push((header[0], len));
+        if header[0] == 0x00 {
+            break;
+        }
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn keypad_events_are_never_lost_while_audio_floods_a_recogniser_that_is_behind() {
+    let stt = Arc::new(DeafStt::default());
+    let (mut asterisk, call) = start(config(agent(stt, Arc::new(StalledTts))));
+    asterisk.write_all(&uuid()).await.unwrap();
+    // 400 audio frames (8 s of audio) in one burst with a digit after every tenth: the
+    // recogniser takes 4 chunks and then nothing, the input budget drops the excess.
+    let digits = b"0123456789*#ABCD0123456789*#ABCD0123456789*#ABCD";
+    let mut burst = Vec::new();
+    let mut sent = String::new();
+    for i in 0..400 {
+        burst.extend(audio_8k());
+        if i % 10 == 9 {
+            let d = digits[i / 10];
+            burst.extend(msg(0x03, &[d]));
+            sent.push(char::from(d));
+        }
+    }
+    asterisk.write_all(&burst).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(asterisk);
+    let summary = call.await.unwrap();
+    assert_eq!(summary.dtmf, sent, "every digit arrived, in order");
+    let report = summary.agent.unwrap();
+    let keyed: String = report
+        .transcript
+        .iter()
+        .filter(|l| l.role == Role::Dtmf)
+        .map(|l| l.text.as_str())
+        .collect();
+    assert_eq!(keyed, sent);
+    assert!(summary.inbound_dropped > 0, "the audio overload is counted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_tts_down_at_startup_the_call_is_handed_back_within_a_second() {
+    let (mut asterisk, call) = start(config(agent(
+        Arc::new(DeafStt::default()),
+        Arc::new(StalledTts),
+    )));
+    asterisk.write_all(&uuid()).await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    let (mut rx, mut tx) = tokio::io::split(asterisk);
+    let feeder = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            if tx.write_all(&audio_8k()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut header = [0u8; 3];
+    let hung_up_at = loop {
+        rx.read_exact(&mut header).await.unwrap();
+        let mut payload = vec![0; usize::from(u16::from_be_bytes([header[1], header[2]]))];
+        rx.read_exact(&mut payload).await.unwrap();
+        if header[0] == 0x00 {
+            break tokio::time::Instant::now();
+        }
+    };
+    feeder.abort();
+    assert!(
+        hung_up_at - t0 <= Duration::from_secs(1),
+        "after {:?}",
+        hung_up_at - t0
+    );
+    let summary = call.await.unwrap();
+    assert_eq!(summary.reason, EndReason::AgentHangup);
+    assert!(
+        summary
+            .agent
+            .unwrap()
+            .errors
+            .iter()
+            .any(|e| e.contains("could not speak"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_flooding_far_beyond_real_time_is_cut_off() {
+    let (mut asterisk, call) = start(config(Behaviour::Echo));
+    asterisk.write_all(&uuid()).await.unwrap();
+    // Three times real time for a second: the excess is dropped, the call goes on.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for _ in 0..50 {
+        tick.tick().await;
+        for _ in 0..3 {
+            asterisk.write_all(&audio_8k()).await.unwrap();
+        }
+    }
+    // Then 65 KB frames flat out: the call is ended as a protocol fault.
+    let big = msg(0x10, &vec![0; 65_534]);
+    let mut ended = false;
+    for _ in 0..100 {
+        if asterisk.write_all(&big).await.is_err() {
+            ended = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(ended || summary.reason == EndReason::ProtocolError);
+    assert_eq!(summary.reason, EndReason::ProtocolError, "{summary:?}");
+    assert!(summary.inbound_dropped >= 50, "{}", summary.inbound_dropped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_echo_call_whose_peer_goes_quiet_is_ended() {
+    let (mut asterisk, call) = start(config(Behaviour::Echo));
+    asterisk.write_all(&uuid()).await.unwrap();
+    asterisk.write_all(&audio_8k()).await.unwrap();
+    // A header with no payload, then nothing at all.
+    asterisk.write_all(&[0x10, 0x01]).await.unwrap();
+    let frames = read_all(&mut asterisk).await;
+    assert_eq!(frames.last(), Some(&(0x00, 0)), "the daemon hung up");
+    let summary = call.await.unwrap();
+    assert_eq!(summary.reason, EndReason::AgentHangup);
+    assert!(
+        summary.duration >= Duration::from_secs(60) && summary.duration < Duration::from_secs(62)
+    );
+}

@@ -1,0 +1,1914 @@
+//! One call as a sans-IO state machine: every decision of the conversation lives here, and
+//! nothing here waits, reads a socket or talks to a provider.
+//!
+//! The driver feeds [`Input`]s with the time they happened ([`CallMachine::handle`]), asks
+//! for the [`Effect`]s to perform ([`CallMachine::poll_effect`]) and sleeps until
+//! [`CallMachine::poll_timeout`]. The machine owns the playout (so it knows, frame by frame,
+//! what the caller heard), the turn detector, the keypad collector, the history and the
+//! hang-up state; the provider tasks only ever see effects and answer with inputs tagged by
+//! reply id, so a late event from a cancelled reply can never reach the caller.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::dtmf::DtmfCollector;
+use super::hangup::{Hangup, HangupReason};
+use super::history::{EntryId, History, HistoryBudget, Speaker, estimate_tokens};
+use super::playout::{FRAME, FrameKind, Playout, PlayoutEvent, Progress, UtteranceId};
+use super::prompts::{PromptKind, PromptTexts};
+use super::turn::{TurnConfig, TurnDetector, TurnEvent};
+use crate::audio::pcm;
+use crate::audio::vad::Vad;
+use crate::audiosocket::{Digit, SampleRate};
+use crate::ops::metrics::{Metrics, Provider, Stage};
+use crate::ops::records::{Role, TranscriptEntry, TurnTiming};
+use crate::providers::llm::ChatRequest;
+use crate::providers::stt::{SttEvent, SttParams};
+use crate::providers::tts::TtsParams;
+
+/// Before the first audio message tells the call's rate, send an 8 kHz silence frame this
+/// often so Asterisk's 2 s inactivity timer never fires (the rate is not locked by it).
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+/// ... starting this long after the UUID (a real channel sends audio within 20 ms).
+const KEEPALIVE_AFTER: Duration = Duration::from_millis(500);
+/// Echo mode: start echoing once this many frames are queued, to absorb the phase between
+/// the caller's clock and ours.
+const ECHO_PREBUFFER_FRAMES: usize = 2;
+/// Echo mode: cap on echo latency.
+const ECHO_MAX_QUEUED: Duration = Duration::from_millis(200);
+/// How far back the echo guard looks at what we sent: the line's echo returns within
+/// tens of milliseconds, a PBX's jitter buffer adds some more (16 frames = 320 ms).
+const ECHO_REFERENCE_FRAMES: usize = 16;
+/// The level of digital silence, in dBFS.
+const SILENT_DB: f64 = -120.0;
+/// Caller audio held while the recogniser connects (10 s at 20 ms).
+const STT_BACKLOG_FRAMES: usize = 500;
+/// If the VAD never hears the caller stop after an interruption, resume this much later.
+const RESUME_FALLBACK: Duration = Duration::from_secs(2);
+/// Speech samples kept for rewinding at a resume (at 16 kHz, 500 ms).
+const RECENT_SENT_SAMPLES: usize = 8_000;
+/// After "are you still there?", wait at least this long for an answer before hanging up.
+const MIN_IDLE_AFTER_ASKING: Duration = Duration::from_secs(5);
+/// Retry a failed speech-to-text connection after this long.
+const STT_RETRY: Duration = Duration::from_secs(2);
+
+/// How a reply is produced: streamed stage to stage (production), or each stage waiting for
+/// the whole output of the previous one (the benchmark's baseline through the same code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pipeline {
+    /// Clauses go to TTS as the model writes them, audio plays as it arrives.
+    #[default]
+    Streamed,
+    /// Whole reply text, then whole audio, then playback.
+    Sequential,
+}
+
+/// How the voice agent behaves (AI mode).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// STT locale, e.g. `ms-MY`.
+    pub language: String,
+    /// The LLM's instructions.
+    pub system_prompt: String,
+    /// The fixed phrases' texts (what the history and transcript say they said).
+    pub prompts: PromptTexts,
+    /// STT segmentation silence.
+    pub segmentation_silence_ms: u32,
+    /// Turn-taking tunables.
+    pub turn: TurnConfig,
+    /// The longest silence the caller hears while a reply is pending before the hold phrase
+    /// (and, the same again after it, before giving up with an apology). Counted from the
+    /// caller's end of speech or the end of the agent's last audio, whichever is later.
+    pub hold_after: Duration,
+    /// A DTMF entry ends this long after its last digit (or at `#`).
+    pub dtmf_timeout: Duration,
+    /// Hang up after this long with neither party speaking (`None`: never).
+    pub idle_hangup: Option<Duration>,
+    /// What each model request may carry.
+    pub history: HistoryBudget,
+    /// Streamed or sequential replies.
+    pub pipeline: Pipeline,
+    /// Ask "are you still there?" after this much silence (before the idle hang-up).
+    pub still_there_after: Option<Duration>,
+    /// Start the reply on a hypothesis that has been stable, with the caller silent, this
+    /// long (`None`: wait for the final).
+    pub speculate_after: Option<Duration>,
+    /// Speculative requests allowed per call.
+    pub speculative_max: u32,
+    /// Listening noises ("ya", "hmm"), normalised: said alone while the agent talks, they
+    /// are not a turn.
+    pub backchannels: Vec<String>,
+    /// After an interruption with no words, resume this long after the caller stopped.
+    pub resume_after: Duration,
+}
+
+/// Lower case, letters and digits only, single spaces: how transcripts are compared.
+pub fn normalise(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect::<String>()
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the call does.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Loop the caller's audio back: a plumbing test.
+    Echo {
+        /// End the call after this long without caller audio.
+        idle_hangup: Option<Duration>,
+    },
+    /// The voice agent.
+    Agent(Arc<AgentConfig>),
+}
+
+/// Identifies one reply (one LLM request and its speech) within a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReplyId(pub u64);
+
+/// What a reply task reports.
+#[derive(Debug)]
+pub enum ReplyEvent {
+    /// The model's first token (text or tool call).
+    FirstToken,
+    /// Text sent to TTS (a clause, or the whole reply in sequential mode).
+    Text(String),
+    /// Synthesized audio at the call rate.
+    Audio(Vec<i16>),
+    /// The model asked to end the call after this reply.
+    EndCall,
+    /// Token usage and cost.
+    Usage {
+        /// Prompt tokens.
+        prompt: u64,
+        /// Completion tokens.
+        completion: u64,
+        /// Cost in credits, when reported.
+        cost: Option<f64>,
+    },
+    /// The model and TTS are both done.
+    Done,
+    /// The reply failed.
+    Failed {
+        /// Which stage.
+        provider: Provider,
+        /// What happened.
+        error: String,
+    },
+}
+
+/// Something that happened, fed to [`CallMachine::handle`] with the time it happened.
+#[derive(Debug)]
+pub enum Input {
+    /// A caller audio message at the rate its kind says.
+    CallerAudio {
+        /// The message's rate.
+        rate: SampleRate,
+        /// Its samples.
+        pcm: Vec<i16>,
+    },
+    /// A keypad digit.
+    Dtmf(Digit),
+    /// The speech-to-text connection is up.
+    SttUp,
+    /// It could not start or has ended for good.
+    SttDown(String),
+    /// Something the recogniser said.
+    Stt(SttEvent),
+    /// Something a reply task said.
+    Reply(ReplyId, ReplyEvent),
+    /// A fixed phrase's audio at the call rate, or why it cannot be had.
+    Prompt(PromptKind, Result<Arc<Vec<i16>>, String>),
+    /// The deadline from [`CallMachine::poll_timeout`] has passed.
+    Timeout,
+    /// The daemon is shutting down: hang up once the frame in flight has played.
+    Shutdown,
+}
+
+/// Something the driver must do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Write one audio frame now (then call [`CallMachine::frame_written`]).
+    Frame {
+        /// The frame's rate.
+        rate: SampleRate,
+        /// Exactly one frame of samples.
+        pcm: Vec<i16>,
+        /// How late relative to its slot on the absolute clock.
+        lateness: Duration,
+    },
+    /// Send the 0x00 hangup and end the call.
+    Hangup,
+    /// Open (or reopen) the recognition; answer with [`Input::SttUp`] or [`Input::SttDown`].
+    StartStt(SttParams),
+    /// Caller audio for the recogniser (may be dropped, counted, if it is behind).
+    SttAudio(Vec<i16>),
+    /// Start a reply task; its events come back as [`Input::Reply`].
+    StartReply {
+        /// The reply's id.
+        id: ReplyId,
+        /// The model request.
+        request: ChatRequest,
+        /// The synthesis settings.
+        tts: TtsParams,
+        /// Streamed or sequential.
+        pipeline: Pipeline,
+    },
+    /// Stop a reply task; events it still sends are ignored.
+    CancelReply(ReplyId),
+    /// Fetch a fixed phrase at the call rate (cached, or synthesized with a deadline);
+    /// answer with [`Input::Prompt`].
+    Prompt(PromptKind),
+}
+
+/// What the agent reports at the end of a call.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct AgentReport {
+    /// The conversation as the caller heard it.
+    pub transcript: Vec<TranscriptEntry>,
+    /// Latency marks per turn.
+    pub turns: Vec<TurnTiming>,
+    /// LLM cost in credits, when reported.
+    pub llm_cost: Option<f64>,
+    /// Provider errors seen.
+    pub errors: Vec<String>,
+    /// Times the caller interrupted the agent.
+    pub barge_ins: u32,
+    /// When the VAD decided each barge-in, ms since the call started.
+    pub barge_in_ms: Vec<u64>,
+    /// Interruptions that carried no words, after which the agent went on.
+    pub resumes: u32,
+    /// Replies started on a hypothesis before the final.
+    pub speculative: Speculation,
+}
+
+/// Replies started on Azure's hypothesis before its final.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Speculation {
+    /// Requests started on a hypothesis.
+    pub started: u32,
+    /// ... whose hypothesis the final confirmed (the reply went on, time saved).
+    pub used: u32,
+    /// ... thrown away (the final differed, or the caller went on talking).
+    pub wasted: u32,
+    /// Estimated tokens of the wasted requests (prompt and what had streamed).
+    pub wasted_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpokenKind {
+    Greeting,
+    Reply,
+    Apology,
+    Hold,
+    StillThere,
+}
+
+/// An utterance as the conversation knows it; the playout knows how far it got.
+#[derive(Debug)]
+struct Spoken {
+    kind: SpokenKind,
+    text: String,
+    /// All samples queued for it, across a pause and resume.
+    samples: usize,
+    /// Samples the caller heard before this utterance id (it resumes an interrupted one).
+    heard_before: usize,
+    entry: Option<EntryId>,
+}
+
+/// An utterance stopped by an interruption that may turn out to carry no words.
+#[derive(Debug)]
+struct Paused {
+    utterance: UtteranceId,
+    /// Samples of it heard before the interruption (from its very start).
+    heard: usize,
+    /// Audio to play if it resumes: a little before the cut, then everything unsent (and
+    /// whatever the reply streams meanwhile).
+    rest: Vec<i16>,
+    /// Where `rest` starts, in samples from the utterance's start.
+    rest_from: usize,
+    /// Resume then, unless the caller's words arrive first (`None` while they talk).
+    resume_at: Option<Instant>,
+}
+
+/// The reply in flight.
+#[derive(Debug)]
+struct Reply {
+    id: ReplyId,
+    utterance: UtteranceId,
+    user_entry: EntryId,
+    user_text: String,
+    turn: usize,
+    /// When the caller finished the turn this answers (their speech end, or the keypad).
+    turn_end: Instant,
+    first_token: bool,
+    audio_queued: bool,
+    done: bool,
+    end_call: bool,
+    hold_played: bool,
+    /// Started on this (normalised) hypothesis and not confirmed yet: its audio is held.
+    speculative: Option<String>,
+    held: Vec<i16>,
+    /// Estimated prompt tokens, and characters streamed, for the waste count.
+    prompt_tokens: u64,
+    text_chars: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stt {
+    Connecting,
+    Up,
+    Down { retry_at: Instant },
+}
+
+/// Agent-only state, present once the call's rate is known and supported.
+struct Agent {
+    cfg: Arc<AgentConfig>,
+    vad: Option<Vad>,
+    probs: Vec<f32>,
+    turns: TurnDetector,
+    dtmf: DtmfCollector,
+    history: History,
+    utterances: HashMap<UtteranceId, Spoken>,
+    reply: Option<Reply>,
+    stt: Stt,
+    /// Caller audio that arrived while the recogniser was connecting.
+    stt_backlog: VecDeque<Vec<i16>>,
+    stt_outage_apologised: bool,
+    greeting_pending: bool,
+    apology_after_greeting: bool,
+    last_speech_end: Option<Instant>,
+    last_activity: Instant,
+    still_there_asked: bool,
+    /// The latest hypothesis (as said) and since when it has stood unchanged.
+    hypothesis: Option<(String, Instant)>,
+    /// The normalised hypothesis a reply was last started on (not again for the same).
+    speculated: Option<String>,
+    paused: Option<Paused>,
+}
+
+#[derive(Debug, Default)]
+struct Echo {
+    utterance: u64,
+    open: bool,
+    last_audio: Option<Instant>,
+}
+
+/// One call.
+pub struct CallMachine {
+    call_id: Uuid,
+    started: Instant,
+    mode: Mode,
+    metrics: Arc<Metrics>,
+    rate: Option<SampleRate>,
+    playout: Option<Playout>,
+    agent: Option<Agent>,
+    echo: Echo,
+    hangup: Hangup,
+    effects: VecDeque<Effect>,
+    report: AgentReport,
+    next_utterance: u64,
+    next_reply: u64,
+    keepalive_at: Instant,
+    last_inbound: Instant,
+    /// The turn whose first reply frame is in the frame being written now.
+    wire_mark: Option<usize>,
+    dtmf_digits: String,
+    other_rate_frames: u64,
+    /// Levels of the frames sent over the echo path's reach, newest last.
+    sent_levels: VecDeque<f64>,
+    /// The last speech samples sent (for resuming a little before an interruption).
+    recent_sent: VecDeque<i16>,
+    /// Set while a barge-in flushes: the utterance being heard pauses instead of ending.
+    pausing: bool,
+}
+
+impl std::fmt::Debug for CallMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallMachine")
+            .field("call_id", &self.call_id)
+            .field("rate", &self.rate)
+            .field("hangup", &self.hangup)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallMachine {
+    /// A call whose UUID arrived at `started`.
+    pub fn new(call_id: Uuid, started: Instant, mode: Mode, metrics: Arc<Metrics>) -> Self {
+        Self {
+            call_id,
+            started,
+            mode,
+            metrics,
+            rate: None,
+            playout: None,
+            agent: None,
+            echo: Echo::default(),
+            hangup: Hangup::None,
+            effects: VecDeque::new(),
+            report: AgentReport::default(),
+            next_utterance: 0,
+            next_reply: 0,
+            keepalive_at: started + KEEPALIVE_AFTER,
+            last_inbound: started,
+            wire_mark: None,
+            dtmf_digits: String::new(),
+            other_rate_frames: 0,
+            sent_levels: VecDeque::with_capacity(ECHO_REFERENCE_FRAMES),
+            recent_sent: VecDeque::new(),
+            pausing: false,
+        }
+    }
+
+    // ---- the driver's interface -------------------------------------------------------
+
+    /// Feeds one input.
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        if matches!(self.hangup, Hangup::Sent(_)) {
+            return;
+        }
+        match input {
+            Input::CallerAudio { rate, pcm } => self.on_caller_audio(rate, pcm, now),
+            Input::Dtmf(d) => self.on_dtmf(d, now),
+            Input::SttUp => self.on_stt_up(),
+            Input::SttDown(e) => self.on_stt_down(&e, now),
+            Input::Stt(ev) => self.on_stt(ev, now),
+            Input::Reply(id, ev) => self.on_reply(id, ev, now),
+            Input::Prompt(kind, r) => self.on_prompt(kind, r, now),
+            Input::Timeout => self.on_timeout(now),
+            Input::Shutdown => self.on_shutdown(now),
+        }
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// When [`Input::Timeout`] is next due (`None` once the call is over).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if matches!(self.hangup, Hangup::Sent(_)) {
+            return None;
+        }
+        let frame = match &self.playout {
+            Some(p) => p.next_deadline(),
+            None => self.keepalive_at,
+        };
+        let mut t = [
+            Some(frame),
+            self.hangup.deadline(),
+            self.idle_deadline().map(|(at, _)| at),
+            self.inbound_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(a) = &self.agent {
+            let agent = [
+                a.dtmf.deadline(),
+                match a.stt {
+                    Stt::Down { retry_at } => Some(retry_at),
+                    _ => None,
+                },
+                self.reply_silence_deadline(),
+                self.speculate_deadline(),
+                a.paused.as_ref().and_then(|p| p.resume_at),
+            ];
+            t = t.into_iter().chain(agent.into_iter().flatten()).min();
+        }
+        t
+    }
+
+    /// The frame from the last [`Effect::Frame`] was written to the socket at `now`: the
+    /// time on the wire of a reply's first frame is this, not its scheduled slot.
+    pub fn frame_written(&mut self, now: Instant) {
+        if let Some(turn) = self.wire_mark.take() {
+            let ms = self.ms(now);
+            if let Some(t) = self.report.turns.get_mut(turn) {
+                if t.first_frame_ms.is_none() {
+                    t.first_frame_ms = Some(ms);
+                    let t = t.clone();
+                    self.log_turn(&t);
+                }
+            }
+        }
+    }
+
+    /// Whether the 0x00 has been asked for: the call is over.
+    pub fn is_over(&self) -> bool {
+        matches!(self.hangup, Hangup::Sent(_))
+    }
+
+    /// Why we hung up, if we did.
+    pub fn hangup_reason(&self) -> Option<HangupReason> {
+        match self.hangup {
+            Hangup::Sent(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The call's rate, once known.
+    pub fn rate(&self) -> Option<SampleRate> {
+        self.rate
+    }
+
+    /// Playout underruns so far.
+    pub fn underruns(&self) -> u64 {
+        self.playout.as_ref().map_or(0, |p| p.stats().underruns)
+    }
+
+    /// The keypad digits in order.
+    pub fn dtmf(&self) -> &str {
+        &self.dtmf_digits
+    }
+
+    /// The agent's account of the call (AI mode) so far.
+    pub fn report(&self) -> Option<AgentReport> {
+        matches!(self.mode, Mode::Agent(_)).then(|| {
+            let mut r = self.report.clone();
+            r.turns.retain(|t| t.stt_final_ms.is_some());
+            r
+        })
+    }
+
+    // ---- caller -----------------------------------------------------------------------
+
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    fn on_caller_audio(&mut self, rate: SampleRate, samples: Vec<i16>, now: Instant) {
+        self.last_inbound = now;
+        if self.rate.is_none() {
+            self.begin(rate, now);
+        }
+        if Some(rate) != self.rate {
+            self.other_rate_frames += 1;
+            if self.other_rate_frames == 1 {
+                warn!(got = %rate, "audio at a different rate than the call's; ignored");
+            }
+            return;
+        }
+        if let Mode::Echo { .. } = self.mode {
+            if !self.hangup.is_none() {
+                return;
+            }
+            if let Some(p) = self.playout.as_mut() {
+                if !self.echo.open {
+                    self.echo.utterance += 1;
+                    self.echo.open = true;
+                }
+                p.push(UtteranceId(self.echo.utterance), &samples);
+                self.echo.last_audio = Some(now);
+            }
+            return;
+        }
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        // Score the frame first (about 10 µs), then move the samples to STT.
+        a.probs.clear();
+        let level = match a.vad.as_mut() {
+            Some(vad) => {
+                vad.push(&samples, &mut a.probs);
+                pcm::dbfs(&samples)
+            }
+            None => 0.0,
+        };
+        match a.stt {
+            Stt::Up => self.effects.push_back(Effect::SttAudio(samples)),
+            Stt::Connecting => {
+                // Held until the recogniser is up, so words said over the greeting count.
+                if a.stt_backlog.len() == STT_BACKLOG_FRAMES {
+                    a.stt_backlog.pop_front();
+                    self.metrics.inbound_dropped(1);
+                }
+                a.stt_backlog.push_back(samples);
+            }
+            Stt::Down { .. } => {}
+        }
+        let probs = std::mem::take(&mut a.probs);
+        for p in &probs {
+            let ev = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.turns.push_window(*p, level, now));
+            if let Some(ev) = ev {
+                self.on_turn_event(ev, now, level);
+            }
+        }
+        if let Some(a) = self.agent.as_mut() {
+            a.probs = probs;
+        }
+    }
+
+    /// The first audio message fixed the call's rate: start the clock and the agent.
+    fn begin(&mut self, rate: SampleRate, now: Instant) {
+        info!(rate = rate.hz(), "call rate known");
+        self.rate = Some(rate);
+        let mut playout = Playout::new(rate, now);
+        let cfg = match &self.mode {
+            Mode::Echo { .. } => {
+                playout.set_prebuffer(rate.samples_per_frame() * ECHO_PREBUFFER_FRAMES);
+                playout.set_max_queued(
+                    (rate.hz() as usize) * ECHO_MAX_QUEUED.as_millis() as usize / 1000,
+                );
+                self.playout = Some(playout);
+                return;
+            }
+            Mode::Agent(cfg) => Arc::clone(cfg),
+        };
+        self.playout = Some(playout);
+        if !matches!(rate.hz(), 8_000 | 16_000) {
+            // Azure STT, ElevenLabs and the VAD only do 8 and 16 kHz: hand the call back to
+            // the dialplan at once rather than fail turn by turn.
+            warn!(
+                rate = rate.hz(),
+                "the AI agent supports 8 and 16 kHz calls only; hanging up to the dialplan"
+            );
+            self.report.errors.push(format!(
+                "unsupported call rate {} Hz for the AI agent",
+                rate.hz()
+            ));
+            self.hangup = Hangup::soon(None, now, HangupReason::UnsupportedRate);
+            return;
+        }
+        let vad = match Vad::new(rate.hz()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                warn!(error = %e, "no voice activity detection at this rate; barge-in disabled");
+                None
+            }
+        };
+        let greeting = !cfg.prompts.greeting.trim().is_empty();
+        self.agent = Some(Agent {
+            turns: TurnDetector::new(cfg.turn),
+            dtmf: DtmfCollector::new(cfg.dtmf_timeout),
+            vad,
+            probs: Vec::new(),
+            history: History::default(),
+            utterances: HashMap::new(),
+            reply: None,
+            stt: Stt::Connecting,
+            stt_backlog: VecDeque::new(),
+            stt_outage_apologised: false,
+            greeting_pending: greeting,
+            apology_after_greeting: false,
+            last_speech_end: None,
+            last_activity: now,
+            still_there_asked: false,
+            hypothesis: None,
+            speculated: None,
+            paused: None,
+            cfg: Arc::clone(&cfg),
+        });
+        if greeting {
+            self.effects.push_back(Effect::Prompt(PromptKind::Greeting));
+        }
+        self.effects
+            .push_back(Effect::StartStt(self.stt_params(&cfg, rate)));
+    }
+
+    fn stt_params(&self, cfg: &AgentConfig, rate: SampleRate) -> SttParams {
+        SttParams {
+            language: cfg.language.clone(),
+            sample_rate: rate.hz(),
+            segmentation_silence_ms: cfg.segmentation_silence_ms,
+            call_id: self.call_id.to_string(),
+        }
+    }
+
+    fn on_dtmf(&mut self, d: Digit, now: Instant) {
+        self.last_inbound = now;
+        self.dtmf_digits.push(d.as_char());
+        self.metrics.dtmf();
+        let at_ms = self.ms(now);
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        a.last_activity = now;
+        self.report.transcript.push(TranscriptEntry {
+            role: Role::Dtmf,
+            text: d.to_string(),
+            at_ms,
+            interrupted: false,
+        });
+        if let Some(entry) = a.dtmf.push(d, now) {
+            self.submit_dtmf(entry, now);
+        }
+    }
+
+    fn submit_dtmf(&mut self, digits: String, now: Instant) {
+        let spaced: Vec<String> = digits.chars().map(String::from).collect();
+        let text = format!("(Pemanggil menekan kekunci telefon: {})", spaced.join(" "));
+        info!(%digits, "DTMF entry");
+        self.start_reply(text, now, now, None);
+    }
+
+    fn on_turn_event(&mut self, ev: TurnEvent, now: Instant, level: f64) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        match ev {
+            TurnEvent::SpeechStarted { .. } => {
+                debug!(caller_db = level, "caller speaking");
+                a.last_activity = now;
+                a.still_there_asked = false;
+                if let Some(p) = a.paused.as_mut() {
+                    // Never resume over the caller: wait for them to stop again.
+                    p.resume_at = None;
+                }
+                // The caller goes on: a reply started on their last hypothesis is premature.
+                if a.reply.as_ref().is_some_and(|r| r.speculative.is_some()) {
+                    self.abandon_speculation("the caller went on talking");
+                }
+            }
+            TurnEvent::SpeechEnded { at } => {
+                debug!("caller stopped speaking");
+                a.last_speech_end = Some(at);
+                a.last_activity = now;
+                let resume_after = a.cfg.resume_after;
+                if let Some(p) = a.paused.as_mut() {
+                    p.resume_at = Some(at + resume_after);
+                }
+            }
+            TurnEvent::BargeIn { at } => {
+                if self.hangup.is_final() {
+                    return;
+                }
+                a.last_activity = now;
+                a.still_there_asked = false;
+                info!(
+                    at_ms = self.ms(at),
+                    "barge-in: caller talked over the agent; stopping playout"
+                );
+                self.metrics.barge_in();
+                self.report.barge_ins += 1;
+                self.report.barge_in_ms.push(self.ms(at));
+                self.hangup = self.hangup.on_caller_turn();
+                // The utterance being heard pauses: if the interruption brings no words
+                // (a cough, "mm"), the agent goes on instead of leaving silence.
+                self.pausing = true;
+                self.flush(now);
+                self.pausing = false;
+            }
+        }
+    }
+
+    // ---- speech-to-text ---------------------------------------------------------------
+
+    fn on_stt_up(&mut self) {
+        if let Some(a) = self.agent.as_mut() {
+            if a.stt_outage_apologised || a.stt != Stt::Connecting {
+                info!("speech-to-text connected");
+            }
+            a.stt = Stt::Up;
+            a.stt_outage_apologised = false;
+            self.effects
+                .extend(a.stt_backlog.drain(..).map(Effect::SttAudio));
+        }
+    }
+
+    fn on_stt_down(&mut self, error: &str, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        warn!(%error, "speech-to-text unavailable");
+        a.stt = Stt::Down {
+            retry_at: now + STT_RETRY,
+        };
+        a.stt_backlog.clear();
+        self.provider_failed(Provider::Stt, "failed", error);
+        self.apologise_for_stt();
+    }
+
+    /// Without STT the agent cannot hear the caller: say so once per outage (not at every
+    /// reconnect attempt) instead of leaving them talking to silence.
+    fn apologise_for_stt(&mut self) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        if a.stt_outage_apologised {
+            return;
+        }
+        a.stt_outage_apologised = true;
+        if a.greeting_pending {
+            // After the greeting, so the caller hears them in order.
+            a.apology_after_greeting = true;
+        } else {
+            self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+        }
+    }
+
+    fn on_stt(&mut self, ev: SttEvent, now: Instant) {
+        match ev {
+            SttEvent::SpeechStarted => {}
+            SttEvent::Partial(text) => {
+                debug!(%text, "partial transcript");
+                if let Some(a) = self.agent.as_mut() {
+                    let changed = a
+                        .hypothesis
+                        .as_ref()
+                        .is_none_or(|(h, _)| normalise(h) != normalise(&text));
+                    if changed {
+                        a.hypothesis = Some((text, now));
+                    }
+                }
+            }
+            SttEvent::Reconnected => info!("speech-to-text reconnected"),
+            SttEvent::Failed(e) => self.on_stt_down(&e, now),
+            SttEvent::Final { text, .. } => self.on_final(text.trim(), now),
+        }
+    }
+
+    fn on_final(&mut self, text: &str, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        a.hypothesis = None;
+        let words = normalise(text);
+        let backchannel = words.is_empty() || a.cfg.backchannels.contains(&words);
+        if a.paused.is_some() && backchannel {
+            if !words.is_empty() {
+                self.note_caller(text, now);
+            }
+            info!(%text, "the interruption carried no words; resuming");
+            self.resume(now);
+            return;
+        }
+        if words.is_empty() {
+            return;
+        }
+        if a.vad.is_some() && a.turns.looks_like_echo(now) {
+            info!(%text, "transcript while the agent was talking (or just after) with no caller voice detected: treated as line echo, ignored");
+            return;
+        }
+        let agent_talking = self.playout.as_ref().is_some_and(Playout::is_speaking);
+        if backchannel && agent_talking {
+            info!(%text, "listening noise while the agent talks; going on");
+            self.note_caller(text, now);
+            return;
+        }
+        if self.confirm_speculation(&words, text, now) {
+            return;
+        }
+        info!(%text, "caller said");
+        let Some(a) = self.agent.as_ref() else {
+            return;
+        };
+        let speech_end = a.last_speech_end.unwrap_or(now);
+        let speech_end_ms = a.last_speech_end.map(|t| self.ms(t));
+        self.note_caller(text, now);
+        if let Some(a) = self.agent.as_mut() {
+            a.last_speech_end = None;
+        }
+        self.start_reply(text.to_owned(), now, speech_end, speech_end_ms);
+    }
+
+    /// A caller line for the transcript.
+    fn note_caller(&mut self, text: &str, now: Instant) {
+        let at_ms = self.ms(now);
+        self.report.transcript.push(TranscriptEntry {
+            role: Role::Caller,
+            text: text.to_owned(),
+            at_ms,
+            interrupted: false,
+        });
+        if let Some(a) = self.agent.as_mut() {
+            a.last_activity = now;
+            a.still_there_asked = false;
+        }
+    }
+
+    // ---- speculation ------------------------------------------------------------------
+
+    /// When to start the reply on the hypothesis: it has stood unchanged and the caller has
+    /// been silent for `speculate_after`, nothing else is going on, and the cap allows.
+    fn speculate_deadline(&self) -> Option<Instant> {
+        let a = self.agent.as_ref()?;
+        let after = a.cfg.speculate_after?;
+        let (hyp, since) = a.hypothesis.as_ref()?;
+        let speech_end = a.last_speech_end?;
+        let busy = a.reply.is_some()
+            || a.paused.is_some()
+            || a.turns.caller_speaking()
+            || a.stt != Stt::Up
+            || !self.hangup.is_none()
+            || self.report.speculative.started >= a.cfg.speculative_max;
+        if busy || a.speculated.as_deref() == Some(normalise(hyp).as_str()) {
+            return None;
+        }
+        Some((*since).max(speech_end) + after)
+    }
+
+    fn speculate(&mut self, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some((hyp, _)) = a.hypothesis.clone() else {
+            return;
+        };
+        let words = normalise(&hyp);
+        if words.is_empty() {
+            a.speculated = Some(words);
+            return;
+        }
+        a.speculated = Some(words.clone());
+        let speech_end = a.last_speech_end.unwrap_or(now);
+        let speech_end_ms = a.last_speech_end.map(|t| self.ms(t));
+        debug!(%hyp, "starting the reply on the stable hypothesis");
+        self.report.speculative.started += 1;
+        self.metrics.llm_speculative("started", 0);
+        self.start_reply(hyp, now, speech_end, speech_end_ms);
+        if let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) {
+            r.speculative = Some(words);
+            if let Some(t) = self.report.turns.get_mut(r.turn) {
+                t.stt_final_ms = None;
+            }
+        }
+    }
+
+    /// The final matches the hypothesis a reply was started on: the reply goes on (its
+    /// held audio plays now). Returns whether it did.
+    fn confirm_speculation(&mut self, words: &str, text: &str, now: Instant) -> bool {
+        let Some(a) = self.agent.as_mut() else {
+            return false;
+        };
+        let Some(r) = a.reply.as_mut() else {
+            return false;
+        };
+        match r.speculative.as_deref() {
+            None => return false,
+            Some(spec) if spec != words => {
+                self.abandon_speculation("the final differs from the hypothesis");
+                return false;
+            }
+            Some(_) => {}
+        }
+        info!(%text, "caller said (the reply started on the hypothesis goes on)");
+        r.speculative = None;
+        a.history.set_text(r.user_entry, text);
+        r.user_text = text.to_owned();
+        let (u, turn, done, end_call) = (r.utterance, r.turn, r.done, r.end_call);
+        let held = std::mem::take(&mut r.held);
+        a.last_speech_end = None;
+        self.report.speculative.used += 1;
+        self.metrics.llm_speculative("used", 0);
+        let ms = self.ms(now);
+        if let Some(t) = self.report.turns.get_mut(turn) {
+            t.stt_final_ms = Some(ms);
+        }
+        self.note_caller(text, now);
+        if let Some(p) = self.playout.as_mut() {
+            if !held.is_empty() {
+                p.push(u, &held);
+            }
+            if done {
+                p.finish(u);
+            }
+        }
+        if done && end_call {
+            self.hangup = Hangup::after(u, HangupReason::Goodbye);
+        }
+        self.drain_playout_events(now);
+        true
+    }
+
+    /// Throws away a reply started on a hypothesis, as if it had never been.
+    fn abandon_speculation(&mut self, why: &str) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(r) = a.reply.take_if(|r| r.speculative.is_some()) else {
+            return;
+        };
+        debug!(why, "speculative reply abandoned");
+        self.effects.push_back(Effect::CancelReply(r.id));
+        a.history.remove(r.user_entry);
+        if let Some(e) = a.utterances.remove(&r.utterance).and_then(|s| s.entry) {
+            a.history.remove(e);
+        }
+        let tokens = r.prompt_tokens + r.text_chars.div_ceil(4);
+        self.report.speculative.wasted += 1;
+        self.report.speculative.wasted_tokens += tokens;
+        self.metrics.llm_speculative("wasted", tokens);
+    }
+
+    // ---- interruptions that carry no words ----------------------------------------------
+
+    /// Goes on with the paused utterance from a little before where it was cut.
+    fn resume(&mut self, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(p) = a.paused.take() else {
+            return;
+        };
+        let Some(mut spoken) = a.utterances.remove(&p.utterance) else {
+            return;
+        };
+        self.next_utterance += 1;
+        let u = UtteranceId(self.next_utterance);
+        spoken.heard_before = p.rest_from;
+        let is_reply = a.reply.as_ref().is_some_and(|r| r.utterance == p.utterance);
+        let (finished, goodbye) = match a.reply.as_mut().filter(|_| is_reply) {
+            Some(r) => {
+                r.utterance = u;
+                (r.done, r.done && r.end_call)
+            }
+            None => (true, false),
+        };
+        a.utterances.insert(u, spoken);
+        self.report.resumes += 1;
+        if let Some(pl) = self.playout.as_mut() {
+            pl.push(u, &p.rest);
+            if finished {
+                pl.finish(u);
+            }
+        }
+        if goodbye {
+            self.hangup = Hangup::after(u, HangupReason::Goodbye);
+        }
+        self.drain_playout_events(now);
+    }
+
+    /// The interruption was a real turn: the paused utterance ends where it was cut.
+    fn abandon_pause(&mut self) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(p) = a.paused.take() else {
+            return;
+        };
+        let before = a.utterances.get(&p.utterance).map_or(0, |s| s.heard_before);
+        let progress = Progress {
+            utterance: p.utterance,
+            sent_samples: p.heard.saturating_sub(before),
+            dropped_samples: p.rest.len().max(1),
+            input_finished: false,
+            flushed: true,
+        };
+        let at = self
+            .playout
+            .as_ref()
+            .and_then(Playout::last_speech_end)
+            .unwrap_or(self.started);
+        self.on_ended(progress, at);
+    }
+
+    // ---- replies ----------------------------------------------------------------------
+
+    /// The caller finished a turn (speech or keypad): whatever the agent was saying or
+    /// preparing gives way, and a new reply starts.
+    fn start_reply(
+        &mut self,
+        mut text: String,
+        now: Instant,
+        turn_end: Instant,
+        mut speech_end_ms: Option<u64>,
+    ) {
+        if self.hangup.is_final() {
+            debug!("the call is ending; turn ignored");
+            return;
+        }
+        self.abandon_speculation("a new turn");
+        self.abandon_pause();
+        self.hangup = self.hangup.on_caller_turn();
+        let stt_final_ms = Some(self.ms(now));
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        if let Some(prev) = a.reply.take() {
+            if !prev.audio_queued {
+                self.effects.push_back(Effect::CancelReply(prev.id));
+                // The caller went on before we said anything: one turn, not two.
+                text = format!("{} {}", prev.user_text, text);
+                a.history.remove(prev.user_entry);
+                if let Some(s) = a.utterances.remove(&prev.utterance) {
+                    if let Some(e) = s.entry {
+                        a.history.remove(e);
+                    }
+                }
+                if speech_end_ms.is_none() {
+                    speech_end_ms = self
+                        .report
+                        .turns
+                        .get(prev.turn)
+                        .and_then(|t| t.speech_end_ms);
+                }
+                // The merged turn replaces the earlier one in the record.
+                if let Some(t) = self.report.turns.get_mut(prev.turn) {
+                    t.stt_final_ms = None;
+                }
+            } else {
+                // Its utterance is flushed below, which cancels it and records what was heard.
+                a.reply = Some(prev);
+            }
+        }
+        // The caller has the floor: stop anything still playing (a reply, the greeting).
+        self.flush(now);
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let cfg = Arc::clone(&a.cfg);
+        let user_entry = a.history.push(Speaker::Caller, text.clone());
+        let messages = a.history.for_model(&cfg.system_prompt, cfg.history);
+        let prompt_tokens = messages
+            .iter()
+            .map(|m| estimate_tokens(&m.content) as u64)
+            .sum();
+        self.next_utterance += 1;
+        let utterance = UtteranceId(self.next_utterance);
+        let entry = a.history.push(Speaker::Agent, "");
+        a.utterances.insert(
+            utterance,
+            Spoken {
+                kind: SpokenKind::Reply,
+                text: String::new(),
+                samples: 0,
+                heard_before: 0,
+                entry: Some(entry),
+            },
+        );
+        self.next_reply += 1;
+        let id = ReplyId(self.next_reply);
+        self.report.turns.push(TurnTiming {
+            speech_end_ms,
+            stt_final_ms,
+            ..TurnTiming::default()
+        });
+        a.reply = Some(Reply {
+            id,
+            utterance,
+            user_entry,
+            user_text: text,
+            turn: self.report.turns.len() - 1,
+            turn_end,
+            first_token: false,
+            audio_queued: false,
+            done: false,
+            end_call: false,
+            hold_played: false,
+            speculative: None,
+            held: Vec::new(),
+            prompt_tokens,
+            text_chars: 0,
+        });
+        let rate = self.rate.map_or(8_000, SampleRate::hz);
+        self.effects.push_back(Effect::StartReply {
+            id,
+            request: ChatRequest {
+                messages,
+                offer_end_call: true,
+                call_id: self.call_id.to_string(),
+            },
+            tts: TtsParams {
+                sample_rate: rate,
+                call_id: self.call_id.to_string(),
+            },
+            pipeline: cfg.pipeline,
+        });
+    }
+
+    fn on_reply(&mut self, id: ReplyId, ev: ReplyEvent, now: Instant) {
+        let now_ms = self.ms(now);
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(r) = a.reply.as_mut().filter(|r| r.id == id) else {
+            debug!(?id, "event from a finished or cancelled reply; ignored");
+            return;
+        };
+        let turn = r.turn;
+        // Audio of a reply not yet confirmed (speculative) or paused by an interruption
+        // waits outside the playout.
+        let paused = a.paused.as_mut().filter(|p| p.utterance == r.utterance);
+        let held = r.speculative.is_some() || paused.is_some();
+        match ev {
+            ReplyEvent::FirstToken => {
+                r.first_token = true;
+                if let Some(t) = self.report.turns.get_mut(turn) {
+                    t.llm_first_token_ms = Some(now_ms);
+                }
+            }
+            ReplyEvent::Text(clause) => {
+                r.text_chars += clause.chars().count() as u64;
+                let u = r.utterance;
+                if let Some(s) = a.utterances.get_mut(&u) {
+                    s.text.push_str(&clause);
+                    if let Some(e) = s.entry {
+                        a.history.append(e, &clause);
+                    }
+                }
+            }
+            ReplyEvent::Audio(samples) => {
+                if samples.is_empty() || r.done {
+                    return;
+                }
+                if !r.audio_queued {
+                    r.audio_queued = true;
+                    if let Some(t) = self.report.turns.get_mut(turn) {
+                        t.tts_first_audio_ms = Some(now_ms);
+                    }
+                }
+                let u = r.utterance;
+                if let Some(s) = a.utterances.get_mut(&u) {
+                    s.samples += samples.len();
+                }
+                if let Some(p) = paused {
+                    p.rest.extend_from_slice(&samples);
+                } else if r.speculative.is_some() {
+                    r.held.extend_from_slice(&samples);
+                } else if let Some(p) = self.playout.as_mut() {
+                    p.push(u, &samples);
+                }
+            }
+            ReplyEvent::EndCall => {
+                info!("the model ended the call");
+                r.end_call = true;
+            }
+            ReplyEvent::Usage {
+                prompt,
+                completion,
+                cost,
+            } => {
+                self.metrics.llm_usage(prompt, completion, cost);
+                if let Some(c) = cost {
+                    *self.report.llm_cost.get_or_insert(0.0) += c;
+                }
+            }
+            ReplyEvent::Done if held => r.done = true,
+            ReplyEvent::Done => {
+                r.done = true;
+                let u = r.utterance;
+                if r.end_call {
+                    self.hangup = Hangup::after(u, HangupReason::Goodbye);
+                }
+                if let Some(p) = self.playout.as_mut() {
+                    p.finish(u);
+                }
+            }
+            ReplyEvent::Failed { .. } if r.speculative.is_some() => {
+                // The final will start the reply again.
+                self.abandon_speculation("it failed");
+            }
+            ReplyEvent::Failed { provider, error } => {
+                warn!(?provider, %error, "reply failed");
+                if held {
+                    self.abandon_pause();
+                }
+                let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) else {
+                    self.provider_failed(provider, classify(&error), &error);
+                    self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+                    self.drain_playout_events(now);
+                    return;
+                };
+                r.done = true;
+                r.end_call = false;
+                let u = r.utterance;
+                // What was already queued plays to its end; then the apology.
+                if let Some(p) = self.playout.as_mut() {
+                    p.finish(u);
+                }
+                self.provider_failed(provider, classify(&error), &error);
+                self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+            }
+        }
+        self.drain_playout_events(now);
+    }
+
+    /// While a reply is pending and the caller hears nothing, when that silence becomes
+    /// too long: the hold phrase the first time, giving up with an apology the second.
+    fn reply_silence_deadline(&self) -> Option<Instant> {
+        let a = self.agent.as_ref()?;
+        let r = a.reply.as_ref()?;
+        if r.done {
+            return None;
+        }
+        let p = self.playout.as_ref()?;
+        if p.queued_samples() > 0 {
+            return None;
+        }
+        let heard_last = p
+            .last_speech_end()
+            .map_or(r.turn_end, |e| e.max(r.turn_end));
+        Some(heard_last + a.cfg.hold_after)
+    }
+
+    fn on_reply_silence(&mut self, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(r) = a.reply.as_mut() else {
+            return;
+        };
+        if !r.hold_played && !r.audio_queued {
+            r.hold_played = true;
+            info!("reply is slow; saying the hold phrase");
+            self.effects.push_back(Effect::Prompt(PromptKind::Hold));
+            // Until the hold phrase arrives the deadline would fire again at once.
+            r.turn_end = now;
+            return;
+        }
+        let provider = if r.first_token {
+            Provider::Tts
+        } else {
+            Provider::Llm
+        };
+        let id = r.id;
+        let u = r.utterance;
+        r.done = true;
+        r.end_call = false;
+        warn!(
+            ?provider,
+            "no reply audio for too long; giving up on this reply"
+        );
+        self.effects.push_back(Effect::CancelReply(id));
+        if let Some(p) = self.playout.as_mut() {
+            p.finish(u);
+        }
+        self.provider_failed(
+            provider,
+            "timeout",
+            "no reply audio within the hold limit after the hold phrase",
+        );
+        self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+        self.drain_playout_events(now);
+    }
+
+    // ---- fixed phrases ----------------------------------------------------------------
+
+    fn on_prompt(&mut self, kind: PromptKind, result: Result<Arc<Vec<i16>>, String>, now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        if kind == PromptKind::Greeting {
+            a.greeting_pending = false;
+        }
+        let pcm = match result {
+            Ok(pcm) if !pcm.is_empty() => pcm,
+            Ok(_) | Err(_) => {
+                let error = match &result {
+                    Err(e) => e.clone(),
+                    Ok(_) => "no audio".into(),
+                };
+                match kind {
+                    PromptKind::Greeting | PromptKind::Apology => {
+                        warn!(?kind, %error, "prompt unavailable");
+                        self.cannot_speak(now);
+                    }
+                    PromptKind::Hold | PromptKind::StillThere => {
+                        warn!(?kind, %error, "prompt unavailable")
+                    }
+                }
+                return;
+            }
+        };
+        if kind == PromptKind::Hold && a.reply.as_ref().is_none_or(|r| r.audio_queued || r.done) {
+            // The reply started (or ended) while the hold phrase was being fetched.
+            return;
+        }
+        if self.hangup.is_final() {
+            return;
+        }
+        let text = a.cfg.prompts.text(kind).to_owned();
+        let spoken = match kind {
+            PromptKind::Greeting => SpokenKind::Greeting,
+            PromptKind::Apology => SpokenKind::Apology,
+            PromptKind::Hold => SpokenKind::Hold,
+            PromptKind::StillThere => SpokenKind::StillThere,
+        };
+        let entry =
+            (spoken != SpokenKind::Hold).then(|| a.history.push(Speaker::Agent, text.clone()));
+        self.next_utterance += 1;
+        let u = UtteranceId(self.next_utterance);
+        a.utterances.insert(
+            u,
+            Spoken {
+                kind: spoken,
+                text,
+                samples: pcm.len(),
+                heard_before: 0,
+                entry,
+            },
+        );
+        if let Some(p) = self.playout.as_mut() {
+            p.push(u, &pcm);
+            p.finish(u);
+        }
+        if kind == PromptKind::Greeting && a.apology_after_greeting {
+            a.apology_after_greeting = false;
+            self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+        }
+    }
+
+    /// Text-to-speech is down and nothing cached can be said: rather than leave the caller
+    /// in silence, end the AudioSocket leg with a hangup message so the dialplan continues
+    /// at its next priority (e.g. a human operator, see `asterisk/`).
+    fn cannot_speak(&mut self, now: Instant) {
+        if self.hangup.is_final() {
+            return;
+        }
+        warn!(
+            "the agent cannot speak (TTS unavailable, nothing cached); handing the call back to the dialplan"
+        );
+        self.report
+            .errors
+            .push("tts: agent could not speak; call handed back to the dialplan".into());
+        self.abandon_speculation("the call is ending");
+        self.abandon_pause();
+        if let Some(id) = self
+            .agent
+            .as_mut()
+            .and_then(|a| a.reply.take())
+            .map(|r| r.id)
+        {
+            self.effects.push_back(Effect::CancelReply(id));
+        }
+        let last = self.playout.as_ref().and_then(Playout::last_speech_end);
+        self.hangup = Hangup::soon(last, now, HangupReason::CannotSpeak);
+    }
+
+    // ---- playout ------------------------------------------------------------------------
+
+    /// Stops everything queued now; the utterances end as flushed with what was heard.
+    fn flush(&mut self, now: Instant) {
+        if let Some(p) = self.playout.as_mut() {
+            if !p.is_idle() {
+                p.flush(now);
+            }
+        }
+        self.drain_playout_events(now);
+    }
+
+    fn drain_playout_events(&mut self, now: Instant) {
+        while let Some(ev) = self.playout.as_mut().and_then(Playout::poll_event) {
+            match ev {
+                PlayoutEvent::Started { utterance, .. } => self.on_started(utterance),
+                PlayoutEvent::Ended { progress, ends_at } => self.on_ended(progress, ends_at),
+                PlayoutEvent::Underrun { utterance } => {
+                    self.metrics.underrun();
+                    debug!(?utterance, "playout underrun (audio slower than real time)");
+                }
+            }
+        }
+        self.update_agent_speaking(now);
+    }
+
+    fn on_started(&mut self, u: UtteranceId) {
+        if let Some(r) = self
+            .agent
+            .as_ref()
+            .and_then(|a| a.reply.as_ref())
+            .filter(|r| r.utterance == u)
+        {
+            if self
+                .report
+                .turns
+                .get(r.turn)
+                .is_some_and(|t| t.first_frame_ms.is_none())
+            {
+                self.wire_mark = Some(r.turn);
+            }
+        }
+    }
+
+    /// An utterance is over: record what the caller heard.
+    fn on_ended(&mut self, p: Progress, ends_at: Instant) {
+        let interrupted = p.interrupted();
+        if self.pausing && interrupted && p.sent_samples > 0 && self.pause(p, ends_at) {
+            return;
+        }
+        self.hangup = self
+            .hangup
+            .on_utterance_ended(p.utterance, interrupted, ends_at);
+        let at_ms = self.ms(ends_at);
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        if let Some(r) = a.reply.as_ref().filter(|r| r.utterance == p.utterance) {
+            if interrupted || !r.done {
+                self.effects.push_back(Effect::CancelReply(r.id));
+            }
+            a.reply = None;
+        }
+        let Some(u) = a.utterances.remove(&p.utterance) else {
+            return;
+        };
+        let heard = if interrupted {
+            heard_prefix(&u.text, u.heard_before + p.sent_samples, u.samples.max(1))
+        } else {
+            u.text.trim().to_owned()
+        };
+        if let Some(e) = u.entry {
+            if heard.is_empty() {
+                a.history.remove(e);
+            } else if interrupted {
+                a.history.set_text(e, format!("{heard}…"));
+            } else {
+                a.history.set_text(e, heard.clone());
+            }
+        }
+        if u.kind != SpokenKind::Hold && !heard.is_empty() {
+            self.report.transcript.push(TranscriptEntry {
+                role: Role::Agent,
+                text: heard,
+                at_ms,
+                interrupted,
+            });
+        }
+    }
+
+    /// Keeps the utterance being heard for a possible resume. Returns whether it paused.
+    fn pause(&mut self, p: Progress, at: Instant) -> bool {
+        let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
+        let unsent = self
+            .playout
+            .as_mut()
+            .and_then(Playout::take_flushed_front)
+            .filter(|(u, _)| *u == p.utterance)
+            .map(|(_, pcm)| pcm)
+            .unwrap_or_default();
+        let Some(a) = self.agent.as_mut() else {
+            return false;
+        };
+        if a.paused.is_some() {
+            return false;
+        }
+        let Some(spoken) = a.utterances.get(&p.utterance) else {
+            return false;
+        };
+        if spoken.kind == SpokenKind::Hold {
+            return false;
+        }
+        // Go back over what the caller talked over before the barge-in was decided.
+        let talked_over = a.cfg.turn.barge_in_min_speech + Duration::from_millis(100);
+        let rewind = (rate * talked_over.as_millis() as usize / 1000)
+            .min(p.sent_samples)
+            .min(self.recent_sent.len());
+        let heard = spoken.heard_before + p.sent_samples;
+        let mut rest: Vec<i16> = self
+            .recent_sent
+            .iter()
+            .skip(self.recent_sent.len() - rewind)
+            .copied()
+            .collect();
+        rest.extend(unsent);
+        a.paused = Some(Paused {
+            utterance: p.utterance,
+            heard,
+            rest,
+            rest_from: heard - rewind,
+            resume_at: Some(at + a.cfg.resume_after + RESUME_FALLBACK),
+        });
+        true
+    }
+
+    fn update_agent_speaking(&mut self, now: Instant) {
+        let speaking = self.playout.as_ref().is_some_and(Playout::is_speaking);
+        let level = self.sent_levels.iter().copied().fold(SILENT_DB, f64::max);
+        if let Some(a) = self.agent.as_mut() {
+            a.turns.set_agent_speaking(speaking, level, now);
+        }
+    }
+
+    // ---- time -----------------------------------------------------------------------------
+
+    fn on_timeout(&mut self, now: Instant) {
+        if let Some(at) = self.hangup.deadline() {
+            if now >= at {
+                let reason = match self.hangup {
+                    Hangup::At(_, r) => r,
+                    _ => HangupReason::Idle,
+                };
+                self.hangup = Hangup::Sent(reason);
+                self.effects.push_back(Effect::Hangup);
+                return;
+            }
+        }
+        self.tick(now);
+        if self.inbound_deadline().is_some_and(|d| now >= d) {
+            info!("nothing from the peer for the idle limit; hanging up");
+            self.end_idle(now);
+            return;
+        }
+        self.echo_idle_check(now);
+        if let Some((_, ask)) = self.idle_deadline().filter(|(at, _)| now >= *at) {
+            if ask {
+                info!("nobody has spoken for a while; asking whether the caller is still there");
+                if let Some(a) = self.agent.as_mut() {
+                    a.still_there_asked = true;
+                    a.last_activity = now;
+                }
+                self.effects
+                    .push_back(Effect::Prompt(PromptKind::StillThere));
+            } else {
+                info!("nobody has spoken for the idle limit; hanging up");
+                self.end_idle(now);
+                return;
+            }
+        }
+        if self
+            .agent
+            .as_ref()
+            .and_then(|a| a.paused.as_ref())
+            .and_then(|p| p.resume_at)
+            .is_some_and(|at| now >= at)
+        {
+            info!("no words came after the interruption; resuming");
+            self.resume(now);
+        }
+        if self.speculate_deadline().is_some_and(|d| now >= d) {
+            self.speculate(now);
+        }
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        if let Some(entry) = a.dtmf.poll(now) {
+            self.submit_dtmf(entry, now);
+        }
+        if let Some(Stt::Down { retry_at }) = self.agent.as_ref().map(|a| a.stt) {
+            if now >= retry_at {
+                let cfg = self.agent.as_ref().map(|a| Arc::clone(&a.cfg));
+                if let (Some(cfg), Some(rate)) = (cfg, self.rate) {
+                    let params = self.stt_params(&cfg, rate);
+                    if let Some(a) = self.agent.as_mut() {
+                        a.stt = Stt::Connecting;
+                    }
+                    self.effects.push_back(Effect::StartStt(params));
+                }
+            }
+        }
+        if self.reply_silence_deadline().is_some_and(|d| now >= d) {
+            self.on_reply_silence(now);
+        }
+    }
+
+    /// Sends the frame due now, if one is.
+    fn tick(&mut self, now: Instant) {
+        let Some(p) = self.playout.as_mut() else {
+            if now >= self.keepalive_at {
+                self.keepalive_at = now + KEEPALIVE_EVERY;
+                let rate = SampleRate::Hz8000;
+                self.effects.push_back(Effect::Frame {
+                    rate,
+                    pcm: vec![0; rate.samples_per_frame()],
+                    lateness: Duration::ZERO,
+                });
+            }
+            return;
+        };
+        let Some(tick) = p.poll(now) else {
+            return;
+        };
+        let rate = self.rate.unwrap_or(SampleRate::Hz8000);
+        if self.agent.is_some() {
+            // The echo guard compares the caller with what we sent lately (the line's echo
+            // comes back within the window), not with an average of the whole reply.
+            if self.sent_levels.len() == ECHO_REFERENCE_FRAMES {
+                self.sent_levels.pop_front();
+            }
+            let level = match tick.kind {
+                FrameKind::Speech => pcm::dbfs(&tick.pcm),
+                FrameKind::Silence => SILENT_DB,
+            };
+            self.sent_levels.push_back(level);
+            if tick.kind == FrameKind::Speech {
+                self.recent_sent.extend(tick.pcm.iter().copied());
+                let excess = self.recent_sent.len().saturating_sub(RECENT_SENT_SAMPLES);
+                self.recent_sent.drain(..excess);
+            }
+        }
+        self.effects.push_back(Effect::Frame {
+            rate,
+            pcm: tick.pcm,
+            lateness: tick.lateness,
+        });
+        self.drain_playout_events(now);
+    }
+
+    fn end_idle(&mut self, now: Instant) {
+        self.abandon_speculation("the call is ending");
+        self.abandon_pause();
+        if let Some(id) = self
+            .agent
+            .as_mut()
+            .and_then(|a| a.reply.take())
+            .map(|r| r.id)
+        {
+            self.effects.push_back(Effect::CancelReply(id));
+        }
+        let last = self.playout.as_ref().and_then(Playout::last_speech_end);
+        self.hangup = Hangup::soon(last, now, HangupReason::Idle);
+    }
+
+    /// When nobody has spoken for long enough (counted from the end of the agent's audio as
+    /// the caller heard it) and the agent is neither thinking nor talking: first the "are you
+    /// still there?" question (`true`), then the idle hang-up (`false`).
+    fn idle_deadline(&self) -> Option<(Instant, bool)> {
+        let a = self.agent.as_ref()?;
+        let p = self.playout.as_ref()?;
+        let busy = a.reply.is_some()
+            || a.paused.is_some()
+            || !self.hangup.is_none()
+            || a.turns.caller_speaking()
+            || !p.is_idle()
+            || a.greeting_pending;
+        if busy {
+            return None;
+        }
+        let since = p
+            .last_speech_end()
+            .map_or(a.last_activity, |e| e.max(a.last_activity));
+        let idle = a.cfg.idle_hangup;
+        match (a.cfg.still_there_after, a.still_there_asked, idle) {
+            (Some(ask), false, None) => Some((since + ask, true)),
+            (Some(ask), false, Some(idle)) if ask < idle => Some((since + ask, true)),
+            (Some(ask), true, Some(idle)) => Some((
+                since + idle.saturating_sub(ask).max(MIN_IDLE_AFTER_ASKING),
+                false,
+            )),
+            (_, _, Some(idle)) => Some((since + idle, false)),
+            (_, _, None) => None,
+        }
+    }
+
+    /// A peer that sends nothing at all (no audio, no keypad) for the idle limit is gone,
+    /// whatever the mode: a stuck PBX, a half-sent message.
+    fn inbound_deadline(&self) -> Option<Instant> {
+        if !self.hangup.is_none() {
+            return None;
+        }
+        let idle = match &self.mode {
+            Mode::Echo { idle_hangup } => *idle_hangup,
+            Mode::Agent(cfg) => cfg.idle_hangup,
+        }?;
+        Some(self.last_inbound + idle)
+    }
+
+    /// Echo mode: when the caller's audio stops, close the echo utterance so caller silence
+    /// is not counted as playout underruns.
+    fn echo_idle_check(&mut self, now: Instant) {
+        if !matches!(self.mode, Mode::Echo { .. }) || !self.echo.open {
+            return;
+        }
+        if self
+            .echo
+            .last_audio
+            .is_some_and(|t| now.duration_since(t) > FRAME * 3)
+        {
+            if let Some(p) = self.playout.as_mut() {
+                p.finish(UtteranceId(self.echo.utterance));
+            }
+            self.echo.open = false;
+        }
+    }
+
+    fn on_shutdown(&mut self, now: Instant) {
+        if self.hangup.is_final() {
+            return;
+        }
+        info!("daemon shutting down: hanging up");
+        self.abandon_speculation("the call is ending");
+        self.abandon_pause();
+        if let Some(id) = self
+            .agent
+            .as_mut()
+            .and_then(|a| a.reply.take())
+            .map(|r| r.id)
+        {
+            self.effects.push_back(Effect::CancelReply(id));
+        }
+        self.flush(now);
+        let last = self.playout.as_ref().and_then(Playout::last_speech_end);
+        self.hangup = Hangup::soon(last, now, HangupReason::Shutdown);
+    }
+
+    // ---- accounting -------------------------------------------------------------------
+
+    fn provider_failed(&mut self, provider: Provider, kind: &str, error: &str) {
+        self.metrics.provider_error(provider, kind);
+        self.report.errors.push(format!("{provider:?}: {error}"));
+    }
+
+    fn log_turn(&self, t: &TurnTiming) {
+        let d = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let stages = [
+            (Stage::VadEndToSttFinal, d(t.speech_end_ms, t.stt_final_ms)),
+            (
+                Stage::SttFinalToLlmFirstToken,
+                d(t.stt_final_ms, t.llm_first_token_ms),
+            ),
+            (
+                Stage::LlmFirstTokenToTtsFirstAudio,
+                d(t.llm_first_token_ms, t.tts_first_audio_ms),
+            ),
+            (
+                Stage::TtsFirstAudioToWire,
+                d(t.tts_first_audio_ms, t.first_frame_ms),
+            ),
+            (
+                Stage::SpeechEndToFirstAudio,
+                d(t.speech_end_ms.or(t.stt_final_ms), t.first_frame_ms),
+            ),
+        ];
+        for (stage, v) in stages {
+            if let Some(ms) = v {
+                self.metrics.turn_stage(stage, Duration::from_millis(ms));
+            }
+        }
+        info!(
+            speech_end_ms = t.speech_end_ms,
+            stt_final_ms = t.stt_final_ms,
+            llm_first_token_ms = t.llm_first_token_ms,
+            tts_first_audio_ms = t.tts_first_audio_ms,
+            first_frame_ms = t.first_frame_ms,
+            response_ms = stages[4].1,
+            "turn timings"
+        );
+    }
+}
+
+/// A failure's kind, for the provider-error metric.
+pub fn classify(error: &str) -> &'static str {
+    let e = error.to_ascii_lowercase();
+    if e.contains("first token") || e.contains("timed out") || e.contains("timeout") {
+        "timeout"
+    } else if e.contains("stall") {
+        "stalled"
+    } else if e.contains("429") {
+        "status_429"
+    } else if e.contains("401") || e.contains("403") || e.contains("credential") {
+        "auth"
+    } else if e.contains("http 5") {
+        "status_5xx"
+    } else if e.contains("stream error") {
+        "mid_stream"
+    } else if e.contains("malformed") {
+        "malformed"
+    } else {
+        "other"
+    }
+}
+
+/// The words of `text` the caller heard, given how much of its audio was sent: assumes
+/// speech is spread evenly over the characters, then cuts back to a word boundary.
+fn heard_prefix(text: &str, sent: usize, total: usize) -> String {
+    let text = text.trim();
+    if sent >= total {
+        return text.to_owned();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let n = chars.len() * sent / total.max(1);
+    let prefix: String = chars[..n.min(chars.len())].iter().collect();
+    match prefix.rfind(char::is_whitespace) {
+        Some(i) if n < chars.len() => prefix[..i].trim_end().to_owned(),
+        _ => prefix,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heard_prefix_cuts_at_words() {
+        let t = "Harga pakej asas ialah tiga puluh ringgit sebulan.";
+        assert_eq!(heard_prefix(t, 0, 100), "");
+        assert_eq!(heard_prefix(t, 100, 100), t);
+        let half = heard_prefix(t, 50, 100);
+        assert!(
+            t.starts_with(&half) && half.len() < t.len() && !half.ends_with(' '),
+            "{half}"
+        );
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert_eq!(classify("no first token within 2500 ms"), "timeout");
+        assert_eq!(
+            classify("LLM request failed with HTTP 429: slow down"),
+            "status_429"
+        );
+        assert_eq!(classify("LLM stream error 429: Rate limit"), "status_429");
+        assert_eq!(classify("stream stalled for 3000 ms"), "stalled");
+    }
+}

@@ -1,0 +1,960 @@
+//! Whole calls in virtual time: the machine fed a script of (time, input), its effects
+//! performed by a simulated driver that writes frames at their deadlines. No socket, no
+//! sleep: these run in milliseconds and assert what the caller hears, frame by frame.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::history::{HistoryBudget, estimate_tokens};
+use super::machine::{
+    AgentConfig, CallMachine, Effect, Input, Mode, Pipeline, ReplyEvent, ReplyId,
+};
+use super::prompts::{PromptKind, PromptTexts};
+use super::turn::TurnConfig;
+use crate::audio::wav;
+use crate::audiosocket::{Digit, SampleRate};
+use crate::ops::metrics::{Metrics, Provider};
+use crate::ops::records::Role;
+use crate::providers::llm::ChatRequest;
+use crate::providers::stt::SttEvent;
+
+const MS: Duration = Duration::from_millis(1);
+/// Agent audio values: each utterance kind is a constant-ish tone whose sample magnitude
+/// says what it is, so a frame tells who was speaking.
+const GREETING: i16 = 1100;
+const APOLOGY: i16 = 1200;
+const HOLD: i16 = 1300;
+
+fn tone(level: i16, ms: u64) -> Vec<i16> {
+    (0..ms * 8)
+        .map(|i| if i % 2 == 0 { level } else { -level })
+        .collect()
+}
+
+fn reply_tone(id: ReplyId, ms: u64) -> Vec<i16> {
+    tone(2000 + id.0 as i16, ms)
+}
+
+fn speech() -> Vec<i16> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/malay_question_8k.wav"
+    );
+    let w = wav::read(std::path::Path::new(path)).unwrap();
+    assert_eq!(w.rate, 8000);
+    // The recording's voiced part (1.0 s to 4.55 s).
+    w.samples[8000..36_400].to_vec()
+}
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        language: "ms-MY".into(),
+        system_prompt: "Anda pembantu.".into(),
+        prompts: PromptTexts {
+            greeting: "Selamat datang.".into(),
+            apology: "Maaf, ada masalah.".into(),
+            hold: "Sebentar ya.".into(),
+            still_there: "Masih di sana?".into(),
+        },
+        segmentation_silence_ms: 300,
+        turn: TurnConfig::default(),
+        hold_after: Duration::from_millis(1200),
+        dtmf_timeout: Duration::from_millis(2000),
+        idle_hangup: Some(Duration::from_secs(60)),
+        history: HistoryBudget::default(),
+        pipeline: Pipeline::Streamed,
+        still_there_after: None,
+        speculate_after: None,
+        speculative_max: 20,
+        backchannels: vec!["ya".into(), "ok".into(), "hmm".into(), "mm".into()],
+        resume_after: Duration::from_millis(1200),
+    }
+}
+
+/// A simulated driver around one machine.
+struct Sim {
+    m: CallMachine,
+    t0: Instant,
+    now: Instant,
+    /// Frames written: (time, samples).
+    frames: Vec<(Instant, Vec<i16>)>,
+    prompts: HashMap<PromptKind, Arc<Vec<i16>>>,
+    /// Prompts asked for, in order.
+    prompt_requests: Vec<(Instant, PromptKind)>,
+    replies: Vec<(Instant, ReplyId, ChatRequest)>,
+    cancelled: Vec<ReplyId>,
+    stt_starts: Vec<Instant>,
+    stt_audio: usize,
+    hangup: Option<Instant>,
+    /// Answer StartStt with SttUp at once.
+    stt_auto_up: bool,
+}
+
+impl Sim {
+    fn new(cfg: AgentConfig) -> Self {
+        let t0 = Instant::now();
+        let mut prompts = HashMap::new();
+        prompts.insert(PromptKind::Greeting, Arc::new(tone(GREETING, 1000)));
+        prompts.insert(PromptKind::Apology, Arc::new(tone(APOLOGY, 800)));
+        prompts.insert(PromptKind::Hold, Arc::new(tone(HOLD, 600)));
+        Self {
+            m: CallMachine::new(
+                uuid::Uuid::nil(),
+                t0,
+                Mode::Agent(Arc::new(cfg)),
+                Arc::new(Metrics::new()),
+            ),
+            t0,
+            now: t0,
+            frames: Vec::new(),
+            prompts,
+            prompt_requests: Vec::new(),
+            replies: Vec::new(),
+            cancelled: Vec::new(),
+            stt_starts: Vec::new(),
+            stt_audio: 0,
+            hangup: None,
+            stt_auto_up: true,
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + MS * ms as u32
+    }
+
+    fn perform(&mut self) {
+        while let Some(e) = self.m.poll_effect() {
+            match e {
+                Effect::Frame { pcm, .. } => {
+                    self.frames.push((self.now, pcm));
+                    self.m.frame_written(self.now);
+                }
+                Effect::Hangup => self.hangup = Some(self.now),
+                Effect::StartStt(_) => {
+                    self.stt_starts.push(self.now);
+                    if self.stt_auto_up {
+                        self.m.handle(Input::SttUp, self.now);
+                    }
+                }
+                Effect::SttAudio(_) => self.stt_audio += 1,
+                Effect::StartReply { id, request, .. } => {
+                    self.replies.push((self.now, id, request));
+                }
+                Effect::CancelReply(id) => self.cancelled.push(id),
+                Effect::Prompt(kind) => {
+                    self.prompt_requests.push((self.now, kind));
+                    let r = self
+                        .prompts
+                        .get(&kind)
+                        .cloned()
+                        .ok_or_else(|| "TTS down".to_owned());
+                    self.m.handle(Input::Prompt(kind, r), self.now);
+                }
+            }
+        }
+    }
+
+    /// Runs the machine's own deadlines up to `t`.
+    fn advance(&mut self, t: Instant) {
+        loop {
+            self.perform();
+            match self.m.poll_timeout() {
+                Some(d) if d <= t => {
+                    self.now = self.now.max(d);
+                    self.m.handle(Input::Timeout, self.now);
+                }
+                _ => break,
+            }
+        }
+        self.now = self.now.max(t);
+    }
+
+    fn input(&mut self, t: Instant, input: Input) {
+        self.advance(t);
+        self.m.handle(input, self.now);
+        self.perform();
+    }
+
+    /// The caller sends 20 ms frames from `from` for `samples` (zeros for silence).
+    fn caller(&mut self, from: Instant, samples: &[i16]) -> Instant {
+        let mut t = from;
+        for chunk in samples.chunks(160) {
+            self.input(
+                t,
+                Input::CallerAudio {
+                    rate: SampleRate::Hz8000,
+                    pcm: chunk.to_vec(),
+                },
+            );
+            t += 20 * MS;
+        }
+        t
+    }
+
+    fn silence(&mut self, from: Instant, ms: u64) -> Instant {
+        self.caller(from, &vec![0; (ms * 8) as usize])
+    }
+
+    fn reply(&mut self, t: Instant, id: ReplyId, ev: ReplyEvent) {
+        self.input(t, Input::Reply(id, ev));
+    }
+
+    /// A whole reply arriving at once: first token, text, audio, done.
+    fn full_reply(&mut self, t: Instant, id: ReplyId, text: &str, ms: u64, end_call: bool) {
+        self.reply(t, id, ReplyEvent::FirstToken);
+        self.reply(t, id, ReplyEvent::Text(format!("{text} ")));
+        self.reply(t, id, ReplyEvent::Audio(reply_tone(id, ms)));
+        if end_call {
+            self.reply(t, id, ReplyEvent::EndCall);
+        }
+        self.reply(t, id, ReplyEvent::Done);
+    }
+
+    /// The caller says something (a short voiced stretch, then the silence Azure needs to
+    /// end the phrase) and the final arrives; returns the final's time.
+    fn ask(&mut self, t: Instant, text: &str) -> Instant {
+        let voiced = speech();
+        let t = self.caller(t, &voiced[..6400]);
+        let t = self.silence(t, 460);
+        self.final_(t, text);
+        t
+    }
+
+    fn final_(&mut self, t: Instant, text: &str) {
+        self.input(
+            t,
+            Input::Stt(SttEvent::Final {
+                text: text.into(),
+                offset_ms: 0,
+                duration_ms: 0,
+            }),
+        );
+    }
+
+    fn dtmf(&mut self, t: Instant, c: u8) {
+        self.input(t, Input::Dtmf(Digit::new(c).unwrap()));
+    }
+
+    fn last_reply(&self) -> ReplyId {
+        self.replies.last().unwrap().1
+    }
+
+    /// Frames carrying a reply's audio.
+    fn frames_of(&self, level: i16) -> usize {
+        self.frames
+            .iter()
+            .filter(|(_, f)| f.contains(&level))
+            .count()
+    }
+
+    fn transcript(&self) -> Vec<(Role, String, bool)> {
+        self.m
+            .report()
+            .unwrap()
+            .transcript
+            .into_iter()
+            .map(|e| (e.role, e.text, e.interrupted))
+            .collect()
+    }
+
+    /// The longest run of silent frames in [from, to).
+    fn longest_silence(&self, from: Instant, to: Instant) -> Duration {
+        let mut longest = Duration::ZERO;
+        let mut run_start = None;
+        for (t, f) in self.frames.iter().filter(|(t, _)| *t >= from && *t < to) {
+            let silent = f.iter().all(|&s| s == 0);
+            match (silent, run_start) {
+                (true, None) => run_start = Some(*t),
+                (false, Some(s)) => {
+                    longest = longest.max(*t - s);
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = run_start {
+            longest = longest.max(to - s);
+        }
+        longest
+    }
+}
+
+/// A call that has heard the greeting out and has STT up; returns the time.
+fn greeted(sim: &mut Sim) -> Instant {
+    let t = sim.silence(sim.t0, 1500);
+    assert_eq!(sim.frames_of(GREETING), 50, "the greeting plays in full");
+    t
+}
+
+#[test]
+fn dtmf_during_a_streaming_reply_does_not_silence_the_agent() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Berapa harga pakej?");
+    let r1 = sim.last_reply();
+    sim.reply(t + 300 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(
+        t + 300 * MS,
+        r1,
+        ReplyEvent::Text("Harga pakej asas ialah ".into()),
+    );
+    sim.reply(t + 400 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 3000)));
+    // Still streaming (no Done) when the caller keys 1 then #.
+    let t = sim.silence(t, 900);
+    sim.dtmf(t, b'1');
+    let t = sim.silence(t, 240);
+    sim.dtmf(t, b'#');
+    assert_eq!(sim.cancelled, vec![r1], "the streaming reply is cancelled");
+    let r2 = sim.last_reply();
+    assert_ne!(r1, r2, "the keypad entry starts a new reply");
+    let user = &sim.replies.last().unwrap().2.messages;
+    assert!(user.last().unwrap().content.contains("1"), "{user:?}");
+    // Late audio from the cancelled reply is never played.
+    sim.reply(t + 10 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 1000)));
+    let r1_frames = sim.frames_of(2001);
+    sim.full_reply(t + 300 * MS, r2, "Anda menekan satu.", 1000, false);
+    let t = sim.silence(t, 2000);
+    assert_eq!(
+        sim.frames_of(2001),
+        r1_frames,
+        "nothing of r1 after the flush"
+    );
+    assert_eq!(sim.frames_of(2002), 50, "the new reply is heard in full");
+    assert_eq!(sim.m.underruns(), 0);
+    // The agent is not stuck talking: a later transcript is answered, not taken for echo.
+    sim.ask(t + 1600 * MS, "Terima kasih");
+    assert_eq!(sim.replies.len(), 3);
+    let lines = sim.transcript();
+    assert!(
+        lines
+            .iter()
+            .any(|(role, text, interrupted)| *role == Role::Agent
+                && *interrupted
+                && !text.is_empty()
+                && "Harga pakej asas ialah".starts_with(text.as_str())),
+        "the cut reply is recorded as heard: {lines:?}"
+    );
+}
+
+#[test]
+fn a_barge_in_during_the_goodbye_cancels_the_hangup_and_the_next_question_is_answered() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Itu sahaja, terima kasih.");
+    let r1 = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r1, "Baiklah, selamat tinggal!", 3000, true);
+    // 600 ms into the goodbye the caller starts speaking over it.
+    let t = sim.silence(t, 900);
+    let speech = speech();
+    let t = sim.caller(t, &speech[..8000 * 2]);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 1);
+    assert!(sim.frames_of(2001) < 150, "the goodbye was cut short");
+    let t = sim.silence(t, 600);
+    assert_eq!(sim.hangup, None, "no hangup after an interrupted goodbye");
+    let t = sim.ask(t, "Oh, satu soalan lagi.");
+    let r2 = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r2, "Silakan.", 1000, false);
+    sim.silence(t, 3000);
+    assert_eq!(sim.frames_of(2002), 50);
+    assert_eq!(sim.hangup, None);
+}
+
+#[test]
+fn a_goodbye_heard_to_its_end_hangs_up_after_it() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Itu sahaja.");
+    let r1 = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r1, "Selamat tinggal!", 1000, true);
+    sim.silence(t, 3000);
+    assert_eq!(sim.frames_of(2001), 50, "the goodbye is heard to its end");
+    let last_goodbye_frame = sim
+        .frames
+        .iter()
+        .filter(|(_, f)| f.contains(&2001))
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap();
+    let h = sim.hangup.expect("hung up");
+    assert!(h >= last_goodbye_frame + 100 * MS && h <= last_goodbye_frame + 140 * MS);
+}
+
+#[test]
+fn dtmf_and_speech_together_make_one_turn() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Saya nak bayar bil");
+    let r1 = sim.last_reply();
+    sim.dtmf(t + 20 * MS, b'2');
+    sim.dtmf(t + 60 * MS, b'#');
+    assert_eq!(sim.cancelled, vec![r1]);
+    let r2 = sim.last_reply();
+    let last = sim
+        .replies
+        .last()
+        .unwrap()
+        .2
+        .messages
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last.role, "user");
+    assert!(last.content.contains("Saya nak bayar bil") && last.content.contains('2'));
+    let user_turns = sim
+        .replies
+        .last()
+        .unwrap()
+        .2
+        .messages
+        .iter()
+        .filter(|m| m.role == "user")
+        .count();
+    assert_eq!(user_turns, 1, "merged into one caller turn");
+    sim.full_reply(t + 400 * MS, r2, "Baik.", 600, false);
+    sim.silence(t, 2000);
+    assert_eq!(sim.frames_of(2002), 30);
+    let turns = sim.m.report().unwrap().turns;
+    assert_eq!(turns.len(), 1, "one turn in the record: {turns:?}");
+}
+
+#[test]
+fn an_stt_outage_mid_call_gets_one_apology_and_recovers() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Soalan pertama");
+    let r1 = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r1, "Jawapan pertama.", 500, false);
+    let t = sim.silence(t, 1500);
+    sim.stt_auto_up = false;
+    sim.input(t, Input::SttDown("websocket closed".into()));
+    let t = sim.silence(t, 2100);
+    assert_eq!(sim.stt_starts.len(), 2, "retried after 2 s");
+    sim.input(t, Input::SttDown("connection refused".into()));
+    let t = sim.silence(t, 2100);
+    assert_eq!(sim.stt_starts.len(), 3);
+    let apologies = sim
+        .prompt_requests
+        .iter()
+        .filter(|(_, k)| *k == PromptKind::Apology)
+        .count();
+    assert_eq!(apologies, 1, "one apology per outage");
+    sim.input(t, Input::SttUp);
+    let t = sim.silence(t, 500);
+    let t = sim.ask(t, "Soalan kedua");
+    let r2 = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r2, "Jawapan kedua.", 500, false);
+    sim.silence(t, 1500);
+    let lines = sim.transcript();
+    let texts: Vec<&str> = lines.iter().map(|(_, t, _)| t.as_str()).collect();
+    assert_eq!(
+        texts,
+        [
+            "Selamat datang.",
+            "Soalan pertama",
+            "Jawapan pertama.",
+            "Maaf, ada masalah.",
+            "Soalan kedua",
+            "Jawapan kedua."
+        ]
+    );
+    // The model sees the whole conversation, apology included.
+    let msgs = &sim.replies.last().unwrap().2.messages;
+    assert!(msgs.iter().any(|m| m.content == "Jawapan pertama."));
+}
+
+#[test]
+fn with_tts_down_and_nothing_cached_the_call_goes_back_to_the_dialplan_at_once() {
+    let mut sim = Sim::new(config());
+    sim.prompts.clear();
+    sim.silence(sim.t0, 1000);
+    let h = sim.hangup.expect("handed back to the dialplan");
+    assert!(h <= sim.t0 + 100 * MS, "hung up at {:?}", h - sim.t0);
+    assert!(
+        sim.m
+            .report()
+            .unwrap()
+            .errors
+            .iter()
+            .any(|e| e.contains("could not speak"))
+    );
+}
+
+#[test]
+fn an_llm_stall_gets_the_hold_phrase_then_an_apology_with_no_long_silence() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let speech = speech();
+    let t = sim.caller(t, &speech);
+    // The VAD's end of speech; Azure's final comes 450 ms later.
+    let t = sim.silence(t, 450);
+    sim.final_(t, "Berapa harga pakej?");
+    let speech_end = sim.m.report().unwrap().turns[0].speech_end_ms.unwrap();
+    let speech_end = sim.t0 + MS * speech_end as u32;
+    // The model never answers.
+    let end = sim.silence(t, 6000);
+    let hold = sim
+        .prompt_requests
+        .iter()
+        .find(|(_, k)| *k == PromptKind::Hold)
+        .unwrap()
+        .0;
+    assert!(
+        hold - speech_end <= 1200 * MS + 20 * MS,
+        "hold after {:?}",
+        hold - speech_end
+    );
+    let apology = sim
+        .prompt_requests
+        .iter()
+        .find(|(_, k)| *k == PromptKind::Apology)
+        .unwrap()
+        .0;
+    assert!(apology > hold);
+    assert_eq!(
+        sim.cancelled,
+        vec![sim.last_reply()],
+        "the stalled reply is abandoned"
+    );
+    let until_apology_played = apology + 800 * MS;
+    let longest = sim.longest_silence(speech_end, until_apology_played);
+    assert!(longest <= 1500 * MS, "{longest:?} of unexplained silence");
+    assert!(
+        sim.m
+            .report()
+            .unwrap()
+            .errors
+            .iter()
+            .any(|e| e.contains("Llm"))
+    );
+    // Afterwards the agent listens again.
+    sim.ask(end, "Helo?");
+    assert_eq!(sim.replies.len(), 2);
+}
+
+#[test]
+fn a_call_silent_for_two_seconds_then_at_16_khz_is_a_16_khz_call() {
+    let mut sim = Sim::new(config());
+    sim.advance(sim.at(2000));
+    let keepalives = sim.frames.len();
+    assert!(
+        (1..=2).contains(&keepalives),
+        "{keepalives} keep-alive frames"
+    );
+    assert!(
+        sim.frames
+            .iter()
+            .all(|(_, f)| f.len() == 160 && f.iter().all(|&s| s == 0))
+    );
+    sim.prompts
+        .insert(PromptKind::Greeting, Arc::new(vec![GREETING; 16_000]));
+    let mut t = sim.at(2000);
+    for _ in 0..100 {
+        sim.input(
+            t,
+            Input::CallerAudio {
+                rate: SampleRate::Hz16000,
+                pcm: vec![0; 320],
+            },
+        );
+        t += 20 * MS;
+    }
+    assert_eq!(sim.m.rate(), Some(SampleRate::Hz16000));
+    let after: Vec<_> = sim.frames[keepalives..].iter().collect();
+    assert!(after.iter().all(|(_, f)| f.len() == 320), "16 kHz frames");
+    assert_eq!(sim.frames_of(GREETING), 50);
+    assert_eq!(sim.stt_audio, 100, "no caller frame dropped");
+}
+
+#[test]
+fn a_sixty_turn_call_stays_within_the_history_budget() {
+    let mut cfg = config();
+    cfg.history = HistoryBudget {
+        max_entries: 16,
+        max_tokens: 600,
+    };
+    let mut sim = Sim::new(cfg);
+    let mut t = greeted(&mut sim);
+    for turn in 0..60 {
+        t = sim.ask(
+            t,
+            &format!("Soalan nombor {turn} tentang bil internet bulan ini"),
+        );
+        let r = sim.last_reply();
+        let req = &sim.replies.last().unwrap().2;
+        assert_eq!(req.messages[0].role, "system");
+        assert!(req.messages.len() <= 17);
+        let tokens: usize = req.messages[1..]
+            .iter()
+            .map(|m| estimate_tokens(&m.content))
+            .sum();
+        assert!(tokens <= 600, "turn {turn}: {tokens}");
+        assert!(
+            req.messages
+                .last()
+                .unwrap()
+                .content
+                .contains(&format!("nombor {turn} "))
+        );
+        sim.full_reply(
+            t + 300 * MS,
+            r,
+            &format!("Jawapan {turn}: bil anda ialah RM{turn}."),
+            400,
+            false,
+        );
+        t = sim.silence(t, 900);
+    }
+    let report = sim.m.report().unwrap();
+    assert_eq!(report.turns.len(), 60);
+    assert_eq!(
+        report.transcript.len(),
+        121,
+        "the record keeps the whole conversation"
+    );
+}
+
+#[test]
+fn a_hundred_talkspurts_never_run_the_schedule_ahead() {
+    let mut sim = Sim::new(config());
+    let mut t = greeted(&mut sim);
+    for n in 0..100u64 {
+        sim.dtmf(t, b'1');
+        sim.dtmf(t, b'#');
+        let r = sim.last_reply();
+        // Audio arrives at an odd moment inside a frame.
+        sim.full_reply(t + MS * (7 + (n % 13)) as u32, r, "ya.", 100, false);
+        t = sim.silence(t, 400);
+    }
+    let times: Vec<Instant> = sim.frames.iter().map(|(t, _)| *t).collect();
+    for w in times.windows(2) {
+        assert!(w[1] - w[0] >= 20 * MS, "two frames {:?} apart", w[1] - w[0]);
+    }
+    let elapsed = *times.last().unwrap() - *times.first().unwrap();
+    assert!(times.len() as u128 <= elapsed.as_millis() / 20 + 1);
+}
+
+#[test]
+fn a_reply_that_fails_after_speaking_part_apologises_after_what_was_heard() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Soalan");
+    let r1 = sim.last_reply();
+    sim.reply(t + 300 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(
+        t + 300 * MS,
+        r1,
+        ReplyEvent::Text("Sebahagian jawapan ".into()),
+    );
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 400)));
+    sim.reply(
+        t + 400 * MS,
+        r1,
+        ReplyEvent::Failed {
+            provider: Provider::Tts,
+            error: "TTS stream closed".into(),
+        },
+    );
+    sim.silence(t, 2500);
+    assert_eq!(sim.frames_of(2001), 20, "the part already made is heard");
+    assert_eq!(sim.frames_of(APOLOGY), 40, "then the apology");
+    let lines = sim.transcript();
+    assert!(
+        lines.contains(&(Role::Agent, "Sebahagian jawapan".into(), false)),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn idle_hangup_counts_from_the_end_of_the_agents_audio() {
+    let mut cfg = config();
+    cfg.idle_hangup = Some(Duration::from_secs(5));
+    let mut sim = Sim::new(cfg);
+    // The greeting (1 s) ends at about 1.0 s; nobody speaks.
+    sim.silence(sim.t0, 8000);
+    let h = sim.hangup.expect("idle hangup");
+    let greeting_end = sim
+        .frames
+        .iter()
+        .filter(|(_, f)| f.contains(&GREETING))
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap()
+        + 20 * MS;
+    let after = h - greeting_end;
+    assert!(after >= 5000 * MS && after <= 5200 * MS, "{after:?}");
+}
+
+#[test]
+fn a_listening_noise_over_the_agent_is_not_a_turn() {
+    let mut cfg = config();
+    // So that a 300 ms "ya" is heard as the caller's voice but is no barge-in.
+    cfg.turn.barge_in_min_speech = Duration::from_millis(600);
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        3000,
+        false,
+    );
+    let t = sim.silence(t, 1000);
+    // The caller says "ya": voiced, but too short for the VAD to call it a barge-in.
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..2400]);
+    let t = sim.silence(t, 300);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 0);
+    sim.final_(t, "Ya.");
+    sim.silence(t, 3000);
+    assert_eq!(sim.replies.len(), 1, "no new turn");
+    assert_eq!(sim.frames_of(2001), 150, "the reply is heard in full");
+    assert!(
+        sim.transcript()
+            .contains(&(Role::Caller, "Ya.".into(), false))
+    );
+}
+
+#[test]
+fn an_interruption_without_words_resumes_the_sentence() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.reply(t + 300 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(
+        t + 300 * MS,
+        r1,
+        ReplyEvent::Text("Pakej premium termasuk banyak perkara. ".into()),
+    );
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 2000)));
+    let t = sim.silence(t, 1000);
+    // A cough: voiced for 400 ms, enough for a barge-in.
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..3200]);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 1);
+    let cut_at = sim.frames_of(2001);
+    // The rest of the reply streams while the agent waits to hear what it was.
+    sim.reply(t, r1, ReplyEvent::Audio(reply_tone(r1, 1000)));
+    sim.reply(t, r1, ReplyEvent::Done);
+    let t = sim.silence(t, 500);
+    assert_eq!(sim.frames_of(2001), cut_at, "silent while it waits");
+    // Azure finds no words.
+    sim.final_(t, "");
+    sim.silence(t, 4000);
+    let report = sim.m.report().unwrap();
+    assert_eq!(report.resumes, 1);
+    assert_eq!(sim.replies.len(), 1, "no new turn");
+    let total = sim.frames_of(2001);
+    // Everything from a little before the cut is played: 150 frames plus the rewind.
+    assert!((150..=150 + 16).contains(&total), "{total} reply frames");
+    assert!(sim.cancelled.is_empty(), "the reply was never cancelled");
+    let lines = sim.transcript();
+    assert!(
+        lines.contains(&(
+            Role::Agent,
+            "Pakej premium termasuk banyak perkara.".into(),
+            false
+        )),
+        "heard to its end: {lines:?}"
+    );
+}
+
+#[test]
+fn an_interrupted_goodbye_that_carried_no_words_still_hangs_up_after_it() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Itu sahaja.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Terima kasih, selamat tinggal!",
+        2000,
+        true,
+    );
+    let t = sim.silence(t, 900);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..3200]);
+    let t = sim.silence(t, 300);
+    assert_eq!(sim.hangup, None);
+    sim.final_(t, "hmm");
+    sim.silence(t, 4000);
+    assert!(
+        sim.hangup.is_some(),
+        "the goodbye resumed and the call ended after it"
+    );
+    assert_eq!(sim.m.report().unwrap().resumes, 1);
+}
+
+#[test]
+fn the_agent_asks_whether_the_caller_is_still_there_before_hanging_up() {
+    let mut cfg = config();
+    cfg.still_there_after = Some(Duration::from_secs(10));
+    cfg.idle_hangup = Some(Duration::from_secs(20));
+    let mut sim = Sim::new(cfg);
+    sim.prompts
+        .insert(PromptKind::StillThere, Arc::new(tone(1400, 1000)));
+    sim.silence(sim.t0, 40_000);
+    let asked = sim
+        .prompt_requests
+        .iter()
+        .find(|(_, k)| *k == PromptKind::StillThere)
+        .unwrap()
+        .0;
+    let greeting_end = sim.at(1000);
+    assert!(
+        asked - greeting_end >= 10_000 * MS && asked - greeting_end <= 10_040 * MS,
+        "asked {:?} after the greeting",
+        asked - greeting_end
+    );
+    assert_eq!(sim.frames_of(1400), 50, "the question is heard");
+    let h = sim.hangup.expect("hung up");
+    // 20 s of silence in all: 10 before asking, 10 after the question ended.
+    let question_end = sim
+        .frames
+        .iter()
+        .filter(|(_, f)| f.contains(&1400))
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap()
+        + 20 * MS;
+    assert!(
+        h - question_end >= 10_000 * MS && h - question_end <= 10_200 * MS,
+        "{:?}",
+        h - question_end
+    );
+}
+
+#[test]
+fn a_caller_who_answers_the_question_keeps_the_call() {
+    let mut cfg = config();
+    cfg.still_there_after = Some(Duration::from_secs(10));
+    cfg.idle_hangup = Some(Duration::from_secs(20));
+    let mut sim = Sim::new(cfg);
+    sim.prompts
+        .insert(PromptKind::StillThere, Arc::new(tone(1400, 1000)));
+    let t = sim.silence(sim.t0, 12_500);
+    assert_eq!(sim.frames_of(1400), 50);
+    let t = sim.ask(t, "Ya, saya masih di sini.");
+    let r = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r, "Baik.", 500, false);
+    sim.silence(t, 15_000);
+    assert_eq!(sim.hangup, None);
+    assert_eq!(
+        sim.prompt_requests
+            .iter()
+            .filter(|(_, k)| *k == PromptKind::StillThere)
+            .count(),
+        2,
+        "asked again after the next silence"
+    );
+}
+
+fn hypothesis(sim: &mut Sim, t: Instant, text: &str) {
+    sim.input(t, Input::Stt(SttEvent::Partial(text.into())));
+}
+
+#[test]
+fn a_reply_started_on_a_stable_hypothesis_goes_on_when_the_final_matches() {
+    let mut cfg = config();
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    hypothesis(&mut sim, t, "Berapa harga");
+    let t = sim.caller(t, &voiced[..6400]);
+    hypothesis(&mut sim, t, "Berapa harga pakej");
+    // The VAD hears the end of speech; 200 ms later the reply starts on the hypothesis.
+    let t = sim.silence(t, 700);
+    assert_eq!(sim.replies.len(), 1, "started before the final");
+    let started = sim.replies[0].0;
+    let r = sim.last_reply();
+    sim.full_reply(started + 100 * MS, r, "Harga bermula RM99.", 600, false);
+    assert_eq!(
+        sim.frames_of(2001),
+        0,
+        "nothing is played before the final confirms it"
+    );
+    let t = sim.silence(t, 160);
+    sim.final_(t, "Berapa harga pakej?");
+    assert_eq!(sim.replies.len(), 1, "the final matched: no second request");
+    sim.silence(t, 1500);
+    assert_eq!(sim.frames_of(2001), 30, "played once confirmed");
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        (report.speculative.started, report.speculative.used),
+        (1, 1)
+    );
+    let turn = &report.turns[0];
+    assert!(turn.llm_first_token_ms.unwrap() < turn.stt_final_ms.unwrap());
+    assert!(turn.first_frame_ms.unwrap() <= turn.stt_final_ms.unwrap() + 20);
+}
+
+#[test]
+fn a_final_that_differs_cancels_the_speculative_reply_and_starts_again() {
+    let mut cfg = config();
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..6400]);
+    hypothesis(&mut sim, t, "Berapa harga");
+    let t = sim.silence(t, 700);
+    let spec = sim.last_reply();
+    sim.reply(t, spec, ReplyEvent::FirstToken);
+    sim.reply(t, spec, ReplyEvent::Text("Harga ".into()));
+    sim.final_(t + 100 * MS, "Berapa harga pakej premium?");
+    assert_eq!(sim.cancelled, vec![spec]);
+    assert_eq!(sim.replies.len(), 2);
+    let real = sim.replies.last().unwrap();
+    let users: Vec<_> = real
+        .2
+        .messages
+        .iter()
+        .filter(|m| m.role == "user")
+        .collect();
+    assert_eq!(users.len(), 1, "the hypothesis left no trace: {users:?}");
+    assert_eq!(users[0].content, "Berapa harga pakej premium?");
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        (report.speculative.started, report.speculative.wasted),
+        (1, 1)
+    );
+    assert!(report.speculative.wasted_tokens > 0);
+    assert_eq!(report.turns.len(), 1, "one turn in the record");
+}
+
+#[test]
+fn after_an_interruption_the_agent_never_resumes_over_a_caller_who_pauses_and_goes_on() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        4000,
+        false,
+    );
+    let t = sim.silence(t, 1000);
+    let voiced = speech();
+    // Talks over the agent, pauses half a second, then talks on for two seconds.
+    let t = sim.caller(t, &voiced[..4800]);
+    assert_eq!(sim.m.report().unwrap().barge_ins, 1);
+    let cut = sim.frames_of(2001);
+    let t = sim.silence(t, 500);
+    let t = sim.caller(t, &voiced[4800..20_800]);
+    assert_eq!(
+        sim.frames_of(2001),
+        cut,
+        "no word of the reply over the caller"
+    );
+    let t = sim.silence(t, 460);
+    sim.final_(t, "Bukan, saya mahu tahu harga pakej asas.");
+    assert_eq!(sim.replies.len(), 2);
+    assert_eq!(sim.m.report().unwrap().resumes, 0);
+}

@@ -306,6 +306,9 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         transcript: agent.transcript,
         turns: agent.turns,
         llm_cost: agent.llm_cost,
+        barge_ins: agent.barge_ins,
+        resumes: agent.resumes,
+        speculative: agent.speculative,
         errors,
     })
 }

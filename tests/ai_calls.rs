@@ -8,6 +8,7 @@ use common::ai::*;
 use serde_json::Value;
 use sifucall::audiosocket::Digit;
 use sifucall::caller::ClosedBy;
+use sifucall::ops::config::Settings;
 use sifucall::ops::metrics::EndReason;
 use sifucall::ops::records::Role;
 use std::time::Duration;
@@ -423,4 +424,42 @@ async fn unsupported_rate_is_handed_back_to_the_dialplan() {
     assert_eq!(s.reason, EndReason::AgentHangup);
     let errors = s.agent.map(|a| a.errors).unwrap_or_default();
     assert!(errors.iter().any(|e| e.contains("48000")), "{errors:?}");
+}
+
+/// With speculation on (the default), the reply to each turn starts on Azure's hypothesis
+/// before its final, and the final confirms it: one model request per turn, none wasted,
+/// and the conversation is the same as without speculation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_start_on_the_hypothesis_and_the_final_confirms_them() {
+    let mut s = settings();
+    s.agent.speculate_after_ms = Settings::defaults().agent.speculate_after_ms;
+    assert!(s.agent.speculate_after_ms > 0);
+    let mut d = start(fast_sandbox(), s).await;
+    let mut t = Timeline::new(RATE);
+    t.silence_ms(speech_ms(GREETING, RATE) + 400);
+    t.say(&question_8k());
+    t.silence_ms(speech_ms(REPLY, RATE) + 1_500);
+    t.say(&goodbye_8k());
+    let report = d.place(d.call(&t)).await;
+    let summary = d.next_summary().await;
+    assert_clean(&report);
+    assert_eq!(report.closed_by, ClosedBy::ServerHangup, "{report:?}");
+    let a = agent(&summary);
+    assert_eq!(
+        lines(&a),
+        [
+            (Role::Agent, GREETING.to_owned()),
+            (Role::Caller, QUESTION.to_owned()),
+            (Role::Agent, REPLY.to_owned()),
+            (Role::Caller, GOODBYE.to_owned()),
+            (Role::Agent, AGENT_GOODBYE.to_owned()),
+        ]
+    );
+    assert_eq!(d.llm_requests().len(), 2, "one request per turn");
+    assert_eq!(
+        (a.speculative.used, a.speculative.wasted),
+        (2, 0),
+        "{:?}",
+        a.speculative
+    );
 }

@@ -25,7 +25,7 @@ use crate::audio::pcm;
 use crate::audio::vad::Vad;
 use crate::audiosocket::{Digit, SampleRate};
 use crate::ops::metrics::{Metrics, Provider, Stage};
-use crate::ops::records::{Role, TranscriptEntry, TurnTiming};
+use crate::ops::records::{Role, Speculation, TranscriptEntry, TurnTiming};
 use crate::providers::llm::ChatRequest;
 use crate::providers::stt::{SttEvent, SttParams};
 use crate::providers::tts::TtsParams;
@@ -254,19 +254,6 @@ pub struct AgentReport {
     pub resumes: u32,
     /// Replies started on a hypothesis before the final.
     pub speculative: Speculation,
-}
-
-/// Replies started on Azure's hypothesis before its final.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
-pub struct Speculation {
-    /// Requests started on a hypothesis.
-    pub started: u32,
-    /// ... whose hypothesis the final confirmed (the reply went on, time saved).
-    pub used: u32,
-    /// ... thrown away (the final differed, or the caller went on talking).
-    pub wasted: u32,
-    /// Estimated tokens of the wasted requests (prompt and what had streamed).
-    pub wasted_tokens: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -70,6 +70,15 @@ pub struct CallRecord {
     pub turns: Vec<TurnTiming>,
     /// LLM cost reported by the provider, if any.
     pub llm_cost: Option<f64>,
+    /// Times the caller talked over the agent.
+    #[serde(default)]
+    pub barge_ins: u32,
+    /// ... of which carried no words, and the agent went on.
+    #[serde(default)]
+    pub resumes: u32,
+    /// Replies started on the recogniser's hypothesis before its final.
+    #[serde(default)]
+    pub speculative: Speculation,
     /// Provider or pipeline errors during the call, one line each.
     pub errors: Vec<String>,
 }
@@ -84,6 +93,19 @@ pub enum Role {
     Agent,
     /// A DTMF digit.
     Dtmf,
+}
+
+/// Replies started on Azure's hypothesis before its final.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Speculation {
+    /// Requests started on a hypothesis.
+    pub started: u32,
+    /// ... whose hypothesis the final confirmed (the reply went on, time saved).
+    pub used: u32,
+    /// ... thrown away (the final differed, or the caller went on talking).
+    pub wasted: u32,
+    /// Estimated tokens of the wasted requests (prompt and what had streamed).
+    pub wasted_tokens: u64,
 }
 
 /// One line of the transcript.
@@ -483,6 +505,9 @@ mod tests {
                 ..Default::default()
             }],
             llm_cost: Some(0.00042),
+            barge_ins: 1,
+            resumes: 0,
+            speculative: Speculation::default(),
             errors: vec![],
         }
     }

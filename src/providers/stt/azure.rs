@@ -29,6 +29,9 @@ use super::{SttError, SttEvent, SttParams, SttProvider, SttSession};
 use crate::ops::config::{Secret, Settings, SttSettings};
 use crate::providers::BoxFuture;
 
+/// Close codes after which the SDK gives up rather than reconnecting.
+const FATAL_CLOSE_CODES: [u16; 4] = [1002, 1003, 1007, 4000];
+
 /// Capacity of [`SttSession::audio`]; the driver drains it continuously.
 pub const AUDIO_CHANNEL_CAPACITY: usize = 64;
 const EVENTS_CAPACITY: usize = 256;
@@ -59,6 +62,9 @@ pub struct AzureSttOptions {
     pub finish_timeout: Duration,
     /// Deadline for one websocket write.
     pub write_timeout: Duration,
+    /// A connection older than this is replaced right after a final phrase, while the caller
+    /// is quiet, so that the service's 10-minute connection cap does not fall mid-phrase.
+    pub rollover_after: Duration,
 }
 
 impl Default for AzureSttOptions {
@@ -72,6 +78,7 @@ impl Default for AzureSttOptions {
             max_replay_ms: 30_000,
             finish_timeout: Duration::from_secs(3),
             write_timeout: Duration::from_secs(5),
+            rollover_after: Duration::from_secs(570),
         }
     }
 }
@@ -129,7 +136,7 @@ impl SttProvider for AzureStt {
                 .expose()
                 .ok_or_else(|| SttError::Config("AZURE_SPEECH_KEY is not set".into()))?;
             let cfg = Arc::new(ConnConfig {
-                url: request_url(&self.url, &params.language),
+                url: request_url(&self.url, &params.language, params.segmentation_silence_ms),
                 key: key.to_owned(),
                 params,
                 opts: self.opts.clone(),
@@ -181,10 +188,14 @@ fn validate(p: &SttParams) -> Result<(), SttError> {
     Ok(())
 }
 
-/// `url` plus `language` and `format=simple` (the language is validated: no escaping needed).
-fn request_url(url: &str, language: &str) -> String {
+/// `url` plus the query the JavaScript SDK sends: `language`, `format=simple` and
+/// `segmentationSilenceTimeoutMs` (also sent in `speech.context`). The language is validated,
+/// so no escaping is needed. Unlike the SDK we never copy the key into the URL.
+fn request_url(url: &str, language: &str, segmentation_silence_ms: u32) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}language={language}&format=simple")
+    format!(
+        "{url}{sep}language={language}&format=simple&segmentationSilenceTimeoutMs={segmentation_silence_ms}"
+    )
 }
 
 struct ConnConfig {
@@ -209,6 +220,24 @@ impl Conn {
     /// Queues a message; false if the queue is full or the writer is gone.
     fn send(&self, m: Message) -> bool {
         self.out.try_send(m).is_ok()
+    }
+
+    /// Starts a turn: `speech.context` and the WAV header under the turn's request id, a new
+    /// one if `new_id` (as the SDK does for every turn after the connection's first).
+    fn open_turn(&mut self, p: &SttParams, new_id: bool) -> bool {
+        if new_id {
+            self.request_id = protocol::new_id();
+        }
+        self.send(Message::text(protocol::speech_context_message(
+            &self.request_id,
+            &now(),
+            &p.language,
+            p.segmentation_silence_ms,
+        ))) && self.send(Message::binary(protocol::wav_header_message(
+            &self.request_id,
+            &now(),
+            p.sample_rate,
+        )))
     }
 
     fn send_audio(&self, payload: &[u8]) -> bool {
@@ -239,7 +268,9 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
     req.headers_mut().insert("Ocp-Apim-Subscription-Key", key);
     let conn_id = protocol::new_id();
     if let Ok(v) = HeaderValue::from_str(&conn_id) {
-        req.headers_mut().insert("X-ConnectionId", v);
+        // The SDK sends the id under both names.
+        req.headers_mut().insert("X-ConnectionId", v.clone());
+        req.headers_mut().insert("connectionId", v);
     }
     let ws = match timeout(
         cfg.opts.connect_timeout,
@@ -271,26 +302,17 @@ async fn connect(cfg: &ConnConfig) -> Result<Conn, SttError> {
     let replay_chunks = (cfg.opts.max_replay_ms / cfg.opts.chunk_ms.clamp(20, 100)) as usize;
     let (out, rx) = mpsc::channel(2 * replay_chunks + WRITE_QUEUE_SLACK);
     let writer = tokio::spawn(write_loop(sink, rx, cfg.opts.write_timeout));
-    let conn = Conn {
+    let mut conn = Conn {
         out,
         writer,
         input,
         request_id: protocol::new_id(),
     };
-    let p = &cfg.params;
     let ok = conn.send(Message::text(protocol::speech_config_message(
         &conn.request_id,
         &now(),
-    ))) && conn.send(Message::text(protocol::speech_context_message(
-        &conn.request_id,
-        &now(),
-        &p.language,
-        p.segmentation_silence_ms,
-    ))) && conn.send(Message::binary(protocol::wav_header_message(
-        &conn.request_id,
-        &now(),
-        p.sample_rate,
-    )));
+        cfg.params.sample_rate,
+    ))) && conn.open_turn(&cfg.params, false);
     if !ok {
         return Err(SttError::Connect("connection closed during setup".into()));
     }
@@ -321,6 +343,8 @@ enum ConnEnd {
     Finished,
     /// Lost; worth reconnecting.
     Lost(String),
+    /// Old enough to be replaced before the service's cap, and the caller is between phrases.
+    Rollover,
     /// The service refused us in a way retrying will not fix.
     Fatal(String),
     /// Nobody reads the events any more.
@@ -355,6 +379,10 @@ impl Driver {
                     return;
                 }
                 ConnEnd::Lost(r) => r,
+                ConnEnd::Rollover => {
+                    info!(%call_id, "replacing the speech connection before the service's cap");
+                    "planned rollover".to_owned()
+                }
             };
             if progressed {
                 failures = 0;
@@ -362,7 +390,9 @@ impl Driver {
             if !self.audio_open && self.rec.unacked_samples() == 0 && self.rec.pending.is_empty() {
                 return;
             }
-            warn!(%call_id, %reason, "speech connection lost; reconnecting");
+            if reason != "planned rollover" {
+                warn!(%call_id, %reason, "speech connection lost; reconnecting");
+            }
             conn = loop {
                 failures += 1;
                 if failures > self.cfg.opts.max_reconnects {
@@ -374,11 +404,16 @@ impl Driver {
                     self.emit(SttEvent::Failed(r)).await;
                     return;
                 }
-                let backoff = self
-                    .cfg
-                    .opts
-                    .reconnect_backoff
-                    .saturating_mul(1 << (failures - 1).min(10));
+                // The first attempt is immediate (the 10-minute cap and idle closes are routine;
+                // the caller keeps talking), later ones back off.
+                let backoff = if failures == 1 {
+                    Duration::ZERO
+                } else {
+                    self.cfg
+                        .opts
+                        .reconnect_backoff
+                        .saturating_mul(1 << (failures - 2).min(10))
+                };
                 if self.drain_while(sleep(backoff)).await.is_none() {
                     return;
                 }
@@ -429,6 +464,20 @@ impl Driver {
         }
     }
 
+    /// Opens the next turn on `conn` and replays the audio not yet recognised, then what
+    /// is pending. False if the write queue is full.
+    fn next_turn(&mut self, conn: &mut Conn) -> bool {
+        if !conn.open_turn(&self.cfg.params, true) {
+            return false;
+        }
+        let replay = self.rec.begin_turn();
+        let mut ok = replay.iter().all(|chunk| conn.send_audio(chunk));
+        while let Some(chunk) = self.rec.next_chunk(false) {
+            ok &= conn.send_audio(&chunk);
+        }
+        ok
+    }
+
     /// Sends what is left, then the empty end-of-stream audio message.
     fn finish_audio(&mut self, conn: &Conn) -> bool {
         let mut ok = true;
@@ -447,6 +496,7 @@ impl Driver {
         let mut progressed = false;
         let mut heard = false;
         let first_deadline = Instant::now() + self.cfg.opts.first_message_timeout;
+        let rollover_at = Instant::now() + self.cfg.opts.rollover_after;
         let mut finish_deadline = None;
         if !self.audio_open {
             if !self.finish_audio(conn) {
@@ -476,9 +526,10 @@ impl Driver {
                                 .map(|f| (u16::from(f.code), f.reason.to_string()))
                                 .unwrap_or((1005, String::new()));
                             let reason = format!("service closed the connection ({code} {why})");
-                            // 1002/1007 mean we sent something the service rejects: retrying
-                            // would only repeat it.
-                            if finish_deadline.is_none() && (code == 1002 || code == 1007) {
+                            // The SDK's fatal codes: we sent something the service rejects
+                            // (1002 protocol, 1003 message type, 1007 payload) or it refused
+                            // the request (4000); retrying would only repeat it.
+                            if finish_deadline.is_none() && FATAL_CLOSE_CODES.contains(&code) {
                                 return (ConnEnd::Fatal(reason), progressed);
                             }
                             return (ConnEnd::Lost(reason), progressed);
@@ -486,6 +537,10 @@ impl Driver {
                         Some(Ok(_)) => continue,
                     };
                     heard = true;
+                    if !protocol::is_for_turn(&text, &conn.request_id) {
+                        debug!(call_id = %self.cfg.params.call_id, "ignoring a message for another turn");
+                        continue;
+                    }
                     let m = match protocol::parse_service_message(&text) {
                         Ok(m) => m,
                         Err(e) => {
@@ -498,17 +553,25 @@ impl Driver {
                         Action::Progress => progressed = true,
                         Action::Emit(ev) => {
                             progressed = true;
+                            let final_phrase = matches!(ev, SttEvent::Final { .. });
                             if !self.emit(ev).await {
                                 return (ConnEnd::Abandoned, progressed);
                             }
+                            if final_phrase && finish_deadline.is_none() && Instant::now() >= rollover_at {
+                                return (ConnEnd::Rollover, progressed);
+                            }
+                        }
+                        Action::TurnEnded if finish_deadline.is_some() => {
+                            return (ConnEnd::Finished, progressed);
                         }
                         Action::TurnEnded => {
-                            let end = if finish_deadline.is_some() {
-                                ConnEnd::Finished
-                            } else {
-                                ConnEnd::Lost("turn ended while audio was flowing".into())
-                            };
-                            return (end, progressed);
+                            // The service ended the turn while audio still flows: like the SDK,
+                            // start the next turn on this socket and resend what it has not
+                            // recognised yet (no reconnect, no pause).
+                            if !self.next_turn(conn) {
+                                return (ConnEnd::Lost("websocket write queue full".into()), progressed);
+                            }
+                            debug!(call_id = %self.cfg.params.call_id, "service ended the turn; next turn on the same connection");
                         }
                         Action::Retry(r) => return (ConnEnd::Lost(r), progressed),
                         Action::Fatal(r) => return (ConnEnd::Fatal(r), progressed),
@@ -599,6 +662,11 @@ struct Recognition {
     acked_until: u64,
     /// Samples dropped because the buffers overflowed during an outage.
     dropped: u64,
+    /// `Error`/`TooManyRequests` phrases since the last recognised one: past
+    /// `max_service_errors` the recognition fails (hypotheses before each error would
+    /// otherwise reset the reconnect budget forever).
+    service_errors: u32,
+    max_service_errors: u32,
 }
 
 impl Recognition {
@@ -615,6 +683,8 @@ impl Recognition {
             turn_base: 0,
             acked_until: 0,
             dropped: 0,
+            service_errors: 0,
+            max_service_errors: o.max_reconnects,
         }
     }
 
@@ -696,29 +766,40 @@ impl Recognition {
                 let end = start.saturating_add(duration);
                 let end_samples = protocol::ticks_to_samples(end, self.rate);
                 match status {
-                    RecognitionStatus::Success => {
-                        let duplicate = self.acked_until > 0 && end_samples <= self.acked_until;
-                        self.ack(end_samples);
-                        match display_text.filter(|t| !t.trim().is_empty()) {
-                            Some(text) if !duplicate => Action::Emit(SttEvent::Final {
-                                text,
-                                offset_ms: start / 10_000,
-                                duration_ms: duration / 10_000,
-                            }),
-                            _ => Action::Progress,
-                        }
-                    }
-                    RecognitionStatus::NoMatch
+                    // A phrase: with words, or (NoMatch, InitialSilenceTimeout, BabbleTimeout,
+                    // an empty Success) without. A wordless one ends the caller's turn too, as
+                    // an empty Final: the call can tell an interruption that carried no words.
+                    RecognitionStatus::Success
+                    | RecognitionStatus::NoMatch
                     | RecognitionStatus::InitialSilenceTimeout
                     | RecognitionStatus::BabbleTimeout => {
+                        let duplicate = self.acked_until > 0 && end_samples <= self.acked_until;
                         self.ack(end_samples);
-                        Action::Progress
+                        self.service_errors = 0;
+                        if duplicate {
+                            return Action::Progress;
+                        }
+                        let text = match status {
+                            RecognitionStatus::Success => display_text.unwrap_or_default(),
+                            _ => String::new(),
+                        };
+                        Action::Emit(SttEvent::Final {
+                            text,
+                            offset_ms: start / 10_000,
+                            duration_ms: duration / 10_000,
+                        })
                     }
                     RecognitionStatus::EndOfDictation | RecognitionStatus::Other(_) => {
                         Action::Progress
                     }
                     RecognitionStatus::Error | RecognitionStatus::TooManyRequests => {
-                        Action::Retry(format!("service reported {}", status.as_str()))
+                        self.service_errors += 1;
+                        let why = format!("service reported {}", status.as_str());
+                        if self.service_errors > self.max_service_errors {
+                            Action::Fatal(format!("{why} {} times", self.service_errors))
+                        } else {
+                            Action::Retry(why)
+                        }
                     }
                     RecognitionStatus::BadRequest | RecognitionStatus::Forbidden => {
                         Action::Fatal(format!("service reported {}", status.as_str()))
@@ -732,7 +813,7 @@ impl Recognition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::azure::{AzureFault, FakeAzure, FakeAzureConfig};
+    use crate::sandbox::azure::{AzureFault, FakeAzure, FakeAzureConfig, RecordedMessage};
 
     #[test]
     fn the_key_is_in_no_url_and_no_debug() {
@@ -741,7 +822,7 @@ mod tests {
             "ws://127.0.0.1:9/speech/recognition/conversation/cognitiveservices/v1".into();
         let stt = AzureStt::new(&settings, Secret::new(Some("MARKER-KEY-123".into()))).unwrap();
         assert!(!format!("{stt:?}").contains("MARKER-KEY-123"));
-        assert!(!request_url(&stt.url, "ms-MY").contains("MARKER"));
+        assert!(!request_url(&stt.url, "ms-MY", 500).contains("MARKER"));
     }
 
     fn params(rate: u32) -> SttParams {
@@ -834,11 +915,45 @@ mod tests {
         let mut r = rec(16000);
         r.push_audio(&[0; 16000]);
         while r.next_chunk(false).is_some() {}
+        // Wordless phrases end the caller's turn with an empty Final and acknowledge audio.
         assert_eq!(
             r.on_message(phrase(None, RecognitionStatus::NoMatch, 0, 5_000_000)),
-            Action::Progress
+            emit_final("", 0, 500)
         );
         assert_eq!(r.unacked_samples(), 8000);
+        assert_eq!(
+            r.on_message(phrase(
+                None,
+                RecognitionStatus::InitialSilenceTimeout,
+                5_000_000,
+                1_000_000
+            )),
+            emit_final("", 500, 100)
+        );
+        assert_eq!(
+            r.on_message(phrase(
+                None,
+                RecognitionStatus::BabbleTimeout,
+                6_000_000,
+                1_000_000
+            )),
+            emit_final("", 600, 100)
+        );
+        assert_eq!(
+            r.on_message(phrase(
+                Some(""),
+                RecognitionStatus::Success,
+                7_000_000,
+                1_000_000
+            )),
+            emit_final("", 700, 100)
+        );
+        // A replayed wordless phrase is a duplicate like any other.
+        assert_eq!(
+            r.on_message(phrase(None, RecognitionStatus::NoMatch, 0, 1_000_000)),
+            Action::Progress
+        );
+        assert_eq!(r.unacked_samples(), 16000 - 12800);
         assert_eq!(
             r.on_message(phrase(None, RecognitionStatus::EndOfDictation, 0, 0)),
             Action::Progress
@@ -846,6 +961,14 @@ mod tests {
         assert!(matches!(
             r.on_message(phrase(None, RecognitionStatus::Error, 0, 0)),
             Action::Retry(_)
+        ));
+        assert!(matches!(
+            r.on_message(phrase(None, RecognitionStatus::TooManyRequests, 0, 0)),
+            Action::Retry(_)
+        ));
+        assert!(matches!(
+            r.on_message(phrase(None, RecognitionStatus::BadRequest, 0, 0)),
+            Action::Fatal(_)
         ));
         assert!(matches!(
             r.on_message(phrase(None, RecognitionStatus::Forbidden, 0, 0)),
@@ -918,12 +1041,12 @@ mod tests {
         );
         assert!(validate(&params(16000)).is_ok());
         assert_eq!(
-            request_url("ws://h/p", "ms-MY"),
-            "ws://h/p?language=ms-MY&format=simple"
+            request_url("ws://h/p", "ms-MY", 500),
+            "ws://h/p?language=ms-MY&format=simple&segmentationSilenceTimeoutMs=500"
         );
         assert_eq!(
-            request_url("ws://h/p?cid=1", "ms-MY"),
-            "ws://h/p?cid=1&language=ms-MY&format=simple"
+            request_url("ws://h/p?cid=1", "ms-MY", 300),
+            "ws://h/p?cid=1&language=ms-MY&format=simple&segmentationSilenceTimeoutMs=300"
         );
     }
 
@@ -995,6 +1118,7 @@ mod tests {
             final_delay_ms: 50,
             hypothesis_every_ms: 200,
             fault,
+            ..Default::default()
         }
     }
 
@@ -1203,6 +1327,294 @@ mod tests {
         assert_eq!(finals(&got).len(), 1, "{got:?}");
         assert!(!got.contains(&SttEvent::Reconnected), "{got:?}");
         assert!(matches!(got.last(), Some(SttEvent::Failed(_))), "{got:?}");
+    }
+
+    /// Sends all of `pcm` at once and keeps the audio open (the caller is still on the line)
+    /// until `finals` finals or a failure arrived; then hangs up and collects the rest.
+    async fn run_until_finals(session: SttSession, pcm: Vec<i16>, finals: usize) -> Vec<SttEvent> {
+        let SttSession { audio, mut events } = session;
+        for frame in pcm.chunks(160) {
+            audio.send(frame.to_vec()).await.unwrap();
+        }
+        let mut out = Vec::new();
+        let wait = async {
+            while let Some(ev) = events.recv().await {
+                let done = matches!(ev, SttEvent::Failed(_))
+                    || (matches!(ev, SttEvent::Final { .. }) && finals_count(&out) + 1 == finals);
+                out.push(ev);
+                if done {
+                    break;
+                }
+            }
+        };
+        timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("recognition hung");
+        drop(audio);
+        out.extend(drain(&mut events).await);
+        out
+    }
+
+    fn finals_count(events: &[SttEvent]) -> usize {
+        events
+            .iter()
+            .filter(|e| matches!(e, SttEvent::Final { .. }))
+            .count()
+    }
+
+    async fn start_fake_with(f: impl FnOnce(&mut FakeAzureConfig)) -> FakeAzure {
+        let mut cfg = fake_cfg(AzureFault::None);
+        cfg.record = true;
+        f(&mut cfg);
+        FakeAzure::spawn(cfg).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn turn_end_mid_audio_opens_the_next_turn_on_the_same_socket() {
+        // The service ends the turn after every phrase while audio flows. Before: the client
+        // closed, waited and reconnected (a Reconnected event, a second connection).
+        let fake = start_fake_with(|c| c.fault = AzureFault::TurnEndAfterPhrases(1)).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 3), 3).await;
+
+        let f = finals(&events);
+        assert_eq!(
+            f.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            [
+                "Apa khabar hari ini",
+                "Saya mahu buat tempahan",
+                "Apa khabar hari ini"
+            ],
+            "{events:?}"
+        );
+        // Offsets stay on the call's timeline across the turns.
+        for (i, (_, offset, duration)) in f.iter().enumerate() {
+            let start = 2000 * i as u64;
+            assert!(
+                (start..=start + 20).contains(offset) && (980..=1020).contains(duration),
+                "{f:?}"
+            );
+        }
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, SttEvent::Reconnected | SttEvent::Failed(_))),
+            "{events:?}"
+        );
+        let st = fake.stats();
+        assert_eq!(st.connections, 1, "no reconnect");
+        assert_eq!(st.turns_cut, 3, "{st:?}");
+        assert_eq!(st.turns, 4, "three cut turns and the last one");
+        assert!(st.violations.is_empty(), "{:?}", st.violations);
+        // Each turn: speech.context then the WAV header under a fresh request id; one
+        // speech.config for the connection.
+        let msgs = &st.messages;
+        assert_eq!(
+            msgs.iter().filter(|m| m.path() == "speech.config").count(),
+            1
+        );
+        let contexts: Vec<&RecordedMessage> = msgs
+            .iter()
+            .filter(|m| m.path() == "speech.context")
+            .collect();
+        assert_eq!(contexts.len(), 4);
+        let mut ids: Vec<&str> = contexts
+            .iter()
+            .map(|m| m.header("X-RequestId").unwrap())
+            .collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 4, "a new request id per turn");
+        for (i, m) in msgs.iter().enumerate() {
+            if m.path() == "speech.context" {
+                let next = &msgs[i + 1];
+                assert_eq!(next.path(), "audio");
+                assert_eq!(next.header("Content-Type"), Some("audio/x-wav"));
+                assert_eq!(next.header("X-RequestId"), m.header("X-RequestId"));
+                assert!(next.body.starts_with(b"RIFF"));
+            }
+        }
+        assert_eq!(st.sample_rates, vec![8000; 4]);
+    }
+
+    #[tokio::test]
+    async fn wordless_phrases_fragments_and_numeric_statuses() {
+        let fake = start_fake_with(|c| {
+            c.phrase_statuses = ["NoMatch", "InitialSilenceTimeout", "BabbleTimeout"]
+                .map(String::from)
+                .to_vec();
+            c.status_as_number = true;
+            c.fragments = true;
+        })
+        .await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 4), 4).await;
+        let f = finals(&events);
+        assert_eq!(
+            f.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            ["", "", "", "Apa khabar hari ini"],
+            "{events:?}"
+        );
+        assert_eq!(f[3].1 / 100, 60, "{f:?}");
+        assert!(
+            events.iter().any(|e| matches!(e, SttEvent::Partial(_))),
+            "fragments are partials: {events:?}"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, SttEvent::Reconnected | SttEvent::Failed(_))),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_status_reconnects_and_recognition_goes_on() {
+        let fake = start_fake_with(|c| c.phrase_statuses = vec!["Error".into()]).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 2), 2).await;
+        assert_eq!(
+            finals(&events)
+                .iter()
+                .map(|x| x.0.as_str())
+                .collect::<Vec<_>>(),
+            ["Apa khabar hari ini", "Saya mahu buat tempahan"],
+            "the errored phrase is replayed and recognised: {events:?}"
+        );
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| **e == SttEvent::Reconnected)
+                .count(),
+            1
+        );
+        assert_eq!(fake.stats().connections, 2);
+    }
+
+    #[tokio::test]
+    async fn too_many_requests_over_and_over_fails() {
+        let fake = start_fake_with(|c| {
+            c.phrase_statuses = vec!["TooManyRequests".into(); 10];
+        })
+        .await;
+        let opts = AzureSttOptions {
+            max_reconnects: 2,
+            ..Default::default()
+        };
+        let session = open_session(&fake, opts, 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 1), 1).await;
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| **e == SttEvent::Reconnected)
+                .count(),
+            2,
+            "{events:?}"
+        );
+        assert!(
+            matches!(events.last(), Some(SttEvent::Failed(r)) if r.contains("TooManyRequests")),
+            "{events:?}"
+        );
+        assert_eq!(finals(&events).len(), 0);
+    }
+
+    #[tokio::test]
+    async fn fatal_close_codes_are_not_retried() {
+        for code in [1002, 1003, 1007, 4000] {
+            let fake = start_fake(AzureFault::CloseWithAfterMs(code, 200)).await;
+            let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+            let events = run_until_finals(session, tone_bursts(8000, 3), 99).await;
+            assert!(
+                matches!(events.last(), Some(SttEvent::Failed(r)) if r.contains(&code.to_string())),
+                "{code}: {events:?}"
+            );
+            assert!(
+                !events.contains(&SttEvent::Reconnected),
+                "{code}: {events:?}"
+            );
+            assert_eq!(fake.stats().connections, 1, "{code}");
+        }
+        // 1011 is worth a retry.
+        let fake = start_fake(AzureFault::CloseWithAfterMs(1011, 200)).await;
+        let session = open_session(&fake, backoff_ms(10), 8000).await;
+        let events = run_until_finals(session, tone_bursts(8000, 3), 99).await;
+        assert!(events.contains(&SttEvent::Reconnected), "{events:?}");
+    }
+
+    #[tokio::test]
+    async fn the_connection_cap_is_crossed_seamlessly() {
+        // The service closes every connection 700 ms after it opens (10 minutes for the real
+        // one); audio paced at 4x real time spans several caps.
+        let fake = start_fake_with(|c| c.connection_cap_ms = 700).await;
+        let session = open_session(&fake, AzureSttOptions::default(), 8000).await;
+        let events = run_call(
+            session,
+            tone_bursts(8000, 2),
+            8000,
+            Duration::from_millis(5),
+        )
+        .await;
+        assert_eq!(
+            finals(&events)
+                .iter()
+                .map(|x| x.0.as_str())
+                .collect::<Vec<_>>(),
+            ["Apa khabar hari ini", "Saya mahu buat tempahan"],
+            "{events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| matches!(e, SttEvent::Failed(_))),
+            "{events:?}"
+        );
+        let st = fake.stats();
+        assert!(st.capped >= 1, "{st:?}");
+        assert_eq!(st.connections, st.capped + 1);
+    }
+
+    #[tokio::test]
+    async fn an_old_connection_is_replaced_between_phrases_before_the_cap() {
+        let fake = start_fake_with(|_| {}).await;
+        let opts = AzureSttOptions {
+            rollover_after: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let session = open_session(&fake, opts, 8000).await;
+        // At 4x real time the second final comes at least 1.3 s after the start.
+        let events = run_call(
+            session,
+            tone_bursts(8000, 3),
+            8000,
+            Duration::from_millis(5),
+        )
+        .await;
+        let f = finals(&events);
+        assert_eq!(
+            f.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            [
+                "Apa khabar hari ini",
+                "Saya mahu buat tempahan",
+                "Apa khabar hari ini"
+            ],
+            "{events:?}"
+        );
+        for (i, (_, offset, _)) in f.iter().enumerate() {
+            let start = 2000 * i as u64;
+            assert!((start..=start + 20).contains(offset), "{f:?}");
+        }
+        assert!(
+            !events.iter().any(|e| matches!(e, SttEvent::Failed(_))),
+            "{events:?}"
+        );
+        let st = fake.stats();
+        assert!(st.connections >= 2, "{st:?}");
+        assert_eq!(st.capped, 0);
+        // Each new connection began right after a phrase: only the silence since its end
+        // (under a second) is resent, never the phrase.
+        let resent = st.audio_bytes - 8000 * 6 * 2;
+        assert!(
+            resent < (st.connections as u64 - 1) * 16_000,
+            "{resent} bytes resent over {} connections",
+            st.connections
+        );
     }
 
     #[tokio::test]

@@ -28,18 +28,22 @@ pub struct SttParams {
 pub enum SttEvent {
     /// The service heard speech start (`speech.startDetected`).
     SpeechStarted,
-    /// A partial transcript (`speech.hypothesis`); it may change.
+    /// A partial transcript (`speech.hypothesis` or `speech.fragment`); it may change.
     Partial(String),
-    /// A final phrase (`speech.phrase`, `Success`): the end of the caller's turn.
+    /// A final phrase (`speech.phrase`): the end of the caller's turn. Its text is empty when
+    /// the service heard sound but no words (`NoMatch`, `InitialSilenceTimeout`,
+    /// `BabbleTimeout`, or a `Success` without text), so an interruption that carried no words
+    /// can be told from one that did.
     Final {
-        /// What the caller said.
+        /// What the caller said (empty: no words).
         text: String,
         /// Start of the phrase in the call's audio, in ms since the recognition began.
         offset_ms: u64,
         /// Length of the phrase, in ms.
         duration_ms: u64,
     },
-    /// The connection dropped and was re-established; unacknowledged audio was replayed.
+    /// The connection dropped (or was replaced before the service's 10-minute cap) and was
+    /// re-established; unacknowledged audio was replayed.
     Reconnected,
     /// Recognition failed for good (after retries); the call should apologise and go on
     /// without STT or end.

@@ -8,7 +8,7 @@
 
 use std::time::SystemTime;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// `speech.config`: once per connection, before anything else.
 pub const PATH_SPEECH_CONFIG: &str = "speech.config";
@@ -33,12 +33,6 @@ pub enum ProtocolError {
     /// The header block exceeds [`MAX_HEADER_BYTES`].
     #[error("header block of {0} bytes exceeds the 8192-byte limit")]
     HeadersTooLong(usize),
-    /// A text frame without the blank line that separates headers from the body.
-    #[error("text frame has no blank line after its headers")]
-    NoHeaderTerminator,
-    /// A header line without a colon.
-    #[error("malformed header line {0:?}")]
-    BadHeaderLine(String),
     /// A required header is absent.
     #[error("missing header {0}")]
     MissingHeader(&'static str),
@@ -71,24 +65,24 @@ impl Headers {
     }
 
     /// Parses `Name: value` / `Name:value` lines separated by CRLF (a bare LF is tolerated);
-    /// blank lines are skipped, names and values trimmed.
-    pub fn parse(block: &str) -> Result<Self, ProtocolError> {
+    /// blank lines are skipped, names and values trimmed. Like the SDK's
+    /// `WebsocketMessageFormatter`, a line without a colon (or starting with one) is a header
+    /// named by the whole line with an empty value, not an error.
+    pub fn parse(block: &str) -> Self {
         let mut out = Vec::new();
         for line in block.split('\n') {
             let line = line.trim_end_matches('\r');
             if line.trim().is_empty() {
                 continue;
             }
-            let (name, value) = line
-                .split_once(':')
-                .ok_or_else(|| ProtocolError::BadHeaderLine(line.to_owned()))?;
-            let name = name.trim();
-            if name.is_empty() {
-                return Err(ProtocolError::BadHeaderLine(line.to_owned()));
+            match line.split_once(':') {
+                Some((name, value)) if !name.trim().is_empty() => {
+                    out.push((name.trim().to_owned(), value.trim().to_owned()));
+                }
+                _ => out.push((line.trim().to_owned(), String::new())),
             }
-            out.push((name.to_owned(), value.trim().to_owned()));
         }
-        Ok(Self(out))
+        Self(out)
     }
 }
 
@@ -120,40 +114,40 @@ pub fn text_message(
     )
 }
 
-/// The `speech.config` body the JS SDK sends with telemetry off, plus RS-AZ's
-/// `recognition` hint.
-pub fn speech_config_body() -> String {
-    json!({
-        "context": {
-            "system": {
-                "name": "SpeechSDK",
-                "version": env!("CARGO_PKG_VERSION"),
-                "build": "JavaScript",
-                "lang": "JavaScript",
-            }
-        },
-        "recognition": "conversation",
-    })
-    .to_string()
+/// The `speech.config` body as the JavaScript SDK sends it for continuous recognition from a
+/// push stream (telemetry on, its default): the system, the OS and the audio source, which
+/// declares the stream's format, then `"recognition":"conversation"`. Only the SDK version
+/// and the OS description differ from the SDK's (ours name this program). Built by hand so
+/// that the key order matches the SDK's.
+pub fn speech_config_body(sample_rate: u32) -> String {
+    format!(
+        "{{\"context\":{{\"system\":{{\"name\":\"SpeechSDK\",\"version\":{version},\"build\":\"JavaScript\",\"lang\":\"JavaScript\"}},\
+         \"os\":{{\"platform\":{platform},\"name\":\"sifucall\",\"version\":{version}}},\
+         \"audio\":{{\"source\":{{\"bitspersample\":16,\"channelcount\":1,\"connectivity\":\"Unknown\",\
+         \"manufacturer\":\"Speech SDK\",\"model\":\"PushStream\",\"samplerate\":{sample_rate},\"type\":\"Stream\"}}}}}},\
+         \"recognition\":\"conversation\"}}",
+        version = Value::String(env!("CARGO_PKG_VERSION").to_owned()),
+        platform = Value::String(std::env::consts::OS.to_owned()),
+    )
 }
 
 /// The `speech.config` message.
-pub fn speech_config_message(request_id: &str, timestamp: &str) -> String {
+pub fn speech_config_message(request_id: &str, timestamp: &str, sample_rate: u32) -> String {
     text_message(
         PATH_SPEECH_CONFIG,
         request_id,
         timestamp,
         "application/json",
-        &speech_config_body(),
+        &speech_config_body(sample_rate),
     )
 }
 
 /// The `speech.context` body for continuous conversation recognition with custom
-/// segmentation silence.
+/// segmentation silence, as the JavaScript SDK 1.52 sends it (with its empty `phraseOutput`).
 pub fn speech_context_body(language: &str, segmentation_silence_ms: u32) -> String {
     // Built by hand (not `json!`) so key order matches the SDK byte for byte.
     format!(
-        "{{\"phraseDetection\":{{\"mode\":\"Conversation\",\"language\":{},\"conversation\":{{\"segmentation\":{{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":{segmentation_silence_ms}}}}},\"enrichment\":{{}}}}}}",
+        "{{\"phraseDetection\":{{\"mode\":\"Conversation\",\"language\":{},\"conversation\":{{\"segmentation\":{{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":{segmentation_silence_ms}}}}},\"enrichment\":{{}}}},\"phraseOutput\":{{}}}}",
         Value::String(language.to_owned())
     )
 }
@@ -236,22 +230,20 @@ pub fn end_of_stream_message(request_id: &str, timestamp: &str) -> Vec<u8> {
     audio_message(request_id, timestamp, None, &[])
 }
 
-/// Splits a text frame into headers and body at the first blank line.
+/// Splits a text frame into headers and body at the first blank line. Without one, the whole
+/// frame is headers and the body is empty, as the SDK reads it.
 pub fn parse_text_frame(text: &str) -> Result<(Headers, &str), ProtocolError> {
     let (head, body) = if let Some(i) = text.find("\r\n\r\n") {
         (&text[..i], &text[i + 4..])
     } else if let Some(i) = text.find("\n\n") {
         (&text[..i], &text[i + 2..])
-    } else if text.ends_with("\r\n") || text.ends_with('\n') {
-        // Headers only, no blank line and no body.
-        (text, "")
     } else {
-        return Err(ProtocolError::NoHeaderTerminator);
+        (text, "")
     };
     if head.len() > MAX_HEADER_BYTES {
         return Err(ProtocolError::HeadersTooLong(head.len()));
     }
-    Ok((Headers::parse(head)?, body))
+    Ok((Headers::parse(head), body))
 }
 
 /// `RecognitionStatus` of a `speech.phrase`.
@@ -280,6 +272,32 @@ pub enum RecognitionStatus {
 }
 
 impl RecognitionStatus {
+    /// The SDK enum's order: the service may send the number instead of the name.
+    const BY_NUMBER: [Self; 9] = [
+        Self::Success,
+        Self::NoMatch,
+        Self::InitialSilenceTimeout,
+        Self::BabbleTimeout,
+        Self::Error,
+        Self::EndOfDictation,
+        Self::TooManyRequests,
+        Self::BadRequest,
+        Self::Forbidden,
+    ];
+
+    /// From the JSON value: a name, or the SDK enum's number.
+    fn from_json(v: &Value) -> Option<Self> {
+        match v {
+            Value::String(s) => Some(Self::parse(s)),
+            Value::Number(n) => Some(
+                n.as_u64()
+                    .and_then(|i| Self::BY_NUMBER.get(usize::try_from(i).ok()?).cloned())
+                    .unwrap_or_else(|| Self::Other(n.to_string())),
+            ),
+            _ => None,
+        }
+    }
+
     fn parse(s: &str) -> Self {
         match s {
             "Success" => Self::Success,
@@ -364,6 +382,15 @@ fn ticks(v: Option<&Value>) -> Option<u64> {
     }
 }
 
+/// Whether a service frame answers the turn `request_id`: its `X-RequestId` matches (in any
+/// case) or it has none. The SDK drops frames for any other turn.
+pub fn is_for_turn(text: &str, request_id: &str) -> bool {
+    parse_text_frame(text).map_or(true, |(h, _)| {
+        h.get("X-RequestId")
+            .is_none_or(|id| id.eq_ignore_ascii_case(request_id))
+    })
+}
+
 /// Parses a service text frame into a typed message.
 pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError> {
     let (headers, body) = parse_text_frame(text)?;
@@ -410,7 +437,7 @@ pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError
             let v = json()?;
             let status = v
                 .get("RecognitionStatus")
-                .and_then(Value::as_str)
+                .and_then(RecognitionStatus::from_json)
                 .ok_or_else(|| bad("no RecognitionStatus"))?;
             // `format=detailed` carries the text in NBest[0].Display instead.
             let display_text = v
@@ -419,7 +446,7 @@ pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError
                 .or_else(|| v.pointer("/NBest/0/Display").and_then(Value::as_str))
                 .map(str::to_owned);
             ServiceMessage::Phrase {
-                status: RecognitionStatus::parse(status),
+                status,
                 display_text,
                 offset: ticks(v.get("Offset")).unwrap_or(0),
                 duration: ticks(v.get("Duration")).unwrap_or(0),
@@ -447,6 +474,8 @@ pub fn ticks_to_samples(ticks: u64, sample_rate: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
+
+    use serde_json::json;
 
     use super::*;
 
@@ -494,7 +523,7 @@ mod tests {
 
     #[test]
     fn speech_config_bytes() {
-        let m = speech_config_message(RID, TS);
+        let m = speech_config_message(RID, TS, 8000);
         let expected_head = format!(
             "Path: speech.config\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\nContent-Type: application/json\r\n\r\n"
         );
@@ -503,6 +532,19 @@ mod tests {
         assert_eq!(body["context"]["system"]["name"], "SpeechSDK");
         assert_eq!(body["context"]["system"]["build"], "JavaScript");
         assert_eq!(body["recognition"], "conversation");
+        // The audio source declares the stream as the SDK's push stream does.
+        assert_eq!(
+            body["context"]["audio"]["source"],
+            json!({"bitspersample": 16, "channelcount": 1, "connectivity": "Unknown",
+                "manufacturer": "Speech SDK", "model": "PushStream", "samplerate": 8000,
+                "type": "Stream"})
+        );
+        assert_eq!(body["context"]["os"]["name"], "sifucall");
+        // Key order as the SDK writes it.
+        assert!(
+            m.contains(r#"{"context":{"system":{"name":"SpeechSDK","version":"#),
+            "{m}"
+        );
     }
 
     #[test]
@@ -511,7 +553,7 @@ mod tests {
             speech_context_message(RID, TS, "ms-MY", 500),
             format!(
                 "Path: speech.context\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\nContent-Type: application/json\r\n\r\n\
-                 {{\"phraseDetection\":{{\"mode\":\"Conversation\",\"language\":\"ms-MY\",\"conversation\":{{\"segmentation\":{{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":500}}}},\"enrichment\":{{}}}}}}"
+                 {{\"phraseDetection\":{{\"mode\":\"Conversation\",\"language\":\"ms-MY\",\"conversation\":{{\"segmentation\":{{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":500}}}},\"enrichment\":{{}}}},\"phraseOutput\":{{}}}}"
             )
         );
         // The body is valid JSON with the values in place.
@@ -693,17 +735,79 @@ mod tests {
         );
         assert_eq!(
             parse_service_message("Path turn.end\r\n\r\n"),
-            Err(ProtocolError::BadHeaderLine("Path turn.end".into()))
-        );
-        assert_eq!(
-            parse_service_message("no terminator"),
-            Err(ProtocolError::NoHeaderTerminator)
+            Err(ProtocolError::MissingHeader("Path"))
         );
         // Bad offsets degrade to 0 rather than failing the message.
         assert_eq!(
             parse_service_message(&svc("speech.startDetected", r#"{"Offset":"soon"}"#)),
             Ok(ServiceMessage::SpeechStartDetected { offset: 0 })
         );
+    }
+
+    #[test]
+    fn frames_of_other_turns() {
+        let m = svc("turn.end", "");
+        assert!(is_for_turn(&m, RID));
+        assert!(is_for_turn(&m, &RID.to_ascii_lowercase()));
+        assert!(!is_for_turn(&m, "0123456789ABCDEF0123456789ABCDEF"));
+        assert!(is_for_turn("Path: turn.end\r\n\r\n", RID));
+    }
+
+    #[test]
+    fn header_quirks_the_sdk_tolerates() {
+        // No blank line at all: everything is headers, the body is empty.
+        assert_eq!(
+            parse_service_message(&format!("X-RequestId: {RID}\r\nPath: turn.end")),
+            Ok(ServiceMessage::TurnEnd)
+        );
+        // A header line without a colon is kept as a name with an empty value.
+        let (h, body) =
+            parse_text_frame("Path: speech.endDetected\r\nX-Odd-Line\r\n:novalue\r\n\r\n{}")
+                .unwrap();
+        assert_eq!(h.get("X-Odd-Line"), Some(""));
+        assert_eq!(h.get(":novalue"), Some(""));
+        assert_eq!(body, "{}");
+        assert_eq!(
+            parse_service_message("Path: speech.endDetected\r\nX-Odd-Line\r\n\r\n"),
+            Ok(ServiceMessage::SpeechEndDetected)
+        );
+    }
+
+    #[test]
+    fn recognition_status_as_number_or_name() {
+        let status = |v: &str| match parse_service_message(&svc(
+            "speech.phrase",
+            &format!(r#"{{"RecognitionStatus":{v},"Offset":0,"Duration":0}}"#),
+        )) {
+            Ok(ServiceMessage::Phrase { status, .. }) => status,
+            other => panic!("{other:?}"),
+        };
+        for (n, name) in [
+            "Success",
+            "NoMatch",
+            "InitialSilenceTimeout",
+            "BabbleTimeout",
+            "Error",
+            "EndOfDictation",
+            "TooManyRequests",
+            "BadRequest",
+            "Forbidden",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_eq!(status(&n.to_string()), status(&format!("{name:?}")));
+            assert_eq!(status(&n.to_string()).as_str(), *name);
+        }
+        assert_eq!(status("42"), RecognitionStatus::Other("42".into()));
+        assert_eq!(
+            status(r#""Unheard""#),
+            RecognitionStatus::Other("Unheard".into())
+        );
+        assert!(matches!(
+            parse_service_message(&svc("speech.phrase", r#"{"RecognitionStatus":null}"#)),
+            Err(ProtocolError::BadBody { .. })
+        ));
     }
 
     #[test]

@@ -8,14 +8,14 @@
 //! transcripts. Faults (auth rejection, server closes, stalls) exercise the client's
 //! reconnect logic.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -69,11 +69,32 @@ pub enum AzureFault {
     RejectAuth,
     /// Close every connection with 1011 this many ms after it opens.
     CloseAfterMs(u64),
+    /// Close every connection with this close code this many ms after it opens (e.g. the
+    /// codes the SDK treats as fatal: 1002, 1003, 1007, 4000).
+    CloseWithAfterMs(u16, u64),
     /// Close a connection with 1011 after it has sent this many `Success` phrases.
     DropAfterPhrases(usize),
     /// Accept, read everything, never answer.
     Stall,
+    /// End the turn (`turn.end`) after this many `Success` phrases in it, while the client's
+    /// audio still flows, as the real service sometimes does: the client must start a new
+    /// turn on the same socket (new `X-RequestId`, `speech.context`, WAV header).
+    TurnEndAfterPhrases(usize),
 }
+
+/// The `RecognitionStatus` values and their numbers (the JavaScript SDK's enum: the service
+/// may send either form).
+pub const RECOGNITION_STATUSES: [&str; 9] = [
+    "Success",
+    "NoMatch",
+    "InitialSilenceTimeout",
+    "BabbleTimeout",
+    "Error",
+    "EndOfDictation",
+    "TooManyRequests",
+    "BadRequest",
+    "Forbidden",
+];
 
 /// How the fake behaves.
 #[derive(Debug, Clone)]
@@ -87,9 +108,35 @@ pub struct FakeAzureConfig {
     pub final_delay_ms: u64,
     /// A `speech.hypothesis` per this many ms of speech (0 disables them).
     pub hypothesis_every_ms: u64,
+    /// When the caller pauses, send the whole phrase as a hypothesis (as the real service's
+    /// last hypothesis usually is), ahead of the final by the segmentation silence plus
+    /// `final_delay_ms`: what lets a reply start on the hypothesis.
+    pub complete_hypothesis_at_pause: bool,
     /// Fault injection.
     pub fault: AzureFault,
+    /// The `RecognitionStatus` of each detected phrase, in order across the fake's life
+    /// (`NoMatch`, `InitialSilenceTimeout`, `BabbleTimeout`, `Error`, `TooManyRequests`...);
+    /// once exhausted, phrases are `Success` with the next transcript. A non-`Success` phrase
+    /// carries no `DisplayText` and uses no transcript.
+    pub phrase_statuses: Vec<String>,
+    /// Send `RecognitionStatus` as the SDK enum's number instead of its name.
+    pub status_as_number: bool,
+    /// Send partial results as `speech.fragment` instead of `speech.hypothesis`.
+    pub fragments: bool,
+    /// The service closes a connection (code 1000) this long after it opened, busy or not:
+    /// 10 minutes for the real one. Tests shorten it.
+    pub connection_cap_ms: u64,
+    /// Accept a key in the URL's query string, as the real service does and as the official
+    /// JavaScript SDK sends it (beside the header). Off by default: our client must never
+    /// put the key in a URL, and the strict fake proves it.
+    pub allow_key_in_url: bool,
+    /// Record every upgrade and client message in [`FakeAzureStats::upgrades`] and
+    /// [`FakeAzureStats::messages`] (conformance tests compare clients message by message).
+    pub record: bool,
 }
+
+/// The real service's connection cap.
+pub const CONNECTION_CAP_MS: u64 = 10 * 60 * 1000;
 
 impl Default for FakeAzureConfig {
     fn default() -> Self {
@@ -98,7 +145,14 @@ impl Default for FakeAzureConfig {
             transcripts: vec!["Helo, apa khabar?".into(), "Terima kasih.".into()],
             final_delay_ms: 150,
             hypothesis_every_ms: 200,
+            complete_hypothesis_at_pause: true,
             fault: AzureFault::None,
+            phrase_statuses: Vec::new(),
+            status_as_number: false,
+            fragments: false,
+            connection_cap_ms: CONNECTION_CAP_MS,
+            allow_key_in_url: false,
+            record: false,
         }
     }
 }
@@ -130,6 +184,63 @@ pub struct FakeAzureStats {
     pub violations: Vec<(u16, String)>,
     /// When each `Success` phrase was heard and sent, in the order sent (benchmarks).
     pub phrase_times: Vec<PhraseTimes>,
+    /// `speech.phrase` messages sent with any status other than `EndOfDictation` (also the
+    /// index into [`FakeAzureConfig::phrase_statuses`]).
+    pub phrase_outcomes: usize,
+    /// Turns (distinct request ids carrying audio) over all connections.
+    pub turns: usize,
+    /// Turns the fake ended while audio still flowed ([`AzureFault::TurnEndAfterPhrases`]).
+    pub turns_cut: usize,
+    /// Connections closed by the connection cap.
+    pub capped: usize,
+    /// Audio messages that arrived for a turn the fake had already ended (in flight when it
+    /// sent `turn.end`), ignored as the service does.
+    pub late_audio: usize,
+    /// Upgrade requests, when [`FakeAzureConfig::record`] is on.
+    pub upgrades: Vec<RecordedUpgrade>,
+    /// Client messages in arrival order, when [`FakeAzureConfig::record`] is on.
+    pub messages: Vec<RecordedMessage>,
+}
+
+/// An upgrade request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct RecordedUpgrade {
+    /// The URL path.
+    pub path: String,
+    /// Query parameters, in order (values decoded).
+    pub query: Vec<(String, String)>,
+    /// Request header names, lower case, in order.
+    pub header_names: Vec<String>,
+}
+
+/// One client message as the fake read it.
+#[derive(Debug, Clone)]
+pub struct RecordedMessage {
+    /// The connection (0-based, in upgrade order).
+    pub connection: usize,
+    /// Whether it came in a binary frame.
+    pub binary: bool,
+    /// Header lines, names as sent, in order.
+    pub headers: Vec<(String, String)>,
+    /// Whether a binary frame's header block ended with a blank line.
+    pub blank_line_after_binary_headers: bool,
+    /// The body: JSON text or audio bytes.
+    pub body: Vec<u8>,
+}
+
+impl RecordedMessage {
+    /// The value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Its `Path`.
+    pub fn path(&self) -> &str {
+        self.header("Path").unwrap_or_default()
+    }
 }
 
 /// Wall-clock marks of one `Success` phrase, for attributing latency in benchmarks.
@@ -222,19 +333,24 @@ fn routes(cfg: FakeAzureConfig, stats: Arc<Mutex<FakeAzureStats>>) -> Router {
 fn authorised(
     cfg: &FakeAzureConfig,
     headers: &HeaderMap,
-    query: &HashMap<String, String>,
+    query: &[(String, String)],
 ) -> Result<(), StatusCode> {
     if cfg.fault == AzureFault::RejectAuth {
         return Err(StatusCode::UNAUTHORIZED);
     }
-    let in_url = query.keys().any(|k| {
+    let in_url = query.iter().any(|(k, _)| {
         k.eq_ignore_ascii_case("Ocp-Apim-Subscription-Key")
             || k.eq_ignore_ascii_case("Authorization")
     });
-    if in_url {
+    if in_url && !cfg.allow_key_in_url {
         return Err(StatusCode::UNAUTHORIZED);
     }
     let Some(want) = &cfg.key else { return Ok(()) };
+    let from_url = query
+        .iter()
+        .filter(|_| cfg.allow_key_in_url)
+        .find(|(k, _)| k.eq_ignore_ascii_case("Ocp-Apim-Subscription-Key"))
+        .map(|(_, v)| v.as_str());
     let header = headers
         .get("Ocp-Apim-Subscription-Key")
         .and_then(|v| v.to_str().ok());
@@ -242,7 +358,7 @@ fn authorised(
         .get("Authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let offered: Vec<&str> = [header, bearer].into_iter().flatten().collect();
+    let offered: Vec<&str> = [header, bearer, from_url].into_iter().flatten().collect();
     if offered.is_empty() {
         Err(StatusCode::FORBIDDEN)
     } else if offered.iter().any(|k| *k == want) {
@@ -254,22 +370,34 @@ fn authorised(
 
 async fn upgrade(
     State(sh): State<Arc<Shared>>,
+    uri: Uri,
     headers: HeaderMap,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<Vec<(String, String)>>,
     ws: Upgrade,
 ) -> Response {
+    if sh.cfg.record {
+        sh.stats().upgrades.push(RecordedUpgrade {
+            path: uri.path().to_owned(),
+            query: query.clone(),
+            header_names: headers.keys().map(|k| k.as_str().to_owned()).collect(),
+        });
+    }
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     if let Err(status) = authorised(&sh.cfg, &headers, &query) {
         sh.stats().rejected_auth += 1;
         let body = json!({"error": {"code": status.as_u16().to_string(),
             "message": "Access denied due to invalid subscription key or wrong API endpoint."}});
         return (status, axum::Json(body)).into_response();
     }
-    let Some(language) = query.get("language").cloned() else {
+    let Some(language) = param("language") else {
         return (StatusCode::BAD_REQUEST, "language is required").into_response();
     };
-    let seg = query
-        .get("segmentationSilenceTimeoutMs")
-        .and_then(|v| v.parse().ok());
+    let seg = param("segmentationSilenceTimeoutMs").and_then(|v| v.parse().ok());
     let index = {
         let mut st = sh.stats();
         st.connections += 1;
@@ -286,8 +414,9 @@ async fn upgrade(
 #[derive(Debug)]
 enum Out {
     Text(String),
-    /// A `Success` phrase; its transcript is picked when it is sent.
+    /// A phrase; its status and transcript are picked when it is sent.
     Final {
+        request_id: String,
         offset: u64,
         duration: u64,
         last_speech_at: Option<std::time::Instant>,
@@ -325,6 +454,8 @@ struct Turn {
     speech: Option<Speech>,
     start_detected: bool,
     end_of_stream: bool,
+    /// `Success` phrases sent in this turn.
+    phrases: usize,
 }
 
 struct Connection {
@@ -335,8 +466,10 @@ struct Connection {
     segmentation_ms: u64,
     config_seen: bool,
     turn: Option<Turn>,
-    /// The current turn's request id once `speech.config`/`speech.context` named it.
+    /// Request ids whose turn has ended: reusing one is a protocol error.
     finished_ids: HashSet<String>,
+    /// Of those, the turns the fake ended while audio flowed: audio in flight is ignored.
+    cut_ids: HashSet<String>,
     queue: VecDeque<(Instant, Out)>,
     /// Queued `Final`s not yet sent (their transcript index is still open).
     finals_queued: usize,
@@ -352,6 +485,7 @@ impl Connection {
             config_seen: false,
             turn: None,
             finished_ids: HashSet::new(),
+            cut_ids: HashSet::new(),
             queue: VecDeque::new(),
             finals_queued: 0,
             phrases_sent_here: 0,
@@ -360,17 +494,25 @@ impl Connection {
 
     async fn run(&mut self, mut socket: ServerSocket) {
         let fault = self.sh.cfg.fault;
-        let close_at = match fault {
-            AzureFault::CloseAfterMs(ms) => Some(Instant::now() + Duration::from_millis(ms)),
-            _ => None,
+        let (close_at, close_with) = match fault {
+            AzureFault::CloseAfterMs(ms) => (Some(ms), close_code::ERROR),
+            AzureFault::CloseWithAfterMs(code, ms) => (Some(ms), code),
+            _ => (None, close_code::ERROR),
         };
+        let close_at = close_at.map(|ms| Instant::now() + Duration::from_millis(ms));
+        let cap_at = Instant::now() + Duration::from_millis(self.sh.cfg.connection_cap_ms);
         let far = Instant::now() + Duration::from_secs(86_400);
         let mut idle_deadline = Instant::now() + IDLE_TIMEOUT;
         loop {
             let next_due = self.queue.front().map(|(t, _)| *t);
             tokio::select! {
                 _ = sleep_until(close_at.unwrap_or(far)), if close_at.is_some() => {
-                    close(&mut socket, close_code::ERROR, "injected fault: server error").await;
+                    close(&mut socket, close_with, "injected fault").await;
+                    return;
+                }
+                _ = sleep_until(cap_at) => {
+                    self.sh.stats().capped += 1;
+                    close(&mut socket, close_code::NORMAL, "maximum connection duration reached").await;
                     return;
                 }
                 _ = sleep_until(idle_deadline) => {
@@ -412,29 +554,40 @@ impl Connection {
             let Some((_, out)) = self.queue.pop_front() else {
                 break;
             };
-            let Some(rid) = self.turn.as_ref().map(|t| t.request_id.clone()) else {
-                continue;
-            };
             let (text, was_final) = match out {
                 Out::Text(t) => (t, None),
                 Out::Final {
+                    request_id,
                     offset,
                     duration,
                     last_speech_at,
                     segmented_at,
                 } => {
                     self.finals_queued = self.finals_queued.saturating_sub(1);
-                    let text = {
+                    let cfg = &self.sh.cfg;
+                    let (status, text) = {
                         let mut st = self.sh.stats();
-                        let t = transcript(&self.sh.cfg.transcripts, st.phrases_sent);
-                        st.phrases_sent += 1;
-                        t
+                        let status = cfg
+                            .phrase_statuses
+                            .get(st.phrase_outcomes)
+                            .map_or("Success", String::as_str)
+                            .to_owned();
+                        st.phrase_outcomes += 1;
+                        let text = (status == "Success").then(|| {
+                            let t = transcript(&cfg.transcripts, st.phrases_sent);
+                            st.phrases_sent += 1;
+                            t
+                        });
+                        (status, text)
                     };
-                    let body = json!({"RecognitionStatus": "Success", "DisplayText": text,
+                    let mut body = json!({"RecognitionStatus": status_value(cfg, &status),
                         "Offset": offset, "Duration": duration, "Channel": 0});
+                    if let Some(t) = &text {
+                        body["DisplayText"] = json!(t);
+                    }
                     (
-                        wire::service_text("speech.phrase", &rid, &body.to_string()),
-                        Some((text, last_speech_at, segmented_at)),
+                        wire::service_text("speech.phrase", &request_id, &body.to_string()),
+                        text.map(|t| (t, last_speech_at, segmented_at)),
                     )
                 }
             };
@@ -460,8 +613,40 @@ impl Connection {
                     .await;
                     return false;
                 }
+                let cut = self.turn.as_mut().is_some_and(|t| {
+                    t.phrases += 1;
+                    !t.end_of_stream
+                        && self.sh.cfg.fault == AzureFault::TurnEndAfterPhrases(t.phrases)
+                });
+                if cut && !self.cut_turn(socket).await {
+                    return false;
+                }
             }
         }
+        true
+    }
+
+    /// Ends the current turn while the client is still sending audio: `speech.endDetected`
+    /// and `turn.end` now, and whatever was queued for the turn is dropped.
+    async fn cut_turn(&mut self, socket: &mut ServerSocket) -> bool {
+        let Some(turn) = self.turn.take() else {
+            return true;
+        };
+        self.queue.clear();
+        self.finals_queued = 0;
+        self.sh.stats().turns_cut += 1;
+        let end = wire::ticks(turn.pos, turn.rate);
+        for (path, body) in [
+            ("speech.endDetected", json!({"Offset": end}).to_string()),
+            ("turn.end", String::new()),
+        ] {
+            let text = wire::service_text(path, &turn.request_id, &body);
+            if socket.send(Message::Text(text.into())).await.is_err() {
+                return false;
+            }
+        }
+        self.finished_ids.insert(turn.request_id.clone());
+        self.cut_ids.insert(turn.request_id);
         true
     }
 
@@ -492,10 +677,26 @@ impl Connection {
             Refusal::TooBig(_) => violation(close_code::SIZE, e.to_string()),
             Refusal::Protocol(why) => violation(close_code::PROTOCOL, why),
         })?;
-        if self.finished_ids.contains(&msg.request_id) {
+        if self.sh.cfg.record {
+            self.sh.stats().messages.push(RecordedMessage {
+                connection: self.index,
+                binary: msg.binary,
+                headers: msg.headers.clone(),
+                blank_line_after_binary_headers: msg.blank_line,
+                body: msg.body.clone(),
+            });
+        }
+        let rid = msg.request_id.clone().unwrap_or_default();
+        if self.cut_ids.contains(&rid) && msg.binary && msg.path.eq_ignore_ascii_case("audio") {
+            self.sh.stats().late_audio += 1;
+            return Ok(());
+        }
+        // The SDK sends its telemetry under the turn's id right after turn.end.
+        let telemetry = msg.path.eq_ignore_ascii_case("telemetry");
+        if self.finished_ids.contains(&rid) && !telemetry {
             return Err(violation(
                 close_code::PROTOCOL,
-                format!("X-RequestId {} reused after turn.end", msg.request_id),
+                format!("X-RequestId {rid} reused after turn.end"),
             ));
         }
         let json_body = |body: &[u8]| -> Result<Value, Violation> {
@@ -510,13 +711,21 @@ impl Connection {
             }
             ("speech.context", false) => {
                 let v = json_body(&msg.body)?;
-                let seg = ["conversation", "interactive", "dictation"]
-                    .iter()
-                    .find_map(|mode| {
-                        v.pointer(&format!(
-                            "/phraseDetection/{mode}/segmentation/segmentationSilenceTimeoutMs"
-                        ))
-                        .and_then(Value::as_u64)
+                // The mode's section: `conversation` from the JavaScript SDK, `CONVERSATION`
+                // from the Python one; the service takes either.
+                let seg = v
+                    .get("phraseDetection")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| {
+                        ["conversation", "interactive", "dictation"]
+                            .iter()
+                            .any(|m| k.eq_ignore_ascii_case(m))
+                    })
+                    .find_map(|(_, mode)| {
+                        mode.pointer("/segmentation/segmentationSilenceTimeoutMs")
+                            .and_then(Value::as_u64)
                     });
                 if let Some(ms) = seg {
                     if !(100..=5000).contains(&ms) {
@@ -536,7 +745,7 @@ impl Connection {
                         "audio before speech.config",
                     ));
                 }
-                self.on_audio(msg.request_id, &msg.body)?;
+                self.on_audio(rid, &msg.body)?;
             }
             ("audio", false) => {
                 return Err(violation(close_code::PROTOCOL, "audio in a text frame"));
@@ -588,6 +797,7 @@ impl Connection {
                 st.segmentation_silence_ms
                     .push(u32::try_from(self.segmentation_ms).unwrap_or(u32::MAX));
             }
+            self.sh.stats().turns += 1;
             self.turn = Some(Turn {
                 request_id,
                 rate,
@@ -597,6 +807,7 @@ impl Connection {
                 speech: None,
                 start_detected: false,
                 end_of_stream: false,
+                phrases: 0,
             });
             self.say(
                 "turn.start",
@@ -683,6 +894,13 @@ impl Connection {
                 ended = Some((sp.start, sp.last_voiced_end - sp.start, sp.last_voiced_at));
                 turn.speech = None;
             }
+            (Some(sp), false)
+                if hyp_ms > 0
+                    && self.sh.cfg.complete_hypothesis_at_pause
+                    && end - sp.last_voiced_end == block.len() as u64 =>
+            {
+                hypothesis = Some((sp.start, sp.last_voiced_end - sp.start, usize::MAX));
+            }
             _ => {}
         }
         let ticks = |samples: u64| wire::ticks(samples, rate as u32);
@@ -693,8 +911,13 @@ impl Connection {
             let idx = self.sh.stats().phrases_sent + self.finals_queued;
             let full = transcript(&self.sh.cfg.transcripts, idx);
             let words: Vec<&str> = full.split_whitespace().take(n).collect();
+            let path = if self.sh.cfg.fragments {
+                "speech.fragment"
+            } else {
+                "speech.hypothesis"
+            };
             self.say(
-                "speech.hypothesis",
+                path,
                 json!({"Text": words.join(" "), "Offset": ticks(s), "Duration": ticks(d), "Id": wire::fresh_id()}),
             );
         }
@@ -711,11 +934,15 @@ impl Connection {
         last_speech_at: Option<std::time::Instant>,
         segmented_at: Option<std::time::Instant>,
     ) {
+        let Some(request_id) = self.turn.as_ref().map(|t| t.request_id.clone()) else {
+            return;
+        };
         let at = Instant::now() + Duration::from_millis(self.sh.cfg.final_delay_ms);
         self.finals_queued += 1;
         self.push(
             at,
             Out::Final {
+                request_id,
                 offset,
                 duration,
                 last_speech_at,
@@ -754,7 +981,7 @@ impl Connection {
             ),
             (
                 "speech.phrase",
-                json!({"RecognitionStatus": "EndOfDictation", "Offset": ticks(pos), "Duration": 0})
+                json!({"RecognitionStatus": status_value(&self.sh.cfg, "EndOfDictation"), "Offset": ticks(pos), "Duration": 0})
                     .to_string(),
             ),
             ("turn.end", String::new()),
@@ -762,6 +989,14 @@ impl Connection {
             self.push(now, Out::Text(wire::service_text(path, &rid, &body)));
         }
         self.finished_ids.insert(rid);
+    }
+}
+
+/// A `RecognitionStatus` as the configuration asks: its name, or the SDK enum's number.
+fn status_value(cfg: &FakeAzureConfig, status: &str) -> Value {
+    match RECOGNITION_STATUSES.iter().position(|s| *s == status) {
+        Some(n) if cfg.status_as_number => json!(n),
+        _ => json!(status),
     }
 }
 
@@ -971,7 +1206,7 @@ mod tests {
             ("audio before speech.config", vec![header(8000)], 1002),
             (
                 "missing X-RequestId",
-                vec![WsMessage::text("Path: speech.config\r\n\r\n{}")],
+                vec![WsMessage::text("Path: speech.context\r\n\r\n{}")],
                 1002,
             ),
             (
@@ -992,6 +1227,47 @@ mod tests {
         ws.send(header(8000)).await.unwrap();
         assert_eq!(read_all(&mut ws).await.1, Some(1002));
         assert_eq!(fake.stats().violations.len(), 6);
+    }
+
+    #[tokio::test]
+    async fn python_sdk_spelling_of_the_mode_section() {
+        let fake = FakeAzure::spawn(cfg()).await.unwrap();
+        let mut ws = open(&fake, PATHS[0], "").await;
+        send_all(
+            &mut ws,
+            vec![
+                config_frame(),
+                text_frame(
+                    "speech.context",
+                    r#"{"phraseDetection":{"mode":"CONVERSATION","CONVERSATION":{"segmentation":{"mode":"Custom","segmentationSilenceTimeoutMs":700}}}}"#,
+                ),
+                wav_header_frame(8000),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        read_all(&mut ws).await;
+        assert_eq!(fake.stats().segmentation_silence_ms, vec![700]);
+    }
+
+    #[tokio::test]
+    async fn speech_config_without_a_request_id_is_accepted() {
+        // As the Python SDK sends it; the real service accepts it.
+        let fake = FakeAzure::spawn(cfg()).await.unwrap();
+        let mut ws = open(&fake, PATHS[0], "").await;
+        send_all(
+            &mut ws,
+            vec![
+                WsMessage::text("Path: speech.config\r\nContent-Type: application/json\r\n\r\n{}"),
+                wav_header_frame(8000),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (msgs, code) = read_all(&mut ws).await;
+        assert_eq!(code, None);
+        assert_eq!(msgs.last().map(|m| m.path.as_str()), Some("turn.end"));
+        assert!(fake.stats().violations.is_empty());
     }
 
     #[tokio::test]
@@ -1047,6 +1323,31 @@ mod tests {
             400
         );
         assert_eq!(fake.stats().rejected_auth, 4);
+        // The official JavaScript SDK copies the key into the URL: allowed when asked for.
+        let sdk_fake = FakeAzure::spawn(FakeAzureConfig {
+            key: Some("k1".into()),
+            allow_key_in_url: true,
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let base = format!("ws://{}{}?language=ms-MY", sdk_fake.addr, PATHS[0]);
+        assert_eq!(
+            status(
+                format!("{base}&Ocp-Apim-Subscription-Key=k1"),
+                Some(("Ocp-Apim-Subscription-Key", "k1"))
+            )
+            .await,
+            101
+        );
+        assert_eq!(
+            status(format!("{base}&Ocp-Apim-Subscription-Key=k1"), None).await,
+            101
+        );
+        assert_eq!(
+            status(format!("{base}&Ocp-Apim-Subscription-Key=k2"), None).await,
+            401
+        );
         // Without a configured key, anything goes except a key in the URL.
         let open_fake = FakeAzure::spawn(cfg()).await.unwrap();
         let base = format!("ws://{}{}?language=ms-MY", open_fake.addr, PATHS[0]);

@@ -38,10 +38,15 @@ impl std::fmt::Display for Refusal {
 pub(crate) struct Received {
     /// `Path`, as sent (compare case-insensitively).
     pub(crate) path: String,
-    /// `X-RequestId`: 32 hex digits.
-    pub(crate) request_id: String,
+    /// `X-RequestId`: 32 hex digits. Absent only on `speech.config`: the Python SDK sends
+    /// none there and the service accepts that.
+    pub(crate) request_id: Option<String>,
+    /// Every header line, names as sent, in order (for the recording hook).
+    pub(crate) headers: Vec<(String, String)>,
     /// Whether it came in a binary frame.
     pub(crate) binary: bool,
+    /// Whether a binary frame's headers ended with a blank line (the JavaScript SDK's do not).
+    pub(crate) blank_line: bool,
     /// JSON text or audio bytes.
     pub(crate) body: Vec<u8>,
 }
@@ -64,18 +69,15 @@ fn header_lines(block: &str) -> Result<Vec<(String, String)>, Refusal> {
                 "header line without a name: {raw:?}"
             )));
         }
-        out.push((
-            name.to_ascii_lowercase(),
-            raw[colon + 1..].trim().to_owned(),
-        ));
+        out.push((name.to_owned(), raw[colon + 1..].trim().to_owned()));
     }
     Ok(out)
 }
 
-fn find<'a>(headers: &'a [(String, String)], lower_name: &str) -> Option<&'a str> {
+fn find<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
-        .find(|(n, _)| n == lower_name)
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
 }
 
@@ -116,25 +118,33 @@ pub(crate) fn read_binary(frame: &[u8]) -> Result<Received, Refusal> {
     let (head, payload) = rest.split_at(len);
     let head = std::str::from_utf8(head)
         .map_err(|_| Refusal::protocol("binary frame headers are not UTF-8"))?;
-    received(&header_lines(head)?, true, payload)
+    let mut m = received(&header_lines(head)?, true, payload)?;
+    m.blank_line = head.ends_with("\r\n\r\n") || head.ends_with("\n\n");
+    Ok(m)
 }
 
 fn received(headers: &[(String, String)], binary: bool, body: &[u8]) -> Result<Received, Refusal> {
     let path = find(headers, "path")
         .filter(|p| !p.is_empty())
         .ok_or_else(|| Refusal::protocol("missing Path header"))?;
-    let request_id =
-        find(headers, "x-requestid").ok_or_else(|| Refusal::protocol("missing X-RequestId"))?;
-    let hex32 = request_id.len() == 32 && request_id.chars().all(|c| c.is_ascii_hexdigit());
-    if !hex32 {
-        return Err(Refusal::protocol(format!(
-            "X-RequestId {request_id:?} is not 32 hex digits"
-        )));
+    let request_id = find(headers, "x-requestid");
+    if request_id.is_none() && !path.eq_ignore_ascii_case("speech.config") {
+        return Err(Refusal::protocol("missing X-RequestId"));
+    }
+    if let Some(id) = request_id {
+        let hex32 = id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit());
+        if !hex32 {
+            return Err(Refusal::protocol(format!(
+                "X-RequestId {id:?} is not 32 hex digits"
+            )));
+        }
     }
     Ok(Received {
         path: path.to_owned(),
-        request_id: request_id.to_owned(),
+        request_id: request_id.map(str::to_owned),
+        headers: headers.to_vec(),
         binary,
+        blank_line: false,
         body: body.to_vec(),
     })
 }
@@ -251,13 +261,22 @@ mod tests {
         ] {
             let m = read_text(&frame).unwrap();
             assert_eq!(
-                (m.path.as_str(), m.request_id.as_str(), m.binary),
-                ("speech.config", RID, false)
+                (m.path.as_str(), m.request_id.as_deref(), m.binary),
+                ("speech.config", Some(RID), false)
             );
             assert_eq!(m.body, b"{}");
         }
         let m = read_text(&format!("Path: telemetry\r\nX-RequestId: {RID}\r\n")).unwrap();
         assert!(m.body.is_empty());
+        assert_eq!(m.headers[0], ("Path".to_owned(), "telemetry".to_owned()));
+        // The Python SDK sends speech.config without a request id; the service accepts it.
+        let m =
+            read_text("Path: speech.config\r\nContent-Type: application/json\r\n\r\n{}").unwrap();
+        assert_eq!(m.request_id, None);
+        assert!(matches!(
+            read_text("Path: speech.context\r\n\r\n{}"),
+            Err(Refusal::Protocol(_))
+        ));
         assert!(matches!(read_text("Path: x"), Err(Refusal::Protocol(_))));
         assert!(matches!(
             read_text(&format!("X-RequestId: {RID}\r\n\r\n")),

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -70,93 +69,6 @@ struct Report {
     gap_max: f64,
 }
 
-struct Daemon {
-    child: Child,
-    audio: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_daemon(max_calls: usize) -> Daemon {
-    let audio: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_sifucall"))
-        .arg("run")
-        .env("SIFUCALL_AGENT__MODE", "echo")
-        .env("SIFUCALL_AUDIOSOCKET__LISTEN", audio.to_string())
-        .env("SIFUCALL_ADMIN__LISTEN", admin.to_string())
-        .env(
-            "SIFUCALL_AUDIOSOCKET__MAX_CALLS",
-            (max_calls + 10).to_string(),
-        )
-        .env("SIFUCALL_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start daemon");
-    for _ in 0..100 {
-        if TcpStream::connect(admin).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Daemon {
-        child,
-        audio,
-        admin,
-    }
-}
-
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let stime: u64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    utime + stime
-}
-
-fn proc_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn scrape(admin: SocketAddr) -> HashMap<String, f64> {
-    let body = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 /// Quantile from cumulative histogram buckets: the upper bound of the bucket reaching q.
 fn bucket_quantile(before: &HashMap<String, f64>, after: &HashMap<String, f64>, q: f64) -> String {
     let mut buckets: Vec<(f64, f64)> = after
@@ -191,10 +103,16 @@ fn bucket_quantile(before: &HashMap<String, f64>, after: &HashMap<String, f64>, 
 }
 
 async fn run(n: usize, dur: Duration) -> Report {
-    let d = start_daemon(n).await;
-    let pid = d.child.id();
-    let rss_base = proc_rss_kb(pid);
-    let before = scrape(d.admin).await;
+    let env = [
+        ("SIFUCALL_AGENT__MODE", "echo".to_owned()),
+        ("SIFUCALL_AUDIOSOCKET__MAX_CALLS", (n + 10).to_string()),
+        ("SIFUCALL_LOG__LEVEL", "warn".to_owned()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let d = common::start_daemon(&env, None).await.expect("daemon");
+    let pid = d.proc.pid();
+    let rss_base = common::proc_rss_kb(pid);
+    let before = common::scrape(d.admin).await;
     let gaps = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
     let received = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(200);
@@ -213,18 +131,17 @@ async fn run(n: usize, dur: Duration) -> Report {
     // Measure the steady state: after the ramp, for most of the run.
     tokio::time::sleep_until((start + ramp + Duration::from_secs(1)).into()).await;
     let t0 = Instant::now();
-    let cpu0 = proc_cpu_ticks(pid);
+    let cpu0 = common::proc_cpu_secs(pid);
     let rss_peak_window = dur.saturating_sub(ramp + Duration::from_secs(3));
     tokio::time::sleep(rss_peak_window).await;
-    let cpu1 = proc_cpu_ticks(pid);
+    let cpu1 = common::proc_cpu_secs(pid);
     let elapsed = t0.elapsed().as_secs_f64();
-    let rss = proc_rss_kb(pid);
+    let rss = common::proc_rss_kb(pid);
     for t in tasks {
         let _ = t.await;
     }
-    let after = scrape(d.admin).await;
-    let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let cpu_pct = (cpu1 - cpu0) as f64 / ticks_per_sec / elapsed * 100.0;
+    let after = common::scrape(d.admin).await;
+    let cpu_pct = (cpu1 - cpu0) / elapsed * 100.0;
     let mut g = gaps.lock().unwrap().clone();
     g.sort_unstable();
     let pct = |q: f64| {
@@ -233,8 +150,7 @@ async fn run(n: usize, dur: Duration) -> Report {
             .unwrap_or(0) as f64
             / 1000.0
     };
-    let delta =
-        |k: &str| after.get(k).copied().unwrap_or(0.0) - before.get(k).copied().unwrap_or(0.0);
+    let delta = |k: &str| common::delta(&before, &after, k);
     Report {
         cpu_pct_per_call: cpu_pct / n as f64,
         rss_kb_per_call: rss.saturating_sub(rss_base) as f64 / n as f64,

@@ -1,85 +1,70 @@
-//! Turn latency benchmark: the daemon's own overhead per conversational turn, measured
-//! against fake providers of KNOWN delay.
+//! Turn latency benchmark: what a caller hears, per conversational turn and per barge-in,
+//! from the daemon running as its own process against fake providers of KNOWN delay.
 //!
-//! Run: `cargo bench --bench turn_latency -- [--calls 1,200] [--turns N] [--barge-ins N]`
-//! (defaults: 1 call x 10 turns + 3 barge-ins; 200 calls x 3 turns + 1 barge-in, ramped
-//! over 2 s).
+//! Run: `cargo bench --bench turn_latency -- [--calls 1,50,200] [--turns N] [--barge-ins N]
+//! [--pipelines streamed,sequential,speculative]` (default pipelines: streamed,sequential).
+//! Defaults: 1 call = 100 turns and 20 barge-ins, asked over calls of at most 25 turns placed
+//! one after the other (so the 1-call figures have the samples for a p99); N calls = N
+//! concurrent conversations of 3 turns and 2 barge-ins each, ramped over 2 s.
 //!
-//! The daemon runs in this process (as `sifucall demo` does) in AI mode, pointed at the fakes
-//! of [`sifucall::sandbox`] configured with: segmentation silence 300 ms, STT final 150 ms
-//! after it, LLM first token 300 ms then 50 tokens/s, TTS first audio 150 ms then 1.5x real
-//! time. Every call is a small AudioSocket client written here (not `sifucall::caller`), so
-//! each received frame gets its own arrival time: the caller's recording places frames
-//! within a 20 ms tolerance, which is the very size of what is measured. It sends a frame
-//! every 20 ms on an absolute schedule, each frame when its 20 ms have been "captured", as
-//! Asterisk does; so the caller's speech end is exactly when the frame carrying its last
-//! voiced sample is sent.
+//! Where things run: the daemon is `target/release/sifucall run` (the binary cargo builds
+//! for this bench), a child process, configured only through its environment; the fakes of
+//! [`sifucall::sandbox`] and the callers run in this process. Fakes: segmentation silence
+//! 300 ms, STT final 150 ms after it, LLM first token 300 ms then 50 tokens/s, TTS first
+//! audio 150 ms then 1.5x real time. The hold phrase is pushed out to 30 s in every run so
+//! that the first audio after a question is the reply itself.
 //!
-//! The caller's speech is the Malay question fixture with its silences cut to whole frames:
-//! from the first to the last 20 ms frame the fake STT calls voiced (> -40 dBFS, the fake's
-//! own endpointer rule), zeros after that, so the end is sharp and the fake's segmentation
-//! silence starts exactly there. The reply is a scripted three-sentence Malay reply.
+//! Every figure is taken outside the daemon, at the caller ([`sifucall::caller::
+//! place_dialogue`]: each frame is timestamped when it is written to or read from the
+//! socket) and at the fakes (their own wall-clock marks, for attribution):
 //!
-//! 1. Latency: from the caller's speech end to the first non-silent reply frame arriving at
-//!    the caller, and the daemon's overhead = that minus the sum of the known provider
-//!    delays: segmentation silence + STT final delay + LLM time to first token + the time
-//!    the LLM needs to stream the first clause (the clause splitter releases it only when
-//!    the token after its last one arrives: computed here by feeding the production
-//!    [`ClauseSplitter`] the fake's tokens) + TTS first-byte delay. The overhead includes
-//!    the playout clock: a reply frame goes out on the next 20 ms tick, 0-20 ms. Also the
-//!    daemon's own per-stage marks (`TurnTiming`), and playout underruns. The fakes overshoot
-//!    their configured delays (sleeps round up, chained steps, keep-alives), so "measured -
-//!    known" charges their slack to the daemon; the fakes therefore record wall-clock marks
-//!    (phrase heard/sent, LLM request arrival and each token's send, TTS text arrival and first
-//!    audio) and each turn is split into the daemon's own gaps and the fakes' own time. To
-//!    join the marks of one turn across the fakes, each phrase's transcript and each reply
-//!    carry a unique number (the reply's first clause keeps its tokens).
-//! 2. Barge-in: the caller talks over a reply; from the VAD's barge-in decision
-//!    (`AgentReport::barge_in_ms`) to the last non-silent reply frame the caller receives.
-//!    Daemon marks are ms since the session started; they are put on the caller's clock
-//!    with the smallest (caller arrival - daemon `first_frame_ms`) of the call's turns.
-//! 3. The sequential design of the user's earlier plan, for the same turn and the same
-//!    fakes, measured here with direct HTTP against the fakes (a measurement of the old
-//!    design, not production code): (a) the STT final (production Azure client against the
-//!    fake Azure, same audio), (b) the whole LLM reply (the whole SSE stream, reqwest),
-//!    (c) the whole reply synthesized by the non-streaming `POST /v1/text-to-speech/{voice}`,
-//!    then (d) the first frame "sent" at once (no tick wait, in the baseline's favour). The
-//!    fake's whole-file endpoint answers after its first-byte delay without the generation
-//!    time a real service needs, which favours the baseline; so a second row drains the
-//!    `/stream` endpoint instead (whole reply at the same 1.5x generation rate as the
-//!    streamed run).
+//! 1. Speech end (the frame carrying the caller's last voiced sample written) -> the first
+//!    non-silent reply frame read by the caller. The "overhead" column is that minus the
+//!    sum of the known provider delays, including the clause release time (the production
+//!    [`ClauseSplitter`] fed the fake's tokens). For the streamed pipeline the fakes' marks
+//!    split each turn into the daemon's own gaps and the fakes' own time (their overshoot of
+//!    the configured delays).
+//! 2. Streamed vs sequential, both through the same daemon code path: the sequential run
+//!    sets `agent.pipeline = "sequential"` (`SIFUCALL_AGENT__PIPELINE`), in which the daemon
+//!    waits for the whole LLM reply, sends it to TTS as one text and waits for all its audio
+//!    before playing. Every configuration run is printed; a daemon that does not accept the
+//!    setting gives an N/A row, never a substitute. Both run with speculation off
+//!    (`agent.speculate_after_ms = 0`, so the reply starts at the STT final, as the known
+//!    delays assume); `speculative` runs the streamed pipeline with the daemon's default
+//!    speculation (a reply may start on a stable hypothesis, before the final).
+//! 3. Barge-in as the caller feels it: the first frame of the interrupting speech written ->
+//!    the last non-silent agent frame read, next to the daemon's own VAD decision -> that
+//!    frame. The decision is when the daemon logged its "barge-in" line (the JSON line's own
+//!    timestamp, microseconds, compared with the caller's wall-clock start); without such
+//!    lines, the call record's `barge_in_ms` if it has them (ms since the call started, put
+//!    on the caller's clock with the record's `started_at`, 1 ms resolution).
 //!
-//! Everything shares this machine's cores: the fakes and the callers load it too, so the
-//! 200-call figures are an upper bound of the daemon's overhead. Figures for the notes, not
-//! pass/fail assertions.
+//! Percentiles: a p99 is printed only over >= 100 samples; below that the maximum and the
+//! sample count are printed instead. The fakes and callers share this machine's cores with
+//! the daemon, so loaded figures are an upper bound of the daemon's own cost. Figures for
+//! the notes, never pass/fail assertions.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use sifucall::app::{self, Hooks};
 use sifucall::audio::{pcm, wav};
-use sifucall::call::CallSummary;
 use sifucall::call::clauses::ClauseSplitter;
-use sifucall::ops::config::{AgentMode, Settings};
-use sifucall::providers::stt::azure::AzureStt;
-use sifucall::providers::stt::{SttEvent, SttParams, SttProvider};
+use sifucall::caller::{ClosedBy, DialogueOptions, DialogueReport, place_dialogue};
 use sifucall::sandbox::{Sandbox, SandboxConfig, elevenlabs};
+
+#[path = "common.rs"]
+mod common;
+use common::{dist, pct};
 
 const SPF: usize = 160;
 const RATE: u32 = 8_000;
 /// The fake STT's endpointer: a 20 ms block above this is speech.
 const STT_SPEECH_DBFS: f64 = -40.0;
-/// A received frame above this is agent audio (the caller observer's threshold).
-const SILENCE_DBFS: f64 = -60.0;
 
 const SEGMENTATION_MS: u64 = 300;
 const STT_FINAL_MS: u64 = 150;
@@ -90,29 +75,56 @@ const TTS_REALTIME: f64 = 1.5;
 
 /// What the fake STT "hears".
 const QUESTION_TEXT: &str = sifucall::demo::QUESTION_TEXT;
-/// The scripted three-sentence reply (streamed run and baseline).
+/// The scripted three-sentence reply.
 const REPLY: &str =
     "Pakej asas kami RM99 sebulan. Pakej premium pula RM199 sebulan. Ada soalan lain?";
 
-/// Agent silence that ends a reply, for the caller's turn-taking.
-const QUIET_MS: f64 = 900.0;
-/// The caller barges in this long after the reply it interrupts starts.
-const BARGE_AFTER_MS: f64 = 800.0;
-/// A turn without a reply gives up after this.
-const REPLY_TIMEOUT_MS: f64 = 10_000.0;
+/// The 1-call scenario asks its turns over calls of at most this many turns.
+const SOLO_TURNS_PER_CALL: usize = 25;
+/// A barge-in decision belongs to the barge-in whose speech it falls in (or just after).
+const DECISION_WINDOW_AFTER_END_MS: f64 = 400.0;
 
-#[path = "common.rs"]
-mod common;
+/// How the daemon turns the LLM's reply into audio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pipeline {
+    /// The default: clauses go to TTS as they stream, audio plays as it arrives.
+    Streamed,
+    /// Benchmark baseline: whole reply, then whole audio, then play.
+    Sequential,
+    /// Streamed, and the reply may start on a stable STT hypothesis before the final
+    /// (`agent.speculate_after_ms`, the production default when the daemon has it).
+    Speculative,
+}
+
+impl Pipeline {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Streamed => "streamed",
+            Self::Sequential => "sequential",
+            Self::Speculative => "speculative",
+        }
+    }
+}
 
 fn main() {
     let Some(args) = common::bench_args("turn_latency") else {
         return;
     };
-    let calls = common::list(&args, "--calls").unwrap_or_else(|| vec![1, 200]);
+    let calls = common::list(&args, "--calls").unwrap_or_else(|| vec![1, 50, 200]);
     let turns: Option<usize> = common::flag(&args, "--turns").and_then(|v| v.parse().ok());
     let barge_ins: Option<usize> = common::flag(&args, "--barge-ins").and_then(|v| v.parse().ok());
+    let pipelines: Vec<Pipeline> = common::flag(&args, "--pipelines")
+        .unwrap_or("streamed,sequential")
+        .split(',')
+        .filter_map(|p| match p.trim() {
+            "streamed" => Some(Pipeline::Streamed),
+            "sequential" => Some(Pipeline::Sequential),
+            "speculative" => Some(Pipeline::Speculative),
+            _ => None,
+        })
+        .collect();
     let rt = common::runtime();
-    rt.block_on(run_all(calls, turns, barge_ins));
+    rt.block_on(run_all(calls, turns, barge_ins, pipelines));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -218,245 +230,388 @@ fn utterance() -> Vec<i16> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Statistics.
-
-fn pct(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    s.get(rank.clamp(1, s.len()) - 1).copied()
-}
-
-fn f(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.0}"))
-}
-
-fn p50_99(v: &[f64]) -> String {
-    format!("{} / {}", f(pct(v, 50.0)), f(pct(v, 99.0)))
-}
-
-// ---------------------------------------------------------------------------------------
-// The caller.
-
-#[derive(Debug, Clone)]
-struct TurnObs {
-    barge: bool,
-    /// First frame of the utterance sent, ms on the caller's clock.
-    start_ms: f64,
-    /// The frame carrying the last voiced sample sent: the speech end.
-    end_ms: f64,
-    /// Frames written when the speech ended (the frame counter).
-    end_k: u32,
-    /// The frame completing the segmentation silence after `end_ms` written.
-    seg_sent_ms: Option<f64>,
-    /// First non-silent frame received after `end_ms` (or after `start_ms` for a barge-in,
-    /// once the interrupted reply has been flushed: see `analyse`).
-    first_reply_ms: Option<f64>,
-}
-
-#[derive(Debug, Default)]
-struct CallerLog {
-    call_id: Uuid,
-    /// The caller clock's zero.
-    origin: Option<std::time::Instant>,
-    turns: Vec<TurnObs>,
-    /// Arrival of every non-silent frame, ms on the caller's clock.
-    voiced: Vec<f64>,
-    frames_in: u64,
-    max_send_lag_ms: f64,
-    error: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Phase {
-    Greeting,
-    Speaking { turn: usize, pos: usize },
-    AwaitReply { turn: usize },
-    BargeWait { until: f64 },
-    Listening,
-    Done { at: f64 },
-}
-
-/// One Asterisk: greeting, `turns` questions each answered in full, then `barge_ins`
-/// questions each spoken over the reply to the one before.
-async fn one_call(
-    addr: SocketAddr,
-    utt: Arc<Vec<i16>>,
-    turns: usize,
-    barge_ins: usize,
-) -> CallerLog {
-    let mut log = CallerLog {
-        call_id: Uuid::new_v4(),
-        ..CallerLog::default()
-    };
-    let stream = match TcpStream::connect(addr).await {
-        Ok(s) => s,
-        Err(e) => {
-            log.error = Some(format!("connect: {e}"));
-            return log;
-        }
-    };
-    let _ = stream.set_nodelay(true);
-    let origin = Instant::now();
-    log.origin = Some(origin.into_std());
-    let ms = |t: Instant| t.saturating_duration_since(origin).as_secs_f64() * 1000.0;
-    let (mut rd, mut wr) = stream.into_split();
-    let mut msg = vec![0x01, 0, 16];
-    msg.extend_from_slice(log.call_id.as_bytes());
-    if let Err(e) = wr.write_all(&msg).await {
-        log.error = Some(format!("uuid: {e}"));
-        return log;
-    }
-    let total = turns + barge_ins;
-    let mut phase = Phase::Greeting;
-    let mut k: u32 = 0;
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut acc: Vec<u8> = Vec::new();
-    let mut last_voiced = f64::NEG_INFINITY;
-    let mut frame = vec![0x10u8, 0x01, 0x40];
-    frame.resize(3 + SPF * 2, 0);
-    let hard_stop = Duration::from_secs(30 + 15 * total as u64);
-    loop {
-        let due = origin + Duration::from_millis(20) * (k + 1);
-        tokio::select! {
-            () = sleep_until(due) => {
-                let now = ms(Instant::now());
-                log.max_send_lag_ms = log.max_send_lag_ms.max(now - ms(due));
-                if origin.elapsed() > hard_stop {
-                    log.error = Some("call did not finish in time".into());
-                    break;
-                }
-                let quiet = now - last_voiced >= QUIET_MS;
-                // Decide what this frame carries.
-                phase = match phase {
-                    Phase::Greeting if now > 1_000.0 && quiet => Phase::Speaking { turn: 0, pos: 0 },
-                    Phase::Listening if quiet => {
-                        let next = log.turns.len();
-                        if next < total { Phase::Speaking { turn: next, pos: 0 } } else { Phase::Done { at: now } }
-                    }
-                    Phase::BargeWait { until } if now >= until => Phase::Speaking { turn: log.turns.len(), pos: 0 },
-                    Phase::AwaitReply { turn } => {
-                        let t = &log.turns[turn];
-                        if t.first_reply_ms.is_some() {
-                            if log.turns.len() >= turns && log.turns.len() < total {
-                                Phase::BargeWait { until: t.first_reply_ms.unwrap_or(now) + BARGE_AFTER_MS }
-                            } else {
-                                Phase::Listening
-                            }
-                        } else if now - t.end_ms > REPLY_TIMEOUT_MS {
-                            Phase::Listening
-                        } else {
-                            phase
-                        }
-                    }
-                    Phase::Done { at } if now - at > 300.0 => break,
-                    p => p,
-                };
-                let payload = &mut frame[3..];
-                payload.fill(0);
-                if let Phase::Speaking { turn, pos } = phase {
-                    if pos == 0 {
-                        log.turns.push(TurnObs { barge: turn >= turns, start_ms: now, end_ms: 0.0, end_k: 0, seg_sent_ms: None, first_reply_ms: None });
-                    }
-                    let chunk = &utt[pos * SPF..(pos + 1) * SPF];
-                    for (b, s) in payload.chunks_exact_mut(2).zip(chunk) {
-                        b.copy_from_slice(&s.to_le_bytes());
-                    }
-                }
-                if let Err(e) = wr.write_all(&frame).await {
-                    log.error = Some(format!("write: {e}"));
-                    break;
-                }
-                k += 1;
-                let seg_frames = (SEGMENTATION_MS / 20) as u32;
-                if let Some(t) = log.turns.last_mut()
-                    && t.end_k > 0
-                    && t.seg_sent_ms.is_none()
-                    && k - t.end_k == seg_frames
-                {
-                    t.seg_sent_ms = Some(ms(Instant::now()));
-                }
-                if let Phase::Speaking { turn, pos } = phase {
-                    if (pos + 1) * SPF >= utt.len() {
-                        log.turns[turn].end_ms = ms(Instant::now());
-                        log.turns[turn].end_k = k;
-                        phase = Phase::AwaitReply { turn };
-                    } else {
-                        phase = Phase::Speaking { turn, pos: pos + 1 };
-                    }
-                }
-            }
-            r = rd.read(&mut buf) => {
-                let n = match r {
-                    Ok(0) => { log.error = Some("server closed".into()); break; }
-                    Err(e) => { log.error = Some(format!("read: {e}")); break; }
-                    Ok(n) => n,
-                };
-                let now = ms(Instant::now());
-                acc.extend_from_slice(&buf[..n]);
-                let mut at = 0;
-                while acc.len() - at >= 3 {
-                    let kind = acc[at];
-                    let len = usize::from(u16::from_be_bytes([acc[at + 1], acc[at + 2]]));
-                    if acc.len() - at < 3 + len {
-                        break;
-                    }
-                    if kind == 0x10 {
-                        log.frames_in += 1;
-                        let samples = pcm::le_bytes_to_samples(&acc[at + 3..at + 3 + len]);
-                        if pcm::dbfs(&samples) > SILENCE_DBFS {
-                            log.voiced.push(now);
-                            last_voiced = now;
-                            if let Phase::AwaitReply { turn } = phase {
-                                let t = &mut log.turns[turn];
-                                if t.first_reply_ms.is_none() {
-                                    t.first_reply_ms = Some(now);
-                                }
-                            }
-                        }
-                    } else if kind == 0x00 {
-                        log.error = Some("server hung up".into());
-                    }
-                    at += 3 + len;
-                }
-                acc.drain(..at);
-            }
-        }
-    }
-    log
-}
-
-// ---------------------------------------------------------------------------------------
-// One scenario.
+// One scenario: one pipeline, N concurrent conversations (or 1 at a time).
 
 #[derive(Debug, Default)]
 struct Results {
+    pipeline: &'static str,
     calls: usize,
-    calls_failed: usize,
-    turns_attempted: usize,
-    e2e: Vec<f64>,
-    overhead: Vec<f64>,
-    vad_lag: Vec<f64>,
-    stt: Vec<f64>,
-    llm: Vec<f64>,
-    tts: Vec<f64>,
-    tick: Vec<f64>,
-    wire: Vec<f64>,
-    unmatched_calls: usize,
-    underruns: u64,
-    inbound_dropped: u64,
-    barge_attempted: usize,
-    barge_decided: usize,
-    barge_detect: Vec<f64>,
-    barge_flush: Vec<f64>,
-    barge_frames_after: Vec<f64>,
-    max_send_lag_ms: f64,
+    /// Why the scenario could not run (e.g. the daemon rejected the pipeline setting).
+    not_run: Option<String>,
+    conversations: usize,
+    failed: usize,
     errors: Vec<String>,
+    turns_asked: usize,
+    /// Speech end -> first non-silent reply frame read.
+    e2e: Vec<f64>,
+    /// The daemon's first-frame mark -> that frame read by the caller.
+    mark_to_read: Vec<f64>,
+    underruns: f64,
+    max_send_lag_ms: f64,
+    barge_attempted: usize,
+    /// Barge-ins with agent audio read after the caller's onset.
+    barge_heard: usize,
+    /// Caller speech onset -> last non-silent agent frame read.
+    barge_felt: Vec<f64>,
+    barge_frames_after_onset: Vec<f64>,
+    barge_decided: usize,
+    /// Caller speech onset -> the daemon's decision.
+    barge_detect: Vec<f64>,
+    /// The daemon's decision -> last non-silent agent frame read.
+    barge_flush: Vec<f64>,
+    /// Where the decision marks came from.
+    decision_source: &'static str,
     att: Attribution,
 }
+
+/// How the scenario's questions are spread over conversations.
+fn plan(n: usize, turns: Option<usize>, barge_ins: Option<usize>) -> Vec<(usize, usize)> {
+    if n == 1 {
+        let t = turns.unwrap_or(100);
+        let b = barge_ins.unwrap_or(20);
+        let calls = t.div_ceil(SOLO_TURNS_PER_CALL).max(1);
+        (0..calls)
+            .map(|i| {
+                let share = |total: usize| total / calls + usize::from(i < total % calls);
+                (share(t), share(b))
+            })
+            .collect()
+    } else {
+        vec![(turns.unwrap_or(3), barge_ins.unwrap_or(2)); n]
+    }
+}
+
+fn daemon_env(
+    sandbox: &Sandbox,
+    pipeline: Pipeline,
+    n: usize,
+    records: &Path,
+) -> Vec<(String, String)> {
+    let mut env = sandbox.env_overrides();
+    let set = |env: &mut Vec<(String, String)>, k: &str, v: String| env.push((k.to_owned(), v));
+    set(&mut env, "SIFUCALL_AGENT__MODE", "ai".into());
+    set(
+        &mut env,
+        "SIFUCALL_AUDIOSOCKET__MAX_CALLS",
+        (n + 10).to_string(),
+    );
+    set(
+        &mut env,
+        "SIFUCALL_STT__SEGMENTATION_SILENCE_MS",
+        SEGMENTATION_MS.to_string(),
+    );
+    set(&mut env, "SIFUCALL_AGENT__HOLD_AFTER_MS", "30000".into());
+    set(
+        &mut env,
+        "SIFUCALL_RECORDS__URL",
+        format!("file://{}", records.display()),
+    );
+    set(&mut env, "SIFUCALL_LOG__FORMAT", "json".into());
+    set(&mut env, "SIFUCALL_LOG__LEVEL", "info".into());
+    if pipeline == Pipeline::Sequential {
+        set(&mut env, "SIFUCALL_AGENT__PIPELINE", "sequential".into());
+    }
+    if pipeline != Pipeline::Speculative {
+        // The known-delay model starts the reply at the STT final.
+        set(&mut env, "SIFUCALL_AGENT__SPECULATE_AFTER_MS", "0".into());
+    }
+    env
+}
+
+async fn scenario(
+    pipeline: Pipeline,
+    n: usize,
+    conversations: Vec<(usize, usize)>,
+    known: &Known,
+    utt: Arc<Vec<i16>>,
+) -> Results {
+    let mut r = Results {
+        pipeline: pipeline.name(),
+        calls: n,
+        decision_source: "none",
+        ..Results::default()
+    };
+    let sandbox = Sandbox::start(sandbox_config(true))
+        .await
+        .expect("fake providers");
+    let tag = format!("{}-{n}", pipeline.name());
+    let records = common::temp_path(&format!("{tag}-records.jsonl"));
+    let log = common::temp_path(&format!("{tag}-daemon.log"));
+    let _ = std::fs::remove_file(&records);
+    let env = daemon_env(&sandbox, pipeline, n, &records);
+    if pipeline == Pipeline::Sequential {
+        match common::effective_settings(&env) {
+            Ok(s)
+                if s.pointer("/agent/pipeline").and_then(|v| v.as_str()) == Some("sequential") => {}
+            Ok(_) => {
+                r.not_run = Some("N/A: the daemon ignores agent.pipeline".into());
+                return r;
+            }
+            Err(e) => {
+                let why = e.split(", expected").next().unwrap_or(&e);
+                r.not_run = Some(format!("N/A: the daemon rejects agent.pipeline ({why})"));
+                return r;
+            }
+        }
+    }
+    let mut daemon = match common::start_daemon(&env, Some(log.as_path())).await {
+        Ok(d) => d,
+        Err(e) => {
+            r.not_run = Some(format!("N/A: {e}"));
+            return r;
+        }
+    };
+    let before = common::scrape(daemon.admin).await;
+    let addr = daemon.audio.to_string();
+    let options = |(turns, barge_ins): (usize, usize)| {
+        let mut o = DialogueOptions::new(addr.clone(), utt.to_vec(), turns);
+        o.barge_ins = barge_ins;
+        o.max_duration = Duration::from_secs(60 + 20 * (turns + barge_ins) as u64);
+        o
+    };
+    let mut reports = Vec::new();
+    let mut push = |res: Result<DialogueReport, String>, r: &mut Results| match res {
+        Ok(rep) => reports.push(rep),
+        Err(e) => {
+            r.failed += 1;
+            if r.errors.len() < 5 {
+                r.errors.push(e);
+            }
+        }
+    };
+    r.conversations = conversations.len();
+    if n == 1 {
+        for c in conversations {
+            let res = place_dialogue(options(c)).await.map_err(|e| e.to_string());
+            push(res, &mut r);
+        }
+    } else {
+        let start = Instant::now() + Duration::from_millis(100);
+        let ramp = Duration::from_secs(2);
+        let count = conversations.len();
+        let mut tasks = Vec::new();
+        for (i, c) in conversations.into_iter().enumerate() {
+            let offset = ramp * u32::try_from(i).unwrap_or(0) / u32::try_from(count).unwrap_or(1);
+            let opts = options(c);
+            tasks.push(tokio::spawn(async move {
+                sleep_until(start + offset).await;
+                place_dialogue(opts).await.map_err(|e| e.to_string())
+            }));
+        }
+        for t in tasks {
+            let res = t.await.map_err(|e| e.to_string()).and_then(|x| x);
+            push(res, &mut r);
+        }
+    }
+    let after = common::scrape(daemon.admin).await;
+    r.underruns = common::delta(&before, &after, "sifucall_underruns_total");
+    // A graceful stop flushes the call records.
+    tokio::task::block_in_place(|| daemon.proc.stop(Duration::from_secs(15)));
+    let records = read_records(&records);
+    let log_marks = read_log_barge_ins(&log, &reports);
+    let fakes = FakeMarks {
+        phrases: sandbox.azure.stats().phrase_times,
+        llm: sandbox.openrouter.request_times(),
+        tts: sandbox.elevenlabs.stats().session_times(),
+        llm_connections: sandbox.openrouter.connections(),
+    };
+    drop(sandbox);
+
+    for rep in &reports {
+        let record = records.get(&rep.call_id);
+        analyse(rep, record, log_marks.get(&rep.call_id), &mut r);
+    }
+    if pipeline == Pipeline::Streamed {
+        attribute(&reports, &fakes, known, &mut r.att);
+        r.att.llm_connections = (fakes.llm_connections, fakes.llm.len());
+    }
+    r
+}
+
+/// The daemon's call records by call id (unparseable lines are skipped).
+fn read_records(path: &Path) -> HashMap<Uuid, serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let id = v.get("call_id")?.as_str()?.parse().ok()?;
+            Some((id, v))
+        })
+        .collect()
+}
+
+/// When the daemon logged each barge-in decision (the JSON log line's own timestamp, in
+/// microseconds), by call id.
+fn read_log_barge_ins(path: &Path, reports: &[DialogueReport]) -> HashMap<Uuid, Vec<SystemTime>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let ids: Vec<(Uuid, String)> = reports
+        .iter()
+        .map(|r| (r.call_id, r.call_id.to_string()))
+        .collect();
+    let mut out: HashMap<Uuid, Vec<SystemTime>> = HashMap::new();
+    for line in text.lines().filter(|l| l.contains("barge-in")) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(at) = v
+            .get("timestamp")
+            .and_then(|t| t.as_str())
+            .and_then(parse_rfc3339_utc)
+        else {
+            continue;
+        };
+        if let Some((id, _)) = ids.iter().find(|(_, s)| line.contains(s.as_str())) {
+            out.entry(*id).or_default().push(at);
+        }
+    }
+    out
+}
+
+/// ms from the caller's call start to `t`.
+fn caller_ms(rep: &DialogueReport, t: SystemTime) -> f64 {
+    match t.duration_since(rep.started_wall) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
+}
+
+/// `2026-12-01T21:39:57.123Z` -> the instant.
+fn parse_rfc3339_utc(s: &str) -> Option<SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (h, mi, sec) = (t.next()??, t.next()??, t.next()??);
+    let millis: f64 = format!("0.{frac}").parse().ok()?;
+    // Days since the epoch (H. Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec;
+    let secs = u64::try_from(secs).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_secs_f64(millis))
+}
+
+/// ms to add to a daemon mark (ms since its call started) to put it on the caller's clock,
+/// from the record's `started_at` (1 ms resolution).
+fn daemon_offset_ms(rep: &DialogueReport, record: &serde_json::Value) -> Option<f64> {
+    let started = parse_rfc3339_utc(record.get("started_at")?.as_str()?)?;
+    Some(caller_ms(rep, started))
+}
+
+fn analyse(
+    rep: &DialogueReport,
+    record: Option<&serde_json::Value>,
+    log_marks: Option<&Vec<SystemTime>>,
+    r: &mut Results,
+) {
+    r.max_send_lag_ms = r.max_send_lag_ms.max(rep.max_send_lag_ms);
+    if rep.closed_by != ClosedBy::Caller || rep.error.is_some() {
+        r.failed += 1;
+        if r.errors.len() < 5 {
+            r.errors.push(format!(
+                "{} ({})",
+                rep.error.clone().unwrap_or_default(),
+                rep.closed_by
+            ));
+        }
+    }
+    for t in rep.turns.iter().filter(|t| !t.barge) {
+        r.turns_asked += 1;
+        if let Some(first) = t.first_reply_ms {
+            r.e2e.push(first - t.end_ms);
+        }
+    }
+    let offset = record.and_then(|rec| daemon_offset_ms(rep, rec));
+    // The daemon's first-frame marks against what the caller read, turn by turn.
+    if let (Some(rec), Some(offset)) = (record, offset) {
+        let marks: Vec<Option<f64>> = rec
+            .get("turns")
+            .and_then(|t| t.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|t| t.get("first_frame_ms").and_then(serde_json::Value::as_f64))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if marks.len() == rep.turns.len() {
+            for (t, m) in rep.turns.iter().zip(marks) {
+                if let (false, Some(first), Some(m)) = (t.barge, t.first_reply_ms, m) {
+                    r.mark_to_read.push(first - (m + offset));
+                }
+            }
+        }
+    }
+    // Barge-ins.
+    // Decision marks on the caller's clock: the log lines' own timestamps (microseconds)
+    // if there are any, else the record's `barge_in_ms` (ms since the call started).
+    let decisions: Option<Vec<f64>> = if let Some(v) = log_marks {
+        r.decision_source = "daemon log timestamps";
+        Some(v.iter().map(|&t| caller_ms(rep, t)).collect())
+    } else {
+        let from_record = record
+            .and_then(|rec| rec.get("barge_in_ms"))
+            .and_then(|v| v.as_array())
+            .zip(offset)
+            .map(|(a, off)| {
+                a.iter()
+                    .filter_map(serde_json::Value::as_f64)
+                    .map(|m| m + off)
+                    .collect::<Vec<f64>>()
+            });
+        if from_record.is_some() && r.decision_source == "none" {
+            r.decision_source = "call record";
+        }
+        from_record
+    };
+    let voiced: Vec<f64> = rep
+        .arrivals
+        .iter()
+        .filter(|a| a.voiced)
+        .map(|a| a.at_ms)
+        .collect();
+    for c in rep.turns.iter().filter(|t| t.barge) {
+        r.barge_attempted += 1;
+        // The interrupted reply's audio: from the onset until this question's own reply
+        // (which cannot start before its speech end).
+        let until = c
+            .first_reply_ms
+            .unwrap_or(f64::INFINITY)
+            .min(c.end_ms + 300.0);
+        let tail: Vec<f64> = voiced
+            .iter()
+            .copied()
+            .filter(|&a| a >= c.start_ms && a < until)
+            .collect();
+        let last = tail.last().copied();
+        if let Some(last) = last {
+            r.barge_heard += 1;
+            r.barge_felt.push(last - c.start_ms);
+            r.barge_frames_after_onset.push(tail.len() as f64);
+        }
+        let decision = decisions.as_ref().and_then(|d| {
+            d.iter()
+                .copied()
+                .find(|&m| m >= c.start_ms && m <= c.end_ms + DECISION_WINDOW_AFTER_END_MS)
+        });
+        if let Some(dec) = decision {
+            r.barge_decided += 1;
+            r.barge_detect.push(dec - c.start_ms);
+            if let Some(last) = last {
+                r.barge_flush.push(last - dec);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attribution: the daemon's own gaps and the fakes' own time, from the fakes' marks.
 
 /// Per-turn stages from the fakes' own marks (ms): the daemon's gaps and the fakes' own.
 #[derive(Debug, Default)]
@@ -478,7 +633,7 @@ struct Attribution {
     clause_to_tts: Vec<f64>,
     /// Fake TTS: trigger text -> first audio message sent (configured first byte).
     fake_tts: Vec<f64>,
-    /// First audio message sent -> first non-silent frame at the caller.
+    /// First audio message sent -> first non-silent frame read by the caller.
     audio_out: Vec<f64>,
     daemon_sum: Vec<f64>,
     /// Caller's segmentation wait plus the fakes' stages.
@@ -510,7 +665,8 @@ fn rel_ms(origin: std::time::Instant, t: std::time::Instant) -> f64 {
 /// Joins each caller turn to the fakes' marks: the call's STT connection is the one whose
 /// phrases' last speech arrived closest to the caller's speech ends; phrase -> LLM request
 /// by the (unique) transcript; LLM request -> TTS session by the (unique) reply mark.
-fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attribution) {
+fn attribute(logs: &[DialogueReport], fakes: &FakeMarks, known: &Known, a: &mut Attribution) {
+    let seg_frames = (SEGMENTATION_MS / 20) as usize;
     let mut by_conn: HashMap<usize, Vec<&sifucall::sandbox::azure::PhraseTimes>> = HashMap::new();
     for p in &fakes.phrases {
         by_conn.entry(p.connection).or_default().push(p);
@@ -527,8 +683,8 @@ fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attri
     }
     let mut used = std::collections::HashSet::new();
     for log in logs {
-        let Some(origin) = log.origin else { continue };
-        let normal: Vec<(usize, &TurnObs)> = log
+        let origin = log.started;
+        let normal: Vec<(usize, &sifucall::caller::DialogueTurn)> = log
             .turns
             .iter()
             .enumerate()
@@ -564,7 +720,7 @@ fn attribute(logs: &[CallerLog], fakes: &FakeMarks, known: &Known, a: &mut Attri
                 let r = |x: std::time::Instant| rel_ms(origin, x);
                 Some(Marks {
                     heard: r(p.last_speech_at?),
-                    seg_sent: t.seg_sent_ms?,
+                    seg_sent: *log.sent_ms.get(t.end_frame + seg_frames)?,
                     segmented: r(p.segmented_at?),
                     phrase: r(p.sent_at),
                     arrived: r(q.arrived),
@@ -647,353 +803,14 @@ struct Marks {
     first: f64,
 }
 
-async fn scenario(
-    n: usize,
-    turns: usize,
-    barge_ins: usize,
-    known: &Known,
-    utt: Arc<Vec<i16>>,
-) -> Results {
-    let sandbox = Sandbox::start(sandbox_config(true))
-        .await
-        .expect("fake providers");
-    let mut settings = Settings::defaults();
-    settings.agent.mode = AgentMode::Ai;
-    settings.audiosocket.listen = "127.0.0.1:0".parse().expect("literal");
-    settings.admin.listen = "127.0.0.1:0".parse().expect("literal");
-    settings.audiosocket.max_calls = n + 10;
-    settings.stt.segmentation_silence_ms = SEGMENTATION_MS as u32;
-    sandbox.point(&mut settings);
-
-    let shutdown = CancellationToken::new();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let (sum_tx, mut sum_rx) = mpsc::unbounded_channel::<CallSummary>();
-    let hooks = Hooks {
-        on_bound: Some(bound_tx),
-        on_call_end: Some(Arc::new(move |s: CallSummary| {
-            let _ = sum_tx.send(s);
-        })),
-    };
-    let daemon = tokio::spawn(app::run(settings, shutdown.clone(), hooks));
-    let bound = bound_rx.await.expect("daemon started");
-
-    let start = Instant::now() + Duration::from_millis(100);
-    let ramp = if n > 1 {
-        Duration::from_secs(2)
-    } else {
-        Duration::ZERO
-    };
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let offset = ramp * u32::try_from(i).unwrap_or(0) / u32::try_from(n).unwrap_or(1);
-        let utt = Arc::clone(&utt);
-        let addr = bound.audiosocket;
-        tasks.push(tokio::spawn(async move {
-            sleep_until(start + offset).await;
-            one_call(addr, utt, turns, barge_ins).await
-        }));
-    }
-    let mut logs = Vec::new();
-    for t in tasks {
-        if let Ok(l) = t.await {
-            logs.push(l);
-        }
-    }
-    let mut summaries: HashMap<Uuid, CallSummary> = HashMap::new();
-    while summaries.len() < logs.len() {
-        match tokio::time::timeout(Duration::from_secs(5), sum_rx.recv()).await {
-            Ok(Some(s)) => {
-                if let Some(id) = s.call_id {
-                    summaries.insert(id, s);
-                }
-            }
-            _ => break,
-        }
-    }
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), daemon).await;
-    let fakes = FakeMarks {
-        phrases: sandbox.azure.stats().phrase_times,
-        llm: sandbox.openrouter.request_times(),
-        tts: sandbox.elevenlabs.stats().session_times(),
-        llm_connections: sandbox.openrouter.connections(),
-    };
-    drop(sandbox);
-
-    let mut r = Results {
-        calls: n,
-        ..Results::default()
-    };
-    for log in &logs {
-        analyse(log, summaries.get(&log.call_id), known, &mut r);
-    }
-    r.calls_failed += n - logs.len();
-    attribute(&logs, &fakes, known, &mut r.att);
-    r.att.llm_connections = (fakes.llm_connections, fakes.llm.len());
-    r
-}
-
-fn analyse(log: &CallerLog, summary: Option<&CallSummary>, known: &Known, r: &mut Results) {
-    r.max_send_lag_ms = r.max_send_lag_ms.max(log.max_send_lag_ms);
-    if let Some(e) = &log.error {
-        r.calls_failed += 1;
-        if r.errors.len() < 5 {
-            r.errors.push(e.clone());
-        }
-    }
-    let normal: Vec<&TurnObs> = log.turns.iter().filter(|t| !t.barge).collect();
-    r.turns_attempted += normal.len();
-    for t in &normal {
-        if let Some(first) = t.first_reply_ms {
-            r.e2e.push(first - t.end_ms);
-            r.overhead.push(first - t.end_ms - known.sum_ms);
-        }
-    }
-    let Some(s) = summary else {
-        r.unmatched_calls += 1;
-        return;
-    };
-    r.underruns += s.underruns;
-    r.inbound_dropped += s.inbound_dropped;
-    let agent = s.agent.clone().unwrap_or_default();
-    // One daemon turn per caller utterance, in order; otherwise the marks cannot be paired.
-    if agent.turns.len() != log.turns.len() {
-        r.unmatched_calls += 1;
-        return;
-    }
-    let pairs: Vec<(&TurnObs, &sifucall::ops::records::TurnTiming)> =
-        log.turns.iter().zip(&agent.turns).collect();
-    // Daemon ms -> caller ms: the smallest (arrival - daemon first-frame mark) of the call.
-    let offset = pairs
-        .iter()
-        .filter(|(c, _)| !c.barge)
-        .filter_map(|(c, d)| Some(c.first_reply_ms? - d.first_frame_ms? as f64))
-        .fold(f64::INFINITY, f64::min);
-    if !offset.is_finite() {
-        r.unmatched_calls += 1;
-        return;
-    }
-    let d = |a: Option<u64>, b: Option<u64>| Some(b? as f64 - a? as f64);
-    for (c, t) in pairs.iter().filter(|(c, _)| !c.barge) {
-        if let Some(v) = t.speech_end_ms {
-            r.vad_lag.push(v as f64 + offset - c.end_ms);
-        }
-        r.stt.extend(d(t.speech_end_ms, t.stt_final_ms));
-        r.llm.extend(d(t.stt_final_ms, t.llm_first_token_ms));
-        r.tts.extend(d(t.llm_first_token_ms, t.tts_first_audio_ms));
-        r.tick.extend(d(t.tts_first_audio_ms, t.first_frame_ms));
-        if let (Some(first), Some(ff)) = (c.first_reply_ms, t.first_frame_ms) {
-            r.wire.push(first - (ff as f64 + offset));
-        }
-    }
-    // Barge-ins: each barge-in utterance interrupts the reply before it.
-    for (i, c) in log.turns.iter().enumerate().filter(|(_, c)| c.barge) {
-        r.barge_attempted += 1;
-        let window_end = c.end_ms + 400.0;
-        let decision = agent
-            .barge_in_ms
-            .iter()
-            .map(|&b| b as f64 + offset)
-            .find(|&b| b >= c.start_ms && b <= window_end);
-        let Some(dec) = decision else { continue };
-        r.barge_decided += 1;
-        r.barge_detect.push(dec - c.start_ms);
-        // Agent audio of the interrupted reply: from the barge-in start until this
-        // utterance's own reply begins (it cannot begin before its speech end).
-        let next_reply = log.turns[i].first_reply_ms.unwrap_or(f64::INFINITY);
-        let tail: Vec<f64> = log
-            .voiced
-            .iter()
-            .copied()
-            .filter(|&a| a >= c.start_ms && a < next_reply.min(c.end_ms + 300.0))
-            .collect();
-        if let Some(&last) = tail.last() {
-            r.barge_flush.push(last - dec);
-        }
-        r.barge_frames_after
-            .push(tail.iter().filter(|&&a| a > dec).count() as f64);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The sequential baseline.
-
-#[derive(Debug, Default)]
-struct Baseline {
-    stt: Vec<f64>,
-    llm: Vec<f64>,
-    tts_file: Vec<f64>,
-    tts_stream: Vec<f64>,
-    first_audio_file: Vec<f64>,
-    first_audio_stream: Vec<f64>,
-    errors: Vec<String>,
-}
-
-/// The whole SSE stream; returns the reply text.
-async fn whole_llm_reply(
-    client: &reqwest::Client,
-    settings: &Settings,
-    base: &str,
-) -> Result<String, String> {
-    let body = serde_json::json!({
-        "model": settings.llm.model,
-        "stream": true,
-        "max_tokens": settings.llm.max_tokens,
-        "messages": [
-            {"role": "system", "content": settings.agent.system_prompt},
-            {"role": "user", "content": QUESTION_TEXT},
-        ],
-    });
-    let resp = client
-        .post(format!("{base}/chat/completions"))
-        .bearer_auth("sandbox")
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let text = resp.text().await.map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    for line in text.lines() {
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: serde_json::Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
-        if let Some(c) = v
-            .pointer("/choices/0/delta/content")
-            .and_then(|c| c.as_str())
-        {
-            reply.push_str(c);
-        }
-    }
-    Ok(reply)
-}
-
-async fn whole_tts(
-    client: &reqwest::Client,
-    settings: &Settings,
-    base: &str,
-    leaf: &str,
-    text: &str,
-) -> Result<usize, String> {
-    let resp = client
-        .post(format!(
-            "{base}/v1/text-to-speech/{}{leaf}?output_format=ulaw_8000",
-            settings.tts.voice_id
-        ))
-        .header("xi-api-key", "sandbox")
-        .json(&serde_json::json!({"text": text, "model_id": settings.tts.model_id}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !resp.status().is_success() {
-        return Err(format!("TTS HTTP {}", resp.status()));
-    }
-    Ok(resp.bytes().await.map_err(|e| e.to_string())?.len())
-}
-
-async fn baseline(turns: usize, utt: Arc<Vec<i16>>) -> Baseline {
-    let mut out = Baseline::default();
-    let sandbox = Sandbox::start(sandbox_config(false))
-        .await
-        .expect("fake providers");
-    let mut settings = Settings::defaults();
-    sandbox.point(&mut settings);
-    let stt = match AzureStt::from_settings(&settings) {
-        Ok(s) => s,
-        Err(e) => {
-            out.errors.push(e.to_string());
-            return out;
-        }
-    };
-    let mut session = match stt
-        .start(SttParams {
-            language: settings.agent.language.clone(),
-            sample_rate: RATE,
-            segmentation_silence_ms: SEGMENTATION_MS as u32,
-            call_id: Uuid::new_v4().to_string(),
-        })
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            out.errors.push(e.to_string());
-            return out;
-        }
-    };
-    let client = reqwest::Client::new();
-    let llm_base = sandbox.openrouter.base_url();
-    let tts_base = sandbox.elevenlabs.base_url();
-    let expected_samples = elevenlabs::speech_samples(REPLY, RATE);
-    for _ in 0..turns {
-        // (a) Speak in real time, frames sent when captured; silence until the final.
-        let origin = Instant::now();
-        let mut k: u32 = 0;
-        let frames = utt.len() / SPF;
-        let mut end = None;
-        let final_at = loop {
-            let due = origin + Duration::from_millis(20) * (k + 1);
-            tokio::select! {
-                () = sleep_until(due) => {
-                    let idx = k as usize;
-                    let chunk = if idx < frames { utt[idx * SPF..(idx + 1) * SPF].to_vec() } else { vec![0; SPF] };
-                    let _ = session.audio.send(chunk).await;
-                    if idx + 1 == frames {
-                        end = Some(Instant::now());
-                    }
-                    k += 1;
-                    if k > 500 { break None; }
-                }
-                ev = session.events.recv() => match ev {
-                    Some(SttEvent::Final { .. }) if end.is_some() => break Some(Instant::now()),
-                    Some(_) => {}
-                    None => break None,
-                },
-            }
-        };
-        let (Some(end), Some(final_at)) = (end, final_at) else {
-            out.errors.push("no STT final".into());
-            continue;
-        };
-        // (b) The whole reply.
-        let reply = match whole_llm_reply(&client, &settings, &llm_base).await {
-            Ok(r) => r,
-            Err(e) => {
-                out.errors.push(e);
-                continue;
-            }
-        };
-        let llm_done = Instant::now();
-        // (c) The whole file; (d) its first frame is "sent" now.
-        let bytes = whole_tts(&client, &settings, &tts_base, "", &reply).await;
-        let file_done = Instant::now();
-        // (c') The same reply at the TTS generation rate (the /stream endpoint, drained).
-        let t0 = Instant::now();
-        let streamed = whole_tts(&client, &settings, &tts_base, "/stream", &reply).await;
-        let stream_dur = t0.elapsed();
-        match (bytes, streamed) {
-            (Ok(a), Ok(b)) if a == expected_samples && b == expected_samples => {}
-            (a, b) => out
-                .errors
-                .push(format!("TTS sizes {a:?} {b:?}, want {expected_samples}")),
-        }
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        out.stt.push(ms(final_at - end));
-        out.llm.push(ms(llm_done - final_at));
-        out.tts_file.push(ms(file_done - llm_done));
-        out.tts_stream.push(ms(stream_dur));
-        out.first_audio_file.push(ms(file_done - end));
-        out.first_audio_stream
-            .push(ms(llm_done - end) + ms(stream_dur));
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------
 
-async fn run_all(calls: Vec<usize>, turns: Option<usize>, barge_ins: Option<usize>) {
+async fn run_all(
+    calls: Vec<usize>,
+    turns: Option<usize>,
+    barge_ins: Option<usize>,
+    pipelines: Vec<Pipeline>,
+) {
     let known = known_delays();
     let utt = Arc::new(utterance());
     println!("\n## Known provider delays (fakes)\n");
@@ -1009,201 +826,187 @@ async fn run_all(calls: Vec<usize>, turns: Option<usize>, barge_ins: Option<usiz
         known.clause_ms
     );
     println!("| TTS first audio | {TTS_FIRST_BYTE_MS} |");
-    println!("| **sum** | **{:.0}** |", known.sum_ms);
+    println!("| **sum (streamed)** | **{:.0}** |", known.sum_ms);
     println!(
-        "\nCaller utterance {:.0} ms; reply {:?} = {:.0} ms of audio; TTS {TTS_REALTIME}x real time, 100 ms chunks.",
+        "\nCaller utterance {:.0} ms; reply {:?} = {:.0} ms of audio ({} tokens); TTS {TTS_REALTIME}x real time, 100 ms chunks. Daemon: `{}` (child process); fakes and callers in this process.",
         utt.len() as f64 / 8.0,
         REPLY,
-        elevenlabs::speech_samples(REPLY, RATE) as f64 / 8.0
+        elevenlabs::speech_samples(REPLY, RATE) as f64 / 8.0,
+        fake_tokens(REPLY).len(),
+        common::sifucall_bin()
     );
 
     let mut results = Vec::new();
-    for &n in &calls {
-        let t = turns.unwrap_or(if n == 1 { 10 } else { 3 });
-        let b = barge_ins.unwrap_or(if n == 1 { 3 } else { 1 });
-        let r = scenario(n, t, b, &known, Arc::clone(&utt)).await;
-        results.push(r);
+    for &pipeline in &pipelines {
+        for &n in &calls {
+            let convs = plan(n, turns, barge_ins);
+            let t0 = std::time::Instant::now();
+            let r = scenario(pipeline, n, convs, &known, Arc::clone(&utt)).await;
+            eprintln!(
+                "turn_latency: {} x{n} done in {:.0} s{}",
+                pipeline.name(),
+                t0.elapsed().as_secs_f64(),
+                r.not_run
+                    .as_deref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            );
+            results.push(r);
+        }
     }
 
-    println!("\n## 1. Speech end -> first reply frame at the caller (ms)\n");
     println!(
-        "| calls | turns (replied/asked) | speech end -> first frame p50 / p99 | daemon overhead p50 / p99 / max | underruns | inbound dropped | failed calls | unpaired calls | caller send lag max |"
+        "\n## 1. Caller's speech end -> first non-silent reply frame read by the caller (ms)\n"
+    );
+    println!(
+        "| pipeline | calls | conversations (failed) | turns replied/asked | speech end -> first reply frame | overhead over the known {:.0} ms | daemon's first-frame mark -> read by caller | underruns | caller write lag max |",
+        known.sum_ms
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for r in &results {
+        if let Some(why) = &r.not_run {
+            println!("| {} | {} | {why} | | | | | | |", r.pipeline, r.calls);
+            continue;
+        }
+        let overhead: Vec<f64> = r.e2e.iter().map(|v| v - known.sum_ms).collect();
         println!(
-            "| {} | {}/{} | {} | {} / {} | {} | {} | {} | {} | {:.1} |",
+            "| {} | {} | {} ({}) | {}/{} | {} | {} | {} | {} | {:.1} |",
+            r.pipeline,
             r.calls,
+            r.conversations,
+            r.failed,
             r.e2e.len(),
-            r.turns_attempted,
-            p50_99(&r.e2e),
-            p50_99(&r.overhead),
-            f(pct(&r.overhead, 100.0)),
+            r.turns_asked,
+            dist(&r.e2e, 0),
+            if r.pipeline == "streamed" {
+                dist(&overhead, 0)
+            } else {
+                "-".into()
+            },
+            dist(&r.mark_to_read, 0),
             r.underruns,
-            r.inbound_dropped,
-            r.calls_failed,
-            r.unmatched_calls,
             r.max_send_lag_ms
         );
     }
     println!(
-        "\nOverhead = measured - {:.0} ms of known provider delays; it includes the 0-20 ms wait for the next playout tick.",
-        known.sum_ms
-    );
-    println!("\n### Per-stage, from the daemon's own turn marks (p50 / p99 ms)\n");
-    println!(
-        "| calls | caller speech end -> VAD speech end | VAD end -> STT final (known {}) | STT final -> LLM 1st token (known {}) | LLM 1st token -> TTS 1st audio (known {:.0}) | TTS 1st audio -> 1st frame (tick, 0-20) | 1st frame mark -> arrival at caller |",
-        SEGMENTATION_MS + STT_FINAL_MS,
-        LLM_TTFT_MS,
-        known.clause_ms + TTS_FIRST_BYTE_MS as f64
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for r in &results {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            r.calls,
-            p50_99(&r.vad_lag),
-            p50_99(&r.stt),
-            p50_99(&r.llm),
-            p50_99(&r.tts),
-            p50_99(&r.tick),
-            p50_99(&r.wire)
-        );
-    }
-    println!(
-        "\n(Daemon marks are ms since the session started, put on the caller's clock with the call's smallest first-frame arrival - mark; the last column is therefore >= 0 by construction and shows its spread.)"
+        "\nOverhead = measured - the known provider delays; it includes the wait for the next 20 ms playout tick. The mark column compares the daemon's own `first_frame_ms` (call record, put on the caller's clock via the record's `started_at`: +-1-2 ms) with the caller's read: it should be >= 0 and small if the mark is the real write."
     );
 
-    println!("\n### Daemon's own time per turn (p50 / p99 / max, ms), from the fakes' own marks\n");
     println!(
-        "Each stage is timed between two instants in this process: the caller's frame writes and arrivals, and what the fakes recorded (audio received, phrase sent, request arrived, each token handed to the body, TTS text arrived, first audio sent). The fakes' own time (their real overshoot of the configured delays) is thereby separated from the daemon's.\n"
+        "\n## 2. Streamed vs sequential, same daemon, same fakes (speech end -> first reply frame, p50 ms)\n"
     );
-    let pmm = |v: &[f64]| {
-        format!(
-            "{:.1} / {:.1} / {:.1}",
-            pct(v, 50.0).unwrap_or(f64::NAN),
-            pct(v, 99.0).unwrap_or(f64::NAN),
-            pct(v, 100.0).unwrap_or(f64::NAN)
-        )
-    };
     println!(
-        "| calls | turns joined (unjoined) | (a) caller frame completing the silence -> fake STT | (b) phrase sent -> LLM request arrives | (c) clause-releasing token sent -> clause text at fake TTS | (d) first TTS audio sent -> first frame at caller (incl. 0-20 tick) | **daemon sum** |"
+        "| calls | streamed | sequential | sequential / streamed | speculative (streamed + reply on a stable hypothesis) |"
+    );
+    println!("|---|---|---|---|---|");
+    for &n in &calls {
+        let get = |p: &str| results.iter().find(|r| r.calls == n && r.pipeline == p);
+        let cell = |r: Option<&Results>| match r {
+            None => "not run".to_owned(),
+            Some(r) => match &r.not_run {
+                Some(why) => why.clone(),
+                None => dist(&r.e2e, 0),
+            },
+        };
+        let p50 = |r: Option<&Results>| {
+            r.filter(|r| r.not_run.is_none())
+                .and_then(|r| pct(&r.e2e, 50.0))
+        };
+        let ratio = match (p50(get("sequential")), p50(get("streamed"))) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "N/A".into(),
+        };
+        println!(
+            "| {n} | {} | {} | {ratio} | {} |",
+            cell(get("streamed")),
+            cell(get("sequential")),
+            cell(get("speculative"))
+        );
+    }
+
+    println!("\n## 3. Streamed: the daemon's own time per turn, from the fakes' marks (ms)\n");
+    println!(
+        "Each stage is timed between two instants in this process: the caller's frame writes and reads, and what the fakes recorded (audio received, phrase sent, request arrived, each token handed to the body, TTS text arrived, first audio sent). The fakes' own time (their real overshoot of the configured delays) is thereby separated from the daemon's.\n"
+    );
+    println!(
+        "| calls | turns joined (unjoined) | (a) caller frame completing the silence -> fake STT | (b) phrase sent -> LLM request arrives | (c) clause-releasing token sent -> clause text at fake TTS | (d) first TTS audio sent -> first frame read by caller (incl. 0-20 tick) | **daemon sum** |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for r in &results {
+    let streamed: Vec<&Results> = results
+        .iter()
+        .filter(|r| r.pipeline == "streamed" && r.not_run.is_none())
+        .collect();
+    for r in &streamed {
         let a = &r.att;
         println!(
             "| {} | {} ({}) | {} | {} | {} | {} | **{}** |",
             r.calls,
             a.turns,
             a.unjoined,
-            pmm(&a.audio_seg),
-            pmm(&a.phrase_to_llm),
-            pmm(&a.clause_to_tts),
-            pmm(&a.audio_out),
-            pmm(&a.daemon_sum)
+            dist(&a.audio_seg, 1),
+            dist(&a.phrase_to_llm, 1),
+            dist(&a.clause_to_tts, 1),
+            dist(&a.audio_out, 1),
+            dist(&a.daemon_sum, 1)
         );
     }
-    for r in &results {
+    for r in &streamed {
         println!(
             "\n{} calls: the fake LLM accepted {} TCP connections for {} requests.",
             r.calls, r.att.llm_connections.0, r.att.llm_connections.1
         );
     }
+    println!("\n### The fakes' own time per turn against their configuration (ms)\n");
     println!(
-        "\n### The fakes' own time per turn (p50 / p99 / max, ms) against their configuration\n"
-    );
-    println!(
-        "| calls | STT final (cfg {STT_FINAL_MS}) | LLM first token (cfg {LLM_TTFT_MS}) | LLM first token -> clause-releasing token #{} (cfg {:.0}) | TTS first audio (cfg {TTS_FIRST_BYTE_MS}) | caller's silence + fakes, sum (cfg {:.0}) | fakes' overshoot | measured - daemon - fakes (check, ~0) | caller last voiced frame -> fake STT |",
+        "| calls | STT final (cfg {STT_FINAL_MS}) | LLM first token (cfg {LLM_TTFT_MS}) | LLM first token -> clause-releasing token #{} (cfg {:.0}) | TTS first audio (cfg {TTS_FIRST_BYTE_MS}) | caller's silence + fakes, sum (cfg {:.0}) | measured - daemon - fakes (check, ~0) | caller last voiced frame -> fake STT |",
         known.release_token, known.clause_ms, known.sum_ms
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for r in &results {
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &streamed {
         let a = &r.att;
-        let over: Vec<f64> = a.fake_sum.iter().map(|v| v - known.sum_ms).collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r.calls,
-            pmm(&a.fake_stt),
-            pmm(&a.fake_ttft),
-            pmm(&a.fake_clause),
-            pmm(&a.fake_tts),
-            pmm(&a.fake_sum),
-            pmm(&over),
-            pmm(&a.residual),
-            pmm(&a.audio_speech)
+            dist(&a.fake_stt, 1),
+            dist(&a.fake_ttft, 1),
+            dist(&a.fake_clause, 1),
+            dist(&a.fake_tts, 1),
+            dist(&a.fake_sum, 1),
+            dist(&a.residual, 1),
+            dist(&a.audio_speech, 1)
         );
     }
 
-    println!("\n## 2. Barge-in flush\n");
+    println!("\n## 4. Barge-in (ms)\n");
     println!(
-        "| calls | barge-ins decided/attempted | caller speech start -> VAD decision p50 / p99 | decision -> last agent frame at caller p50 / p99 / max | agent frames after decision p50 / max |"
+        "| pipeline | calls | barge-ins with agent audio after the onset / attempted | **caller speech onset -> last agent frame read** | daemon decision -> last agent frame read | onset -> daemon decision (decided) | agent frames read after the onset | decision marks from |"
     );
-    println!("|---|---|---|---|---|");
-    for r in &results {
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in results.iter().filter(|r| r.not_run.is_none()) {
         println!(
-            "| {} | {}/{} | {} | {} / {} | {} / {} |",
+            "| {} | {} | {}/{} | **{}** | {} | {} ({}) | {} | {} |",
+            r.pipeline,
             r.calls,
-            r.barge_decided,
+            r.barge_heard,
             r.barge_attempted,
-            p50_99(&r.barge_detect),
-            p50_99(&r.barge_flush),
-            f(pct(&r.barge_flush, 100.0)),
-            f(pct(&r.barge_frames_after, 50.0)),
-            f(pct(&r.barge_frames_after, 100.0))
+            dist(&r.barge_felt, 0),
+            dist(&r.barge_flush, 0),
+            dist(&r.barge_detect, 0),
+            r.barge_decided,
+            dist(&r.barge_frames_after_onset, 0),
+            r.decision_source
         );
     }
     println!(
-        "\n(Negative: the last agent frame had already arrived when the VAD decided, e.g. the reply was in a pause.)"
+        "\n(The onset is the write of the first frame of the interrupting speech; the barge-in starts {:.0} ms after the first frame of the reply it interrupts. The daemon cannot decide before it has heard enough speech (`agent.barge_in_min_speech_ms`), so onset -> last frame >= about that. Decision -> last frame <= 0: the last agent frame had been read before the daemon logged its decision, i.e. nothing was played after it.)",
+        DialogueOptions::new("", Vec::new(), 0)
+            .barge_after
+            .as_secs_f64()
+            * 1000.0
     );
     for r in &results {
         if !r.errors.is_empty() {
-            println!("\n{} calls: errors {:?}", r.calls, r.errors);
+            println!("\n{} x{}: errors {:?}", r.pipeline, r.calls, r.errors);
         }
-    }
-
-    let bt = turns.unwrap_or(10).min(10);
-    let b = baseline(bt, Arc::clone(&utt)).await;
-    let streamed = results
-        .iter()
-        .min_by_key(|r| r.calls)
-        .and_then(|r| pct(&r.e2e, 50.0));
-    println!(
-        "\n## 3. Streamed pipeline vs the sequential design ({} turns)\n",
-        b.stt.len()
-    );
-    println!("| design | speech end -> first audio p50 / p99 (ms) | baseline / streamed (p50) |");
-    println!("|---|---|---|");
-    println!(
-        "| streamed (daemon, {} call scenario) | {} | 1.00 |",
-        results.iter().map(|r| r.calls).min().unwrap_or(0),
-        results
-            .iter()
-            .min_by_key(|r| r.calls)
-            .map_or("-".into(), |r| p50_99(&r.e2e))
-    );
-    let ratio = |v: &[f64]| match (pct(v, 50.0), streamed) {
-        (Some(a), Some(s)) if s > 0.0 => format!("{:.2}", a / s),
-        _ => "-".into(),
-    };
-    println!(
-        "| sequential: STT final, whole LLM reply, whole file (`POST /v1/text-to-speech/{{voice}}`) | {} | {} |",
-        p50_99(&b.first_audio_file),
-        ratio(&b.first_audio_file)
-    );
-    println!(
-        "| sequential, whole reply at the TTS generation rate ({TTS_REALTIME}x, `/stream` drained) | {} | {} |",
-        p50_99(&b.first_audio_stream),
-        ratio(&b.first_audio_stream)
-    );
-    println!(
-        "\nSequential steps p50 / p99 (ms): speech end -> STT final {}; whole LLM reply {}; whole file {}; whole reply via /stream {}.",
-        p50_99(&b.stt),
-        p50_99(&b.llm),
-        p50_99(&b.tts_file),
-        p50_99(&b.tts_stream)
-    );
-    if !b.errors.is_empty() {
-        println!("Baseline errors: {:?}", b.errors);
     }
 }

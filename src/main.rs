@@ -59,6 +59,14 @@ enum Command {
         /// Operator config file, layered over the built-in defaults.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Run only the three fake providers, in this process, until interrupted (for a
+        /// daemon or benchmark started separately).
+        #[arg(long)]
+        fakes_only: bool,
+        /// With --fakes-only: print the daemon's environment for these fakes on stdout
+        /// (`KEY=VALUE` lines, then an empty line).
+        #[arg(long, requires = "fakes_only")]
+        print_endpoints: bool,
     },
     /// Place a synthetic call to an AudioSocket server, exactly as Asterisk would, and print
     /// a JSON summary.
@@ -173,7 +181,12 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Sandbox { config } => match load_with_logs(config.as_ref(), false) {
+        Command::Sandbox {
+            fakes_only: true,
+            print_endpoints,
+            ..
+        } => block_on("sifucall", fakes_only(print_endpoints)),
+        Command::Sandbox { config, .. } => match load_with_logs(config.as_ref(), false) {
             Ok((settings, _log_guard)) => block_on("sifucall", sandbox(settings)),
             Err(code) => code,
         },
@@ -293,6 +306,27 @@ async fn sandbox(mut settings: Settings) -> anyhow::Result<()> {
     );
     // A reload would re-read the file and lose the fakes' addresses; not offered here.
     run(settings, None).await
+}
+
+/// `sifucall sandbox --fakes-only`: the fakes alone, until a signal.
+async fn fakes_only(print_endpoints: bool) -> anyhow::Result<()> {
+    let fakes = sifucall::sandbox::Sandbox::start(sifucall::sandbox::SandboxConfig::realistic())
+        .await
+        .context("starting the fake providers")?;
+    if print_endpoints {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", fakes.endpoint_lines()).context("writing the endpoints")?;
+        out.flush().context("writing the endpoints")?;
+    }
+    eprintln!("sandbox: fake providers only; stop with Ctrl-C or SIGTERM");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
 }
 
 /// `sifucall call` arguments.

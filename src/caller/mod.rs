@@ -13,6 +13,7 @@
 //! [`place_call`] is the thin driver that runs both halves of the socket concurrently in one
 //! task and closes it when either side ends the call.
 
+mod dialogue;
 mod observer;
 mod script;
 #[cfg(test)]
@@ -36,7 +37,8 @@ use crate::audio::resample::resample_linear;
 use crate::audio::{pcm, wav};
 use crate::audiosocket::{CallerCodec, Digit, FrameError, Inbound, MAX_PAYLOAD, SampleRate};
 
-pub use observer::{GAP_TOLERANCE, JitterStats, SILENCE_DBFS};
+pub use dialogue::{DialogueOptions, DialogueReport, DialogueTurn, place_dialogue};
+pub use observer::{FrameArrival, GAP_TOLERANCE, JitterStats, SILENCE_DBFS};
 use observer::{Observer, Verdict};
 use script::{Action, Script, ScriptSpec};
 
@@ -243,6 +245,9 @@ pub struct CallReport {
     /// Frames at another rate are resampled linearly.
     #[serde(skip)]
     pub recording: Vec<i16>,
+    /// Every audio frame received, timestamped when it was read from the socket.
+    #[serde(skip)]
+    pub arrivals: Vec<FrameArrival>,
 }
 
 impl CallReport {
@@ -439,6 +444,7 @@ pub async fn place_call(opts: CallOptions) -> Result<CallReport, CallerError> {
         error,
         duration_ms: ms(end),
         recording: std::mem::take(&mut obs.recording),
+        arrivals: std::mem::take(&mut obs.arrivals),
     })
 }
 

@@ -23,6 +23,8 @@ pub const GAP_TOLERANCE: Duration = Duration::from_millis(20);
 const MAX_VIOLATIONS: usize = 32;
 /// At most this many jitter samples are kept for the percentiles (the maximum is exact).
 const MAX_JITTER_SAMPLES: usize = 1 << 20;
+/// At most this many frame arrivals are kept (about 5.8 hours of 20 ms frames).
+const MAX_ARRIVALS: usize = 1 << 20;
 
 const KIND_HANGUP: u8 = 0x00;
 
@@ -66,6 +68,17 @@ pub(super) struct Observer {
     pub(super) recording: Vec<i16>,
     recording_truncated: bool,
     pub(super) max_queue: Duration,
+    /// Every audio frame as it was read from the socket, in order (bounded).
+    pub(super) arrivals: Vec<FrameArrival>,
+}
+
+/// One audio frame as the caller read it: when, and whether it held sound.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct FrameArrival {
+    /// Read from the socket this long after the call start, in ms.
+    pub at_ms: f64,
+    /// Louder than [`SILENCE_DBFS`]: the caller hears the agent in this frame.
+    pub voiced: bool,
 }
 
 /// Distribution of `|inter-arrival gap - previous frame's duration|` in milliseconds.
@@ -127,6 +140,7 @@ impl Observer {
             recording: Vec::new(),
             recording_truncated: false,
             max_queue: Duration::ZERO,
+            arrivals: Vec::new(),
         }
     }
 
@@ -204,7 +218,14 @@ impl Observer {
         self.frames_received += 1;
         self.audio_received += dur;
         self.first_frame_at.get_or_insert(at);
-        if pcm::dbfs(&samples) > SILENCE_DBFS {
+        let voiced = pcm::dbfs(&samples) > SILENCE_DBFS;
+        if self.arrivals.len() < MAX_ARRIVALS {
+            self.arrivals.push(FrameArrival {
+                at_ms: ms(at),
+                voiced,
+            });
+        }
+        if voiced {
             self.first_voiced_at.get_or_insert(at);
             if self.reply_at.is_none() && play_done.is_some_and(|p| at >= p) {
                 self.reply_at = Some(at);
@@ -347,6 +368,11 @@ mod tests {
         o.on_frame(t(160), audio(0x10, &loud), Some(t(110)));
         assert_eq!(o.first_frame_at, Some(t(100)));
         assert_eq!(o.first_voiced_at, Some(t(145)));
+        let arrivals: Vec<(f64, bool)> = o.arrivals.iter().map(|a| (a.at_ms, a.voiced)).collect();
+        assert_eq!(
+            arrivals,
+            [(100.0, false), (120.0, false), (145.0, true), (160.0, true)]
+        );
         assert_eq!(o.reply_at, Some(t(145)));
         let j = o.jitter_stats();
         assert_eq!(j.count, 3);

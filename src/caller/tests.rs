@@ -461,3 +461,36 @@ async fn echo_call_real_time() {
     assert_eq!(voiced, play);
     assert!(report.frame_jitter_ms.count > 0);
 }
+
+#[tokio::test]
+async fn dialogue_takes_turns_and_timestamps_every_frame() {
+    let (addr, server) = fake_server(Mode::Echo).await;
+    // Three voiced frames per question; the echo of the last one is the "reply".
+    let utterance: Vec<i16> = tone(480, SampleRate::Hz8000)
+        .into_iter()
+        .map(|s| s | 1)
+        .collect();
+    let mut opts = DialogueOptions::new(addr, utterance, 2);
+    opts.quiet = Duration::from_millis(100);
+    opts.greeting_timeout = Duration::from_millis(100);
+    opts.reply_timeout = Duration::from_secs(5);
+    let report = place_dialogue(opts).await.unwrap();
+    let seen = server.await.unwrap();
+    assert!(seen.eof, "{:?}", seen.error);
+    assert_eq!(report.closed_by, ClosedBy::Caller, "{:?}", report.error);
+    assert!(report.protocol_violations.is_empty());
+    assert_eq!(report.turns.len(), 2);
+    for t in &report.turns {
+        assert!(!t.barge);
+        assert!(t.start_ms < t.end_ms);
+        assert_eq!(report.sent_ms[t.end_frame], t.end_ms);
+        let first = t.first_reply_ms.expect("the echo of the last frame");
+        assert!(first >= t.end_ms);
+    }
+    assert!(report.turns[1].start_ms > report.turns[0].first_reply_ms.unwrap());
+    // Every frame written was sent, in order; every echo read was timestamped.
+    assert_eq!(audio_frames(&seen).len(), report.sent_ms.len());
+    assert!(report.sent_ms.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(report.arrivals.iter().filter(|a| a.voiced).count(), 6);
+    assert!(report.arrivals.len() <= report.sent_ms.len());
+}

@@ -95,6 +95,15 @@ impl Sandbox {
         settings.secrets.elevenlabs_api_key = placeholder();
     }
 
+    /// [`Sandbox::env_overrides`] as `KEY=VALUE` lines, what `sifucall sandbox --fakes-only
+    /// --print-endpoints` prints so that a daemon started elsewhere can use these fakes.
+    pub fn endpoint_lines(&self) -> String {
+        self.env_overrides()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect()
+    }
+
     /// Environment overrides that point a separately started daemon at these fakes.
     pub fn env_overrides(&self) -> Vec<(String, String)> {
         vec![

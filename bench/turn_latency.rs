@@ -76,8 +76,20 @@ const TTS_REALTIME: f64 = 1.5;
 /// What the fake STT "hears".
 const QUESTION_TEXT: &str = sifucall::demo::QUESTION_TEXT;
 /// The scripted three-sentence reply.
-const REPLY: &str =
+const SHORT_REPLY: &str =
     "Pakej asas kami RM99 sebulan. Pakej premium pula RM199 sebulan. Ada soalan lain?";
+/// With `--long-first-sentence`: a first sentence of 27 words and no comma, the case where
+/// waiting for punctuation would hold the first audio back.
+const LONG_REPLY: &str = "Pakej asas kami RM99 sebulan termasuk data tanpa had panggilan percuma ke semua \
+     rangkaian tempatan dan antarabangsa sepanjang bulan bagi setiap pelanggan baharu yang \
+     mendaftar hari ini. Ada soalan lain?";
+
+static REPLY_TEXT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The scripted reply of this run.
+fn reply_text() -> &'static str {
+    REPLY_TEXT.get().copied().unwrap_or(SHORT_REPLY)
+}
 
 /// The 1-call scenario asks its turns over calls of at most this many turns.
 const SOLO_TURNS_PER_CALL: usize = 25;
@@ -123,6 +135,9 @@ fn main() {
             _ => None,
         })
         .collect();
+    if args.iter().any(|a| a == "--long-first-sentence") {
+        let _ = REPLY_TEXT.set(LONG_REPLY);
+    }
     let rt = common::runtime();
     rt.block_on(run_all(calls, turns, barge_ins, pipelines));
 }
@@ -144,7 +159,7 @@ struct Known {
 }
 
 fn known_delays() -> Known {
-    let tokens = fake_tokens(REPLY);
+    let tokens = fake_tokens(reply_text());
     let mut splitter = ClauseSplitter::default();
     let mut found = None;
     for (i, t) in tokens.iter().enumerate() {
@@ -176,10 +191,10 @@ fn marked_transcript(k: usize) -> String {
     format!("{QUESTION_TEXT} {k}")
 }
 
-/// Reply `k`: [`REPLY`] with its first number replaced by a unique one (same tokens, same
+/// Reply `k`: [`reply_text`] with its first number replaced by a unique one (same tokens, same
 /// first clause boundary), so the first clause text names the request it came from.
 fn marked_reply(k: usize) -> String {
-    REPLY.replacen("RM99", &format!("RM{}", 10_000 + k), 1)
+    reply_text().replacen("RM99", &format!("RM{}", 10_000 + k), 1)
 }
 
 /// The mark in a text made by [`marked_reply`].
@@ -204,7 +219,7 @@ fn sandbox_config(marked: bool) -> SandboxConfig {
     c.openrouter.replies = if marked {
         (0..VARIANTS).map(marked_reply).collect()
     } else {
-        vec![REPLY.into()]
+        vec![reply_text().into()]
     };
     c.openrouter.hang_up_words = Vec::new();
     c.elevenlabs.first_byte_delay_ms = TTS_FIRST_BYTE_MS;
@@ -631,6 +646,9 @@ struct Attribution {
     fake_clause: Vec<f64>,
     /// Releasing token sent -> the text triggering the first generation arrives at the fake TTS.
     clause_to_tts: Vec<f64>,
+    /// First token sent by the fake LLM -> the first text arrives at the fake TTS (the
+    /// clause wait plus the daemon's own hop).
+    token_to_tts: Vec<f64>,
     /// Fake TTS: trigger text -> first audio message sent (configured first byte).
     fake_tts: Vec<f64>,
     /// First audio message sent -> first non-silent frame read by the caller.
@@ -758,6 +776,7 @@ fn attribute(logs: &[DialogueReport], fakes: &FakeMarks, known: &Known, a: &mut 
             a.audio_seg.push(daemon[0]);
             a.phrase_to_llm.push(daemon[1]);
             a.clause_to_tts.push(daemon[2]);
+            a.token_to_tts.push(trigger - tok0);
             a.audio_out.push(daemon[3]);
             let fake = [
                 seg_sent - t.end_ms,
@@ -830,9 +849,9 @@ async fn run_all(
     println!(
         "\nCaller utterance {:.0} ms; reply {:?} = {:.0} ms of audio ({} tokens); TTS {TTS_REALTIME}x real time, 100 ms chunks. Daemon: `{}` (child process); fakes and callers in this process.",
         utt.len() as f64 / 8.0,
-        REPLY,
-        elevenlabs::speech_samples(REPLY, RATE) as f64 / 8.0,
-        fake_tokens(REPLY).len(),
+        reply_text(),
+        elevenlabs::speech_samples(reply_text(), RATE) as f64 / 8.0,
+        fake_tokens(reply_text()).len(),
         common::sifucall_bin()
     );
 
@@ -948,6 +967,20 @@ async fn run_all(
             dist(&a.clause_to_tts, 1),
             dist(&a.audio_out, 1),
             dist(&a.daemon_sum, 1)
+        );
+    }
+    println!(
+        "\nFirst LLM token sent -> first text at the fake TTS (ms), reply: {:?}\n",
+        reply_text()
+    );
+    println!("| calls | turns | first token -> first text at TTS |");
+    println!("|---|---|---|");
+    for r in &streamed {
+        println!(
+            "| {} | {} | {} |",
+            r.calls,
+            r.att.turns,
+            dist(&r.att.token_to_tts, 1)
         );
     }
     for r in &streamed {

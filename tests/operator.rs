@@ -374,12 +374,20 @@ async fn sighup_reloads_without_dropping_the_call() {
             }]
         );
     }
-    // The new level is in force: the second refusal is logged at DEBUG by the listener.
-    let debug_after = d
-        .json_lines()
-        .iter()
-        .skip(before_reload)
-        .any(|v| v["level"] == "DEBUG" && v["target"].as_str() == Some("sifucall::server"));
+    // The new level is in force: the second refusal is logged at DEBUG by the listener
+    // (the log writer is asynchronous: wait for the line, bounded).
+    let mut debug_after = false;
+    for _ in 0..250 {
+        debug_after = d
+            .json_lines()
+            .iter()
+            .skip(before_reload)
+            .any(|v| v["level"] == "DEBUG" && v["target"].as_str() == Some("sifucall::server"));
+        if debug_after {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let r = http_get(admin, "/readyz").await;
     assert!(r.ends_with("full"), "readyz at the cap: {r}");
 

@@ -147,7 +147,13 @@ pub(crate) async fn start_daemon(
     stderr: Option<&Path>,
 ) -> Result<Daemon, String> {
     let audio: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    // Two ports released in turn can be the same one: ask again until they differ.
+    let admin: SocketAddr = loop {
+        let port = free_port();
+        if port != audio.port() {
+            break ([127, 0, 0, 1], port).into();
+        }
+    };
     let mut cmd = Command::new(sifucall_bin());
     cmd.arg("run")
         .env("SIFUCALL_AUDIOSOCKET__LISTEN", audio.to_string())

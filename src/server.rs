@@ -489,18 +489,8 @@ fn summary_without_call(
     duration: Duration,
 ) -> CallSummary {
     CallSummary {
-        call_id: None,
-        peer,
-        reason,
-        detail,
-        rate: None,
         duration,
-        frames_in: 0,
-        frames_out: 0,
-        underruns: 0,
-        inbound_dropped: 0,
-        dtmf: String::new(),
-        agent: None,
+        ..CallSummary::no_call(peer, reason, detail)
     }
 }
 

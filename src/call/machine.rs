@@ -1438,18 +1438,7 @@ impl CallMachine {
         self.report
             .errors
             .push("tts: agent could not speak; call handed back to the dialplan".into());
-        self.abandon_speculation("the call is ending");
-        self.abandon_pause();
-        if let Some(id) = self
-            .agent
-            .as_mut()
-            .and_then(|a| a.reply.take())
-            .map(|r| r.id)
-        {
-            self.effects.push_back(Effect::CancelReply(id));
-        }
-        let last = self.playout.as_ref().and_then(Playout::last_speech_end);
-        self.hangup = Hangup::soon(last, now, HangupReason::CannotSpeak);
+        self.hang_up_soon(now, HangupReason::CannotSpeak);
     }
 
     // ---- playout ------------------------------------------------------------------------
@@ -1724,6 +1713,12 @@ impl CallMachine {
     }
 
     fn end_idle(&mut self, now: Instant) {
+        self.hang_up_soon(now, HangupReason::Idle);
+    }
+
+    /// Ends the call once the audio already sent has played: whatever the agent was
+    /// preparing or holding is dropped.
+    fn hang_up_soon(&mut self, now: Instant, reason: HangupReason) {
         self.abandon_speculation("the call is ending");
         self.abandon_pause();
         if let Some(id) = self
@@ -1735,7 +1730,7 @@ impl CallMachine {
             self.effects.push_back(Effect::CancelReply(id));
         }
         let last = self.playout.as_ref().and_then(Playout::last_speech_end);
-        self.hangup = Hangup::soon(last, now, HangupReason::Idle);
+        self.hangup = Hangup::soon(last, now, reason);
     }
 
     /// When nobody has spoken for long enough (counted from the end of the agent's audio as

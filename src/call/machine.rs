@@ -321,6 +321,9 @@ struct Reply {
     /// Started on this (normalised) hypothesis and not confirmed yet: its audio is held.
     speculative: Option<String>,
     held: Vec<i16>,
+    /// For a speculative reply: the caller's last voice when it started (any later voice
+    /// means they went on, and it is abandoned).
+    spoken_until: Option<Instant>,
     /// Estimated prompt tokens, and characters streamed, for the waste count.
     prompt_tokens: u64,
     text_chars: u64,
@@ -612,6 +615,13 @@ impl CallMachine {
         }
         if let Some(a) = self.agent.as_mut() {
             a.probs = probs;
+            let went_on = a
+                .reply
+                .as_ref()
+                .is_some_and(|r| r.speculative.is_some() && a.turns.last_voice() > r.spoken_until);
+            if went_on {
+                self.abandon_speculation("the caller went on talking");
+            }
         }
     }
 
@@ -898,16 +908,17 @@ impl CallMachine {
 
     // ---- speculation ------------------------------------------------------------------
 
-    /// When to start the reply on the hypothesis: it has stood unchanged and the caller has
-    /// been silent for `speculate_after`, nothing else is going on, and the cap allows.
+    /// When to start the reply on the hypothesis: it has stood unchanged and no voice has
+    /// been heard for `speculate_after` (counted from the last voiced VAD window, not from
+    /// the debounced end of speech, which comes later than Azure's final on short
+    /// segmentation), nothing else is going on, and the cap allows.
     fn speculate_deadline(&self) -> Option<Instant> {
         let a = self.agent.as_ref()?;
         let after = a.cfg.speculate_after?;
         let (hyp, since) = a.hypothesis.as_ref()?;
-        let speech_end = a.last_speech_end?;
+        let speech_end = a.turns.last_voice()?;
         let busy = a.reply.is_some()
             || a.paused.is_some()
-            || a.turns.caller_speaking()
             || a.stt != Stt::Up
             || !self.hangup.is_none()
             || self.report.speculative.started >= a.cfg.speculative_max;
@@ -930,14 +941,16 @@ impl CallMachine {
             return;
         }
         a.speculated = Some(words.clone());
-        let speech_end = a.last_speech_end.unwrap_or(now);
-        let speech_end_ms = a.last_speech_end.map(|t| self.ms(t));
+        let voice = a.turns.last_voice();
+        let speech_end = voice.unwrap_or(now);
+        let speech_end_ms = voice.map(|t| self.ms(t));
         debug!(%hyp, "starting the reply on the stable hypothesis");
         self.report.speculative.started += 1;
         self.metrics.llm_speculative("started", 0);
         self.start_reply(hyp, now, speech_end, speech_end_ms);
         if let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) {
             r.speculative = Some(words);
+            r.spoken_until = voice;
             if let Some(t) = self.report.turns.get_mut(r.turn) {
                 t.stt_final_ms = None;
             }
@@ -1167,6 +1180,7 @@ impl CallMachine {
             end_call: false,
             hold_played: false,
             speculative: None,
+            spoken_until: None,
             held: Vec::new(),
             prompt_tokens,
             text_chars: 0,

@@ -867,8 +867,9 @@ fn a_reply_started_on_a_stable_hypothesis_goes_on_when_the_final_matches() {
     hypothesis(&mut sim, t, "Berapa harga");
     let t = sim.caller(t, &voiced[..6400]);
     hypothesis(&mut sim, t, "Berapa harga pakej");
-    // The VAD hears the end of speech; 200 ms later the reply starts on the hypothesis.
-    let t = sim.silence(t, 700);
+    // 200 ms after the last voiced window the reply starts on the hypothesis, well before
+    // the VAD's debounced end of speech and Azure's final.
+    let t = sim.silence(t, 320);
     assert_eq!(sim.replies.len(), 1, "started before the final");
     let started = sim.replies[0].0;
     let r = sim.last_reply();
@@ -985,4 +986,42 @@ fn words_whose_final_comes_after_the_agent_resumed_are_still_answered() {
         "the question is answered, not taken for echo"
     );
     assert_eq!(sim.cancelled, vec![r1]);
+}
+
+#[test]
+fn a_caller_who_goes_on_after_a_pause_abandons_the_speculative_reply() {
+    let mut cfg = config();
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..6400]);
+    hypothesis(&mut sim, t, "Berapa harga");
+    let t = sim.silence(t, 320);
+    assert_eq!(
+        sim.replies.len(),
+        1,
+        "started on the hypothesis during the pause"
+    );
+    let spec = sim.last_reply();
+    // The caller goes on.
+    let t = sim.caller(t, &voiced[6400..12_800]);
+    assert_eq!(
+        sim.cancelled,
+        vec![spec],
+        "abandoned as soon as the voice came back"
+    );
+    let t = sim.silence(t, 460);
+    sim.final_(t, "Berapa harga pakej premium bulan ini?");
+    let report = sim.m.report().unwrap();
+    assert_eq!(report.speculative.wasted, 1);
+    let last = sim.replies.last().unwrap();
+    let users: Vec<_> = last
+        .2
+        .messages
+        .iter()
+        .filter(|m| m.role == "user")
+        .collect();
+    assert_eq!(users.len(), 1, "{users:?}");
+    assert_eq!(users[0].content, "Berapa harga pakej premium bulan ini?");
 }

@@ -119,6 +119,12 @@ impl TurnDetector {
         self.agent_level_db = level_db;
     }
 
+    /// The end of the last window that counted as the caller's speech (not debounced: the
+    /// caller may be in a short pause).
+    pub fn last_voice(&self) -> Option<Instant> {
+        self.last_speech_end
+    }
+
     /// Whether the caller is talking now.
     pub fn caller_speaking(&self) -> bool {
         self.speaking

@@ -849,6 +849,8 @@ impl CallMachine {
             return;
         };
         a.hypothesis = None;
+        // A new phrase may repeat the last one word for word: speculate on it again.
+        a.speculated = None;
         let words = normalise(text);
         let backchannel = words.is_empty() || a.cfg.backchannels.contains(&words);
         if a.paused.is_some() && backchannel {

@@ -1025,3 +1025,22 @@ fn a_caller_who_goes_on_after_a_pause_abandons_the_speculative_reply() {
     assert_eq!(users.len(), 1, "{users:?}");
     assert_eq!(users[0].content, "Berapa harga pakej premium bulan ini?");
 }
+
+#[test]
+fn a_question_asked_twice_word_for_word_is_speculated_on_both_times() {
+    let mut cfg = config();
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let mut t = greeted(&mut sim);
+    let voiced = speech();
+    for round in 1..=2u32 {
+        t = sim.caller(t, &voiced[..6400]);
+        hypothesis(&mut sim, t, "Berapa harga pakej");
+        t = sim.silence(t, 320);
+        let r = sim.last_reply();
+        sim.final_(t, "Berapa harga pakej?");
+        sim.full_reply(t + 100 * MS, r, "RM99.", 400, false);
+        t = sim.silence(t, 2500);
+        assert_eq!(sim.m.report().unwrap().speculative.used, round);
+    }
+}

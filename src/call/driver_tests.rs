@@ -11,11 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::sync::CancellationToken;
 
 use super::driver::{self, AgentSetup, Behaviour, CallSummary, SessionConfig};
-use super::history::HistoryBudget;
-use super::machine::{AgentConfig, Pipeline};
-use super::prompts::{PromptCache, PromptTexts};
+use super::prompts::PromptCache;
 use super::reply::Providers;
-use super::turn::TurnConfig;
 use crate::ops::metrics::{EndReason, Metrics};
 use crate::ops::records::Role;
 use crate::providers::BoxFuture;
@@ -68,36 +65,16 @@ impl TtsProvider for StalledTts {
 }
 
 fn agent(stt: Arc<dyn SttProvider>, tts: Arc<dyn TtsProvider>) -> Behaviour {
-    let texts = PromptTexts {
-        greeting: "Selamat datang.".into(),
-        apology: "Maaf.".into(),
-        hold: "Sebentar.".into(),
-        still_there: String::new(),
-    };
+    // The scenario tests' agent; only the providers differ.
+    let cfg = super::scenarios::config();
     Behaviour::Agent(Arc::new(AgentSetup {
         providers: Providers {
             stt,
             llm: Arc::new(SilentLlm),
             tts: Arc::clone(&tts),
         },
-        prompts: Arc::new(PromptCache::new(texts.clone(), tts)),
-        cfg: Arc::new(AgentConfig {
-            language: "ms-MY".into(),
-            system_prompt: "s".into(),
-            prompts: texts,
-            segmentation_silence_ms: 300,
-            turn: TurnConfig::default(),
-            hold_after: Duration::from_millis(1200),
-            dtmf_timeout: Duration::from_millis(2000),
-            idle_hangup: Some(Duration::from_secs(60)),
-            history: HistoryBudget::default(),
-            pipeline: Pipeline::Streamed,
-            still_there_after: None,
-            speculate_after: None,
-            speculative_max: 20,
-            backchannels: Vec::new(),
-            resume_after: Duration::from_millis(1200),
-        }),
+        prompts: Arc::new(PromptCache::new(cfg.prompts.clone(), tts)),
+        cfg: Arc::new(cfg),
     }))
 }
 

@@ -1816,19 +1816,10 @@ impl CallMachine {
             return;
         }
         info!("daemon shutting down: hanging up");
-        self.abandon_speculation("the call is ending");
-        self.abandon_pause();
-        if let Some(id) = self
-            .agent
-            .as_mut()
-            .and_then(|a| a.reply.take())
-            .map(|r| r.id)
-        {
-            self.effects.push_back(Effect::CancelReply(id));
-        }
+        // Stop talking now (the flush cancels the reply it ends), then hang up after the
+        // frame in flight.
         self.flush(now);
-        let last = self.playout.as_ref().and_then(Playout::last_speech_end);
-        self.hangup = Hangup::soon(last, now, HangupReason::Shutdown);
+        self.hang_up_soon(now, HangupReason::Shutdown);
     }
 
     // ---- accounting -------------------------------------------------------------------

@@ -47,7 +47,7 @@ fn speech() -> Vec<i16> {
     w.samples[8000..36_400].to_vec()
 }
 
-fn config() -> AgentConfig {
+pub(super) fn config() -> AgentConfig {
     AgentConfig {
         language: "ms-MY".into(),
         system_prompt: "Anda pembantu.".into(),

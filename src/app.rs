@@ -226,6 +226,7 @@ pub fn server_config(settings: &Settings, behaviour: Behaviour) -> ServerConfig 
             first_message_timeout: Duration::from_millis(a.first_message_timeout_ms),
             behaviour,
             idle_hangup: idle_hangup(settings),
+            control: std::sync::Arc::new(crate::call::NoControl),
         },
     }
 }

@@ -722,6 +722,7 @@ mod tests {
                 first_message_timeout: Duration::from_secs(1),
                 behaviour: Behaviour::Echo,
                 idle_hangup: None,
+                control: std::sync::Arc::new(crate::call::NoControl),
             },
         }
     }

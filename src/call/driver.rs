@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 use uuid::Uuid;
 
+use super::context::{CONTEXT_DEADLINE, CallContext, CallControl, CallOutcome, DECISION_DEADLINE};
 use super::hangup::HangupReason;
 use super::machine::{
     AgentConfig, AgentReport, CallMachine, Effect, Input, Mode, ReplyEvent, ReplyId,
@@ -83,6 +84,8 @@ pub struct SessionConfig {
     /// End the call after this long without anything from the peer (and, in AI mode,
     /// without anybody speaking).
     pub idle_hangup: Option<Duration>,
+    /// The side channel to the PBX: the call's context, and its outcome before 0x00.
+    pub control: Arc<dyn CallControl>,
 }
 
 /// What happened on a call, for the summary line and the call record.
@@ -112,6 +115,10 @@ pub struct CallSummary {
     pub dtmf: String,
     /// The agent's transcript and timings (AI mode).
     pub agent: Option<AgentReport>,
+    /// Who called and what they dialled, as far as the PBX told us.
+    pub context: CallContext,
+    /// How the call ended, as the dialplan was told.
+    pub outcome: Option<CallOutcome>,
 }
 
 impl CallSummary {
@@ -130,6 +137,8 @@ impl CallSummary {
             inbound_dropped: 0,
             dtmf: String::new(),
             agent: None,
+            context: CallContext::default(),
+            outcome: None,
         }
     }
 }
@@ -210,7 +219,22 @@ pub async fn serve_call<S: CallStream>(
     metrics.frames_in(1);
     metrics.call_started();
     let span = tracing::info_span!("call", call_id = %call_id, peer = %peer);
-    span.in_scope(|| info!("call started"));
+    let context = tokio::select! {
+        r = timeout(CONTEXT_DEADLINE, cfg.control.context(call_id)) => r.unwrap_or_else(|_| {
+            span.in_scope(|| {
+                warn!("no call context within {CONTEXT_DEADLINE:?}: default profile");
+            });
+            CallContext::default()
+        }),
+        () = shutdown.cancelled() => CallContext::default(),
+    };
+    span.in_scope(|| {
+        info!(
+            caller = context.caller_number.as_deref().unwrap_or(""),
+            did = context.did.as_deref().unwrap_or(""),
+            "call started"
+        );
+    });
     let (mode, agent) = match &cfg.behaviour {
         Behaviour::Echo => (
             Mode::Echo {
@@ -230,6 +254,9 @@ pub async fn serve_call<S: CallStream>(
         machine: CallMachine::new(call_id, started, mode, Arc::clone(&metrics)),
         agent,
         metrics: Arc::clone(&metrics),
+        call_id,
+        control: Arc::clone(&cfg.control),
+        outcome: None,
         control_tx,
         control_rx,
         reply_tx,
@@ -259,6 +286,8 @@ pub async fn serve_call<S: CallStream>(
         inbound_dropped: driver.inbound_dropped,
         dtmf: driver.machine.dtmf().to_owned(),
         agent: driver.machine.report(),
+        context,
+        outcome: driver.outcome.take(),
     };
     span.in_scope(|| log_end(&summary, &metrics));
     summary
@@ -331,6 +360,11 @@ struct Driver<S: CallStream> {
     machine: CallMachine,
     agent: Option<Arc<AgentSetup>>,
     metrics: Arc<Metrics>,
+    call_id: Uuid,
+    /// The PBX side channel.
+    control: Arc<dyn CallControl>,
+    /// What the dialplan was told, once the agent hung up.
+    outcome: Option<CallOutcome>,
     control_tx: mpsc::Sender<Control>,
     control_rx: mpsc::Receiver<Control>,
     /// Every reply task's events, tagged with its id (the tasks wait for room).
@@ -400,6 +434,11 @@ impl<S: CallStream> Driver<S> {
         }
     }
 
+    /// How the call ended when the agent hangs up.
+    fn agent_outcome(&self) -> CallOutcome {
+        CallOutcome::Completed
+    }
+
     /// Performs every effect the machine has queued.
     async fn perform(&mut self) -> Flow {
         while let Some(effect) = self.machine.poll_effect() {
@@ -420,7 +459,13 @@ impl<S: CallStream> Driver<S> {
                     self.check_unsent(rate, now)?;
                 }
                 Effect::Hangup => {
-                    info!("hanging up");
+                    let outcome = self.agent_outcome();
+                    info!(outcome = outcome.dialplan_value(), "hanging up");
+                    let decide = self.control.decide(self.call_id, outcome.clone());
+                    if timeout(DECISION_DEADLINE, decide).await.is_err() {
+                        warn!("the PBX did not take the outcome within {DECISION_DEADLINE:?}");
+                    }
+                    self.outcome = Some(outcome);
                     self.send(Outbound::Hangup).await?;
                 }
                 Effect::StartStt(params) => self.start_stt(params),

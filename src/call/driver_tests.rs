@@ -83,6 +83,7 @@ fn config(behaviour: Behaviour) -> SessionConfig {
         first_message_timeout: Duration::from_secs(2),
         behaviour,
         idle_hangup: Some(Duration::from_secs(60)),
+        control: std::sync::Arc::new(crate::call::NoControl),
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`driver`] (the only waiting) and [`reply`] (the LLM -> clauses -> TTS task).
 
 pub mod clauses;
+pub mod context;
 pub mod driver;
 pub mod dtmf;
 pub mod hangup;
@@ -17,6 +18,7 @@ pub mod prompts;
 pub mod reply;
 pub mod turn;
 
+pub use context::{CallContext, CallControl, CallOutcome, NoControl};
 pub use driver::{AgentSetup, Behaviour, CallSummary, SessionConfig};
 pub use machine::{AgentConfig, AgentReport, CallMachine, Effect, Input, Pipeline};
 

@@ -40,6 +40,7 @@ pub fn echo_config() -> ServerConfig {
             first_message_timeout: Duration::from_secs(2),
             behaviour: Behaviour::Echo,
             idle_hangup: Some(Duration::from_secs(60)),
+            control: std::sync::Arc::new(sifucall::call::NoControl),
         },
     }
 }

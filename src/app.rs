@@ -21,11 +21,14 @@ use crate::call::history::HistoryBudget;
 use crate::call::prompts::{PromptCache, PromptTexts};
 use crate::call::reply::Providers;
 use crate::call::turn::TurnConfig;
-use crate::call::{AgentConfig, AgentSetup, Behaviour, CallSummary, SessionConfig};
+use crate::call::{
+    AgentConfig, AgentProfiles, AgentSetup, Behaviour, CallSummary, ProfileSetup, SessionConfig,
+};
 use crate::ops::admin::{self, AdminLimits, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::logging::{self, LevelChange};
 use crate::ops::metrics::Metrics;
+use crate::ops::profiles::DEFAULT_PROFILE;
 use crate::ops::records::{CallRecord, RecordSink};
 use crate::ops::systemd;
 use crate::providers::llm::openrouter::OpenRouter;
@@ -58,9 +61,44 @@ pub enum StartError {
     Records(String),
 }
 
-/// Builds the per-call behaviour from the settings. In AI mode this builds the provider
-/// clients, opens the LLM connection pool and starts caching the fixed phrases.
+/// Builds the per-call behaviour from the settings. In AI mode this builds every profile
+/// (the `default` one, `[agent]`, and each `[profiles.NAME]`) with [`profile_behaviour`],
+/// one after the other so that their phrase caching stays within `tts.max_concurrency`.
 pub async fn behaviour(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Behaviour, StartError> {
+    if settings.agent.mode == AgentMode::Echo {
+        return Ok(Behaviour::Echo);
+    }
+    let mut profiles = Vec::new();
+    for profile in crate::ops::profiles::all_profiles(settings) {
+        let view = profile.apply(settings);
+        let setup = match profile_behaviour(&view, metrics).await {
+            Ok(Behaviour::Agent(setup)) => setup,
+            Ok(other) => return Ok(other),
+            Err(StartError::Agent(e)) if profile.name != DEFAULT_PROFILE => {
+                return Err(StartError::Agent(format!("profile {}: {e}", profile.name)));
+            }
+            Err(e) => return Err(e),
+        };
+        info!(profile = %profile.name, "agent profile ready");
+        profiles.push(ProfileSetup::new(
+            profile.name,
+            setup,
+            &view.agent.time_zone,
+        ));
+    }
+    Ok(Behaviour::Profiles(Arc::new(AgentProfiles::new(
+        profiles,
+        settings.routing.clone(),
+    ))))
+}
+
+/// Builds one profile's behaviour from its settings (`[agent]`, `[llm]`, `[tts]` with the
+/// profile's keys over them). In AI mode this builds the provider clients, opens the LLM
+/// connection pool and starts caching the fixed phrases.
+pub async fn profile_behaviour(
     settings: &Settings,
     metrics: &Arc<Metrics>,
 ) -> Result<Behaviour, StartError> {
@@ -448,7 +486,10 @@ pub async fn apply_reload(
         Ok(_) => {}
         Err(e) => return Err(e.to_string()),
     }
-    server.reconfigure(server_config(new, behaviour));
+    let mut next = server_config(new, behaviour);
+    // The side channel to the PBX is the daemon's, not the file's: it outlives reloads.
+    next.session.control = Arc::clone(&server.config().session.control);
+    server.reconfigure(next);
     info!(
         changed = ?changed,
         max_calls = new.audiosocket.max_calls,
@@ -513,5 +554,6 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         resumes: agent.resumes,
         speculative: agent.speculative,
         errors,
+        profile: s.profile,
     })
 }

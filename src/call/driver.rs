@@ -30,9 +30,11 @@ use super::hangup::HangupReason;
 use super::machine::{
     AgentConfig, AgentReport, CallMachine, Effect, Input, Mode, ReplyEvent, ReplyId,
 };
+use super::profile::ProfileSetup;
 use super::prompts::{PromptCache, PromptKind};
 use super::reply::{self, Providers};
 use crate::audio::pcm;
+use crate::ops::profiles::{DEFAULT_PROFILE, DEFAULT_TIME_ZONE};
 use crate::audiosocket::{FrameError, Inbound, Outbound, SampleRate, ServerCodec};
 use crate::ops::metrics::{EndReason, Metrics};
 use crate::providers::stt::{SttEvent, SttSession};
@@ -49,6 +51,9 @@ const INPUT_BUDGET: u64 = 2;
 const INPUT_FLOOD: u64 = 10;
 /// Longest wait for a phrase that is not cached (the caller is hearing silence meanwhile).
 const PROMPT_DEADLINE: Duration = Duration::from_millis(800);
+/// Longest wait for a phrase with variables, which every call synthesizes whole before it
+/// plays (a greeting takes a good part of its own length to synthesize).
+const PER_CALL_PROMPT_DEADLINE: Duration = Duration::from_secs(3);
 /// Longest wait for the recognition's websocket to open.
 const STT_START_DEADLINE: Duration = Duration::from_secs(5);
 /// Room for control events from the provider tasks (they wait when it is full).
@@ -72,6 +77,8 @@ pub enum Behaviour {
     Echo,
     /// Run the voice agent.
     Agent(Arc<AgentSetup>),
+    /// Run the voice agent of the call's profile (chosen from its context).
+    Profiles(Arc<super::profile::AgentProfiles>),
 }
 
 /// Everything a call needs from the daemon.
@@ -119,6 +126,8 @@ pub struct CallSummary {
     pub context: CallContext,
     /// How the call ended, as the dialplan was told.
     pub outcome: Option<CallOutcome>,
+    /// The agent profile the call ran with (empty in echo mode or without a call).
+    pub profile: String,
 }
 
 impl CallSummary {
@@ -139,6 +148,7 @@ impl CallSummary {
             agent: None,
             context: CallContext::default(),
             outcome: None,
+            profile: String::new(),
         }
     }
 }
@@ -235,16 +245,33 @@ pub async fn serve_call<S: CallStream>(
             "call started"
         );
     });
-    let (mode, agent) = match &cfg.behaviour {
-        Behaviour::Echo => (
+    let call = match &cfg.behaviour {
+        Behaviour::Echo => None,
+        Behaviour::Agent(setup) => {
+            let profile = ProfileSetup::new(DEFAULT_PROFILE, Arc::clone(setup), DEFAULT_TIME_ZONE);
+            Some(profile.for_call(&context, &call_id.to_string(), jiff::Timestamp::now()))
+        }
+        Behaviour::Profiles(profiles) => span.in_scope(|| profiles.select(&context)).map(|p| {
+            p.for_call(&context, &call_id.to_string(), jiff::Timestamp::now())
+        }),
+    };
+    let (mode, agent, call_prompts, profile) = match call {
+        None => (
             Mode::Echo {
                 idle_hangup: cfg.idle_hangup,
             },
             None,
+            None,
+            String::new(),
         ),
-        Behaviour::Agent(setup) => {
-            setup.providers.llm.warm_up();
-            (Mode::Agent(Arc::clone(&setup.cfg)), Some(Arc::clone(setup)))
+        Some(call) => {
+            call.setup.providers.llm.warm_up();
+            (
+                Mode::Agent(call.cfg),
+                Some(call.setup),
+                call.prompts,
+                call.profile,
+            )
         }
     };
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -253,6 +280,7 @@ pub async fn serve_call<S: CallStream>(
         framed,
         machine: CallMachine::new(call_id, started, mode, Arc::clone(&metrics)),
         agent,
+        call_prompts,
         metrics: Arc::clone(&metrics),
         call_id,
         control: Arc::clone(&cfg.control),
@@ -288,6 +316,7 @@ pub async fn serve_call<S: CallStream>(
         agent: driver.machine.report(),
         context,
         outcome: driver.outcome.take(),
+        profile,
     };
     span.in_scope(|| log_end(&summary, &metrics));
     summary
@@ -305,6 +334,7 @@ fn log_end(summary: &CallSummary, metrics: &Metrics) {
         underruns = summary.underruns,
         inbound_dropped = summary.inbound_dropped,
         dtmf = %summary.dtmf,
+        profile = %summary.profile,
         "call ended"
     );
 }
@@ -359,6 +389,8 @@ struct Driver<S: CallStream> {
     framed: Framed<S, ServerCodec>,
     machine: CallMachine,
     agent: Option<Arc<AgentSetup>>,
+    /// This call's own phrases (those with variables), if it has any.
+    call_prompts: Option<Arc<PromptCache>>,
     metrics: Arc<Metrics>,
     call_id: Uuid,
     /// The PBX side channel.
@@ -542,23 +574,27 @@ impl<S: CallStream> Driver<S> {
         let (Some(agent), Some(rate)) = (&self.agent, self.machine.rate()) else {
             return;
         };
-        if let Some(pcm) = agent.prompts.cached(kind, rate.hz()) {
+        let (prompts, deadline) = match &self.call_prompts {
+            Some(own) if agent.prompts.is_per_call(kind) => (own, PER_CALL_PROMPT_DEADLINE),
+            _ => (&agent.prompts, PROMPT_DEADLINE),
+        };
+        if let Some(pcm) = prompts.cached(kind, rate.hz()) {
             self.machine.handle(Input::Prompt(kind, Ok(pcm)), now());
             return;
         }
-        let prompts = Arc::clone(&agent.prompts);
+        let prompts = Arc::clone(prompts);
         let tx = self.control_tx.clone();
         let cancel = self.tasks.clone();
         let synth = tokio::spawn(async move { prompts.get(kind, rate.hz()).await });
         tokio::spawn(async move {
             let result = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = timeout(PROMPT_DEADLINE, synth) => r,
+                r = timeout(deadline, synth) => r,
             };
             let result = match result {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => Err(format!("prompt synthesis failed: {e}")),
-                Err(_) => Err(format!("not synthesized within {PROMPT_DEADLINE:?}")),
+                Err(_) => Err(format!("not synthesized within {deadline:?}")),
             };
             let _ = tx.send(Control::Prompt(kind, result)).await;
         });

@@ -142,6 +142,14 @@ pub struct Settings {
     pub records: RecordsSettings,
     /// The end-of-call webhook.
     pub webhook: WebhookSettings,
+    /// Which profile a call gets.
+    #[serde(default)]
+    pub routing: super::profiles::RoutingSettings,
+    /// `[profiles.NAME]`, resolved over `[agent]`, `[llm]` and `[tts]` (read by
+    /// [`super::profiles::resolve`], not by this derive). The implicit `default` profile is
+    /// `[agent]` itself and appears here only when `[profiles.default]` overlays it.
+    #[serde(skip_deserializing)]
+    pub profiles: std::collections::BTreeMap<String, super::profiles::ProfileSettings>,
     /// API keys, from the environment only.
     #[serde(skip_deserializing)]
     pub secrets: Secrets,
@@ -276,6 +284,8 @@ pub struct AgentSettings {
     /// After a barge-in that brought no words, resume this long after the caller stopped.
     #[serde(deserialize_with = "strict::uint")]
     pub resume_after_ms: u64,
+    /// IANA time zone of the `{now}` prompt variable.
+    pub time_zone: String,
 }
 
 /// `[stt]`
@@ -843,7 +853,9 @@ impl Settings {
             ConfigError(msg)
         })?;
         let origins = Origins::from_cache(&loaded.cache, file);
-        let mut settings: Self = match loaded.clone().try_deserialize() {
+        let mut settings: Self = match super::profiles::without_profiles(&loaded.cache)
+            .try_deserialize()
+        {
             Ok(s) => s,
             Err(e) => {
                 // Deserialization stops at the first bad value; report every bad number.
@@ -863,7 +875,19 @@ impl Settings {
             }
         };
         settings.origins = origins;
-        settings.validate()?;
+        let (profiles, unresolved) = super::profiles::resolve(&loaded.cache);
+        settings.profiles = profiles;
+        let mut p = Problems::new(&settings.origins);
+        for (key, why) in unresolved {
+            p.bad(&key, why);
+        }
+        let mut problems = p.list;
+        if let Err(e) = settings.validate() {
+            problems.extend(e.problems().map(str::to_owned));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::from_problems(problems));
+        }
         Ok(settings)
     }
 
@@ -872,6 +896,13 @@ impl Settings {
     /// first. [`Settings::load`] already calls it; call it again after changing fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::new(&self.origins);
+        self.validate_values(&mut p);
+        self.validate_profiles(&mut p);
+        p.into_result()
+    }
+
+    /// Every check but the profiles' (which run it again over each profile's settings).
+    fn validate_values(&self, p: &mut Problems<'_>) {
         for r in NUMERIC_RANGES {
             match self.number(r.key) {
                 Some(v) if r.contains(v) => {}
@@ -894,19 +925,39 @@ impl Settings {
                 ),
             }
         }
-        self.validate_network(&mut p);
+        self.validate_network(p);
         if let Err(why) = validate_log_filter(&self.log.level) {
             p.bad("log.level", why);
         }
-        self.validate_agent(&mut p);
-        self.validate_providers(&mut p);
+        self.validate_agent(p);
+        self.validate_providers(p);
         if let Err(why) = records_path(&self.records.url) {
             p.bad("records.url", why);
         }
         if let Err(why) = webhook_url(&self.webhook.url) {
             p.bad("webhook.url", why);
         }
-        p.into_result()
+        let base = super::profiles::ProfileSettings::base(self);
+        for (key, why) in super::profiles::validate_profile(&base) {
+            p.bad(&key, why);
+        }
+    }
+
+    /// Each profile gets every check `[agent]`, `[llm]` and `[tts]` get, reported under the
+    /// profile's own keys (a problem in an inherited value is reported once, under its own
+    /// section); then `[routing]` is checked against the profiles.
+    fn validate_profiles(&self, p: &mut Problems<'_>) {
+        for profile in self.profiles.values() {
+            let view = profile.apply(self);
+            let rename = |key: &str| profile.own_key(key);
+            let mut inner = Problems::new(&self.origins);
+            inner.rename = Some(&rename);
+            view.validate_values(&mut inner);
+            p.list.extend(inner.list);
+        }
+        for (key, why) in super::profiles::validate_routing(self) {
+            p.bad(&key, why);
+        }
     }
 
     fn validate_network(&self, p: &mut Problems<'_>) {
@@ -1128,6 +1179,8 @@ impl Settings {
 struct Problems<'a> {
     origins: &'a Origins,
     list: Vec<String>,
+    /// Reports a key under another name (a profile's own key), or not at all (`None`).
+    rename: Option<&'a dyn Fn(&str) -> Option<String>>,
 }
 
 impl<'a> Problems<'a> {
@@ -1135,10 +1188,22 @@ impl<'a> Problems<'a> {
         Self {
             origins,
             list: Vec::new(),
+            rename: None,
         }
     }
 
     fn bad(&mut self, key: &str, why: impl fmt::Display) {
+        let renamed;
+        let key = match self.rename {
+            Some(rename) => match rename(key) {
+                Some(k) => {
+                    renamed = k;
+                    renamed.as_str()
+                }
+                None => return,
+            },
+            None => key,
+        };
         self.list.push(match self.origins.describe(key) {
             Some(origin) => format!("invalid value for key `{key}` ({origin}): {why}"),
             None => format!("invalid value for key `{key}`: {why}"),
@@ -1162,11 +1227,13 @@ enum Origin {
     Env,
 }
 
-/// The origin of every `section` and `section.key` after layering.
+/// The origin of every `section` and `section.key` (and deeper keys, as in
+/// `profiles.NAME.key`) after layering, and the line of each key in the file.
 #[derive(Clone, Default)]
 struct Origins {
     file: Option<PathBuf>,
     by_key: HashMap<String, Origin>,
+    lines: HashMap<String, usize>,
 }
 
 impl fmt::Debug for Origins {
@@ -1195,13 +1262,23 @@ impl Origins {
                 if let ValueKind::Table(keys) = &table.kind {
                     for (key, value) in keys {
                         by_key.insert(format!("{section}.{key}"), origin(value));
+                        if let ValueKind::Table(deeper) = &value.kind {
+                            for (k, v) in deeper {
+                                by_key.insert(format!("{section}.{key}.{k}"), origin(v));
+                            }
+                        }
                     }
                 }
             }
         }
+        let lines = file
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|text| key_lines(&text))
+            .unwrap_or_default();
         Self {
             file: file.map(Path::to_owned),
             by_key,
+            lines,
         }
     }
 
@@ -1209,9 +1286,10 @@ impl Origins {
         Some(match self.by_key.get(key)? {
             Origin::BuiltIn => "built-in default".to_owned(),
             Origin::Env => format!("set by environment variable {}", env_var(key)),
-            Origin::File => match &self.file {
-                Some(path) => format!("set in {}", path.display()),
-                None => "set in the config file".to_owned(),
+            Origin::File => match (&self.file, self.lines.get(key)) {
+                (Some(path), Some(line)) => format!("set in {}:{line}", path.display()),
+                (Some(path), None) => format!("set in {}", path.display()),
+                (None, _) => "set in the config file".to_owned(),
             },
         })
     }
@@ -1239,6 +1317,35 @@ impl Origins {
             _ => msg.to_owned(),
         }
     }
+}
+
+/// The line of every key in a TOML file, by dotted path (`profiles.sales.greeting` -> 12).
+fn key_lines(text: &str) -> HashMap<String, usize> {
+    fn walk(
+        text: &str,
+        prefix: &str,
+        table: &toml::de::DeTable<'_>,
+        out: &mut HashMap<String, usize>,
+    ) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", key.get_ref())
+            };
+            let at = key.span().start.min(text.len());
+            out.entry(path.clone())
+                .or_insert_with(|| text[..at].matches('\n').count() + 1);
+            if let toml::de::DeValue::Table(t) = value.get_ref() {
+                walk(text, &path, t, out);
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    if let Ok(doc) = toml::de::DeTable::parse(text) {
+        walk(text, "", doc.get_ref(), &mut out);
+    }
+    out
 }
 
 /// `audiosocket.max_calls` -> `SIFUCALL_AUDIOSOCKET__MAX_CALLS`.

@@ -84,6 +84,9 @@ pub struct CallRecord {
     pub speculative: Speculation,
     /// Provider or pipeline errors during the call, one line each.
     pub errors: Vec<String>,
+    /// The agent profile the call ran with (empty in echo mode).
+    #[serde(default)]
+    pub profile: String,
 }
 
 /// Who produced a transcript entry.
@@ -535,6 +538,7 @@ mod tests {
             resumes: 0,
             speculative: Speculation::default(),
             errors: vec![],
+            profile: "sales".into(),
         }
     }
 

@@ -618,6 +618,81 @@ mod tests {
         assert_eq!(all_cached(&cache).await, 8);
     }
 
+    fn vars() -> PromptVars {
+        let ctx = crate::call::CallContext {
+            caller_number: Some("0123456789".into()),
+            caller_name: Some(" ".into()),
+            did: Some("60312345678".into()),
+            vars: [("CUSTOMER".to_owned(), "Siti".to_owned())].into(),
+            ..Default::default()
+        };
+        PromptVars::for_call(&ctx, "c-1", "Rabu".into())
+    }
+
+    #[test]
+    fn variables_are_filled_in_and_missing_ones_leave_no_gap() {
+        let v = vars();
+        for (template, want) in [
+            ("Nombor {caller_number}, DID {did}.", "Nombor 0123456789, DID 60312345678."),
+            ("Helo {caller_name}, selamat datang.", "Helo, selamat datang."),
+            ("Helo {caller_name}!", "Helo!"),
+            ("Helo {caller_name|tuan/puan}, ya.", "Helo tuan/puan, ya."),
+            ("Helo {var_customer} ({var_CUSTOMER}).", "Helo Siti (Siti)."),
+            ("{var_missing}Hari {now}; id {call_id}", "Hari Rabu; id c-1"),
+            ("JSON {\"a\": {b}} and { x } stay", "JSON {\"a\": } and { x } stay"),
+            ("{{caller_number}}", "{0123456789}"),
+            ("no variables", "no variables"),
+        ] {
+            assert_eq!(render(template, &v), want, "{template}");
+        }
+        assert_eq!(
+            unknown_variables("{caller_number} {foo} {var_} {var_x} {foo} {a b} {\"k\": 1}"),
+            ["foo", "var_"]
+        );
+        assert!(!has_variables("Selamat datang."));
+        assert!(has_variables("Hari {now}."));
+    }
+
+    #[test]
+    fn now_is_told_in_the_profiles_zone_and_language() {
+        let tz = jiff::tz::TimeZone::get("Asia/Kuala_Lumpur").unwrap();
+        let t: jiff::Timestamp = "2026-12-06T16:05:00Z".parse().unwrap();
+        assert_eq!(format_now(t, &tz, "ms-MY"), "Isnin, 7 Disember 2026, 00:05");
+        assert_eq!(format_now(t, &tz, "ms"), "Isnin, 7 Disember 2026, 00:05");
+        assert_eq!(format_now(t, &tz, "en-US"), "Monday, 7 December 2026, 00:05");
+        let t: jiff::Timestamp = "2027-08-01T04:30:00Z".parse().unwrap();
+        assert_eq!(format_now(t, &tz, "ms-MY"), "Ahad, 1 Ogos 2027, 12:30");
+        let utc = jiff::tz::TimeZone::UTC;
+        assert_eq!(format_now(t, &utc, "en-GB"), "Sunday, 1 August 2027, 04:30");
+    }
+
+    #[tokio::test]
+    async fn phrases_with_variables_are_not_preloaded_but_synthesized_per_call() {
+        let (srv, tts) = small_plan(TtsTransport::Websocket).await;
+        let mut t = texts();
+        t.greeting = "Selamat datang, {caller_name|tuan}.".into();
+        let cache = PromptCache::new(t, tts);
+        tokio::time::timeout(GUARD, cache.preload(&[8_000]))
+            .await
+            .expect("hang guard");
+        assert!(cache.cached(PromptKind::Greeting, 8_000).is_none());
+        assert!(cache.cached(PromptKind::Apology, 8_000).is_some());
+        let own = cache.for_call(&vars()).expect("the greeting varies");
+        assert_eq!(own.texts().greeting, "Selamat datang, tuan.");
+        let pcm = tokio::time::timeout(GUARD, own.get(PromptKind::Greeting, 8_000))
+            .await
+            .expect("hang guard")
+            .unwrap();
+        assert_eq!(
+            pcm.len(),
+            crate::sandbox::elevenlabs::speech_samples("Selamat datang, tuan.", 8_000)
+        );
+        assert!(cache.cached(PromptKind::Greeting, 8_000).is_none(), "never shared");
+        let fixed = PromptCache::new(texts(), Arc::clone(&cache.tts));
+        assert!(fixed.for_call(&vars()).is_none());
+        drop(srv);
+    }
+
     #[test]
     fn a_429_is_busy_with_the_asked_wait() {
         let e = TtsError::Status {

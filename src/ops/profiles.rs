@@ -671,6 +671,226 @@ mod tests {
         assert!(agent.contains(&"greeting") && agent.contains(&"time_zone"));
     }
 
+    // ---- the overlay, as loaded from a file ----------------------------------------------
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> (Result<Settings, String>, String) {
+        let dir = std::env::temp_dir().join(format!(
+            "sifucall-profiles-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sifucall.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let r = Settings::load_from(Some(&path), env).map_err(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        (r, path.display().to_string())
+    }
+
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    const TWO_PROFILES: &str = r#"
+[agent]
+greeting = "Helo."
+hold_after_ms = 1300
+
+[profiles.sales]
+greeting = "Jualan, {caller_name|tuan/puan}."
+hold_after_ms = 900
+llm_model = "openai/gpt-4o"
+temperature = 0.2
+voice_id = "salesVoice"
+
+[profiles.support]
+language = "en-US"
+tts_language_code = "en"
+
+[routing]
+default = "support"
+dids = { "60312345678" = "sales", "6031234*" = "support" }
+"#;
+
+    #[test]
+    fn a_profile_overlays_agent_and_provider_keys_and_inherits_the_rest() {
+        let s = load(TWO_PROFILES, &[]).0.unwrap();
+        let sales = &s.profiles["sales"];
+        assert_eq!(sales.agent.greeting, "Jualan, {caller_name|tuan/puan}.");
+        assert_eq!(sales.agent.hold_after_ms, 900);
+        assert_eq!(sales.llm.model, "openai/gpt-4o");
+        assert_eq!(sales.llm.temperature, 0.2);
+        assert_eq!(sales.tts.voice_id, "salesVoice");
+        // Inherited: from the operator's [agent] and from the built-in defaults.
+        assert_eq!(sales.agent.language, s.agent.language);
+        assert_eq!(sales.agent.apology, s.agent.apology);
+        assert_eq!(sales.tts.model_id, s.tts.model_id);
+        assert_eq!(sales.llm.max_tokens, s.llm.max_tokens);
+        let support = &s.profiles["support"];
+        assert_eq!(support.agent.greeting, "Helo.", "the operator's [agent]");
+        assert_eq!(support.agent.hold_after_ms, 1300);
+        assert_eq!(support.agent.language, "en-US");
+        assert_eq!(support.tts.language_code, "en");
+        assert_eq!(
+            sales.overrides,
+            ["greeting", "hold_after_ms", "llm_model", "temperature", "voice_id"]
+        );
+        let names: Vec<String> = all_profiles(&s).into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["default", "sales", "support"]);
+        assert_eq!(all_profiles(&s)[0].agent.greeting, "Helo.");
+        // `check` shows what each profile sets, not the whole merged sections.
+        let shown = s.redacted_json().unwrap();
+        assert_eq!(shown["profiles"]["sales"]["llm_model"], "openai/gpt-4o");
+        assert_eq!(shown["profiles"]["support"].as_object().unwrap().len(), 2);
+        assert_eq!(shown["routing"]["dids"]["6031234*"], "support");
+    }
+
+    #[test]
+    fn profile_keys_come_from_the_environment_too() {
+        let (s, _) = load(
+            TWO_PROFILES,
+            &[
+                ("SIFUCALL_PROFILES__SALES__GREETING", "Dari env."),
+                ("SIFUCALL_PROFILES__SALES__HOLD_AFTER_MS", "700"),
+            ],
+        );
+        let s = s.unwrap();
+        assert_eq!(s.profiles["sales"].agent.greeting, "Dari env.");
+        assert_eq!(s.profiles["sales"].agent.hold_after_ms, 700);
+        let (e, _) = load(
+            TWO_PROFILES,
+            &[("SIFUCALL_PROFILES__SALES__HOLD_AFTER_MS", "5")],
+        );
+        let e = e.unwrap_err();
+        assert!(
+            e.contains("profiles.sales.hold_after_ms")
+                && e.contains("SIFUCALL_PROFILES__SALES__HOLD_AFTER_MS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn without_profiles_the_default_is_agent_itself() {
+        let s = load("[agent]\ngreeting = \"Helo.\"\n", &[]).0.unwrap();
+        assert!(s.profiles.is_empty());
+        let all = all_profiles(&s);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].name, DEFAULT_PROFILE);
+        assert_eq!(all[0].agent.greeting, "Helo.");
+        assert!(all[0].overrides.is_empty());
+        assert_eq!(s.routing, RoutingSettings::default());
+        let defaults = Settings::defaults();
+        assert!(defaults.profiles.is_empty() && defaults.routing.dids.is_empty());
+    }
+
+    /// The problems of a file, one per line.
+    fn problems(toml: &str) -> (Vec<String>, String) {
+        let (r, path) = load(toml, &[]);
+        match r {
+            Ok(_) => panic!("accepted:\n{toml}"),
+            Err(e) => (e.lines().map(str::to_owned).collect(), path),
+        }
+    }
+
+    fn has(problems: &[String], needles: &[&str]) -> bool {
+        problems.iter().any(|p| needles.iter().all(|n| p.contains(n)))
+    }
+
+    #[test]
+    fn unknown_and_daemon_wide_keys_are_refused_with_file_and_line() {
+        let (p, path) = problems(
+            "[profiles.sales]\ngreeting = \"Helo.\"\ngreting = \"typo\"\nmode = \"echo\"\n",
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            has(&p, &["profiles.sales.greting", &format!("{path}:3"), "unknown profile key"]),
+            "{p:#?}"
+        );
+        assert!(
+            has(&p, &["profiles.sales.mode", &format!("{path}:4"), "[agent] only"]),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn profile_values_get_the_same_checks_as_agent() {
+        let (p, path) = problems(
+            r#"
+[profiles.sales]
+hold_after_ms = 50
+language = "ms_MY"
+temperature = 3.0
+tts_model = "bad model"
+
+[profiles.typed]
+hold_after_ms = 1.5
+"#,
+        );
+        for (key, line) in [
+            ("profiles.sales.hold_after_ms", 3),
+            ("profiles.sales.language", 4),
+            ("profiles.sales.temperature", 5),
+            ("profiles.sales.tts_model", 6),
+            ("profiles.typed.hold_after_ms", 9),
+        ] {
+            assert!(has(&p, &[key, &format!("{path}:{line}")]), "{key}: {p:#?}");
+        }
+        assert_eq!(p.len(), 5, "{p:#?}");
+    }
+
+    #[test]
+    fn an_inherited_problem_is_reported_once_under_its_own_key() {
+        let (p, _) = problems("[agent]\nhold_after_ms = 50\n\n[profiles.sales]\ngreeting = \"x\"\n");
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].contains("agent.hold_after_ms"), "{p:#?}");
+    }
+
+    #[test]
+    fn undefined_prompt_variables_are_errors() {
+        let (p, path) = problems(
+            r#"
+[agent]
+system_prompt = 'Hari ini {today}. JSON like {"a": 1} and { } is text.'
+
+[profiles.sales]
+greeting = "Helo {caller_nmae}, {var_order} {caller_name|tuan}."
+hold_prompt = "Sekejap {did}."
+"#,
+        );
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(has(&p, &["agent.system_prompt", "{today}"]), "{p:#?}");
+        assert!(
+            has(&p, &["profiles.sales.greeting", &format!("{path}:6"), "{caller_nmae}"]),
+            "{p:#?}"
+        );
+        let (p, _) = problems("[agent]\napology = \"Maaf {caller_name}.\"\n");
+        assert!(has(&p, &["agent.apology", "cached"]), "{p:#?}");
+        let (p, _) = problems("[profiles.x]\ntime_zone = \"Asia/Kuala_Lumpar\"\n");
+        assert!(has(&p, &["profiles.x.time_zone", "IANA"]), "{p:#?}");
+    }
+
+    #[test]
+    fn routing_must_name_profiles_that_exist() {
+        let (p, _) = problems(
+            r#"
+[profiles.sales]
+greeting = "x"
+
+[routing]
+default = "main"
+dids = { "601" = "sales", "602" = "nosuch", "*" = "sales", "60*1*" = "sales" }
+"#,
+        );
+        assert!(has(&p, &["routing.default", "\"main\"", "default, sales"]), "{p:#?}");
+        assert!(has(&p, &["routing.dids.602", "\"nosuch\""]), "{p:#?}");
+        assert!(has(&p, &["routing.dids.*", "routing.default"]), "{p:#?}");
+        assert!(has(&p, &["routing.dids.60*1*", "only end"]), "{p:#?}");
+        assert_eq!(p.len(), 4, "{p:#?}");
+        let (p, _) = problems("[profiles.Sales]\ngreeting = \"x\"\n");
+        assert!(has(&p, &["profiles.Sales", "lower-case"]), "{p:#?}");
+        let (p, _) = problems("[routing]\ndefualt = \"x\"\n");
+        assert!(has(&p, &["defualt"]), "{p:#?}");
+    }
+
     #[test]
     fn profile_names() {
         for ok in ["sales", "after-hours", "line_2", "2nd"] {

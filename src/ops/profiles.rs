@@ -130,12 +130,28 @@ impl ProfileSettings {
         }
     }
 
-    /// The whole configuration as this profile's calls see it (no profiles of its own).
+    /// The whole configuration as this profile's calls see it (no profiles of its own):
+    /// `settings` with the keys the profile sets replaced. Inherited keys are read from
+    /// `settings` now, not when the file was loaded, so a program that changes them after
+    /// loading (the sandbox pointing the providers at its fakes) changes every profile.
     pub fn apply(&self, settings: &Settings) -> Settings {
         let mut s = settings.clone();
-        s.agent = self.agent.clone();
-        s.llm = self.llm.clone();
-        s.tts = self.tts.clone();
+        let agent: Vec<&str> = self
+            .overrides
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !PROVIDER_KEYS.iter().any(|p| p.key == *k))
+            .collect();
+        let provider = |section: &str| -> Vec<&str> {
+            PROVIDER_KEYS
+                .iter()
+                .filter(|p| p.section == section && self.overrides.iter().any(|k| k == p.key))
+                .map(|p| p.field)
+                .collect()
+        };
+        s.agent = overlay(&settings.agent, &self.agent, &agent);
+        s.llm = overlay(&settings.llm, &self.llm, &provider("llm"));
+        s.tts = overlay(&settings.tts, &self.tts, &provider("tts"));
         s.profiles.clear();
         s
     }
@@ -159,6 +175,24 @@ impl ProfileSettings {
             .any(|k| k == own)
             .then(|| format!("profiles.{}.{own}", self.name))
     }
+}
+
+/// `base` with `fields` taken from `own`; `own` itself if that does not make a value (it
+/// always does: both are the same type, read from the same layered file).
+fn overlay<T: Serialize + DeserializeOwned + Clone>(base: &T, own: &T, fields: &[&str]) -> T {
+    if fields.is_empty() {
+        return base.clone();
+    }
+    let (Ok(mut merged), Ok(own_value)) = (serde_json::to_value(base), serde_json::to_value(own))
+    else {
+        return own.clone();
+    };
+    for f in fields {
+        if let (Some(slot), Some(v)) = (merged.get_mut(*f), own_value.get(*f)) {
+            *slot = v.clone();
+        }
+    }
+    serde_json::from_value(merged).unwrap_or_else(|_| own.clone())
 }
 
 /// Every profile's settings, `default` first: `[agent]` itself unless `[profiles.default]`
@@ -742,6 +776,23 @@ dids = { "60312345678" = "sales", "6031234*" = "support" }
         assert_eq!(shown["profiles"]["sales"]["llm_model"], "openai/gpt-4o");
         assert_eq!(shown["profiles"]["support"].as_object().unwrap().len(), 2);
         assert_eq!(shown["routing"]["dids"]["6031234*"], "support");
+    }
+
+    #[test]
+    fn inherited_keys_follow_later_changes_to_the_sections() {
+        let mut s = load(TWO_PROFILES, &[]).0.unwrap();
+        s.llm.base_url = "http://127.0.0.1:1/api/v1".into();
+        s.tts.base_url = "http://127.0.0.1:2".into();
+        s.agent.apology = "Maaf sekali lagi.".into();
+        let sales = s.profiles["sales"].apply(&s);
+        assert_eq!(sales.llm.base_url, "http://127.0.0.1:1/api/v1");
+        assert_eq!(sales.tts.base_url, "http://127.0.0.1:2");
+        assert_eq!(sales.agent.apology, "Maaf sekali lagi.");
+        assert_eq!(sales.llm.model, "openai/gpt-4o", "its own");
+        assert_eq!(sales.llm.temperature, 0.2);
+        assert_eq!(sales.tts.voice_id, "salesVoice");
+        assert_eq!(sales.agent.hold_after_ms, 900);
+        assert!(sales.profiles.is_empty());
     }
 
     #[test]

@@ -195,7 +195,10 @@ impl Daemon {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sifucall-profiles-it-{}-{name}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "sifucall-profiles-it-{}-{name}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -226,21 +229,24 @@ async fn calls_to_different_numbers_hear_their_profiles_greeting() {
     let (mut d, _) = start(fast_sandbox(), &path).await;
     let sales_heard = "Terima kasih kerana menghubungi jabatan jualan kami, Aminah.";
 
-    let (sales, support, asked, unknown) =
-        (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (sales, support, asked, unknown) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
     d.dialplan.set(sales, SALES_DID, Some("Aminah"), None);
     d.dialplan.set(support, SUPPORT_DID, None, None);
     // The dialplan's choice wins over the number's rule; a name it gets wrong gets the default.
-    d.dialplan.set(asked, SALES_DID, Some("Aminah"), Some("support"));
+    d.dialplan
+        .set(asked, SALES_DID, Some("Aminah"), Some("support"));
     d.dialplan.set(unknown, SUPPORT_DID, None, Some("nosuch"));
     let (r_sales, r_support) = tokio::join!(
         d.call(sales, sales_heard),
         d.call(support, SUPPORT_GREETING)
     );
-    let (r_asked, r_unknown) = tokio::join!(
-        d.call(asked, SUPPORT_GREETING),
-        d.call(unknown, GREETING)
-    );
+    let (r_asked, r_unknown) =
+        tokio::join!(d.call(asked, SUPPORT_GREETING), d.call(unknown, GREETING));
     let s = d.summaries(4).await;
 
     assert_greeted(&s[&sales], &r_sales, "sales", sales_heard);
@@ -265,7 +271,11 @@ async fn calls_to_different_numbers_hear_their_profiles_greeting() {
         .iter()
         .filter(|s| text_of(s).contains("Aminah"))
         .collect();
-    assert_eq!(named.len(), 1, "for the one call that ran the sales profile");
+    assert_eq!(
+        named.len(),
+        1,
+        "for the one call that ran the sales profile"
+    );
     assert!(
         named
             .iter()
@@ -298,9 +308,8 @@ async fn each_profile_talks_to_its_own_model() {
         c.lead_silence = Duration::from_millis(speech_ms(SUPPORT_GREETING, RATE) + 300);
         c.play = phrase_8k();
         c.until_server_hangup = true;
-        c.hangup_after = Some(
-            c.lead_silence + Duration::from_millis(samples_ms(c.play.len(), RATE) + 3_000),
-        );
+        c.hangup_after =
+            Some(c.lead_silence + Duration::from_millis(samples_ms(c.play.len(), RATE) + 3_000));
         let report = tokio::time::timeout(CALL_GUARD, caller::place_call(c))
             .await
             .expect("guard")
@@ -337,7 +346,9 @@ async fn a_reload_changes_the_greeting_for_new_calls_and_keeps_the_side_channel(
 
     let second = Uuid::new_v4();
     d.dialplan.set(second, SALES_DID, None, None);
-    let r2 = d.call(second, "Jualan, versi dua yang lebih panjang sedikit.").await;
+    let r2 = d
+        .call(second, "Jualan, versi dua yang lebih panjang sedikit.")
+        .await;
     let s2 = d.summaries(1).await;
     assert_greeted(
         &s2[&second],

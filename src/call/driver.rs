@@ -34,9 +34,9 @@ use super::profile::ProfileSetup;
 use super::prompts::{PromptCache, PromptKind};
 use super::reply::{self, Providers};
 use crate::audio::pcm;
-use crate::ops::profiles::{DEFAULT_PROFILE, DEFAULT_TIME_ZONE};
 use crate::audiosocket::{FrameError, Inbound, Outbound, SampleRate, ServerCodec};
 use crate::ops::metrics::{EndReason, Metrics};
+use crate::ops::profiles::{DEFAULT_PROFILE, DEFAULT_TIME_ZONE};
 use crate::providers::stt::{SttEvent, SttSession};
 
 /// A single frame write that takes longer than this means the peer stopped reading.
@@ -251,9 +251,9 @@ pub async fn serve_call<S: CallStream>(
             let profile = ProfileSetup::new(DEFAULT_PROFILE, Arc::clone(setup), DEFAULT_TIME_ZONE);
             Some(profile.for_call(&context, &call_id.to_string(), jiff::Timestamp::now()))
         }
-        Behaviour::Profiles(profiles) => span.in_scope(|| profiles.select(&context)).map(|p| {
-            p.for_call(&context, &call_id.to_string(), jiff::Timestamp::now())
-        }),
+        Behaviour::Profiles(profiles) => span
+            .in_scope(|| profiles.select(&context))
+            .map(|p| p.for_call(&context, &call_id.to_string(), jiff::Timestamp::now())),
     };
     let (mode, agent, call_prompts, profile) = match call {
         None => (
@@ -569,7 +569,9 @@ impl<S: CallStream> Driver<S> {
 
     /// A cached phrase is handed over at once (so the greeting starts in the first frame);
     /// one that is not is synthesized in a task the call waits on for a short while only.
-    /// The synthesis itself runs on, so the cache fills for later calls.
+    /// The synthesis itself runs on, so the cache fills for later calls. A phrase with
+    /// variables is synthesized for this call; if that fails or is late, the profile's
+    /// generic version (variables left out) plays instead, if it is cached.
     fn fetch_prompt(&mut self, kind: PromptKind) {
         let (Some(agent), Some(rate)) = (&self.agent, self.machine.rate()) else {
             return;
@@ -582,6 +584,9 @@ impl<S: CallStream> Driver<S> {
             self.machine.handle(Input::Prompt(kind, Ok(pcm)), now());
             return;
         }
+        let generic = (deadline == PER_CALL_PROMPT_DEADLINE)
+            .then(|| agent.prompts.cached(kind, rate.hz()))
+            .flatten();
         let prompts = Arc::clone(prompts);
         let tx = self.control_tx.clone();
         let cancel = self.tasks.clone();
@@ -595,6 +600,13 @@ impl<S: CallStream> Driver<S> {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => Err(format!("prompt synthesis failed: {e}")),
                 Err(_) => Err(format!("not synthesized within {deadline:?}")),
+            };
+            let result = match (result, generic) {
+                (Err(e), Some(generic)) => {
+                    warn!(?kind, error = %e, "this call's own phrase failed; playing the generic one");
+                    Ok(generic)
+                }
+                (r, _) => r,
             };
             let _ = tx.send(Control::Prompt(kind, result)).await;
         });

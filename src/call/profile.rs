@@ -65,7 +65,11 @@ impl ProfileSetup {
     ) -> CallAgent {
         let cfg = &self.setup.cfg;
         let varies = prompts::has_variables(&cfg.system_prompt)
-            || cfg.prompts.all().iter().any(|(_, t)| prompts::has_variables(t));
+            || cfg
+                .prompts
+                .all()
+                .iter()
+                .any(|(_, t)| prompts::has_variables(t));
         let (cfg, prompts) = if varies {
             let text_now = prompts::format_now(now, &self.time_zone, &cfg.language);
             let vars = PromptVars::for_call(context, call_id, text_now);
@@ -115,11 +119,11 @@ impl AgentProfiles {
     /// The profile for a call with this context (logged, with how it was chosen). `None`
     /// only when there are no profiles at all.
     pub fn select(&self, context: &CallContext) -> Option<&ProfileSetup> {
-        let (name, how) = self.routing.route(
-            context.profile.as_deref(),
-            context.did.as_deref(),
-            |n| self.profiles.contains_key(n),
-        );
+        let (name, how) =
+            self.routing
+                .route(context.profile.as_deref(), context.did.as_deref(), |n| {
+                    self.profiles.contains_key(n)
+                });
         let chosen = self
             .profiles
             .get(&name)
@@ -224,7 +228,11 @@ mod tests {
         );
         let own = call.prompts.expect("the greeting varies per call");
         assert_eq!(own.texts().greeting, call.cfg.prompts.greeting);
-        assert!(call.setup.prompts.is_per_call(prompts::PromptKind::Greeting));
+        assert!(
+            call.setup
+                .prompts
+                .is_per_call(prompts::PromptKind::Greeting)
+        );
         assert!(!call.setup.prompts.is_per_call(prompts::PromptKind::Apology));
     }
 

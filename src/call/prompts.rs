@@ -233,8 +233,18 @@ const MALAY_DAYS: [&str; 7] = [
     "Isnin", "Selasa", "Rabu", "Khamis", "Jumaat", "Sabtu", "Ahad",
 ];
 const MALAY_MONTHS: [&str; 12] = [
-    "Januari", "Februari", "Mac", "April", "Mei", "Jun", "Julai", "Ogos", "September",
-    "Oktober", "November", "Disember",
+    "Januari",
+    "Februari",
+    "Mac",
+    "April",
+    "Mei",
+    "Jun",
+    "Julai",
+    "Ogos",
+    "September",
+    "Oktober",
+    "November",
+    "Disember",
 ];
 const ENGLISH_DAYS: [&str; 7] = [
     "Monday",
@@ -390,9 +400,21 @@ impl PromptCache {
         })
     }
 
-    /// Synthesizes every fixed phrase at each rate (phrases with variables are left to each
-    /// call), at most `max_concurrency` at a time, retrying 429s; failures are logged and
-    /// retried on first use.
+    /// What this cache says for a phrase: its text, or for a phrase with variables the text
+    /// with none of them filled in (their fallbacks, or nothing): the generic version a call
+    /// plays when its own could not be synthesized in time.
+    pub fn spoken_text(&self, kind: PromptKind) -> std::borrow::Cow<'_, str> {
+        let text = self.texts.text(kind);
+        if has_variables(text) {
+            render(text, &PromptVars::default()).into()
+        } else {
+            text.into()
+        }
+    }
+
+    /// Synthesizes every phrase at each rate (a phrase with variables in its generic
+    /// version, see [`PromptCache::spoken_text`]), at most `max_concurrency` at a time,
+    /// retrying 429s; failures are logged and retried on first use.
     pub async fn preload(&self, rates: &[u32]) {
         let jobs: Vec<(PromptKind, u32)> = rates
             .iter()
@@ -405,7 +427,6 @@ impl PromptCache {
                 ]
                 .map(move |kind| (kind, rate))
             })
-            .filter(|&(kind, _)| !self.is_per_call(kind))
             .collect();
         futures_util::stream::iter(jobs)
             .map(|(kind, rate)| self.preload_one(kind, rate))
@@ -415,7 +436,7 @@ impl PromptCache {
     }
 
     async fn preload_one(&self, kind: PromptKind, rate: u32) {
-        if self.texts.text(kind).trim().is_empty() {
+        if self.spoken_text(kind).trim().is_empty() {
             return;
         }
         match self.synthesize(kind, rate).await {
@@ -448,7 +469,8 @@ impl PromptCache {
     }
 
     async fn synthesize(&self, kind: PromptKind, rate: u32) -> Result<Arc<Vec<i16>>, String> {
-        let text = self.texts.text(kind);
+        let text = self.spoken_text(kind);
+        let text = text.as_ref();
         if text.trim().is_empty() {
             return Err("empty prompt text".into());
         }
@@ -633,13 +655,22 @@ mod tests {
     fn variables_are_filled_in_and_missing_ones_leave_no_gap() {
         let v = vars();
         for (template, want) in [
-            ("Nombor {caller_number}, DID {did}.", "Nombor 0123456789, DID 60312345678."),
-            ("Helo {caller_name}, selamat datang.", "Helo, selamat datang."),
+            (
+                "Nombor {caller_number}, DID {did}.",
+                "Nombor 0123456789, DID 60312345678.",
+            ),
+            (
+                "Helo {caller_name}, selamat datang.",
+                "Helo, selamat datang.",
+            ),
             ("Helo {caller_name}!", "Helo!"),
             ("Helo {caller_name|tuan/puan}, ya.", "Helo tuan/puan, ya."),
             ("Helo {var_customer} ({var_CUSTOMER}).", "Helo Siti (Siti)."),
             ("{var_missing}Hari {now}; id {call_id}", "Hari Rabu; id c-1"),
-            ("JSON {\"a\": {b}} and { x } stay", "JSON {\"a\": } and { x } stay"),
+            (
+                "JSON {\"a\": {b}} and { x } stay",
+                "JSON {\"a\": } and { x } stay",
+            ),
             ("{{caller_number}}", "{0123456789}"),
             ("no variables", "no variables"),
         ] {
@@ -659,7 +690,10 @@ mod tests {
         let t: jiff::Timestamp = "2026-12-06T16:05:00Z".parse().unwrap();
         assert_eq!(format_now(t, &tz, "ms-MY"), "Isnin, 7 Disember 2026, 00:05");
         assert_eq!(format_now(t, &tz, "ms"), "Isnin, 7 Disember 2026, 00:05");
-        assert_eq!(format_now(t, &tz, "en-US"), "Monday, 7 December 2026, 00:05");
+        assert_eq!(
+            format_now(t, &tz, "en-US"),
+            "Monday, 7 December 2026, 00:05"
+        );
         let t: jiff::Timestamp = "2027-08-01T04:30:00Z".parse().unwrap();
         assert_eq!(format_now(t, &tz, "ms-MY"), "Ahad, 1 Ogos 2027, 12:30");
         let utc = jiff::tz::TimeZone::UTC;
@@ -667,29 +701,48 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn phrases_with_variables_are_not_preloaded_but_synthesized_per_call() {
+    async fn phrases_with_variables_are_synthesized_per_call_and_cached_generic() {
         let (srv, tts) = small_plan(TtsTransport::Websocket).await;
         let mut t = texts();
         t.greeting = "Selamat datang, {caller_name|tuan}.".into();
+        let vars = PromptVars::for_call(
+            &crate::call::CallContext {
+                caller_name: Some("Aminah Binti Abdullah".into()),
+                ..Default::default()
+            },
+            "c-1",
+            String::new(),
+        );
         let cache = PromptCache::new(t, tts);
         tokio::time::timeout(GUARD, cache.preload(&[8_000]))
             .await
             .expect("hang guard");
-        assert!(cache.cached(PromptKind::Greeting, 8_000).is_none());
+        let generic = cache
+            .cached(PromptKind::Greeting, 8_000)
+            .expect("the generic version");
+        assert_eq!(
+            generic.len(),
+            crate::sandbox::elevenlabs::speech_samples("Selamat datang, tuan.", 8_000)
+        );
         assert!(cache.cached(PromptKind::Apology, 8_000).is_some());
-        let own = cache.for_call(&vars()).expect("the greeting varies");
-        assert_eq!(own.texts().greeting, "Selamat datang, tuan.");
+        let own = cache.for_call(&vars).expect("the greeting varies");
+        let said = "Selamat datang, Aminah Binti Abdullah.";
+        assert_eq!(own.texts().greeting, said);
         let pcm = tokio::time::timeout(GUARD, own.get(PromptKind::Greeting, 8_000))
             .await
             .expect("hang guard")
             .unwrap();
         assert_eq!(
             pcm.len(),
-            crate::sandbox::elevenlabs::speech_samples("Selamat datang, tuan.", 8_000)
+            crate::sandbox::elevenlabs::speech_samples(said, 8_000)
         );
-        assert!(cache.cached(PromptKind::Greeting, 8_000).is_none(), "never shared");
+        let shared = cache.cached(PromptKind::Greeting, 8_000).unwrap();
+        assert!(
+            Arc::ptr_eq(&shared, &generic),
+            "the call's own is never shared"
+        );
         let fixed = PromptCache::new(texts(), Arc::clone(&cache.tts));
-        assert!(fixed.for_call(&vars()).is_none());
+        assert!(fixed.for_call(&vars).is_none());
         drop(srv);
     }
 

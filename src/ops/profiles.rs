@@ -365,7 +365,12 @@ pub(crate) fn resolve(cache: &Value) -> (BTreeMap<String, ProfileSettings>, Vec<
         ));
         return (out, problems);
     };
-    let section = |name: &str| root.get(name).and_then(table_of).cloned().unwrap_or_default();
+    let section = |name: &str| {
+        root.get(name)
+            .and_then(table_of)
+            .cloned()
+            .unwrap_or_default()
+    };
     let agent_fields = struct_fields::<AgentSettings>();
     let mut names: Vec<&String> = profiles.keys().collect();
     names.sort();
@@ -395,7 +400,11 @@ pub(crate) fn resolve(cache: &Value) -> (BTreeMap<String, ProfileSettings>, Vec<
         for k in keys {
             let value = own[k].clone();
             if let Some(p) = PROVIDER_KEYS.iter().find(|p| p.key == k) {
-                let target = if p.section == "llm" { &mut llm } else { &mut tts };
+                let target = if p.section == "llm" {
+                    &mut llm
+                } else {
+                    &mut tts
+                };
                 target.insert(p.field.to_owned(), value);
             } else if DAEMON_WIDE_AGENT_KEYS.contains(&k.as_str()) {
                 problems.push((
@@ -528,7 +537,10 @@ pub fn validate_profile(profile: &ProfileSettings) -> Vec<(String, String)> {
     let a = &profile.agent;
     let mut out = Vec::new();
     let known = || {
-        let mut names: Vec<String> = PROMPT_VARIABLES.iter().map(|v| format!("{{{v}}}")).collect();
+        let mut names: Vec<String> = PROMPT_VARIABLES
+            .iter()
+            .map(|v| format!("{{{v}}}"))
+            .collect();
         names.push(format!("{{{VAR_PREFIX}NAME}}"));
         names.join(", ")
     };
@@ -766,7 +778,13 @@ dids = { "60312345678" = "sales", "6031234*" = "support" }
         assert_eq!(support.tts.language_code, "en");
         assert_eq!(
             sales.overrides,
-            ["greeting", "hold_after_ms", "llm_model", "temperature", "voice_id"]
+            [
+                "greeting",
+                "hold_after_ms",
+                "llm_model",
+                "temperature",
+                "voice_id"
+            ]
         );
         let names: Vec<String> = all_profiles(&s).into_iter().map(|p| p.name).collect();
         assert_eq!(names, ["default", "sales", "support"]);
@@ -843,7 +861,9 @@ dids = { "60312345678" = "sales", "6031234*" = "support" }
     }
 
     fn has(problems: &[String], needles: &[&str]) -> bool {
-        problems.iter().any(|p| needles.iter().all(|n| p.contains(n)))
+        problems
+            .iter()
+            .any(|p| needles.iter().all(|n| p.contains(n)))
     }
 
     #[test]
@@ -853,11 +873,21 @@ dids = { "60312345678" = "sales", "6031234*" = "support" }
         );
         assert_eq!(p.len(), 2, "{p:#?}");
         assert!(
-            has(&p, &["profiles.sales.greting", &format!("{path}:3"), "unknown profile key"]),
+            has(
+                &p,
+                &[
+                    "profiles.sales.greting",
+                    &format!("{path}:3"),
+                    "unknown profile key"
+                ]
+            ),
             "{p:#?}"
         );
         assert!(
-            has(&p, &["profiles.sales.mode", &format!("{path}:4"), "[agent] only"]),
+            has(
+                &p,
+                &["profiles.sales.mode", &format!("{path}:4"), "[agent] only"]
+            ),
             "{p:#?}"
         );
     }
@@ -890,7 +920,8 @@ hold_after_ms = 1.5
 
     #[test]
     fn an_inherited_problem_is_reported_once_under_its_own_key() {
-        let (p, _) = problems("[agent]\nhold_after_ms = 50\n\n[profiles.sales]\ngreeting = \"x\"\n");
+        let (p, _) =
+            problems("[agent]\nhold_after_ms = 50\n\n[profiles.sales]\ngreeting = \"x\"\n");
         assert_eq!(p.len(), 1, "{p:#?}");
         assert!(p[0].contains("agent.hold_after_ms"), "{p:#?}");
     }
@@ -910,7 +941,14 @@ hold_prompt = "Sekejap {did}."
         assert_eq!(p.len(), 2, "{p:#?}");
         assert!(has(&p, &["agent.system_prompt", "{today}"]), "{p:#?}");
         assert!(
-            has(&p, &["profiles.sales.greeting", &format!("{path}:6"), "{caller_nmae}"]),
+            has(
+                &p,
+                &[
+                    "profiles.sales.greeting",
+                    &format!("{path}:6"),
+                    "{caller_nmae}"
+                ]
+            ),
             "{p:#?}"
         );
         let (p, _) = problems("[agent]\napology = \"Maaf {caller_name}.\"\n");
@@ -931,7 +969,10 @@ default = "main"
 dids = { "601" = "sales", "602" = "nosuch", "*" = "sales", "60*1*" = "sales" }
 "#,
         );
-        assert!(has(&p, &["routing.default", "\"main\"", "default, sales"]), "{p:#?}");
+        assert!(
+            has(&p, &["routing.default", "\"main\"", "default, sales"]),
+            "{p:#?}"
+        );
         assert!(has(&p, &["routing.dids.602", "\"nosuch\""]), "{p:#?}");
         assert!(has(&p, &["routing.dids.*", "routing.default"]), "{p:#?}");
         assert!(has(&p, &["routing.dids.60*1*", "only end"]), "{p:#?}");

@@ -853,26 +853,26 @@ impl Settings {
             ConfigError(msg)
         })?;
         let origins = Origins::from_cache(&loaded.cache, file);
-        let mut settings: Self =
-            match super::profiles::without_profiles(&loaded.cache).try_deserialize() {
-                Ok(s) => s,
-                Err(e) => {
-                    // Deserialization stops at the first bad value; report every bad number.
-                    let first = origins.annotate(&e.to_string());
-                    let mut problems: Vec<String> = NUMERIC_RANGES
-                        .iter()
-                        .filter_map(|r| match r.kind {
-                            NumberKind::Integer => loaded.get::<WholeProbe>(r.key).err(),
-                            NumberKind::Decimal => loaded.get::<RealProbe>(r.key).err(),
-                        })
-                        .map(|e| origins.annotate(&e.to_string()))
-                        .collect();
-                    if !problems.contains(&first) {
-                        problems.insert(0, first);
-                    }
-                    return Err(ConfigError::from_problems(problems));
+        let without_profiles = super::profiles::without_profiles(&loaded.cache);
+        let mut settings: Self = match without_profiles.try_deserialize() {
+            Ok(s) => s,
+            Err(e) => {
+                // Deserialization stops at the first bad value; report every bad number.
+                let first = origins.annotate(&e.to_string());
+                let mut problems: Vec<String> = NUMERIC_RANGES
+                    .iter()
+                    .filter_map(|r| match r.kind {
+                        NumberKind::Integer => loaded.get::<WholeProbe>(r.key).err(),
+                        NumberKind::Decimal => loaded.get::<RealProbe>(r.key).err(),
+                    })
+                    .map(|e| origins.annotate(&e.to_string()))
+                    .collect();
+                if !problems.contains(&first) {
+                    problems.insert(0, first);
                 }
-            };
+                return Err(ConfigError::from_problems(problems));
+            }
+        };
         settings.origins = origins;
         let (profiles, unresolved) = super::profiles::resolve(&loaded.cache);
         settings.profiles = profiles;

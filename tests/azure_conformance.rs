@@ -119,6 +119,7 @@ async fn run_ours_on(fake: &FakeAzure, wav_path: &Path, finals: usize) -> Vec<St
     } = stt
         .start(SttParams {
             language: LANGUAGE.into(),
+            languages: Vec::new(),
             sample_rate: audio.rate,
             segmentation_silence_ms: SEGMENTATION_MS,
             call_id: "conformance".into(),

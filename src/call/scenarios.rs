@@ -69,6 +69,7 @@ pub(super) fn config() -> AgentConfig {
         speculative_max: 20,
         backchannels: vec!["ya".into(), "ok".into(), "hmm".into(), "mm".into()],
         resume_after: Duration::from_millis(1200),
+        languages: Vec::new(),
     }
 }
 
@@ -228,6 +229,7 @@ impl Sim {
                 text: text.into(),
                 offset_ms: 0,
                 duration_ms: 0,
+                language: None,
             }),
         );
     }

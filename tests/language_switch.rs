@@ -22,6 +22,9 @@ const ENGLISH_QUESTION: &str = "How much is the premium plan?";
 /// The agent's scripted answers: in Malay to the Malay question, in English to the English.
 const MALAY_REPLY: &str = REPLY;
 const ENGLISH_REPLY: &str = "The premium plan is RM199 a month.";
+/// The model copies the caller's tag to the start of its English answer: it must not be
+/// spoken, nor kept in the history or the record.
+const ENGLISH_REPLY_AS_WRITTEN: &str = "[en-US] The premium plan is RM199 a month.";
 
 fn both() -> Vec<String> {
     vec!["ms-MY".into(), "en-US".into()]
@@ -33,7 +36,7 @@ fn switching_sandbox() -> SandboxConfig {
     let mut sb = fast_sandbox();
     sb.azure.transcripts = vec![QUESTION.into(), ENGLISH_QUESTION.into(), GOODBYE.into()];
     sb.azure.transcript_languages = vec!["ms-MY".into(), "en-US".into(), "ms-MY".into()];
-    sb.openrouter.replies = vec![MALAY_REPLY.into(), ENGLISH_REPLY.into()];
+    sb.openrouter.replies = vec![MALAY_REPLY.into(), ENGLISH_REPLY_AS_WRITTEN.into()];
     sb
 }
 
@@ -136,6 +139,20 @@ async fn malay_english_malay(transport: TtsTransport) {
         ["ms", "en", "ms"],
         "{transport:?}: {codes:?}"
     );
+
+    if transport == TtsTransport::Websocket {
+        let sent: String = d
+            .sandbox
+            .elevenlabs
+            .stats()
+            .recorded_sessions()
+            .iter()
+            .flat_map(|r| r.messages.iter())
+            .filter_map(|m| m["text"].as_str().map(str::to_owned))
+            .collect();
+        assert!(sent.contains(ENGLISH_REPLY), "{sent}");
+        assert!(!sent.contains('['), "a tag reached TTS: {sent}");
+    }
 
     // The record: the words as said (no tags), and each turn's language.
     let a = agent(&summary);

@@ -750,6 +750,7 @@ voice_id = "salesVoice"
 
 [profiles.support]
 language = "en-US"
+languages = ["en-US", "ms-MY"]
 tts_language_code = "en"
 
 [routing]
@@ -777,6 +778,12 @@ dids = { "60312345678" = "sales", "6031234*" = "support" }
         assert_eq!(support.agent.language, "en-US");
         assert_eq!(support.tts.language_code, "en");
         assert_eq!(
+            support.agent.languages,
+            ["en-US", "ms-MY"],
+            "a key added to [agent] later"
+        );
+        assert!(sales.agent.languages.is_empty());
+        assert_eq!(
             sales.overrides,
             [
                 "greeting",
@@ -792,7 +799,7 @@ dids = { "60312345678" = "sales", "6031234*" = "support" }
         // `check` shows what each profile sets, not the whole merged sections.
         let shown = s.redacted_json().unwrap();
         assert_eq!(shown["profiles"]["sales"]["llm_model"], "openai/gpt-4o");
-        assert_eq!(shown["profiles"]["support"].as_object().unwrap().len(), 2);
+        assert_eq!(shown["profiles"]["support"].as_object().unwrap().len(), 3);
         assert_eq!(shown["routing"]["dids"]["6031234*"], "support");
     }
 
@@ -901,6 +908,7 @@ hold_after_ms = 50
 language = "ms_MY"
 temperature = 3.0
 tts_model = "bad model"
+languages = ["ms-MY"]
 
 [profiles.typed]
 hold_after_ms = 1.5
@@ -911,11 +919,12 @@ hold_after_ms = 1.5
             ("profiles.sales.language", 4),
             ("profiles.sales.temperature", 5),
             ("profiles.sales.tts_model", 6),
-            ("profiles.typed.hold_after_ms", 9),
+            ("profiles.sales.languages", 7),
+            ("profiles.typed.hold_after_ms", 10),
         ] {
             assert!(has(&p, &[key, &format!("{path}:{line}")]), "{key}: {p:#?}");
         }
-        assert_eq!(p.len(), 5, "{p:#?}");
+        assert_eq!(p.len(), 6, "{p:#?}");
     }
 
     #[test]

@@ -1181,12 +1181,15 @@ impl Settings {
     }
 }
 
+/// Maps a key to the name it is reported under, or to `None` to leave it out.
+type Rename<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// Collects problems, each naming its key and origin.
 struct Problems<'a> {
     origins: &'a Origins,
     list: Vec<String>,
     /// Reports a key under another name (a profile's own key), or not at all (`None`).
-    rename: Option<&'a dyn Fn(&str) -> Option<String>>,
+    rename: Option<Rename<'a>>,
 }
 
 impl<'a> Problems<'a> {

@@ -282,10 +282,12 @@ impl RoutingSettings {
             let n = normalise_number(rule);
             match n.strip_suffix('*') {
                 None if n == did => return Some((rule, profile)),
-                Some(prefix) if !prefix.is_empty() && did.starts_with(prefix) => {
-                    if best.is_none_or(|(len, _, _)| prefix.len() > len) {
-                        best = Some((prefix.len(), rule, profile));
-                    }
+                Some(prefix)
+                    if !prefix.is_empty()
+                        && did.starts_with(prefix)
+                        && best.is_none_or(|(len, _, _)| prefix.len() > len) =>
+                {
+                    best = Some((prefix.len(), rule, profile));
                 }
                 _ => {}
             }

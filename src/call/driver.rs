@@ -576,17 +576,16 @@ impl<S: CallStream> Driver<S> {
         let (Some(agent), Some(rate)) = (&self.agent, self.machine.rate()) else {
             return;
         };
-        let (prompts, deadline) = match &self.call_prompts {
-            Some(own) if agent.prompts.is_per_call(kind) => (own, PER_CALL_PROMPT_DEADLINE),
-            _ => (&agent.prompts, PROMPT_DEADLINE),
+        let own = (self.call_prompts.as_ref()).filter(|_| agent.prompts.is_per_call(kind));
+        let (prompts, deadline) = match own {
+            Some(own) => (own, PER_CALL_PROMPT_DEADLINE),
+            None => (&agent.prompts, PROMPT_DEADLINE),
         };
         if let Some(pcm) = prompts.cached(kind, rate.hz()) {
             self.machine.handle(Input::Prompt(kind, Ok(pcm)), now());
             return;
         }
-        let generic = (deadline == PER_CALL_PROMPT_DEADLINE)
-            .then(|| agent.prompts.cached(kind, rate.hz()))
-            .flatten();
+        let generic = own.and_then(|_| agent.prompts.cached(kind, rate.hz()));
         let prompts = Arc::clone(prompts);
         let tx = self.control_tx.clone();
         let cancel = self.tasks.clone();

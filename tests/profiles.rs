@@ -389,3 +389,63 @@ async fn greeting_latency_figures() {
     let _ = std::fs::remove_dir_all(&dir);
     d.stop().await;
 }
+
+/// `sifucall check` as an operator runs it on a file with broken profiles: exit 2, every
+/// problem with its key and line; the same file with the problems fixed is OK and shows what
+/// each profile sets.
+#[test]
+fn check_refuses_broken_profiles_with_file_and_line() {
+    let dir = scratch("check");
+    let path = dir.join("sifucall.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_sifucall"))
+            .args(["check", "--no-bind", "--config"])
+            .arg(&path)
+            .env_clear()
+            .envs([
+                ("AZURE_SPEECH_KEY", "azure-test-key-0001"),
+                ("OPENROUTER_API_KEY", "sk-or-v1-test0002"),
+                ("ELEVENLABS_API_KEY", "sk_test0003"),
+            ])
+            .output()
+            .unwrap()
+    };
+    let broken = r#"
+[profiles.sales]
+greeting = "Helo {caller}."
+voice = "x"
+
+[routing]
+dids = { "60312345678" = "salse" }
+"#;
+    let out = check(broken);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let file = path.display().to_string();
+    for needle in [
+        format!("profiles.sales.greeting` (set in {file}:3)"),
+        "{caller}".to_owned(),
+        format!("profiles.sales.voice` (set in {file}:4)"),
+        format!("routing.dids.60312345678` (set in {file}:7)"),
+        "\"salse\"".to_owned(),
+    ] {
+        assert!(stderr.contains(&needle), "{needle}: {stderr}");
+    }
+    assert_eq!(
+        stderr.matches("configuration error:").count(),
+        3,
+        "{stderr}"
+    );
+    let fixed = broken
+        .replace("{caller}", "{caller_name}")
+        .replace("voice = ", "voice_id = ")
+        .replace("salse", "sales");
+    let out = check(&fixed);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["profiles"]["sales"]["voice_id"], "x");
+    assert_eq!(shown["routing"]["dids"]["60312345678"], "sales");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -244,6 +244,136 @@ mod tests {
         assert!(call.prompts.is_none());
     }
 
+    /// Speaks any text as 100 ms of a constant tone, except text with `Aminah` in it, which
+    /// it never finishes (a synthesis that is too slow for the call).
+    struct NoNames;
+
+    const TONE: usize = 800;
+
+    impl TtsProvider for NoNames {
+        fn open(&self, _: TtsParams) -> BoxFuture<'_, Result<TtsStream, TtsError>> {
+            use crate::providers::tts::{TtsInput, TtsOutput};
+            let (text_tx, mut text_rx) = tokio::sync::mpsc::channel(8);
+            let (audio_tx, audio_rx) = tokio::sync::mpsc::channel(8);
+            tokio::spawn(async move {
+                let mut said = String::new();
+                while let Some(input) = text_rx.recv().await {
+                    match input {
+                        TtsInput::Text(t) => said.push_str(&t),
+                        TtsInput::Finish => break,
+                    }
+                }
+                if said.contains("Aminah") {
+                    std::future::pending::<()>().await;
+                }
+                let _ = audio_tx.send(TtsOutput::Audio(vec![4_000; TONE])).await;
+                let _ = audio_tx.send(TtsOutput::Done).await;
+            });
+            Box::pin(async move {
+                Ok(TtsStream {
+                    text: text_tx,
+                    audio: audio_rx,
+                })
+            })
+        }
+    }
+
+    #[derive(Debug)]
+    struct Dialplan(CallContext);
+
+    impl crate::call::CallControl for Dialplan {
+        fn context(&self, _: uuid::Uuid) -> futures_util::future::BoxFuture<'_, CallContext> {
+            let ctx = self.0.clone();
+            Box::pin(async move { ctx })
+        }
+        fn decide(
+            &self,
+            _: uuid::Uuid,
+            _: crate::call::CallOutcome,
+        ) -> futures_util::future::BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_personal_greeting_gives_way_to_the_generic_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tts: Arc<dyn TtsProvider> = Arc::new(NoNames);
+        let mut cfg = crate::call::scenarios::config();
+        cfg.prompts.greeting = "Selamat datang, {caller_name|tuan}.".into();
+        let prompts = Arc::new(PromptCache::new(cfg.prompts.clone(), Arc::clone(&tts)));
+        prompts.preload(&[8_000]).await;
+        let setup = Arc::new(AgentSetup {
+            providers: Providers {
+                stt: Arc::new(Nothing),
+                llm: Arc::new(Nothing),
+                tts,
+            },
+            prompts,
+            cfg: Arc::new(cfg),
+        });
+        let profiles = AgentProfiles::new(
+            [ProfileSetup::new("sales", setup, DEFAULT_TIME_ZONE)],
+            RoutingSettings {
+                default: "sales".into(),
+                dids: BTreeMap::new(),
+            },
+        );
+        let session = crate::call::SessionConfig {
+            first_message_timeout: std::time::Duration::from_secs(2),
+            behaviour: crate::call::Behaviour::Profiles(Arc::new(profiles)),
+            idle_hangup: None,
+            control: Arc::new(Dialplan(context("1", None))),
+        };
+        let (mut asterisk, daemon) = tokio::io::duplex(1 << 20);
+        let call = tokio::spawn(crate::call::driver::run(
+            daemon,
+            "127.0.0.1:5000".parse().unwrap(),
+            session,
+            Arc::new(crate::ops::metrics::Metrics::new()),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let msg = |kind: u8, payload: &[u8]| {
+            let mut m = vec![kind];
+            m.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+            m.extend_from_slice(payload);
+            m
+        };
+        asterisk.write_all(&msg(0x01, &[7; 16])).await.unwrap();
+        let (mut rx, mut tx) = tokio::io::split(asterisk);
+        let feeder = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            for _ in 0..250 {
+                tick.tick().await;
+                if tx.write_all(&msg(0x10, &[0; 320])).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // The generic greeting (100 ms of tone) plays once the personal one is given up on.
+        let mut heard = 0;
+        let mut header = [0u8; 3];
+        while heard < TONE && rx.read_exact(&mut header).await.is_ok() {
+            let mut payload = vec![0; usize::from(u16::from_be_bytes([header[1], header[2]]))];
+            rx.read_exact(&mut payload).await.unwrap();
+            heard += payload
+                .chunks_exact(2)
+                .filter(|s| i16::from_le_bytes([s[0], s[1]]) == 4_000)
+                .count();
+        }
+        assert_eq!(heard, TONE, "the generic greeting was heard whole");
+        feeder.await.unwrap();
+        drop(rx);
+        let summary = call.await.unwrap();
+        assert_eq!(summary.profile, "sales");
+        let report = summary.agent.unwrap();
+        assert!(
+            !report.errors.iter().any(|e| e.contains("could not speak")),
+            "{:?}",
+            report.errors
+        );
+    }
+
     #[test]
     fn selection_follows_the_routing() {
         let profiles = AgentProfiles::new(

@@ -285,19 +285,16 @@ pub async fn run_controlled(
     let behaviour = behaviour(&settings, &metrics).await?;
     let mut config = server_config(&settings, behaviour);
     config.session.control = Arc::new(pbx);
-    let server = Server::new(
-        config,
-        Arc::clone(&metrics),
-        ready.clone(),
-    );
+    let server = Server::new(config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
     let admin_stop = CancellationToken::new();
-    let admin_state =
-        AdminState::new(Arc::clone(&metrics), ready.clone()).with_calls(crate::pbx::http::CallRoutes {
+    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone()).with_calls(
+        crate::pbx::http::CallRoutes {
             registry,
             token: settings.secrets.admin_token.clone(),
-        });
+        },
+    );
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
     let admin_task = tokio::spawn(admin::serve_with(
         admin_listener,

@@ -137,7 +137,10 @@ async fn no_channel_or_a_silent_pbx_gives_the_default_profile() {
         ..FakeAmiFaults::default()
     });
     let mut peer = dial(daemon.addr, id).await;
-    assert_eq!(peer.next_frame().await.expect("the call goes on").kind, 0x10);
+    assert_eq!(
+        peer.next_frame().await.expect("the call goes on").kind,
+        0x10
+    );
     until_hangup(&mut peer).await;
     assert_eq!(daemon.next_summary().await.context, CallContext::default());
 }
@@ -158,7 +161,11 @@ async fn the_connection_comes_back_after_the_pbx_drops_it() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(ami.client().wait_up(HANG_GUARD).await);
-    let c = ami.lookup(id).await.unwrap().expect("found after reconnecting");
+    let c = ami
+        .lookup(id)
+        .await
+        .unwrap()
+        .expect("found after reconnecting");
     assert_eq!(c.channel.as_deref(), Some("PJSIP/t-1"));
     assert_eq!(fake.logins(), (2, 0));
 }
@@ -174,7 +181,10 @@ async fn a_wrong_secret_never_logs_in_and_actions_fail_at_once() {
     }
     assert!(!client.is_up());
     let ami = AmiControl::new(client);
-    assert_eq!(ami.lookup(Uuid::new_v4()).await, Err(AmiError::NotConnected));
+    assert_eq!(
+        ami.lookup(Uuid::new_v4()).await,
+        Err(AmiError::NotConnected)
+    );
     assert_eq!(fake.logins().0, 0);
 }
 
@@ -187,7 +197,9 @@ async fn interleaved_events_do_not_mix_up_concurrent_lookups() {
     });
     let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
     for (i, id) in ids.iter().enumerate() {
-        fake.add_channel(call_channel(&format!("PJSIP/t-{i}"), *id).var("FROM_DID", &format!("{i}")));
+        fake.add_channel(
+            call_channel(&format!("PJSIP/t-{i}"), *id).var("FROM_DID", &format!("{i}")),
+        );
     }
     let ami = control(&fake).await;
     let lookups = ids.iter().map(|id| {
@@ -275,7 +287,13 @@ async fn each_outcome_is_on_the_channel_before_the_hangup_frame() {
             outcome.destination().unwrap_or(""),
         );
         let whisper = fake.var(&channel, WHISPER_VAR).unwrap_or_default();
-        let warm = matches!(&outcome, CallOutcome::Transferred { summary: Some(_), .. });
+        let warm = matches!(
+            &outcome,
+            CallOutcome::Transferred {
+                summary: Some(_),
+                ..
+            }
+        );
         assert_eq!(!whisper.is_empty(), warm, "{outcome:?}");
         let set: Vec<String> = fake
             .setvars()
@@ -283,7 +301,11 @@ async fn each_outcome_is_on_the_channel_before_the_hangup_frame() {
             .filter(|(c, _, _)| *c == channel)
             .map(|(_, v, _)| v)
             .collect();
-        assert_eq!(set.last().map(String::as_str), Some(RESULT_VAR), "result last");
+        assert_eq!(
+            set.last().map(String::as_str),
+            Some(RESULT_VAR),
+            "result last"
+        );
         daemon.next_summary().await;
         daemon.shutdown.cancel();
     }
@@ -301,7 +323,11 @@ async fn over_capacity_is_told_to_the_dialplan_before_the_hangup_frame() {
     cfg.session.control = ami;
     let daemon = common::start(cfg).await;
     let mut first = dial(daemon.addr, busy).await;
-    assert_eq!(first.next_frame().await.unwrap().kind, 0x10, "first call up");
+    assert_eq!(
+        first.next_frame().await.unwrap().kind,
+        0x10,
+        "first call up"
+    );
     let mut second = dial(daemon.addr, refused).await;
     until_hangup(&mut second).await;
     assert_eq!(

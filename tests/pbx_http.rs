@@ -58,7 +58,10 @@ async fn start(s: Settings) -> Result<Daemon, StartError> {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(HANG_GUARD).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(HANG_GUARD)
+        .build()
+        .unwrap()
 }
 
 /// What `CURL(url,postdata)` sends: a form body; with `CURLOPT(httpheader)` set, Asterisk
@@ -110,7 +113,10 @@ async fn on_loopback_a_registration_needs_no_token_and_the_outcome_comes_back() 
     call_until_hangup(d.audiosocket, id).await;
     // AudioSocket() has returned: the dialplan asks how the call ended.
     let (status, body) = get(&d, &format!("/calls/{id}/outcome"), None).await;
-    assert_eq!((status, body.as_str()), (200, "result=completed&destination=&reason=&whisper="));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "result=completed&destination=&reason=&whisper=")
+    );
     assert_eq!(
         get(&d, &format!("/calls/{id}/outcome/result"), None).await,
         (200, "completed".to_owned())
@@ -119,7 +125,10 @@ async fn on_loopback_a_registration_needs_no_token_and_the_outcome_comes_back() 
         get(&d, &format!("/calls/{id}/outcome/destination"), None).await,
         (200, String::new())
     );
-    let s = tokio::time::timeout(HANG_GUARD, d.summaries.recv()).await.unwrap().unwrap();
+    let s = tokio::time::timeout(HANG_GUARD, d.summaries.recv())
+        .await
+        .unwrap()
+        .unwrap();
     let c = s.context;
     assert_eq!(c.source, ContextSource::Http);
     assert_eq!(c.caller_number.as_deref(), Some("+60312345678"));
@@ -131,7 +140,12 @@ async fn on_loopback_a_registration_needs_no_token_and_the_outcome_comes_back() 
     // A call nobody decided, a bad body, a bad UUID.
     let (status, body) = get(&d, &format!("/calls/{}/outcome", Uuid::new_v4()), None).await;
     assert_eq!((status, body.as_str()), (404, "result=unknown"));
-    assert_eq!(register(&d, Uuid::new_v4(), "colour=blue", None).await.status(), 400);
+    assert_eq!(
+        register(&d, Uuid::new_v4(), "colour=blue", None)
+            .await
+            .status(),
+        400
+    );
     let r = http()
         .post(format!("{}/calls/not-a-uuid/context", d.admin))
         .body("did=1")
@@ -165,12 +179,21 @@ async fn with_a_token_every_calls_route_needs_it() {
     for listen in ["0.0.0.0:0", "127.0.0.1:0"] {
         let d = start(settings(listen, Some("t0ken-abc"))).await.unwrap();
         let id = Uuid::new_v4();
-        assert_eq!(register(&d, id, "did=1", None).await.status(), 401, "{listen}");
+        assert_eq!(
+            register(&d, id, "did=1", None).await.status(),
+            401,
+            "{listen}"
+        );
         assert_eq!(register(&d, id, "did=1", Some("wrong")).await.status(), 401);
-        assert_eq!(register(&d, id, "did=1", Some("t0ken-abc")).await.status(), 204);
+        assert_eq!(
+            register(&d, id, "did=1", Some("t0ken-abc")).await.status(),
+            204
+        );
         assert_eq!(get(&d, &format!("/calls/{id}/outcome"), None).await.0, 401);
         assert_eq!(
-            get(&d, &format!("/calls/{id}/outcome"), Some("t0ken-abc")).await.0,
+            get(&d, &format!("/calls/{id}/outcome"), Some("t0ken-abc"))
+                .await
+                .0,
             404,
             "authorised, not decided yet"
         );
@@ -196,9 +219,17 @@ fn check_refuses_an_open_admin_address_without_a_token() {
     let o = run(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("admin.listen") && err.contains("SIFUCALL_ADMIN_TOKEN"), "{err}");
+    assert!(
+        err.contains("admin.listen") && err.contains("SIFUCALL_ADMIN_TOKEN"),
+        "{err}"
+    );
     let o = run(&[("SIFUCALL_ADMIN_TOKEN", "abc")]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // The token is never printed.
     assert!(!String::from_utf8_lossy(&o.stdout).contains("abc\""));
 }
@@ -221,5 +252,8 @@ fn secret_variables_named_by_settings_are_not_mistaken_for_overrides() {
     let e = Settings::load_from(None, env(&[("SIFUCALL_AGENT_MODE", "echo")]))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("SIFUCALL_AGENT_MODE") && e.contains("two underscores"), "{e}");
+    assert!(
+        e.contains("SIFUCALL_AGENT_MODE") && e.contains("two underscores"),
+        "{e}"
+    );
 }

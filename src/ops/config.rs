@@ -727,7 +727,13 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             64.0,
             "prompt syntheses at once",
         ),
-        range("ami.port", Integer, 1.0, 65_535.0, "TCP port of the manager"),
+        range(
+            "ami.port",
+            Integer,
+            1.0,
+            65_535.0,
+            "TCP port of the manager",
+        ),
         range(
             "ami.action_timeout_ms",
             Integer,

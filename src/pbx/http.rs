@@ -253,7 +253,9 @@ pub enum RegistrationError {
     #[error("the body is neither form data nor a JSON object: {0}")]
     Body(String),
     /// A field is not one the daemon knows.
-    #[error("unknown field {0:?} (known: caller_number, caller_name, did, channel, profile, var_NAME)")]
+    #[error(
+        "unknown field {0:?} (known: caller_number, caller_name, did, channel, profile, var_NAME)"
+    )]
     UnknownField(String),
     /// A value or the number of variables is over its limit.
     #[error("{0}")]
@@ -262,7 +264,10 @@ pub enum RegistrationError {
 
 /// Reads a registration: form data (what `CURL()` posts, whatever `Content-Type` it says)
 /// or a JSON object.
-pub fn parse_registration(headers: &HeaderMap, body: &[u8]) -> Result<CallContext, RegistrationError> {
+pub fn parse_registration(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<CallContext, RegistrationError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -305,9 +310,7 @@ pub fn parse_registration(headers: &HeaderMap, body: &[u8]) -> Result<CallContex
             _ => match k.strip_prefix("var_") {
                 Some(name)
                     if !name.is_empty()
-                        && name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
                 {
                     if ctx.vars.len() >= MAX_VARS {
                         return Err(RegistrationError::TooLarge(format!(
@@ -407,7 +410,10 @@ async fn register(
     };
     match routes.registry.register(id, ctx) {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(Full) => text(StatusCode::SERVICE_UNAVAILABLE, "too many registered calls\n"),
+        Err(Full) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many registered calls\n",
+        ),
     }
 }
 
@@ -518,11 +524,18 @@ mod tests {
         let t0 = Instant::now();
         let mut e = Entries::default();
         for _ in 0..MAX_ENTRIES {
-            e.register(Uuid::new_v4(), CallContext::default(), t0).unwrap();
+            e.register(Uuid::new_v4(), CallContext::default(), t0)
+                .unwrap();
         }
-        assert_eq!(e.register(Uuid::new_v4(), CallContext::default(), t0), Err(Full));
+        assert_eq!(
+            e.register(Uuid::new_v4(), CallContext::default(), t0),
+            Err(Full)
+        );
         // Once the old ones expire there is room again.
-        assert!(e.register(Uuid::new_v4(), CallContext::default(), t0 + CONTEXT_TTL).is_ok());
+        assert!(
+            e.register(Uuid::new_v4(), CallContext::default(), t0 + CONTEXT_TTL)
+                .is_ok()
+        );
         assert_eq!(e.len().0, 1);
     }
 
@@ -559,6 +572,10 @@ mod tests {
         .unwrap();
         assert_eq!(waiter.await.unwrap().unwrap().did.as_deref(), Some("1"));
         // Nobody registers: the wait ends empty at the deadline.
-        assert!(reg.wait_context(Uuid::new_v4(), REGISTRATION_WAIT).await.is_none());
+        assert!(
+            reg.wait_context(Uuid::new_v4(), REGISTRATION_WAIT)
+                .await
+                .is_none()
+        );
     }
 }

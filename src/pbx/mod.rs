@@ -132,8 +132,12 @@ pub fn ami_config(settings: &Settings) -> Option<AmiConfig> {
 
 /// Builds the daemon's control: the registry always, AMI when enabled (its connection task
 /// runs until `stop`).
-pub fn build(settings: &Settings, registry: Arc<CallRegistry>, stop: CancellationToken) -> PbxControl {
-    let ami = ami_config(settings)
-        .map(|cfg| Arc::new(AmiControl::new(AmiClient::start(cfg, stop))));
+pub fn build(
+    settings: &Settings,
+    registry: Arc<CallRegistry>,
+    stop: CancellationToken,
+) -> PbxControl {
+    let ami =
+        ami_config(settings).map(|cfg| Arc::new(AmiControl::new(AmiClient::start(cfg, stop))));
     PbxControl::new(registry, ami)
 }

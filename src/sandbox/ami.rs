@@ -210,6 +210,15 @@ impl FakeAmi {
         }
     }
 
+    /// Sets a channel variable (as `Set()` in the dialplan does).
+    pub fn set_var(&self, channel: &str, name: &str, value: &str) {
+        for c in &mut self.lock().channels {
+            if c.name == channel {
+                c.vars.insert(name.to_owned(), value.to_owned());
+            }
+        }
+    }
+
     /// A channel's variable now.
     pub fn var(&self, channel: &str, name: &str) -> Option<String> {
         self.lock()
@@ -405,7 +414,10 @@ impl Connection {
                         ("Response", "Success".into()),
                         ("ActionID", id.to_owned()),
                         ("Ping", "Pong".into()),
-                        ("Timestamp", format!("{}.{:06}", now.as_secs(), now.subsec_micros())),
+                        (
+                            "Timestamp",
+                            format!("{}.{:06}", now.as_secs(), now.subsec_micros()),
+                        ),
                     ]),
                     false,
                 )
@@ -428,8 +440,7 @@ impl Connection {
                 match s.channels.iter_mut().find(|c| c.name == channel) {
                     Some(c) => {
                         c.vars.insert(var.to_owned(), value.clone());
-                        s.setvars
-                            .push((channel.to_owned(), var.to_owned(), value));
+                        s.setvars.push((channel.to_owned(), var.to_owned(), value));
                         (ok("Variable Set"), false)
                     }
                     None => (err("No such channel"), false),

@@ -235,7 +235,9 @@ async fn run(
             r = session(&cfg, tls.as_ref(), &mut requests, &state, &connects) => r,
         };
         let _ = state.send(LinkState::Down);
-        let text = result.err().map_or_else(|| "closed".to_owned(), |e| e.to_string());
+        let text = result
+            .err()
+            .map_or_else(|| "closed".to_owned(), |e| e.to_string());
         if text != last_error {
             warn!(host = %cfg.host, port = cfg.port, error = %text, "AMI connection down; reconnecting");
             last_error = text;

@@ -277,12 +277,18 @@ impl AmiControl {
                     context.vars = all.to_context().vars;
                 }
             }
-            Err(e) => debug!(error = %e, "AMI: no channel variables; the call goes on without them"),
+            Err(e) => {
+                debug!(error = %e, "AMI: no channel variables; the call goes on without them")
+            }
         }
         Ok(Some(context))
     }
 
-    async fn set_vars(&self, channel: &str, vars: &[(&'static str, String)]) -> Result<(), AmiError> {
+    async fn set_vars(
+        &self,
+        channel: &str,
+        vars: &[(&'static str, String)],
+    ) -> Result<(), AmiError> {
         for (name, value) in vars {
             self.client
                 .send(

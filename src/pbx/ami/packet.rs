@@ -73,9 +73,8 @@ impl Packet {
     /// Whether the response says the action worked (`Success`, or `Follows` for command
     /// output).
     pub fn is_success(&self) -> bool {
-        self.response().is_some_and(|r| {
-            r.eq_ignore_ascii_case("Success") || r.eq_ignore_ascii_case("Follows")
-        })
+        self.response()
+            .is_some_and(|r| r.eq_ignore_ascii_case("Success") || r.eq_ignore_ascii_case("Follows"))
     }
 
     /// `Message:`, Asterisk's human-readable reason.
@@ -478,7 +477,9 @@ mod tests {
     #[test]
     fn values_keep_colons_and_lose_one_leading_space() {
         let mut p = Parser::after_banner(DEFAULT_MAX_PACKET);
-        p.feed(b"Event: Newchannel\r\nChannel: PJSIP/a:b-1\r\nCallerIDName:   Ali\r\nEmpty:\r\n\r\n");
+        p.feed(
+            b"Event: Newchannel\r\nChannel: PJSIP/a:b-1\r\nCallerIDName:   Ali\r\nEmpty:\r\n\r\n",
+        );
         let got = all(&mut p);
         let pk = packet(&got[0]);
         assert_eq!(pk.get("Channel"), Some("PJSIP/a:b-1"));

@@ -386,6 +386,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+#[allow(clippy::result_large_err)]
 fn call_id(raw: &str) -> Result<Uuid, Response> {
     Uuid::parse_str(raw.trim())
         .map_err(|_| text(StatusCode::BAD_REQUEST, format!("{raw:?} is not a UUID\n")))

@@ -344,7 +344,7 @@ async fn session(
     let banner = timeout(cfg.action_timeout * 2, async {
         let mut banner = None;
         loop {
-            while let Some(item) = parser.next()? {
+            while let Some(item) = parser.next_item()? {
                 match item {
                     Incoming::Banner(b) => {
                         banner = Some(b);
@@ -380,7 +380,7 @@ async fn session(
     let mut ping_sent: Option<Instant> = None;
     let result = loop {
         // Packets already buffered first.
-        while let Some(item) = parser.next()? {
+        while let Some(item) = parser.next_item()? {
             if let Incoming::Packet(p) = item {
                 ping_sent = None;
                 route(&mut pending, p);

@@ -168,7 +168,7 @@ impl Parser {
     }
 
     /// The next banner or whole packet, `None` until more bytes arrive.
-    pub fn next(&mut self) -> Result<Option<Incoming>, ParseError> {
+    pub fn next_item(&mut self) -> Result<Option<Incoming>, ParseError> {
         if !self.greeted {
             let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
                 if self.buf.len() > MAX_BANNER {
@@ -383,7 +383,7 @@ mod tests {
 
     fn all(p: &mut Parser) -> Vec<Incoming> {
         let mut out = Vec::new();
-        while let Some(i) = p.next().unwrap() {
+        while let Some(i) = p.next_item().unwrap() {
             out.push(i);
         }
         out
@@ -517,10 +517,10 @@ mod tests {
     fn not_asterisk_is_an_error() {
         let mut p = Parser::default();
         p.feed(b"SSH-2.0-OpenSSH_9.6\r\n");
-        assert!(matches!(p.next(), Err(ParseError::BadBanner(_))));
+        assert!(matches!(p.next_item(), Err(ParseError::BadBanner(_))));
         let mut p = Parser::default();
         p.feed(&[b'x'; 2000]);
-        assert!(matches!(p.next(), Err(ParseError::BadBanner(_))));
+        assert!(matches!(p.next_item(), Err(ParseError::BadBanner(_))));
     }
 
     #[test]
@@ -529,7 +529,7 @@ mod tests {
         for _ in 0..100 {
             p.feed(b"Variable: X=1\r\n");
         }
-        assert_eq!(p.next(), Err(ParseError::TooLarge(256)));
+        assert_eq!(p.next_item(), Err(ParseError::TooLarge(256)));
     }
 
     #[test]

@@ -359,6 +359,44 @@ async fn a_renamed_channel_is_found_again_for_the_outcome() {
     assert!(ami.tell(id, &CallOutcome::Completed).await.is_err());
 }
 
+#[tokio::test]
+async fn tls_with_the_pbx_certificate_authority() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ami_tls");
+    let fake = FakeAmi::start_tls(
+        "sifucall",
+        "pw",
+        &std::fs::read(format!("{dir}/cert.pem")).unwrap(),
+        &std::fs::read(format!("{dir}/key.pem")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let id = Uuid::new_v4();
+    fake.add_channel(call_channel("PJSIP/t-1", id));
+    let mut cfg = config(&fake, "pw");
+    cfg.tls = true;
+    cfg.tls_ca_file = Some(format!("{dir}/ca.pem").into());
+    let client = AmiClient::start(cfg.clone(), CancellationToken::new());
+    assert!(client.wait_up(HANG_GUARD).await, "TLS login");
+    let c = AmiControl::new(client).lookup(id).await.unwrap().unwrap();
+    assert_eq!(c.channel.as_deref(), Some("PJSIP/t-1"));
+
+    // Without the PBX's CA the certificate is not trusted: never logged in.
+    cfg.tls_ca_file = None;
+    let untrusted = AmiClient::start(cfg, CancellationToken::new());
+    let (logins, accepted) = (fake.logins().0, fake.accepted());
+    let guard = Instant::now() + HANG_GUARD;
+    while fake.accepted() < accepted + 2 {
+        assert!(Instant::now() < guard, "retried within the guard");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!untrusted.is_up());
+    assert_eq!(
+        fake.logins().0,
+        logins,
+        "no login over an untrusted connection"
+    );
+}
+
 /// Context lookup time against the fake (50 other channels up): a figure for the report,
 /// printed, never asserted. `cargo test --test pbx_ami lookup_figures -- --nocapture`
 #[tokio::test]

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -117,6 +117,7 @@ struct State {
     faults: FakeAmiFaults,
     logins: u64,
     failed_logins: u64,
+    accepted: u64,
 }
 
 /// The running fake.
@@ -140,6 +141,45 @@ impl Drop for FakeAmi {
 impl FakeAmi {
     /// Starts the fake on 127.0.0.1 with one manager user.
     pub async fn start(username: &str, secret: &str) -> std::io::Result<Self> {
+        Self::start_with(username, secret, None).await
+    }
+
+    /// Starts the fake speaking TLS (as manager.conf `tlsenable=yes` does) with this
+    /// certificate chain and private key (PEM).
+    pub async fn start_tls(
+        username: &str,
+        secret: &str,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(&e))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad(&e))?;
+        Self::start_with(
+            username,
+            secret,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn start_with(
+        username: &str,
+        secret: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
@@ -153,12 +193,25 @@ impl FakeAmi {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
+                    state.lock().unwrap_or_else(|p| p.into_inner()).accepted += 1;
                     let conn = Connection {
                         state: Arc::clone(&state),
                         user: user.clone(),
                         stop: generation.subscribe(),
                     };
-                    tokio::spawn(conn.run(stream));
+                    let _ = stream.set_nodelay(true);
+                    match tls.clone() {
+                        None => {
+                            tokio::spawn(conn.run(stream));
+                        }
+                        Some(acceptor) => {
+                            tokio::spawn(async move {
+                                if let Ok(s) = acceptor.accept(stream).await {
+                                    conn.run(s).await;
+                                }
+                            });
+                        }
+                    }
                 }
             })
         };
@@ -249,6 +302,11 @@ impl FakeAmi {
         (s.logins, s.failed_logins)
     }
 
+    /// TCP connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.lock().accepted
+    }
+
     /// Replaces the faults.
     pub fn set_faults(&self, f: FakeAmiFaults) {
         self.lock().faults = f;
@@ -303,9 +361,11 @@ impl Connection {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn run(mut self, stream: TcpStream) {
-        let _ = stream.set_nodelay(true);
-        let (read, mut write) = stream.into_split();
+    async fn run<S>(mut self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (read, mut write) = tokio::io::split(stream);
         let mut reader = BufReader::new(read);
         if write
             .write_all(format!("{FAKE_BANNER}\r\n").as_bytes())
@@ -603,6 +663,7 @@ async fn read_packet<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Opti
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt as _;
+    use tokio::net::TcpStream;
 
     async fn exchange(s: &mut TcpStream, send: &str, until: &str) -> String {
         s.write_all(send.as_bytes()).await.unwrap();

@@ -433,6 +433,18 @@ async fn pending(
                 refuse(framed.into_inner()).await;
                 return;
             }
+            // A warm transfer's whisper leg belongs to a call already counted: no slot.
+            if let Some(summary) = cfg.session.control.whisper(call_id) {
+                crate::pbx::whisper::serve_leg(
+                    framed,
+                    call_id,
+                    summary,
+                    cfg.session.behaviour.clone(),
+                    cancel_calls,
+                )
+                .await;
+                return;
+            }
             let Some(call_slot) = shared.take(SlotKind::Call) else {
                 shared.refuse(peer, RefuseReason::OverCapacity);
                 let control = Arc::clone(&cfg.session.control);

@@ -24,6 +24,7 @@ use sifucall::call::context::{CallContext, CallControl, CallOutcome, ContextSour
 use sifucall::ops::admin::{self, AdminState, ReadyFlag};
 use sifucall::ops::config::Secret;
 use sifucall::ops::metrics::Metrics;
+use sifucall::pbx::PbxControl;
 use sifucall::pbx::ami::control::whisper_uuid;
 use sifucall::pbx::ami::{AmiClient, AmiConfig, AmiControl};
 use sifucall::pbx::http::{CallRegistry, CallRoutes, HttpControl};
@@ -523,6 +524,9 @@ impl CallControl for Decides {
         self.inner
             .decide(call_id, self.outcome.clone().unwrap_or(outcome))
     }
+    fn whisper(&self, call_id: Uuid) -> Option<String> {
+        self.inner.whisper(call_id)
+    }
 }
 
 async fn daemon(
@@ -540,7 +544,8 @@ async fn daemon(
     common::start(cfg).await
 }
 
-async fn fake_ami() -> (FakeAmi, Arc<AmiControl>) {
+/// The daemon's own control (HTTP registry, whisper legs) with AMI, as `app` builds it.
+async fn fake_ami() -> (FakeAmi, Arc<PbxControl>) {
     let fake = FakeAmi::start("sifucall", "pw").await.unwrap();
     let client = AmiClient::start(
         AmiConfig {
@@ -556,7 +561,11 @@ async fn fake_ami() -> (FakeAmi, Arc<AmiControl>) {
         CancellationToken::new(),
     );
     assert!(client.wait_up(HANG_GUARD).await);
-    (fake, Arc::new(AmiControl::new(client)))
+    let ami = Arc::new(AmiControl::new(client));
+    (
+        fake,
+        Arc::new(PbxControl::new(CallRegistry::new(), Some(ami))),
+    )
 }
 
 fn transfer(dest: &str, summary: Option<&str>) -> CallOutcome {
@@ -705,6 +714,28 @@ async fn ami_dialplan_warm_transfer_dials_with_the_whisper_leg() {
             d.addr
         )
     );
+
+    // The person answers: Dial runs the U() subroutine on their channel with its arguments.
+    let sub = args.split("U(").nth(1).unwrap().trim_end_matches(')');
+    let parts: Vec<&str> = sub.split('^').collect();
+    let mut person = channel(Some(&fake), &[]);
+    person.vars.insert("ARG1".into(), parts[1].into());
+    person.vars.insert("ARG2".into(), parts[2].into());
+    let statuses = || fake.actions().iter().filter(|a| a.name == "Status").count();
+    let before = statuses();
+    let plan = parse(SHIPPED);
+    let returned = run_from(&plan, &mut person, parts[0].into(), "s".into(), "1".into()).await;
+    assert!(
+        returned.is_err(),
+        "the subroutine returns to Dial: {:?}",
+        person.trace
+    );
+    assert_eq!(
+        person.var("TRYSTATUS"),
+        "SUCCESS",
+        "the daemon ended the leg with 0x00"
+    );
+    assert_eq!(statuses(), before, "the leg was not taken for a new call");
 }
 
 // ---- func_curl -----------------------------------------------------------------------------

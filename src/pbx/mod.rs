@@ -11,10 +11,12 @@
 //! [`PbxControl`] uses both: a registration already present wins (it is explicit);
 //! otherwise the AMI lookup and a short wait for a late registration race, and whichever
 //! brings a context first is used. The outcome is always stored for HTTP (memory only)
-//! and, with AMI enabled, also set on the channel. See `docs/pbx.md`.
+//! and, with AMI enabled, also set on the channel; a transfer's summary waits for the
+//! warm transfer's [`whisper`] leg. See `docs/pbx.md`.
 
 pub mod ami;
 pub mod http;
+pub mod whisper;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,12 +36,17 @@ use http::{CallRegistry, REGISTRATION_WAIT};
 pub struct PbxControl {
     registry: Arc<CallRegistry>,
     ami: Option<Arc<AmiControl>>,
+    whispers: Arc<whisper::WhisperStore>,
 }
 
 impl PbxControl {
     /// A control over the registry, and AMI if given.
     pub fn new(registry: Arc<CallRegistry>, ami: Option<Arc<AmiControl>>) -> Self {
-        Self { registry, ami }
+        Self {
+            registry,
+            ami,
+            whispers: Arc::default(),
+        }
     }
 
     /// The AMI side, if enabled.
@@ -105,7 +112,20 @@ impl CallControl for PbxControl {
         Box::pin(self.lookup(call_id))
     }
 
+    fn whisper(&self, call_id: Uuid) -> Option<String> {
+        self.whispers.take(call_id)
+    }
+
     fn decide(&self, call_id: Uuid, outcome: CallOutcome) -> BoxFuture<'_, ()> {
+        if let CallOutcome::Transferred {
+            summary: Some(s), ..
+        } = &outcome
+        {
+            if !s.trim().is_empty() {
+                self.whispers
+                    .put(ami::control::whisper_uuid(call_id), s.trim().to_owned());
+            }
+        }
         self.registry.decide(call_id, outcome.clone());
         Box::pin(async move {
             if let Some(ami) = &self.ami {

@@ -397,6 +397,39 @@ async fn tls_with_the_pbx_certificate_authority() {
     );
 }
 
+#[tokio::test]
+async fn the_daemons_control_waits_for_both_sides_in_any_order() {
+    use sifucall::pbx::PbxControl;
+    use sifucall::pbx::http::CallRegistry;
+    let fake = FakeAmi::start("sifucall", "pw").await.unwrap();
+    let registry = CallRegistry::new();
+    let pbx = PbxControl::new(Arc::clone(&registry), Some(control(&fake).await));
+    // The manager answers after the wait for a registration is over, and finds nothing.
+    fake.set_faults(FakeAmiFaults {
+        delay: sifucall::pbx::http::REGISTRATION_WAIT * 2,
+        ..FakeAmiFaults::default()
+    });
+    assert_eq!(pbx.context(Uuid::new_v4()).await, CallContext::default());
+    // A channel found by AMI.
+    let id = Uuid::new_v4();
+    fake.add_channel(call_channel("PJSIP/t-9", id));
+    assert_eq!(pbx.context(id).await.source, ContextSource::Ami);
+    // A registration present wins without asking the manager.
+    let id = Uuid::new_v4();
+    registry
+        .register(
+            id,
+            CallContext {
+                source: ContextSource::Http,
+                ..CallContext::default()
+            },
+        )
+        .unwrap();
+    let asked = fake.actions().len();
+    assert_eq!(pbx.context(id).await.source, ContextSource::Http);
+    assert_eq!(fake.actions().len(), asked);
+}
+
 /// Context lookup time against the fake (50 other channels up): a figure for the report,
 /// printed, never asserted. `cargo test --test pbx_ami lookup_figures -- --nocapture`
 #[tokio::test]

@@ -74,28 +74,28 @@ impl PbxControl {
         let http = self.registry.wait_context(call_id, REGISTRATION_WAIT);
         let by_ami = ami.lookup(call_id);
         tokio::pin!(http, by_ami);
-        tokio::select! {
-            Some(c) = &mut http => {
-                self.note_channel(call_id, &c);
-                c
-            }
-            r = &mut by_ami => match r {
-                Ok(Some(c)) => c,
-                other => {
-                    if let Err(e) = other {
-                        debug!(%call_id, error = %e, "AMI lookup failed; waiting for an HTTP registration");
-                    }
-                    match http.await {
-                        Some(c) => {
-                            self.note_channel(call_id, &c);
-                            c
-                        }
-                        None => {
-                            tracing::warn!(%call_id, "no call context (no channel with SIFUCALL_UUID, no registration): default profile");
-                            CallContext::default()
-                        }
+        let (mut http_done, mut ami_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut http, if !http_done => {
+                    http_done = true;
+                    if let Some(c) = r {
+                        self.note_channel(call_id, &c);
+                        return c;
                     }
                 }
+                r = &mut by_ami, if !ami_done => {
+                    ami_done = true;
+                    match r {
+                        Ok(Some(c)) => return c,
+                        Ok(None) => {}
+                        Err(e) => debug!(%call_id, error = %e, "AMI lookup failed"),
+                    }
+                }
+            }
+            if http_done && ami_done {
+                tracing::warn!(%call_id, "no call context (no channel with SIFUCALL_UUID, no registration): default profile");
+                return CallContext::default();
             }
         }
     }

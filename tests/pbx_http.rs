@@ -235,6 +235,31 @@ fn check_refuses_an_open_admin_address_without_a_token() {
 }
 
 #[test]
+fn preflight_wants_the_ami_secret_when_ami_is_on() {
+    use sifucall::ops::config::Preflight;
+    let mut s = settings("127.0.0.1:0", None);
+    s.ami.enabled = true;
+    let problems = s.preflight(Preflight {
+        keys: true,
+        bind: false,
+    });
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("ami.enabled") && p.contains("SIFUCALL_AMI_SECRET")),
+        "{problems:?}"
+    );
+    s.secrets.ami_secret = Secret::new(Some("pw".into()));
+    assert!(
+        s.preflight(Preflight {
+            keys: true,
+            bind: false
+        })
+        .is_empty()
+    );
+}
+
+#[test]
 fn secret_variables_named_by_settings_are_not_mistaken_for_overrides() {
     let env = |pairs: &[(&str, &str)]| {
         pairs

@@ -430,7 +430,7 @@ async fn the_daemons_control_waits_for_both_sides_in_any_order() {
     assert_eq!(fake.actions().len(), asked);
 }
 
-/// Context lookup time against the fake (50 other channels up): a figure for the report,
+/// Context lookup and decision times against the fake (50 other channels up): figures for the report,
 /// printed, never asserted. `cargo test --test pbx_ami lookup_figures -- --nocapture`
 #[tokio::test]
 async fn lookup_figures() {
@@ -439,24 +439,33 @@ async fn lookup_figures() {
         fake.add_channel(call_channel(&format!("PJSIP/busy-{i}"), Uuid::new_v4()));
     }
     let ami = control(&fake).await;
-    let mut times = Vec::new();
+    let (mut lookups, mut decisions) = (Vec::new(), Vec::new());
     for i in 0..200 {
         let id = Uuid::new_v4();
         let name = format!("PJSIP/call-{i}");
         fake.add_channel(call_channel(&name, id).var("SIFUCALL_VAR_X", "1"));
         let t = Instant::now();
         let c = ami.context(id).await;
-        times.push(t.elapsed());
+        lookups.push(t.elapsed());
         assert_eq!(c.channel.as_deref(), Some(name.as_str()));
+        let t = Instant::now();
+        ami.decide(id, CallOutcome::Completed).await;
+        decisions.push(t.elapsed());
+        assert_eq!(fake.var(&name, RESULT_VAR).as_deref(), Some("completed"));
         fake.remove_channel(&name);
     }
-    times.sort();
-    let pct = |p: usize| times[(times.len() * p / 100).min(times.len() - 1)];
-    eprintln!(
-        "AMI context lookup (2 Status actions, 51 channels): n={} p50={:?} p99={:?} max={:?}",
-        times.len(),
-        pct(50),
-        pct(99),
-        times[times.len() - 1]
-    );
+    for (what, mut times) in [
+        ("context lookup (2 Status actions, 51 channels)", lookups),
+        ("decision (4 Setvar actions)", decisions),
+    ] {
+        times.sort();
+        let pct = |p: usize| times[(times.len() * p / 100).min(times.len() - 1)];
+        eprintln!(
+            "AMI {what}: n={} p50={:?} p99={:?} max={:?}",
+            times.len(),
+            pct(50),
+            pct(99),
+            times[times.len() - 1]
+        );
+    }
 }

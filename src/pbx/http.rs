@@ -135,6 +135,9 @@ impl Entries {
 pub struct CallRegistry {
     entries: Mutex<Entries>,
     arrived: Notify,
+    /// Whether any registration ever arrived: a PBX that does not use `CURL()` must not
+    /// make every call wait for one.
+    used: std::sync::atomic::AtomicBool,
 }
 
 impl CallRegistry {
@@ -150,8 +153,14 @@ impl CallRegistry {
     /// Registers a call's context and wakes a call waiting for it.
     pub fn register(&self, id: Uuid, ctx: CallContext) -> Result<(), Full> {
         self.lock().register(id, ctx, Instant::now())?;
+        self.used.store(true, std::sync::atomic::Ordering::SeqCst);
         self.arrived.notify_waiters();
         Ok(())
+    }
+
+    /// Whether the dialplan registers calls here at all (any registration so far).
+    pub fn in_use(&self) -> bool {
+        self.used.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The registered context now, if any.
@@ -159,8 +168,12 @@ impl CallRegistry {
         self.lock().context(id, Instant::now())
     }
 
-    /// The registered context, waiting up to `wait` for it to arrive.
+    /// The registered context, waiting up to `wait` for it to arrive; no wait at all while
+    /// nothing was ever registered (the PBX does not use `CURL()`).
     pub async fn wait_context(&self, id: Uuid, wait: Duration) -> Option<CallContext> {
+        if !self.in_use() {
+            return None;
+        }
         let deadline = Instant::now() + wait;
         loop {
             let notified = self.arrived.notified();
@@ -559,6 +572,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_late_registration_is_waited_for() {
         let reg = CallRegistry::new();
+        // Before any registration nobody waits: a PBX without CURL() costs calls nothing.
+        let before = Instant::now();
+        assert!(
+            reg.wait_context(Uuid::new_v4(), REGISTRATION_WAIT)
+                .await
+                .is_none()
+        );
+        assert_eq!(Instant::now(), before);
+        reg.register(Uuid::new_v4(), CallContext::default())
+            .unwrap();
         let id = Uuid::new_v4();
         let r2 = Arc::clone(&reg);
         let waiter = tokio::spawn(async move { r2.wait_context(id, REGISTRATION_WAIT).await });

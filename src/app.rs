@@ -59,6 +59,9 @@ pub enum StartError {
     /// Call records are misconfigured.
     #[error("{0}")]
     Records(String),
+    /// The configuration is unsafe to start with (e.g. `/calls` open beyond loopback).
+    #[error("configuration error: {0}")]
+    Config(String),
 }
 
 /// Builds the per-call behaviour from the settings. In AI mode this builds every profile
@@ -306,22 +309,31 @@ pub async fn run_controlled(
             what: "admin.listen",
             source,
         })?;
+    if let Some(why) = settings.admin_needs_token() {
+        return Err(StartError::Config(why));
+    }
     let metrics = Arc::new(Metrics::new());
     let ready = ReadyFlag::new();
+    let pbx_stop = CancellationToken::new();
+    let registry = crate::pbx::http::CallRegistry::new();
+    let pbx = crate::pbx::build(&settings, Arc::clone(&registry), pbx_stop.clone());
     let records = Arc::new(
         RecordSink::new(&settings.records, &settings.webhook)
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
-    let server = Server::new(
-        server_config(&settings, behaviour),
-        Arc::clone(&metrics),
-        ready.clone(),
-    );
+    let mut config = server_config(&settings, behaviour);
+    config.session.control = Arc::new(pbx);
+    let server = Server::new(config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
     let admin_stop = CancellationToken::new();
-    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone());
+    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone()).with_calls(
+        crate::pbx::http::CallRoutes {
+            registry,
+            token: settings.secrets.admin_token.clone(),
+        },
+    );
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
     let admin_task = tokio::spawn(admin::serve_with(
         admin_listener,
@@ -394,6 +406,7 @@ pub async fn run_controlled(
         r.abort();
     }
     records.close(Duration::from_secs(5)).await;
+    pbx_stop.cancel();
     admin_stop.cancel();
     if let Ok(Err(e)) = admin_task.await {
         warn!(error = %e, "admin server error");
@@ -472,7 +485,9 @@ pub async fn apply_reload(
         .map_err(|e| format!("the new agent settings do not work: {e}"))?;
     let needs_restart: Vec<&String> = changed
         .iter()
-        .filter(|k| RESTART_ONLY.contains(&k.as_str()))
+        .filter(|k| {
+            RESTART_ONLY.contains(&k.as_str()) || k.starts_with("ami.") || *k == "admin.token_env"
+        })
         .collect();
     if !needs_restart.is_empty() {
         warn!(

@@ -111,6 +111,15 @@ impl AgentProfiles {
         self.profiles.keys().map(String::as_str)
     }
 
+    /// The default profile's setup (for work with no call context, e.g. a whisper leg).
+    pub fn default_setup(&self) -> Option<Arc<AgentSetup>> {
+        self.profiles
+            .get(self.routing.default.as_str())
+            .or_else(|| self.profiles.get(DEFAULT_PROFILE))
+            .or_else(|| self.profiles.values().next())
+            .map(|p| Arc::clone(&p.setup))
+    }
+
     /// A profile by name.
     pub fn get(&self, name: &str) -> Option<&ProfileSetup> {
         self.profiles.get(name)

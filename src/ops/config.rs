@@ -150,6 +150,8 @@ pub struct Settings {
     /// `[agent]` itself and appears here only when `[profiles.default]` overlays it.
     #[serde(skip_deserializing)]
     pub profiles: std::collections::BTreeMap<String, super::profiles::ProfileSettings>,
+    /// The Asterisk Manager Interface (call context and outcome).
+    pub ami: AmiSettings,
     /// API keys, from the environment only.
     #[serde(skip_deserializing)]
     pub secrets: Secrets,
@@ -193,6 +195,35 @@ pub struct AdminSettings {
     /// Cap on open admin connections (lowered further under a low open-file limit).
     #[serde(deserialize_with = "strict::uint")]
     pub max_connections: usize,
+    /// The environment variable holding the bearer token of the `/calls` routes.
+    pub token_env: String,
+}
+
+/// `[ami]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmiSettings {
+    /// Keep a manager connection for call context and outcomes.
+    pub enabled: bool,
+    /// PBX host.
+    pub host: String,
+    /// Manager port.
+    #[serde(deserialize_with = "strict::uint")]
+    pub port: u16,
+    /// Manager user.
+    pub username: String,
+    /// The environment variable holding the manager secret.
+    pub secret_env: String,
+    /// Connect with TLS.
+    pub tls: bool,
+    /// PEM file of the CA or self-signed certificate to trust; empty = public roots.
+    pub tls_ca_file: String,
+    /// Deadline of each action (and of connecting), ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub action_timeout_ms: u64,
+    /// Longest wait between reconnect attempts, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub reconnect_max_ms: u64,
 }
 
 /// Log output format.
@@ -467,6 +498,10 @@ pub struct Secrets {
     pub openrouter_api_key: Secret,
     /// `ELEVENLABS_API_KEY`
     pub elevenlabs_api_key: Secret,
+    /// The admin `/calls` bearer token, from the variable `admin.token_env` names.
+    pub admin_token: Secret,
+    /// The AMI secret, from the variable `ami.secret_env` names.
+    pub ami_secret: Secret,
 }
 
 impl Secrets {
@@ -476,7 +511,14 @@ impl Secrets {
             azure_speech_key: Secret::from_env("AZURE_SPEECH_KEY"),
             openrouter_api_key: Secret::from_env("OPENROUTER_API_KEY"),
             elevenlabs_api_key: Secret::from_env("ELEVENLABS_API_KEY"),
+            ..Self::default()
         }
+    }
+
+    /// Reads the secrets whose variable names come from the configuration.
+    pub fn read_named(&mut self, settings: &Settings) {
+        self.admin_token = Secret::from_env(&settings.admin.token_env);
+        self.ami_secret = Secret::from_env(&settings.ami.secret_env);
     }
 
     /// Each key with the environment variable it is read from.
@@ -698,6 +740,27 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             64.0,
             "prompt syntheses at once",
         ),
+        range(
+            "ami.port",
+            Integer,
+            1.0,
+            65_535.0,
+            "TCP port of the manager",
+        ),
+        range(
+            "ami.action_timeout_ms",
+            Integer,
+            50.0,
+            10_000.0,
+            "ms for each manager action",
+        ),
+        range(
+            "ami.reconnect_max_ms",
+            Integer,
+            100.0,
+            300_000.0,
+            "ms between manager reconnect attempts at most",
+        ),
     ]
 };
 
@@ -772,6 +835,9 @@ impl Settings {
             "llm.reasoning_max_tokens" => Int(u64::from(l.reasoning_max_tokens)),
             "tts.first_byte_timeout_ms" => Int(t.first_byte_timeout_ms),
             "tts.max_concurrency" => Int(u64::from(t.max_concurrency)),
+            "ami.port" => Int(u64::from(self.ami.port)),
+            "ami.action_timeout_ms" => Int(self.ami.action_timeout_ms),
+            "ami.reconnect_max_ms" => Int(self.ami.reconnect_max_ms),
             _ => return None,
         })
     }
@@ -808,6 +874,9 @@ impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut s = Self::load_from(file, std::env::vars())?;
         s.secrets = Secrets::from_env();
+        let mut secrets = std::mem::take(&mut s.secrets);
+        secrets.read_named(&s);
+        s.secrets = secrets;
         Ok(s)
     }
 
@@ -831,10 +900,13 @@ impl Settings {
             b = b.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
         let prefix = format!("{ENV_PREFIX}_");
-        let vars: HashMap<String, String> = env
+        // `SIFUCALL_X` without `__` cannot be a `SECTION__KEY` override; such a variable is
+        // fine when a setting names it (a secret such as SIFUCALL_ADMIN_TOKEN), else an error
+        // below (a typo such as SIFUCALL_AGENT_MODE).
+        let (vars, loose): (HashMap<String, String>, HashMap<String, String>) = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(&prefix))
-            .collect();
+            .partition(|(k, _)| k[prefix.len()..].contains("__"));
         let env_src = Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
             .separator("__")
@@ -885,6 +957,9 @@ impl Settings {
             p.bad(&key, why);
         }
         let mut problems = p.list;
+        if let Err(e) = settings.check_loose_env(loose.keys()) {
+            problems.extend(e.problems().map(str::to_owned));
+        }
         if let Err(e) = settings.validate() {
             problems.extend(e.problems().map(str::to_owned));
         }
@@ -934,6 +1009,7 @@ impl Settings {
         }
         self.validate_agent(p);
         self.validate_providers(p);
+        self.validate_pbx(p);
         if let Err(why) = records_path(&self.records.url) {
             p.bad("records.url", why);
         }
@@ -961,6 +1037,81 @@ impl Settings {
         for (key, why) in super::profiles::validate_routing(self) {
             p.bad(&key, why);
         }
+    }
+
+    /// `SIFUCALL_*` variables without `__` are errors unless a setting names them.
+    fn check_loose_env<'a>(
+        &self,
+        names: impl Iterator<Item = &'a String>,
+    ) -> Result<(), ConfigError> {
+        let named = serde_json::to_value(self).unwrap_or_default();
+        let is_named = |name: &str| {
+            fn walk(v: &serde_json::Value, name: &str) -> bool {
+                match v {
+                    serde_json::Value::String(s) => s == name,
+                    serde_json::Value::Array(a) => a.iter().any(|x| walk(x, name)),
+                    serde_json::Value::Object(o) => o.values().any(|x| walk(x, name)),
+                    _ => false,
+                }
+            }
+            walk(&named, name)
+        };
+        let mut problems: Vec<String> = names
+            .filter(|n| !is_named(n))
+            .map(|n| {
+                format!(
+                    "environment variable {n} is not a setting: overrides are \
+                     {ENV_PREFIX}_<SECTION>__<KEY> with two underscores between section and key \
+                     (e.g. {ENV_PREFIX}_AGENT__MODE)"
+                )
+            })
+            .collect();
+        problems.sort();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::from_problems(problems))
+        }
+    }
+
+    fn validate_pbx(&self, p: &mut Problems<'_>) {
+        let a = &self.ami;
+        if a.enabled && a.host.trim().is_empty() {
+            p.bad("ami.host", "is empty; name the PBX (e.g. 127.0.0.1)");
+        }
+        if a.enabled && a.username.trim().is_empty() {
+            p.bad("ami.username", "is empty; name the manager user");
+        }
+        for (key, name) in [
+            ("ami.secret_env", &a.secret_env),
+            ("admin.token_env", &self.admin.token_env),
+        ] {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                p.bad(
+                    key,
+                    format!("{name:?} is not an environment variable name (A-Z, 0-9, _)"),
+                );
+            }
+        }
+    }
+
+    /// Whether the admin server listens beyond loopback without a `/calls` token (the
+    /// daemon refuses to start so).
+    pub fn admin_needs_token(&self) -> Option<String> {
+        let ip = self.admin.listen.ip().to_canonical();
+        (!ip.is_loopback() && !self.secrets.admin_token.is_set()).then(|| {
+            format!(
+                "admin.listen = {} is reachable beyond this host, and its /calls routes change calls: \
+                 set a bearer token in the environment variable {} (admin.token_env), e.g. \
+                 {}=$(openssl rand -hex 24), or listen on 127.0.0.1",
+                self.admin.listen, self.admin.token_env, self.admin.token_env
+            )
+        })
     }
 
     fn validate_network(&self, p: &mut Problems<'_>) {
@@ -1090,6 +1241,23 @@ impl Settings {
         }
         if what.bind {
             self.probe_listen(&mut p);
+        }
+        if let Some(why) = self.admin_needs_token() {
+            p.bad("admin.listen", why);
+        }
+        if self.ami.enabled && !self.secrets.ami_secret.is_set() {
+            p.bad(
+                "ami.enabled",
+                format!(
+                    "the manager secret is not in the environment variable {} (ami.secret_env)",
+                    self.ami.secret_env
+                ),
+            );
+        }
+        if self.ami.enabled && self.ami.tls && !self.ami.tls_ca_file.trim().is_empty() {
+            if let Err(e) = std::fs::read(self.ami.tls_ca_file.trim()) {
+                p.bad("ami.tls_ca_file", format!("cannot read it: {e}"));
+            }
         }
         p.list
     }

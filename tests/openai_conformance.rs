@@ -101,6 +101,7 @@ async fn our_request(srv: &FakeOpenRouter) {
         ],
         offer_end_call: true,
         call_id: "conformance".into(),
+        ..ChatRequest::default()
     };
     let events: Vec<_> = client.stream(req).await.unwrap().collect().await;
     assert!(

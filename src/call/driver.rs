@@ -434,9 +434,9 @@ impl<S: CallStream> Driver<S> {
         }
     }
 
-    /// How the call ended when the agent hangs up.
+    /// How the call ended when the agent hangs up: the machine's decision.
     fn agent_outcome(&self) -> CallOutcome {
-        CallOutcome::Completed
+        self.machine.outcome()
     }
 
     /// Performs every effect the machine has queued.
@@ -482,6 +482,7 @@ impl<S: CallStream> Driver<S> {
                     request,
                     tts,
                     pipeline,
+                    tool_rounds,
                 } => {
                     let Some(agent) = &self.agent else { continue };
                     let cancel = self.tasks.child_token();
@@ -493,6 +494,7 @@ impl<S: CallStream> Driver<S> {
                             request,
                             tts,
                             pipeline,
+                            tool_rounds,
                             self.reply_tx.clone(),
                             cancel,
                         )

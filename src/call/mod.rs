@@ -16,6 +16,7 @@ pub mod machine;
 pub mod playout;
 pub mod prompts;
 pub mod reply;
+pub mod tools;
 pub mod turn;
 
 pub use context::{CallContext, CallControl, CallOutcome, NoControl};

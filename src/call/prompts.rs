@@ -25,6 +25,10 @@ pub enum PromptKind {
     Hold,
     /// `agent.still_there_prompt`
     StillThere,
+    /// `agent.handover_line`
+    Handover,
+    /// `agent.filler_phrase`
+    Filler,
 }
 
 /// The texts of the phrases.
@@ -38,6 +42,10 @@ pub struct PromptTexts {
     pub hold: String,
     /// Said when the caller has been silent for a while, before the idle hang-up.
     pub still_there: String,
+    /// Said before the call is handed to a person.
+    pub handover: String,
+    /// Said when a tool is slow.
+    pub filler: String,
 }
 
 impl PromptTexts {
@@ -48,6 +56,8 @@ impl PromptTexts {
             PromptKind::Apology => &self.apology,
             PromptKind::Hold => &self.hold,
             PromptKind::StillThere => &self.still_there,
+            PromptKind::Handover => &self.handover,
+            PromptKind::Filler => &self.filler,
         }
     }
 }
@@ -148,6 +158,8 @@ impl PromptCache {
                     PromptKind::Apology,
                     PromptKind::Hold,
                     PromptKind::StillThere,
+                    PromptKind::Handover,
+                    PromptKind::Filler,
                 ]
                 .map(move |kind| (kind, rate))
             })
@@ -298,6 +310,8 @@ mod tests {
             apology: "Maaf, ada gangguan.".into(),
             hold: "Sekejap, ya.".into(),
             still_there: "Helo, anda masih di talian?".into(),
+            handover: String::new(),
+            filler: String::new(),
         }
     }
 

@@ -56,6 +56,8 @@ pub(super) fn config() -> AgentConfig {
             apology: "Maaf, ada masalah.".into(),
             hold: "Sebentar ya.".into(),
             still_there: "Masih di sana?".into(),
+            handover: "Baik, saya sambungkan anda.".into(),
+            filler: "Sebentar ya.".into(),
         },
         segmentation_silence_ms: 300,
         turn: TurnConfig::default(),
@@ -69,6 +71,7 @@ pub(super) fn config() -> AgentConfig {
         speculative_max: 20,
         backchannels: vec!["ya".into(), "ok".into(), "hmm".into(), "mm".into()],
         resume_after: Duration::from_millis(1200),
+        tools: super::tools::AgentTools::default(),
     }
 }
 

@@ -142,6 +142,12 @@ pub struct Settings {
     pub records: RecordsSettings,
     /// The end-of-call webhook.
     pub webhook: WebhookSettings,
+    /// HTTP tools the agent may call, by name (`[tools.NAME]`).
+    #[serde(default)]
+    pub tools: std::collections::BTreeMap<String, ToolSettings>,
+    /// MCP servers whose tools the agent may call, by name (`[mcp.NAME]`).
+    #[serde(default)]
+    pub mcp: std::collections::BTreeMap<String, McpSettings>,
     /// API keys, from the environment only.
     #[serde(skip_deserializing)]
     pub secrets: Secrets,
@@ -276,6 +282,105 @@ pub struct AgentSettings {
     /// After a barge-in that brought no words, resume this long after the caller stopped.
     #[serde(deserialize_with = "strict::uint")]
     pub resume_after_ms: u64,
+    /// People or queues the model may hand the call to (`transfer_call`).
+    pub transfer_targets: Vec<crate::call::context::TransferTarget>,
+    /// Said before a transfer (cached at startup).
+    pub handover_line: String,
+    /// A keypad entry of only this digit asks for a person; empty disables.
+    pub operator_digit: String,
+    /// The dialplan destination for calls the agent cannot serve; empty: none.
+    pub fallback_destination: String,
+    /// Provider failures in a row that hand the call to the fallback destination instead of
+    /// another apology; 0 never.
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_provider_failures: u64,
+    /// The declared tools (`[tools.NAME]`, `[mcp.NAME]`) this agent may use.
+    pub tools: Vec<String>,
+    /// Tool rounds per caller turn.
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_tool_rounds: u64,
+    /// Said (once per turn) when a tool round takes longer than `filler_after_ms`.
+    pub filler_phrase: String,
+    /// How slow a tool round gets the filler phrase, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub filler_after_ms: u64,
+    /// An HTTP tool run before the greeting with `{caller_number}`; empty: none.
+    pub pre_call_lookup: String,
+    /// How long the greeting waits for it, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub pre_call_deadline_ms: u64,
+}
+
+/// `[tools.NAME]`: an HTTP tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSettings {
+    /// When to use it, for the model.
+    pub description: String,
+    /// A JSON schema of the arguments: a TOML table, or the schema as a JSON string.
+    #[serde(default = "empty_object_schema")]
+    pub parameters: serde_json::Value,
+    /// GET, POST, PUT, PATCH or DELETE.
+    #[serde(default = "default_tool_method")]
+    pub method: String,
+    /// http(s) URL; `{param}` is replaced by that argument, percent-encoded.
+    pub url: String,
+    /// Request headers; values may refer to environment variables as `${NAME}` (secrets
+    /// never go in the file).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Deadline, ms (100..=30000).
+    #[serde(default = "default_tool_timeout", deserialize_with = "strict::uint")]
+    pub timeout_ms: u64,
+    /// Whether the result may be read to the caller.
+    #[serde(default)]
+    pub speakable: bool,
+    /// Argument fields kept out of the call record.
+    #[serde(default)]
+    pub redact: Vec<String>,
+}
+
+impl ToolSettings {
+    /// The parameters as a JSON schema object (parsing a JSON string).
+    pub fn parameters_schema(&self) -> Result<serde_json::Value, String> {
+        let v = match &self.parameters {
+            serde_json::Value::String(s) => serde_json::from_str(s)
+                .map_err(|e| format!("parameters is not a JSON schema: {e}"))?,
+            other => other.clone(),
+        };
+        if v.get("type").and_then(serde_json::Value::as_str) != Some("object") {
+            return Err("parameters must be an object schema (type = \"object\")".into());
+        }
+        Ok(v)
+    }
+}
+
+/// `[mcp.NAME]`: an MCP server (streamable HTTP).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpSettings {
+    /// The server's streamable-HTTP endpoint.
+    pub url: String,
+    /// The server's tools the agent may use (others are neither listed nor called).
+    pub tools: Vec<String>,
+    /// Deadline per request, ms (100..=30000).
+    #[serde(default = "default_tool_timeout", deserialize_with = "strict::uint")]
+    pub timeout_ms: u64,
+    /// Request headers; values may refer to environment variables as `${NAME}`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+fn empty_object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+fn default_tool_method() -> String {
+    "GET".into()
+}
+
+fn default_tool_timeout() -> u64 {
+    3000
 }
 
 /// `[stt]`
@@ -642,6 +747,34 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             "ms after a wordless interruption",
         ),
         range(
+            "agent.max_provider_failures",
+            Integer,
+            0.0,
+            100.0,
+            "provider failures in a row before the fallback; 0 = never",
+        ),
+        range(
+            "agent.max_tool_rounds",
+            Integer,
+            1.0,
+            10.0,
+            "tool rounds per caller turn",
+        ),
+        range(
+            "agent.filler_after_ms",
+            Integer,
+            100.0,
+            10_000.0,
+            "ms of a tool round before the filler phrase",
+        ),
+        range(
+            "agent.pre_call_deadline_ms",
+            Integer,
+            50.0,
+            1_500.0,
+            "ms the greeting waits for the pre-call lookup",
+        ),
+        range(
             "stt.segmentation_silence_ms",
             Integer,
             100.0,
@@ -751,6 +884,10 @@ impl Settings {
             "agent.speculate_after_ms" => Int(g.speculate_after_ms),
             "agent.speculative_max_per_call" => Int(g.speculative_max_per_call),
             "agent.resume_after_ms" => Int(g.resume_after_ms),
+            "agent.max_provider_failures" => Int(g.max_provider_failures),
+            "agent.max_tool_rounds" => Int(g.max_tool_rounds),
+            "agent.filler_after_ms" => Int(g.filler_after_ms),
+            "agent.pre_call_deadline_ms" => Int(g.pre_call_deadline_ms),
             "stt.segmentation_silence_ms" => Int(u64::from(s.segmentation_silence_ms)),
             "llm.max_tokens" => Int(u64::from(l.max_tokens)),
             "llm.temperature" => F32(l.temperature),
@@ -953,6 +1090,99 @@ impl Settings {
             p.bad(
                 "agent.apology",
                 "is empty; it is what callers hear when a provider fails",
+            );
+        }
+        self.validate_tools(p);
+    }
+
+    /// Transfer targets, the operator digit, the declared tools and the agent's choice of them.
+    fn validate_tools(&self, p: &mut Problems<'_>) {
+        let g = &self.agent;
+        let reserved = ["transfer_call", "end_call"];
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in g.transfer_targets.iter().enumerate() {
+            if let Err(why) = tool_name(&t.name) {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {}: name {why}", i + 1),
+                );
+            }
+            if !seen.insert(t.name.as_str()) {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {}: the name {:?} is used twice", i + 1, t.name),
+                );
+            }
+            if t.destination.trim().is_empty() {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {} ({}): destination is empty", i + 1, t.name),
+                );
+            }
+        }
+        let d = g.operator_digit.trim();
+        if !(d.is_empty() || (d.len() == 1 && d.chars().all(|c| "0123456789*".contains(c)))) {
+            p.bad(
+                "agent.operator_digit",
+                format!("{d:?} must be one keypad key (0-9 or *) or empty"),
+            );
+        }
+        for (name, t) in &self.tools {
+            let key = format!("tools.{name}");
+            if let Err(why) = tool_name(name) {
+                p.bad(&key, format!("the name {why}"));
+            }
+            if reserved.contains(&name.as_str()) {
+                p.bad(&key, "is a built-in tool's name");
+            }
+            if let Err(why) = t.parameters_schema() {
+                p.bad(&key, why);
+            }
+            if !(100..=30_000).contains(&t.timeout_ms) {
+                p.bad(
+                    &key,
+                    format!("timeout_ms {} must be between 100 and 30000", t.timeout_ms),
+                );
+            }
+            if reqwest::Method::from_bytes(t.method.trim().to_ascii_uppercase().as_bytes()).is_err()
+            {
+                p.bad(&key, format!("method {:?} is not an HTTP method", t.method));
+            }
+            let probe = t.url.replace(['{', '}'], "");
+            match Url::parse(probe.trim()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+                Ok(_) => p.bad(&key, "url must be http:// or https:// with a host"),
+                Err(e) => p.bad(&key, format!("url is not a URL ({e})")),
+            }
+        }
+        for (name, m) in &self.mcp {
+            let key = format!("mcp.{name}");
+            if let Err(why) = service_url(&m.url, &["http", "https"], false) {
+                p.bad(&key, format!("url: {why}"));
+            }
+            if !(100..=30_000).contains(&m.timeout_ms) {
+                p.bad(
+                    &key,
+                    format!("timeout_ms {} must be between 100 and 30000", m.timeout_ms),
+                );
+            }
+            if self.tools.contains_key(name) {
+                p.bad(&key, "has the name of a [tools] entry");
+            }
+        }
+        for name in &g.tools {
+            if !self.tools.contains_key(name) && !self.mcp.contains_key(name) {
+                p.bad(
+                    "agent.tools",
+                    format!("{name:?} is neither a [tools.{name}] nor an [mcp.{name}] entry"),
+                );
+            }
+        }
+        let lookup = g.pre_call_lookup.trim();
+        if !lookup.is_empty() && !self.tools.contains_key(lookup) {
+            p.bad(
+                "agent.pre_call_lookup",
+                format!("{lookup:?} is not a [tools.{lookup}] entry"),
             );
         }
     }
@@ -1478,6 +1708,22 @@ fn model_name(name: &str) -> Result<(), String> {
 }
 
 /// An id that goes into a URL path or query: letters, digits, `-`, `_`, `.`.
+/// A function name the model can call: `^[A-Za-z0-9_-]{1,64}$`.
+fn tool_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("{name:?} must be 1 to 64 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "{name:?} may hold only letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
 fn identifier(id: &str) -> Result<(), String> {
     if id.trim().is_empty() {
         Err("is empty".into())

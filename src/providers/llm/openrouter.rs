@@ -537,16 +537,32 @@ impl Inner {
                 .chain(self.fallback_models.iter().map(String::as_str))
                 .collect()
         });
-        let tools = req.offer_end_call.then(|| {
-            serde_json::json!([{
+        let mut tools: Vec<Value> = Vec::new();
+        if req.offer_end_call {
+            tools.push(serde_json::json!({
                 "type": "function",
                 "function": {
                     "name": END_CALL_TOOL,
                     "description": "End the phone call after saying goodbye.",
                     "parameters": {"type": "object", "properties": {}},
                 },
-            }])
-        });
+            }));
+        }
+        tools.extend(req.tools.iter().map(|t| {
+            serde_json::json!({
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                },
+            })
+        }));
+        let tool_choice = match (tools.is_empty(), req.forbid_tools) {
+            (true, _) => None,
+            (false, true) => Some("none"),
+            (false, false) => Some("auto"),
+        };
         let body = RequestBody {
             model: &self.model,
             models,
@@ -554,8 +570,8 @@ impl Inner {
             stream: true,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
-            tool_choice: tools.as_ref().map(|_| "auto"),
-            tools,
+            tool_choice,
+            tools: (!tools.is_empty()).then_some(Value::Array(tools)),
             reasoning: self.reasoning.as_ref(),
         };
         serde_json::to_vec(&body)
@@ -1088,6 +1104,7 @@ mod tests {
             ],
             offer_end_call,
             call_id: "test-call".into(),
+            ..ChatRequest::default()
         }
     }
 

@@ -1707,7 +1707,7 @@ impl CallMachine {
         let Some(spoken) = a.utterances.get(&p.utterance) else {
             return false;
         };
-        if matches!(spoken.kind, SpokenKind::Hold | SpokenKind::Handover) {
+        if spoken.kind == SpokenKind::Hold {
             return false;
         }
         // Go back over what the caller talked over before the barge-in was decided.
@@ -1920,8 +1920,8 @@ impl CallMachine {
 
     /// The call goes to a person (or the fallback): the handover line after whatever is
     /// already queued (`interrupt`: at once, dropping it), then the 0x00 once it was heard.
-    /// The caller cannot talk the agent out of it: a barge-in stops the line and the call
-    /// is handed over at once.
+    /// The caller cannot talk the agent out of it: the hang-up is final, so speech over the
+    /// (short) line neither stops it nor starts a reply; the call is handed over when it ends.
     fn start_handover(&mut self, outcome: CallOutcome, interrupt: bool, now: Instant) {
         if self.outcome.is_some() || self.hangup.is_final() {
             return;

@@ -145,8 +145,21 @@ impl HttpTool {
         Ok((out, rest))
     }
 
-    /// Runs the request. Never fails: every failure is an error result.
+    /// Runs the request for the model. Never fails: every failure is an error result; a
+    /// result that may not be read out says so.
     pub async fn call(&self, args: &Value) -> ToolOutput {
+        let mut out = self.fetch(args).await;
+        if out.status == ToolStatus::Ok && !self.speakable {
+            out.content = format!(
+                "[confidential: do not read this out to the caller] {}",
+                out.content
+            );
+        }
+        out
+    }
+
+    /// Runs the request and gives the response as it is.
+    pub async fn fetch(&self, args: &Value) -> ToolOutput {
         let (url, rest) = match self.url_for(args) {
             Ok(u) => u,
             Err(why) => return ToolOutput::failed(ToolStatus::Error, why),
@@ -205,11 +218,7 @@ impl HttpTool {
                         Ok(v) => v.to_string(),
                         Err(_) => text,
                     };
-                    ToolOutput::ok(if self.speakable {
-                        text
-                    } else {
-                        format!("[confidential: do not read this out to the caller] {text}")
-                    })
+                    ToolOutput::ok(text)
                 } else {
                     let snippet: String = text.chars().take(200).collect();
                     ToolOutput::failed(

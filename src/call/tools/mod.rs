@@ -350,6 +350,25 @@ impl ToolBox {
         ToolOutput::failed(ToolStatus::Refused, format!("no tool called {name}"))
     }
 
+    /// Runs HTTP tool `name` outside a conversation (the pre-call lookup) and gives its
+    /// response as it is, with its call record (`at_ms` unset).
+    pub async fn lookup(&self, name: &str, args: &Value) -> (ToolOutput, ToolCallRecord) {
+        let started = tokio::time::Instant::now();
+        let out = match self.http.get(name) {
+            Some(t) => t.fetch(args).await,
+            None => ToolOutput::failed(ToolStatus::Refused, format!("no HTTP tool called {name}")),
+        };
+        let record = ToolCallRecord {
+            name: name.to_owned(),
+            arguments: redact(args, self.redact_fields(name)),
+            at_ms: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            status: out.status,
+            detail: out.detail.clone(),
+        };
+        (out, record)
+    }
+
     /// Whether an HTTP tool of this name is declared.
     pub fn has_http(&self, name: &str) -> bool {
         self.http.contains_key(name)

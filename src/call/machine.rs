@@ -1340,8 +1340,14 @@ impl CallMachine {
             ReplyEvent::ToolsFinished(records) => {
                 r.tools_since = None;
                 r.filler_held = None;
-                // The silence clock starts again: the next round is a fresh wait.
-                r.turn_end = now;
+                // The silence clock starts again: the next round gets a turn's budget. When
+                // the caller already heard something (a filler, the words before the calls)
+                // the hold phrase is not said, so the give-up waits the hold's time too.
+                r.turn_end = if r.audio_queued || r.filler_asked {
+                    now + a.cfg.hold_after
+                } else {
+                    now
+                };
                 let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
                 if let Some(s) = a.utterances.get(&r.utterance) {
                     r.round_base_ms = (s.samples * 1000 / rate.max(1)) as u32;
@@ -1375,9 +1381,9 @@ impl CallMachine {
                 let outcome = r.transfer.take();
                 self.failures_in_a_row = 0;
                 if held {
+                    // The interrupted words end where they were cut.
                     self.abandon_pause();
-                }
-                if let Some(p) = self.playout.as_mut() {
+                } else if let Some(p) = self.playout.as_mut() {
                     p.finish(u);
                 }
                 if let Some(o) = outcome {

@@ -183,6 +183,8 @@ pub struct LlmRequestTimes {
     pub tokens: Vec<String>,
     /// When each content token was handed to the response body, in order.
     pub token_sent: Vec<std::time::Instant>,
+    /// When the last fragment of the reply's scripted tool calls was handed to the body.
+    pub calls_sent: Option<std::time::Instant>,
 }
 
 struct Shared {
@@ -389,6 +391,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
             user: last_user_text(&req),
             tokens: script.tokens.clone(),
             token_sent: Vec::new(),
+            calls_sent: None,
         });
         Some((Arc::clone(&shared), st.times.len() - 1))
     };
@@ -944,6 +947,12 @@ impl Script {
         }
         if !self.calls.is_empty() {
             self.stream_calls(out, gap).await?;
+            if let Some((shared, idx)) = &self.times {
+                let now = std::time::Instant::now();
+                if let Some(t) = shared.stats().times.get_mut(*idx) {
+                    t.calls_sent = Some(now);
+                }
+            }
         }
         out.data(&self.chunk(&out.id, json!({"content": ""}), Some(self.finish_reason)))
             .await?;

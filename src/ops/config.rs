@@ -1255,6 +1255,7 @@ impl Settings {
         let mut p = Problems::new(&self.origins);
         if what.keys && self.agent.mode == AgentMode::Ai {
             self.check_keys(&mut p);
+            self.check_tool_env(&mut p, &|k| std::env::var(k).ok());
         }
         if let Ok(Some(path)) = records_path(&self.records.url) {
             if let Err(why) = probe_records_file(&path) {
@@ -1292,6 +1293,23 @@ impl Settings {
             if let Some(why) = secret.format_problem() {
                 p.list
                     .push(format!("invalid API key {name} (environment): {why}"));
+            }
+        }
+    }
+
+    /// Every `${NAME}` a tool's or MCP server's header refers to is set (the values are
+    /// secrets: only the names are ever shown).
+    fn check_tool_env(&self, p: &mut Problems<'_>, env: &dyn Fn(&str) -> Option<String>) {
+        let headers = self
+            .tools
+            .iter()
+            .map(|(n, t)| (format!("tools.{n}"), &t.headers))
+            .chain(self.mcp.iter().map(|(n, m)| (format!("mcp.{n}"), &m.headers)));
+        for (key, headers) in headers {
+            for (name, value) in headers {
+                if let Err(why) = crate::call::tools::http::expand_env(value, env) {
+                    p.bad(&key, format!("header {name} {why} in the environment"));
+                }
             }
         }
     }
@@ -1971,6 +1989,75 @@ mod tests {
             Ok(_) => panic!("{pairs:?} was accepted"),
             Err(e) => e.0,
         }
+    }
+
+    #[test]
+    fn tools_targets_and_mcp_load_from_a_file_with_their_case_kept() {
+        let dir = scratch("tools");
+        let s = with_toml(
+            &dir,
+            r#"
+[agent]
+tools = ["orderStatus", "crm"]
+transfer_targets = [{ name = "sales", description = "buying", destination = "SIP/201" }]
+pre_call_lookup = "orderStatus"
+
+[tools.orderStatus]
+description = "Find an order."
+parameters = { type = "object", properties = { orderId = { type = "string" } }, additionalProperties = false }
+url = "https://crm.example.my/orders/{orderId}?x=1"
+headers = { Authorization = "Bearer ${CRM_TOKEN}" }
+timeout_ms = 2500
+redact = ["icNumber"]
+
+[tools.json_schema]
+description = "Schema as JSON text."
+parameters = '{"type": "object", "properties": {"q": {"type": "string"}}}'
+url = "http://127.0.0.1:9/q"
+
+[mcp.crm]
+url = "http://127.0.0.1:9/mcp"
+tools = ["findCustomer"]
+"#,
+        )
+        .unwrap();
+        let t = &s.tools["orderStatus"];
+        let schema = t.parameters_schema().unwrap();
+        assert!(schema.pointer("/properties/orderId").is_some(), "{schema}");
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(t.headers["Authorization"], "Bearer ${CRM_TOKEN}");
+        assert_eq!(t.timeout_ms, 2500);
+        assert_eq!(t.method, "GET");
+        assert!(!t.speakable);
+        let q = s.tools["json_schema"].parameters_schema().unwrap();
+        assert!(q.pointer("/properties/q").is_some());
+        assert_eq!(s.mcp["crm"].tools, ["findCustomer"]);
+        assert_eq!(s.mcp["crm"].timeout_ms, 3000);
+        assert_eq!(s.agent.transfer_targets[0].destination, "SIP/201");
+        assert_eq!(s.agent.tools, ["orderStatus", "crm"]);
+    }
+
+    #[test]
+    fn preflight_names_header_variables_that_are_not_set() {
+        let dir = scratch("tool-env");
+        let s = with_toml(
+            &dir,
+            r#"
+[tools.t]
+description = "d"
+url = "http://127.0.0.1:9/"
+headers = { Authorization = "Bearer ${SIFUCALL_TEST_SURELY_UNSET_TOKEN}", X-Ok = "${HOME_SET}" }
+"#,
+        )
+        .unwrap();
+        let mut p = Problems::new(&s.origins);
+        s.check_tool_env(&mut p, &|k| (k == "HOME_SET").then(|| "v".into()));
+        assert_eq!(p.list.len(), 1, "{:?}", p.list);
+        assert!(
+            p.list[0].contains("${SIFUCALL_TEST_SURELY_UNSET_TOKEN}, which is not set"),
+            "{:?}",
+            p.list
+        );
     }
 
     #[test]

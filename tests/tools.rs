@@ -659,8 +659,11 @@ fn check_rejects_unknown_tools_and_bad_targets() {
         description: "x".into(),
         destination: String::new(),
     }];
-    s.tools
-        .insert("transfer_call".into(), http_tool("ftp://x/{a}".into(), 50));
+    let mut literal = http_tool("ftp://x/{a}".into(), 50);
+    literal
+        .headers
+        .insert("X-Api-Key".into(), "sk-live-123".into());
+    s.tools.insert("transfer_call".into(), literal);
     let err = s.validate().unwrap_err().to_string();
     for want in [
         "agent.tools",
@@ -671,9 +674,11 @@ fn check_rejects_unknown_tools_and_bad_targets() {
         "built-in tool",
         "timeout_ms 50",
         "tools.transfer_call",
+        "header X-Api-Key looks like a secret",
     ] {
         assert!(err.contains(want), "{want} in:\n{err}");
     }
+    assert!(!err.contains("sk-live-123"), "a secret is never echoed");
     // NoControl is still the default side channel.
     let _ = NoControl;
     let _ = SandboxConfig::default();

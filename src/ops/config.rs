@@ -1170,6 +1170,33 @@ impl Settings {
                 p.bad(&key, "has the name of a [tools] entry");
             }
         }
+        let headers = self
+            .tools
+            .iter()
+            .map(|(n, t)| (format!("tools.{n}"), &t.headers))
+            .chain(
+                self.mcp
+                    .iter()
+                    .map(|(n, m)| (format!("mcp.{n}"), &m.headers)),
+            );
+        for (key, headers) in headers {
+            for (name, value) in headers {
+                let n = name.to_ascii_lowercase();
+                let secret = n == "authorization"
+                    || ["token", "secret", "key", "auth", "cookie"]
+                        .iter()
+                        .any(|w| n.contains(w));
+                if secret && !value.contains("${") {
+                    p.bad(
+                        &key,
+                        format!(
+                            "header {name} looks like a secret written in the file; put it in an \
+                             environment variable and write ${{NAME}} (e.g. \"Bearer ${{CRM_TOKEN}}\")"
+                        ),
+                    );
+                }
+            }
+        }
         for name in &g.tools {
             if !self.tools.contains_key(name) && !self.mcp.contains_key(name) {
                 p.bad(
@@ -1304,7 +1331,11 @@ impl Settings {
             .tools
             .iter()
             .map(|(n, t)| (format!("tools.{n}"), &t.headers))
-            .chain(self.mcp.iter().map(|(n, m)| (format!("mcp.{n}"), &m.headers)));
+            .chain(
+                self.mcp
+                    .iter()
+                    .map(|(n, m)| (format!("mcp.{n}"), &m.headers)),
+            );
         for (key, headers) in headers {
             for (name, value) in headers {
                 if let Err(why) = crate::call::tools::http::expand_env(value, env) {

@@ -147,6 +147,8 @@ pub async fn profile_behaviour(
                 apology: a.apology.clone(),
                 hold: a.hold_prompt.clone(),
                 still_there: a.still_there_prompt.clone(),
+                handover: a.handover_line.clone(),
+                filler: a.filler_phrase.clone(),
             };
             let prompts = Arc::new(
                 PromptCache::new(texts.clone(), Arc::clone(&tts))
@@ -161,6 +163,7 @@ pub async fn profile_behaviour(
                     "prompts not cached within {PRELOAD_WAIT:?}; starting anyway, caching continues"
                 );
             }
+            let toolbox = tool_box(settings).await?;
             let cfg = AgentConfig {
                 language: a.language.clone(),
                 languages: a.languages.clone(),
@@ -193,11 +196,13 @@ pub async fn profile_behaviour(
                     .filter(|b| !b.is_empty())
                     .collect(),
                 resume_after: Duration::from_millis(a.resume_after_ms),
+                tools: agent_tools(a, &toolbox),
             };
             let providers = Providers {
                 stt: Arc::new(stt),
                 llm: Arc::new(llm),
                 tts,
+                tools: Arc::new(toolbox),
             };
             let _ = metrics;
             Ok(Behaviour::Agent(Arc::new(AgentSetup {
@@ -206,6 +211,35 @@ pub async fn profile_behaviour(
                 cfg: Arc::new(cfg),
             })))
         }
+    }
+}
+
+/// The declared tools, with their MCP servers' tool lists fetched (each within its
+/// timeout; a server that cannot be reached is logged and left out).
+pub async fn tool_box(settings: &Settings) -> Result<crate::call::tools::ToolBox, StartError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let mut toolbox = crate::call::tools::ToolBox::from_settings(settings, &env)
+        .map_err(|e| StartError::Agent(e.to_string()))?;
+    toolbox.discover().await;
+    Ok(toolbox)
+}
+
+/// What one agent may do besides talking, from its `[agent]` settings and the declared tools.
+pub fn agent_tools(
+    a: &crate::ops::config::AgentSettings,
+    toolbox: &crate::call::tools::ToolBox,
+) -> crate::call::tools::AgentTools {
+    let nonempty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    crate::call::tools::AgentTools {
+        transfer_targets: a.transfer_targets.clone(),
+        operator_digit: a.operator_digit.trim().chars().next(),
+        fallback_destination: nonempty(&a.fallback_destination),
+        max_provider_failures: u32::try_from(a.max_provider_failures).unwrap_or(u32::MAX),
+        defs: toolbox.defs_for(&a.tools),
+        max_rounds: u32::try_from(a.max_tool_rounds).unwrap_or(u32::MAX),
+        filler_after: Duration::from_millis(a.filler_after_ms),
+        pre_call_lookup: nonempty(&a.pre_call_lookup),
+        pre_call_deadline: Duration::from_millis(a.pre_call_deadline_ms),
     }
 }
 
@@ -571,5 +605,7 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         speculative: agent.speculative,
         errors,
         profile: s.profile,
+        tool_calls: agent.tool_calls,
+        outcome: s.outcome,
     })
 }

@@ -245,16 +245,26 @@ pub async fn serve_call<S: CallStream>(
             "call started"
         );
     });
-    let call = match &cfg.behaviour {
+    let chosen = match &cfg.behaviour {
         Behaviour::Echo => None,
-        Behaviour::Agent(setup) => {
-            let profile = ProfileSetup::new(DEFAULT_PROFILE, Arc::clone(setup), DEFAULT_TIME_ZONE);
-            Some(profile.for_call(&context, &call_id.to_string(), jiff::Timestamp::now()))
-        }
-        Behaviour::Profiles(profiles) => span
-            .in_scope(|| profiles.select(&context))
-            .map(|p| p.for_call(&context, &call_id.to_string(), jiff::Timestamp::now())),
+        Behaviour::Agent(setup) => Some(ProfileSetup::new(
+            DEFAULT_PROFILE,
+            Arc::clone(setup),
+            DEFAULT_TIME_ZONE,
+        )),
+        Behaviour::Profiles(profiles) => span.in_scope(|| profiles.select(&context)).cloned(),
     };
+    // The pre-call lookup runs with the chosen profile's tools, before its phrases are
+    // rendered: its fields are prompt variables ({lookup_*}).
+    let mut context = context;
+    let lookup = match &chosen {
+        Some(profile) => tokio::select! {
+            r = pre_call_lookup(&profile.setup, &mut context, started).instrument(span.clone()) => r,
+            () = shutdown.cancelled() => None,
+        },
+        None => None,
+    };
+    let call = chosen.map(|p| p.for_call(&context, &call_id.to_string(), jiff::Timestamp::now()));
     let (mode, agent, call_prompts, profile) = match call {
         None => (
             Mode::Echo {
@@ -299,6 +309,9 @@ pub async fn serve_call<S: CallStream>(
         budget: InputBudget::new(started),
         next_unsent_check: started,
     };
+    if let Some(record) = lookup {
+        driver.machine.record_tool_call(record);
+    }
     let (reason, detail) = driver.run(shutdown).instrument(span.clone()).await;
     driver.tasks.cancel();
     let summary = CallSummary {
@@ -320,6 +333,55 @@ pub async fn serve_call<S: CallStream>(
     };
     span.in_scope(|| log_end(&summary, &metrics));
     summary
+}
+
+/// The agent's pre-call lookup, if it has one and the caller's number is known: run with
+/// `{caller_number}` within its deadline (the caller hears nothing meanwhile, so the deadline
+/// is short); its fields become `lookup_*` variables of the context for the greeting and
+/// the prompt. On a failure or timeout the call goes on without them.
+async fn pre_call_lookup(
+    setup: &AgentSetup,
+    context: &mut CallContext,
+    started: Instant,
+) -> Option<super::tools::ToolCallRecord> {
+    let name = setup.cfg.tools.pre_call_lookup.as_deref()?;
+    let number = context.caller_number.clone()?;
+    let deadline = setup.cfg.tools.pre_call_deadline;
+    let args = serde_json::json!({ "caller_number": number });
+    let at_ms = now().saturating_duration_since(started).as_millis() as u64;
+    let run = setup.providers.tools.lookup(name, &args);
+    let (out, mut record) = match timeout(deadline, run).await {
+        Ok(r) => r,
+        Err(_) => {
+            let detail = format!(
+                "no answer within {} ms (the greeting went on)",
+                deadline.as_millis()
+            );
+            warn!(tool = name, "pre-call lookup: {detail}");
+            let record = super::tools::ToolCallRecord {
+                name: name.to_owned(),
+                arguments: super::tools::redact(&args, setup.providers.tools.redact_fields(name)),
+                at_ms,
+                duration_ms: deadline.as_millis() as u64,
+                status: super::tools::ToolStatus::Timeout,
+                detail: Some(detail),
+            };
+            return Some(record);
+        }
+    };
+    record.at_ms = at_ms;
+    if out.status == super::tools::ToolStatus::Ok {
+        let vars = super::tools::lookup_vars(&out.content);
+        debug!(tool = name, fields = vars.len(), "pre-call lookup done");
+        context.vars.extend(vars);
+    } else {
+        warn!(
+            tool = name,
+            detail = out.detail.as_deref().unwrap_or(""),
+            "pre-call lookup failed; the greeting goes on without it"
+        );
+    }
+    Some(record)
 }
 
 fn log_end(summary: &CallSummary, metrics: &Metrics) {
@@ -466,9 +528,9 @@ impl<S: CallStream> Driver<S> {
         }
     }
 
-    /// How the call ended when the agent hangs up.
+    /// How the call ended when the agent hangs up: the machine's decision.
     fn agent_outcome(&self) -> CallOutcome {
-        CallOutcome::Completed
+        self.machine.outcome()
     }
 
     /// Performs every effect the machine has queued.
@@ -514,6 +576,7 @@ impl<S: CallStream> Driver<S> {
                     request,
                     tts,
                     pipeline,
+                    tool_rounds,
                 } => {
                     let Some(agent) = &self.agent else { continue };
                     let cancel = self.tasks.child_token();
@@ -525,6 +588,7 @@ impl<S: CallStream> Driver<S> {
                             request,
                             tts,
                             pipeline,
+                            tool_rounds,
                             self.reply_tx.clone(),
                             cancel,
                         )

@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::context::CallOutcome;
 use super::dtmf::DtmfCollector;
 use super::hangup::{Hangup, HangupReason};
 use super::history::{EntryId, History, HistoryBudget, Speaker, estimate_tokens};
 use super::playout::{FRAME, FrameKind, Playout, PlayoutEvent, Progress, UtteranceId};
 use super::prompts::{PromptKind, PromptTexts};
+use super::tools::{AgentTools, ToolCallRecord};
 use super::turn::{TurnConfig, TurnDetector, TurnEvent};
 use crate::audio::pcm;
 use crate::audio::vad::Vad;
@@ -109,6 +111,8 @@ pub struct AgentConfig {
     /// the language of every phrase among them, the model is told it, and the reply is
     /// synthesized with its language code. Fewer: recognition in `language` only.
     pub languages: Vec<String>,
+    /// Handing over to a person, and the tools the model may call.
+    pub tools: AgentTools,
 }
 
 impl AgentConfig {
@@ -192,6 +196,23 @@ pub enum ReplyEvent {
     },
     /// The model asked to end the call after this reply.
     EndCall,
+    /// The model called tools; they are running (the reply goes on when they are done).
+    ToolsStarted {
+        /// Their names.
+        names: Vec<String>,
+    },
+    /// Everything the model said before those calls has been synthesized (its audio has
+    /// all been sent as [`ReplyEvent::Audio`]): a filler may follow it now.
+    SpeechDrained,
+    /// The tools are done; the next model round starts. `at_ms` of each record is unset.
+    ToolsFinished(Vec<ToolCallRecord>),
+    /// The model asked to hand the call over to this target (a name it was offered).
+    Transfer {
+        /// The target's name.
+        target: String,
+        /// What the model wrote for the person taking the call.
+        summary: Option<String>,
+    },
     /// Token usage and cost.
     Usage {
         /// Prompt tokens.
@@ -268,6 +289,8 @@ pub enum Effect {
         tts: TtsParams,
         /// Streamed or sequential.
         pipeline: Pipeline,
+        /// Tool rounds the reply may take.
+        tool_rounds: u32,
     },
     /// Stop a reply task; events it still sends are ignored.
     CancelReply(ReplyId),
@@ -300,6 +323,8 @@ pub struct AgentReport {
     /// Empty for calls in one language.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub turn_languages: Vec<Option<String>>,
+    /// Every tool call (the pre-call lookup included), in order.
+    pub tool_calls: Vec<ToolCallRecord>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +334,7 @@ enum SpokenKind {
     Apology,
     Hold,
     StillThere,
+    Handover,
 }
 
 /// An utterance as the conversation knows it; the playout knows how far it got.
@@ -367,6 +393,18 @@ struct Reply {
     text_chars: u64,
     /// The caller's language the model was told and the reply is synthesized in.
     language: Option<String>,
+    /// Tools are running since then.
+    tools_since: Option<Instant>,
+    /// The speech before the running tools has all arrived (a filler may follow it).
+    drained: bool,
+    /// The filler was asked for in this turn (once per turn).
+    filler_asked: bool,
+    /// The filler's audio, waiting for the speech before it to arrive.
+    filler_held: Option<Arc<Vec<i16>>>,
+    /// The model asked for a transfer: done once the reply's speech is all in.
+    transfer: Option<CallOutcome>,
+    /// Where the current round's audio starts in the utterance, ms (alignment offset).
+    round_base_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -441,6 +479,12 @@ pub struct CallMachine {
     recent_sent: VecDeque<i16>,
     /// Set while a barge-in flushes: the utterance being heard pauses instead of ending.
     pausing: bool,
+    /// How the call ends, once that is decided (a transfer, a fallback).
+    outcome: Option<CallOutcome>,
+    /// The handover line's utterance, reserved when the handover starts.
+    handover_utterance: Option<UtteranceId>,
+    /// Provider failures since the last reply that completed.
+    failures_in_a_row: u32,
 }
 
 impl std::fmt::Debug for CallMachine {
@@ -478,6 +522,9 @@ impl CallMachine {
             sent_levels: VecDeque::with_capacity(ECHO_REFERENCE_FRAMES),
             recent_sent: VecDeque::new(),
             pausing: false,
+            outcome: None,
+            handover_utterance: None,
+            failures_in_a_row: 0,
         }
     }
 
@@ -532,6 +579,7 @@ impl CallMachine {
                     _ => None,
                 },
                 self.reply_silence_deadline(),
+                self.filler_deadline(),
                 self.speculate_deadline(),
                 a.paused.as_ref().and_then(|p| p.resume_at),
             ];
@@ -782,6 +830,9 @@ impl CallMachine {
     }
 
     fn submit_dtmf(&mut self, digits: String, now: Instant) {
+        if self.operator_requested(&digits, now) {
+            return;
+        }
         let spaced: Vec<String> = digits.chars().map(String::from).collect();
         let text = format!("(Pemanggil menekan kekunci telefon: {})", spaced.join(" "));
         info!(%digits, "DTMF entry");
@@ -1273,6 +1324,12 @@ impl CallMachine {
             prompt_tokens,
             text_chars: 0,
             language: language.clone(),
+            tools_since: None,
+            drained: false,
+            filler_asked: false,
+            filler_held: None,
+            transfer: None,
+            round_base_ms: 0,
         });
         let rate = self.rate.map_or(8_000, SampleRate::hz);
         self.effects.push_back(Effect::StartReply {
@@ -1281,6 +1338,8 @@ impl CallMachine {
                 messages,
                 offer_end_call: true,
                 call_id: self.call_id.to_string(),
+                tools: cfg.tools.request_defs(),
+                forbid_tools: false,
             },
             tts: TtsParams {
                 sample_rate: rate,
@@ -1289,6 +1348,7 @@ impl CallMachine {
                 language_code: language.as_deref().map(language_code),
             },
             pipeline: cfg.pipeline,
+            tool_rounds: cfg.tools.max_rounds,
         });
     }
 
@@ -1346,8 +1406,77 @@ impl CallMachine {
                 }
             }
             ReplyEvent::Alignment { chars, start_ms } => {
+                let base = r.round_base_ms;
                 if let Some(s) = a.utterances.get_mut(&r.utterance) {
-                    s.aligned.extend(chars.into_iter().zip(start_ms));
+                    s.aligned.extend(
+                        chars
+                            .into_iter()
+                            .zip(start_ms.into_iter().map(|m| m + base)),
+                    );
+                }
+            }
+            ReplyEvent::ToolsStarted { names } => {
+                info!(?names, "the model called tools");
+                r.tools_since = Some(now);
+                r.drained = false;
+            }
+            ReplyEvent::SpeechDrained => {
+                r.drained = true;
+                if let Some(pcm) = r.filler_held.take() {
+                    self.push_filler(&pcm, now);
+                }
+            }
+            ReplyEvent::ToolsFinished(records) => {
+                r.tools_since = None;
+                r.filler_held = None;
+                // The silence clock starts again: the next round gets a turn's budget. When
+                // the caller already heard something (a filler, the words before the calls)
+                // the hold phrase is not said, so the give-up waits the hold's time too.
+                r.turn_end = if r.audio_queued || r.filler_asked {
+                    now + a.cfg.hold_after
+                } else {
+                    now
+                };
+                let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
+                if let Some(s) = a.utterances.get(&r.utterance) {
+                    r.round_base_ms = (s.samples * 1000 / rate.max(1)) as u32;
+                }
+                for mut rec in records {
+                    rec.at_ms = now_ms.saturating_sub(rec.duration_ms);
+                    self.report.tool_calls.push(rec);
+                }
+            }
+            ReplyEvent::Transfer { target, summary } => match a.cfg.tools.target(&target) {
+                Some(t) => {
+                    info!(%target, "the model asked to hand the call over");
+                    r.transfer = Some(CallOutcome::Transferred {
+                        target: t.name.clone(),
+                        destination: t.destination.clone(),
+                        summary,
+                    });
+                }
+                None => warn!(%target, "transfer to a target that is not configured; ignored"),
+            },
+            ReplyEvent::Done if r.transfer.is_some() => {
+                if r.speculative.is_some() {
+                    // Hand over on the caller's confirmed words only: the final starts the
+                    // turn again.
+                    self.abandon_speculation("a transfer waits for the final");
+                    self.drain_playout_events(now);
+                    return;
+                }
+                r.done = true;
+                let u = r.utterance;
+                let outcome = r.transfer.take();
+                self.failures_in_a_row = 0;
+                if held {
+                    // The interrupted words end where they were cut.
+                    self.abandon_pause();
+                } else if let Some(p) = self.playout.as_mut() {
+                    p.finish(u);
+                }
+                if let Some(o) = outcome {
+                    self.start_handover(o, false, now);
                 }
             }
             ReplyEvent::EndCall => {
@@ -1367,6 +1496,7 @@ impl CallMachine {
             ReplyEvent::Done if held => r.done = true,
             ReplyEvent::Done => {
                 r.done = true;
+                self.failures_in_a_row = 0;
                 let u = r.utterance;
                 if r.end_call {
                     self.hangup = Hangup::after(u, HangupReason::Goodbye);
@@ -1386,7 +1516,7 @@ impl CallMachine {
                 }
                 let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) else {
                     self.provider_failed(provider, classify(&error), &error);
-                    self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+                    self.apologise_or_hand_over(now);
                     self.drain_playout_events(now);
                     return;
                 };
@@ -1398,7 +1528,7 @@ impl CallMachine {
                     p.finish(u);
                 }
                 self.provider_failed(provider, classify(&error), &error);
-                self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+                self.apologise_or_hand_over(now);
             }
         }
         self.drain_playout_events(now);
@@ -1409,7 +1539,8 @@ impl CallMachine {
     fn reply_silence_deadline(&self) -> Option<Instant> {
         let a = self.agent.as_ref()?;
         let r = a.reply.as_ref()?;
-        if r.done {
+        if r.done || r.tools_since.is_some() {
+            // Tools have their own deadlines (and the filler covers the wait).
             return None;
         }
         let p = self.playout.as_ref()?;
@@ -1429,7 +1560,7 @@ impl CallMachine {
         let Some(r) = a.reply.as_mut() else {
             return;
         };
-        if !r.hold_played && !r.audio_queued {
+        if !r.hold_played && !r.audio_queued && !r.filler_asked {
             r.hold_played = true;
             info!("reply is slow; saying the hold phrase");
             self.effects.push_back(Effect::Prompt(PromptKind::Hold));
@@ -1459,13 +1590,18 @@ impl CallMachine {
             "timeout",
             "no reply audio within the hold limit after the hold phrase",
         );
-        self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+        self.apologise_or_hand_over(now);
         self.drain_playout_events(now);
     }
 
     // ---- fixed phrases ----------------------------------------------------------------
 
     fn on_prompt(&mut self, kind: PromptKind, result: Result<Arc<Vec<i16>>, String>, now: Instant) {
+        match kind {
+            PromptKind::Handover => return self.on_handover_prompt(result, now),
+            PromptKind::Filler => return self.on_filler_prompt(result, now),
+            _ => {}
+        }
         let Some(a) = self.agent.as_mut() else {
             return;
         };
@@ -1484,7 +1620,10 @@ impl CallMachine {
                         warn!(?kind, %error, "prompt unavailable");
                         self.cannot_speak(now);
                     }
-                    PromptKind::Hold | PromptKind::StillThere => {
+                    PromptKind::Hold
+                    | PromptKind::StillThere
+                    | PromptKind::Handover
+                    | PromptKind::Filler => {
                         warn!(?kind, %error, "prompt unavailable")
                     }
                 }
@@ -1502,8 +1641,9 @@ impl CallMachine {
         let spoken = match kind {
             PromptKind::Greeting => SpokenKind::Greeting,
             PromptKind::Apology => SpokenKind::Apology,
-            PromptKind::Hold => SpokenKind::Hold,
+            PromptKind::Hold | PromptKind::Filler => SpokenKind::Hold,
             PromptKind::StillThere => SpokenKind::StillThere,
+            PromptKind::Handover => SpokenKind::Handover,
         };
         let entry =
             (spoken != SpokenKind::Hold).then(|| a.history.push(Speaker::Agent, text.clone()));
@@ -1696,6 +1836,262 @@ impl CallMachine {
         }
     }
 
+    // ---- tools and handing over to a person ------------------------------------------------
+
+    /// How the call ends for the dialplan: a decided transfer or fallback, else what the
+    /// hang-up's reason means (a goodbye or idle is a normal end; an agent that cannot speak
+    /// or serve the call's rate sends it to the fallback destination; a draining daemon is
+    /// a refusal, so the dialplan can try another).
+    pub fn outcome(&self) -> CallOutcome {
+        if let Some(o) = &self.outcome {
+            return o.clone();
+        }
+        let fallback = |reason: &str| CallOutcome::Fallback {
+            reason: reason.into(),
+            destination: self.fallback_destination().unwrap_or_default(),
+        };
+        match self.hangup_reason() {
+            Some(HangupReason::CannotSpeak) => fallback("cannot_speak"),
+            Some(HangupReason::UnsupportedRate) => fallback("unsupported_rate"),
+            Some(HangupReason::Shutdown) => CallOutcome::Refused {
+                reason: "draining".into(),
+            },
+            _ => CallOutcome::Completed,
+        }
+    }
+
+    /// Adds a tool call made outside any reply (the pre-call lookup) to the record.
+    pub fn record_tool_call(&mut self, record: ToolCallRecord) {
+        self.report.tool_calls.push(record);
+    }
+
+    fn fallback_destination(&self) -> Option<String> {
+        match &self.mode {
+            Mode::Agent(cfg) => cfg.tools.fallback_destination.clone(),
+            Mode::Echo { .. } => None,
+        }
+    }
+
+    /// When the filler phrase is due: a tool round has run `filler_after` and nothing else
+    /// has covered the wait in this turn (a filler or the hold phrase).
+    fn filler_deadline(&self) -> Option<Instant> {
+        let a = self.agent.as_ref()?;
+        let r = a.reply.as_ref()?;
+        let since = r.tools_since?;
+        if r.filler_asked
+            || r.hold_played
+            || r.speculative.is_some()
+            || a.cfg.prompts.filler.trim().is_empty()
+            || !self.hangup.is_none()
+        {
+            return None;
+        }
+        Some(since + a.cfg.tools.filler_after)
+    }
+
+    fn on_filler_prompt(&mut self, result: Result<Arc<Vec<i16>>, String>, now: Instant) {
+        let pcm = match result {
+            Ok(pcm) if !pcm.is_empty() => pcm,
+            Ok(_) => return,
+            Err(error) => {
+                warn!(%error, "filler phrase unavailable");
+                return;
+            }
+        };
+        let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) else {
+            return;
+        };
+        if r.tools_since.is_none() || r.done {
+            // The tools finished while the phrase was being fetched.
+            return;
+        }
+        if r.drained {
+            self.push_filler(&pcm, now);
+        } else {
+            r.filler_held = Some(pcm);
+        }
+    }
+
+    /// The filler goes into the reply's own utterance, after the speech before the tool
+    /// calls (all of which has arrived) and before the next round's.
+    fn push_filler(&mut self, pcm: &[i16], now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(r) = a.reply.as_mut() else {
+            return;
+        };
+        if r.speculative.is_some()
+            || a.paused
+                .as_ref()
+                .is_some_and(|p| p.utterance == r.utterance)
+        {
+            return;
+        }
+        let text = format!("{} ", a.cfg.prompts.filler.trim());
+        r.audio_queued = true;
+        let u = r.utterance;
+        let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
+        if let Some(s) = a.utterances.get_mut(&u) {
+            // Synthetic alignment spreads the phrase over its audio, so the words heard at a
+            // barge-in stay right.
+            if !s.aligned.is_empty() {
+                let start = (s.samples * 1000 / rate.max(1)) as u32;
+                let len = (pcm.len() * 1000 / rate.max(1)) as u32;
+                let n = text.chars().count().max(1) as u32;
+                s.aligned.extend(
+                    text.chars()
+                        .enumerate()
+                        .map(|(i, c)| (c.to_string(), start + len * i as u32 / n)),
+                );
+            }
+            s.samples += pcm.len();
+            s.text.push_str(&text);
+            if let Some(e) = s.entry {
+                a.history.append(e, &text);
+            }
+        }
+        if let Some(p) = self.playout.as_mut() {
+            p.push(u, pcm);
+        }
+        self.drain_playout_events(now);
+    }
+
+    /// A keypad entry of just the operator digit asks for a person: the operator target, or
+    /// the fallback destination. Returns whether the entry was taken as such.
+    fn operator_requested(&mut self, digits: &str, now: Instant) -> bool {
+        let Some(a) = self.agent.as_ref() else {
+            return false;
+        };
+        let t = &a.cfg.tools;
+        let Some(digit) = t.operator_digit else {
+            return false;
+        };
+        if digits.len() != 1 || !digits.starts_with(digit) {
+            return false;
+        }
+        let outcome = match (t.operator_target(), &t.fallback_destination) {
+            (Some(target), _) => CallOutcome::Transferred {
+                target: target.name.clone(),
+                destination: target.destination.clone(),
+                summary: None,
+            },
+            (None, Some(d)) => CallOutcome::Fallback {
+                reason: "dtmf".into(),
+                destination: d.clone(),
+            },
+            (None, None) => return false,
+        };
+        info!(%digits, "the caller keyed the operator digit");
+        self.start_handover(outcome, true, now);
+        true
+    }
+
+    /// Provider failures in a row: the apology, or, at `max_provider_failures` with a
+    /// fallback destination, the handover instead of another apology.
+    fn apologise_or_hand_over(&mut self, now: Instant) {
+        self.failures_in_a_row += 1;
+        let fallback = self.agent.as_ref().and_then(|a| {
+            let t = &a.cfg.tools;
+            (t.max_provider_failures > 0 && self.failures_in_a_row >= t.max_provider_failures)
+                .then(|| t.fallback_destination.clone())
+                .flatten()
+        });
+        match fallback {
+            Some(destination) => {
+                warn!(
+                    failures = self.failures_in_a_row,
+                    "providers keep failing; handing the call to the fallback destination"
+                );
+                let outcome = CallOutcome::Fallback {
+                    reason: "provider_failures".into(),
+                    destination,
+                };
+                self.start_handover(outcome, false, now);
+            }
+            None => self.effects.push_back(Effect::Prompt(PromptKind::Apology)),
+        }
+    }
+
+    /// The call goes to a person (or the fallback): the handover line after whatever is
+    /// already queued (`interrupt`: at once, dropping it), then the 0x00 once it was heard.
+    /// The caller cannot talk the agent out of it: the hang-up is final, so speech over the
+    /// (short) line neither stops it nor starts a reply; the call is handed over when it ends.
+    fn start_handover(&mut self, outcome: CallOutcome, interrupt: bool, now: Instant) {
+        if self.outcome.is_some() || self.hangup.is_final() {
+            return;
+        }
+        info!(
+            result = outcome.dialplan_value(),
+            destination = outcome.destination().unwrap_or(""),
+            "handing the call over"
+        );
+        if interrupt {
+            self.abandon_speculation("the call is handed over");
+            self.abandon_pause();
+            self.flush(now);
+            if let Some(id) = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.reply.take())
+                .map(|r| r.id)
+            {
+                self.effects.push_back(Effect::CancelReply(id));
+            }
+        }
+        self.outcome = Some(outcome);
+        self.next_utterance += 1;
+        let u = UtteranceId(self.next_utterance);
+        self.handover_utterance = Some(u);
+        self.hangup = Hangup::after(u, HangupReason::Handover);
+        self.effects.push_back(Effect::Prompt(PromptKind::Handover));
+    }
+
+    fn on_handover_prompt(&mut self, result: Result<Arc<Vec<i16>>, String>, now: Instant) {
+        let Some(u) = self.handover_utterance.take() else {
+            return;
+        };
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let pcm = match result {
+            Ok(pcm) if !pcm.is_empty() => pcm,
+            other => {
+                if let Err(error) = other {
+                    warn!(%error, "handover line unavailable; handing over without it");
+                }
+                // After the reply's own words if they are still playing, else at once.
+                let reply = a.reply.as_ref().filter(|r| r.done).map(|r| r.utterance);
+                self.hangup = match reply {
+                    Some(r) => Hangup::after(r, HangupReason::Handover),
+                    None => {
+                        let last = self.playout.as_ref().and_then(Playout::last_speech_end);
+                        Hangup::soon(last, now, HangupReason::Handover)
+                    }
+                };
+                return;
+            }
+        };
+        let text = a.cfg.prompts.handover.clone();
+        let entry = Some(a.history.push(Speaker::Agent, text.clone()));
+        a.utterances.insert(
+            u,
+            Spoken {
+                kind: SpokenKind::Handover,
+                text,
+                samples: pcm.len(),
+                heard_before: 0,
+                entry,
+                aligned: Vec::new(),
+            },
+        );
+        if let Some(p) = self.playout.as_mut() {
+            p.push(u, &pcm);
+            p.finish(u);
+        }
+        self.drain_playout_events(now);
+    }
+
     // ---- time -----------------------------------------------------------------------------
 
     fn on_timeout(&mut self, now: Instant) {
@@ -1771,6 +2167,13 @@ impl CallMachine {
         }
         if self.reply_silence_deadline().is_some_and(|d| now >= d) {
             self.on_reply_silence(now);
+        }
+        if self.filler_deadline().is_some_and(|d| now >= d) {
+            if let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) {
+                r.filler_asked = true;
+                info!("a tool is slow; saying the filler phrase");
+                self.effects.push_back(Effect::Prompt(PromptKind::Filler));
+            }
         }
     }
 

@@ -17,6 +17,7 @@ pub mod playout;
 pub mod profile;
 pub mod prompts;
 pub mod reply;
+pub mod tools;
 pub mod turn;
 
 pub use context::{CallContext, CallControl, CallOutcome, NoControl};

@@ -189,6 +189,8 @@ mod tests {
             apology: "Maaf.".into(),
             hold: "Sekejap.".into(),
             still_there: "Helo?".into(),
+            handover: "Sambung.".into(),
+            filler: "Sebentar.".into(),
         };
         let tts: Arc<dyn TtsProvider> = Arc::new(Nothing);
         Arc::new(AgentSetup {
@@ -196,6 +198,7 @@ mod tests {
                 stt: Arc::new(Nothing),
                 llm: Arc::new(Nothing),
                 tts: Arc::clone(&tts),
+                tools: Arc::new(crate::call::tools::ToolBox::default()),
             },
             prompts: Arc::new(PromptCache::new(cfg.prompts.clone(), tts)),
             cfg: Arc::new(cfg),
@@ -317,6 +320,7 @@ mod tests {
                 stt: Arc::new(Nothing),
                 llm: Arc::new(Nothing),
                 tts,
+                tools: Arc::new(crate::call::tools::ToolBox::default()),
             },
             prompts,
             cfg: Arc::new(cfg),

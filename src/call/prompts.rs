@@ -30,6 +30,10 @@ pub enum PromptKind {
     Hold,
     /// `agent.still_there_prompt`
     StillThere,
+    /// `agent.handover_line`
+    Handover,
+    /// `agent.filler_phrase`
+    Filler,
 }
 
 /// The texts of the phrases.
@@ -43,6 +47,10 @@ pub struct PromptTexts {
     pub hold: String,
     /// Said when the caller has been silent for a while, before the idle hang-up.
     pub still_there: String,
+    /// Said before the call is handed to a person.
+    pub handover: String,
+    /// Said when a tool is slow.
+    pub filler: String,
 }
 
 impl PromptTexts {
@@ -53,18 +61,22 @@ impl PromptTexts {
             PromptKind::Apology => &self.apology,
             PromptKind::Hold => &self.hold,
             PromptKind::StillThere => &self.still_there,
+            PromptKind::Handover => &self.handover,
+            PromptKind::Filler => &self.filler,
         }
     }
 }
 
 impl PromptTexts {
     /// Every phrase, with its kind.
-    pub fn all(&self) -> [(PromptKind, &str); 4] {
+    pub fn all(&self) -> [(PromptKind, &str); 6] {
         [
             (PromptKind::Greeting, self.greeting.as_str()),
             (PromptKind::Apology, self.apology.as_str()),
             (PromptKind::Hold, self.hold.as_str()),
             (PromptKind::StillThere, self.still_there.as_str()),
+            (PromptKind::Handover, self.handover.as_str()),
+            (PromptKind::Filler, self.filler.as_str()),
         ]
     }
 
@@ -75,6 +87,8 @@ impl PromptTexts {
             apology: render(&self.apology, vars),
             hold: render(&self.hold, vars),
             still_there: render(&self.still_there, vars),
+            handover: render(&self.handover, vars),
+            filler: render(&self.filler, vars),
         }
     }
 }
@@ -86,6 +100,10 @@ pub const PROMPT_VARIABLES: [&str; 5] = ["caller_number", "caller_name", "did", 
 
 /// The prefix of the dialplan's free variables: `{var_NAME}` is `CallContext::vars["NAME"]`.
 pub const VAR_PREFIX: &str = "var_";
+
+/// The prefix of the pre-call lookup's fields: `{lookup_NAME}` is `CallContext::vars` entry
+/// `lookup_NAME` (see `call::tools::lookup_vars`).
+pub const LOOKUP_PREFIX: &str = "lookup_";
 
 /// One `{name}` or `{name|fallback}` in a template, as byte offsets into it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,9 +161,9 @@ pub fn has_variables(template: &str) -> bool {
 /// Whether `name` is a variable prompts may use.
 pub fn is_known_variable(name: &str) -> bool {
     PROMPT_VARIABLES.contains(&name)
-        || name
-            .strip_prefix(VAR_PREFIX)
-            .is_some_and(|rest| !rest.is_empty())
+        || [VAR_PREFIX, LOOKUP_PREFIX]
+            .iter()
+            .any(|p| name.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
 }
 
 /// The names in a template that are not variables (`{foo}`, `{caller}`), once each.
@@ -196,6 +214,7 @@ impl PromptVars {
                     .find(|(k, _)| k.eq_ignore_ascii_case(key))
                     .map(|(_, v)| v)
             }),
+            None if name.starts_with(LOOKUP_PREFIX) => self.vars.get(name),
             None => self.values.get(name),
         };
         v.map(|v| v.trim()).filter(|v| !v.is_empty())
@@ -424,6 +443,8 @@ impl PromptCache {
                     PromptKind::Apology,
                     PromptKind::Hold,
                     PromptKind::StillThere,
+                    PromptKind::Handover,
+                    PromptKind::Filler,
                 ]
                 .map(move |kind| (kind, rate))
             })
@@ -576,6 +597,8 @@ mod tests {
             apology: "Maaf, ada gangguan.".into(),
             hold: "Sekejap, ya.".into(),
             still_there: "Helo, anda masih di talian?".into(),
+            handover: String::new(),
+            filler: String::new(),
         }
     }
 

@@ -152,6 +152,12 @@ pub struct Settings {
     pub profiles: std::collections::BTreeMap<String, super::profiles::ProfileSettings>,
     /// The Asterisk Manager Interface (call context and outcome).
     pub ami: AmiSettings,
+    /// HTTP tools the agent may call, by name (`[tools.NAME]`).
+    #[serde(default)]
+    pub tools: std::collections::BTreeMap<String, ToolSettings>,
+    /// MCP servers whose tools the agent may call, by name (`[mcp.NAME]`).
+    #[serde(default)]
+    pub mcp: std::collections::BTreeMap<String, McpSettings>,
     /// API keys, from the environment only.
     #[serde(skip_deserializing)]
     pub secrets: Secrets,
@@ -320,6 +326,105 @@ pub struct AgentSettings {
     pub resume_after_ms: u64,
     /// IANA time zone of the `{now}` prompt variable.
     pub time_zone: String,
+    /// People or queues the model may hand the call to (`transfer_call`).
+    pub transfer_targets: Vec<crate::call::context::TransferTarget>,
+    /// Said before a transfer (cached at startup).
+    pub handover_line: String,
+    /// A keypad entry of only this digit asks for a person; empty disables.
+    pub operator_digit: String,
+    /// The dialplan destination for calls the agent cannot serve; empty: none.
+    pub fallback_destination: String,
+    /// Provider failures in a row that hand the call to the fallback destination instead of
+    /// another apology; 0 never.
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_provider_failures: u64,
+    /// The declared tools (`[tools.NAME]`, `[mcp.NAME]`) this agent may use.
+    pub tools: Vec<String>,
+    /// Tool rounds per caller turn.
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_tool_rounds: u64,
+    /// Said (once per turn) when a tool round takes longer than `filler_after_ms`.
+    pub filler_phrase: String,
+    /// How slow a tool round gets the filler phrase, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub filler_after_ms: u64,
+    /// An HTTP tool run before the greeting with `{caller_number}`; empty: none.
+    pub pre_call_lookup: String,
+    /// How long the greeting waits for it, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub pre_call_deadline_ms: u64,
+}
+
+/// `[tools.NAME]`: an HTTP tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSettings {
+    /// When to use it, for the model.
+    pub description: String,
+    /// A JSON schema of the arguments: a TOML table, or the schema as a JSON string.
+    #[serde(default = "empty_object_schema")]
+    pub parameters: serde_json::Value,
+    /// GET, POST, PUT, PATCH or DELETE.
+    #[serde(default = "default_tool_method")]
+    pub method: String,
+    /// http(s) URL; `{param}` is replaced by that argument, percent-encoded.
+    pub url: String,
+    /// Request headers; values may refer to environment variables as `${NAME}` (secrets
+    /// never go in the file).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Deadline, ms (100..=30000).
+    #[serde(default = "default_tool_timeout", deserialize_with = "strict::uint")]
+    pub timeout_ms: u64,
+    /// Whether the result may be read to the caller.
+    #[serde(default)]
+    pub speakable: bool,
+    /// Argument fields kept out of the call record.
+    #[serde(default)]
+    pub redact: Vec<String>,
+}
+
+impl ToolSettings {
+    /// The parameters as a JSON schema object (parsing a JSON string).
+    pub fn parameters_schema(&self) -> Result<serde_json::Value, String> {
+        let v = match &self.parameters {
+            serde_json::Value::String(s) => serde_json::from_str(s)
+                .map_err(|e| format!("parameters is not a JSON schema: {e}"))?,
+            other => other.clone(),
+        };
+        if v.get("type").and_then(serde_json::Value::as_str) != Some("object") {
+            return Err("parameters must be an object schema (type = \"object\")".into());
+        }
+        Ok(v)
+    }
+}
+
+/// `[mcp.NAME]`: an MCP server (streamable HTTP).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpSettings {
+    /// The server's streamable-HTTP endpoint.
+    pub url: String,
+    /// The server's tools the agent may use (others are neither listed nor called).
+    pub tools: Vec<String>,
+    /// Deadline per request, ms (100..=30000).
+    #[serde(default = "default_tool_timeout", deserialize_with = "strict::uint")]
+    pub timeout_ms: u64,
+    /// Request headers; values may refer to environment variables as `${NAME}`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+fn empty_object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+fn default_tool_method() -> String {
+    "GET".into()
+}
+
+fn default_tool_timeout() -> u64 {
+    3000
 }
 
 /// `[stt]`
@@ -697,6 +802,34 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             "ms after a wordless interruption",
         ),
         range(
+            "agent.max_provider_failures",
+            Integer,
+            0.0,
+            100.0,
+            "provider failures in a row before the fallback; 0 = never",
+        ),
+        range(
+            "agent.max_tool_rounds",
+            Integer,
+            1.0,
+            10.0,
+            "tool rounds per caller turn",
+        ),
+        range(
+            "agent.filler_after_ms",
+            Integer,
+            100.0,
+            10_000.0,
+            "ms of a tool round before the filler phrase",
+        ),
+        range(
+            "agent.pre_call_deadline_ms",
+            Integer,
+            50.0,
+            1_500.0,
+            "ms the greeting waits for the pre-call lookup",
+        ),
+        range(
             "stt.segmentation_silence_ms",
             Integer,
             100.0,
@@ -827,6 +960,10 @@ impl Settings {
             "agent.speculate_after_ms" => Int(g.speculate_after_ms),
             "agent.speculative_max_per_call" => Int(g.speculative_max_per_call),
             "agent.resume_after_ms" => Int(g.resume_after_ms),
+            "agent.max_provider_failures" => Int(g.max_provider_failures),
+            "agent.max_tool_rounds" => Int(g.max_tool_rounds),
+            "agent.filler_after_ms" => Int(g.filler_after_ms),
+            "agent.pre_call_deadline_ms" => Int(g.pre_call_deadline_ms),
             "stt.segmentation_silence_ms" => Int(u64::from(s.segmentation_silence_ms)),
             "llm.max_tokens" => Int(u64::from(l.max_tokens)),
             "llm.temperature" => F32(l.temperature),
@@ -1163,6 +1300,126 @@ impl Settings {
                 "is empty; it is what callers hear when a provider fails",
             );
         }
+        self.validate_tools(p);
+    }
+
+    /// Transfer targets, the operator digit, the declared tools and the agent's choice of them.
+    fn validate_tools(&self, p: &mut Problems<'_>) {
+        let g = &self.agent;
+        let reserved = ["transfer_call", "end_call"];
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in g.transfer_targets.iter().enumerate() {
+            if let Err(why) = tool_name(&t.name) {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {}: name {why}", i + 1),
+                );
+            }
+            if !seen.insert(t.name.as_str()) {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {}: the name {:?} is used twice", i + 1, t.name),
+                );
+            }
+            if t.destination.trim().is_empty() {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {} ({}): destination is empty", i + 1, t.name),
+                );
+            }
+        }
+        let d = g.operator_digit.trim();
+        if !(d.is_empty() || (d.len() == 1 && d.chars().all(|c| "0123456789*".contains(c)))) {
+            p.bad(
+                "agent.operator_digit",
+                format!("{d:?} must be one keypad key (0-9 or *) or empty"),
+            );
+        }
+        for (name, t) in &self.tools {
+            let key = format!("tools.{name}");
+            if let Err(why) = tool_name(name) {
+                p.bad(&key, format!("the name {why}"));
+            }
+            if reserved.contains(&name.as_str()) {
+                p.bad(&key, "is a built-in tool's name");
+            }
+            if let Err(why) = t.parameters_schema() {
+                p.bad(&key, why);
+            }
+            if !(100..=30_000).contains(&t.timeout_ms) {
+                p.bad(
+                    &key,
+                    format!("timeout_ms {} must be between 100 and 30000", t.timeout_ms),
+                );
+            }
+            if reqwest::Method::from_bytes(t.method.trim().to_ascii_uppercase().as_bytes()).is_err()
+            {
+                p.bad(&key, format!("method {:?} is not an HTTP method", t.method));
+            }
+            let probe = t.url.replace(['{', '}'], "");
+            match Url::parse(probe.trim()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+                Ok(_) => p.bad(&key, "url must be http:// or https:// with a host"),
+                Err(e) => p.bad(&key, format!("url is not a URL ({e})")),
+            }
+        }
+        for (name, m) in &self.mcp {
+            let key = format!("mcp.{name}");
+            if let Err(why) = service_url(&m.url, &["http", "https"], false) {
+                p.bad(&key, format!("url: {why}"));
+            }
+            if !(100..=30_000).contains(&m.timeout_ms) {
+                p.bad(
+                    &key,
+                    format!("timeout_ms {} must be between 100 and 30000", m.timeout_ms),
+                );
+            }
+            if self.tools.contains_key(name) {
+                p.bad(&key, "has the name of a [tools] entry");
+            }
+        }
+        let headers = self
+            .tools
+            .iter()
+            .map(|(n, t)| (format!("tools.{n}"), &t.headers))
+            .chain(
+                self.mcp
+                    .iter()
+                    .map(|(n, m)| (format!("mcp.{n}"), &m.headers)),
+            );
+        for (key, headers) in headers {
+            for (name, value) in headers {
+                let n = name.to_ascii_lowercase();
+                let secret = n == "authorization"
+                    || ["token", "secret", "key", "auth", "cookie"]
+                        .iter()
+                        .any(|w| n.contains(w));
+                if secret && !value.contains("${") {
+                    p.bad(
+                        &key,
+                        format!(
+                            "header {name} looks like a secret written in the file; put it in an \
+                             environment variable and write ${{NAME}} (e.g. \"Bearer ${{CRM_TOKEN}}\")"
+                        ),
+                    );
+                }
+            }
+        }
+        for name in &g.tools {
+            if !self.tools.contains_key(name) && !self.mcp.contains_key(name) {
+                p.bad(
+                    "agent.tools",
+                    format!("{name:?} is neither a [tools.{name}] nor an [mcp.{name}] entry"),
+                );
+            }
+        }
+        let lookup = g.pre_call_lookup.trim();
+        if !lookup.is_empty() && !self.tools.contains_key(lookup) {
+            p.bad(
+                "agent.pre_call_lookup",
+                format!("{lookup:?} is not a [tools.{lookup}] entry"),
+            );
+        }
     }
 
     fn validate_providers(&self, p: &mut Problems<'_>) {
@@ -1233,6 +1490,7 @@ impl Settings {
         let mut p = Problems::new(&self.origins);
         if what.keys && self.agent.mode == AgentMode::Ai {
             self.check_keys(&mut p);
+            self.check_tool_env(&mut p, &|k| std::env::var(k).ok());
         }
         if let Ok(Some(path)) = records_path(&self.records.url) {
             if let Err(why) = probe_records_file(&path) {
@@ -1287,6 +1545,27 @@ impl Settings {
             if let Some(why) = secret.format_problem() {
                 p.list
                     .push(format!("invalid API key {name} (environment): {why}"));
+            }
+        }
+    }
+
+    /// Every `${NAME}` a tool's or MCP server's header refers to is set (the values are
+    /// secrets: only the names are ever shown).
+    fn check_tool_env(&self, p: &mut Problems<'_>, env: &dyn Fn(&str) -> Option<String>) {
+        let headers = self
+            .tools
+            .iter()
+            .map(|(n, t)| (format!("tools.{n}"), &t.headers))
+            .chain(
+                self.mcp
+                    .iter()
+                    .map(|(n, m)| (format!("mcp.{n}"), &m.headers)),
+            );
+        for (key, headers) in headers {
+            for (name, value) in headers {
+                if let Err(why) = crate::call::tools::http::expand_env(value, env) {
+                    p.bad(&key, format!("header {name} {why} in the environment"));
+                }
             }
         }
     }
@@ -1802,6 +2081,22 @@ fn model_name(name: &str) -> Result<(), String> {
 }
 
 /// An id that goes into a URL path or query: letters, digits, `-`, `_`, `.`.
+/// A function name the model can call: `^[A-Za-z0-9_-]{1,64}$`.
+fn tool_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("{name:?} must be 1 to 64 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "{name:?} may hold only letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
 fn identifier(id: &str) -> Result<(), String> {
     if id.trim().is_empty() {
         Err("is empty".into())
@@ -2049,6 +2344,75 @@ mod tests {
             Ok(_) => panic!("{pairs:?} was accepted"),
             Err(e) => e.0,
         }
+    }
+
+    #[test]
+    fn tools_targets_and_mcp_load_from_a_file_with_their_case_kept() {
+        let dir = scratch("tools");
+        let s = with_toml(
+            &dir,
+            r#"
+[agent]
+tools = ["orderStatus", "crm"]
+transfer_targets = [{ name = "sales", description = "buying", destination = "SIP/201" }]
+pre_call_lookup = "orderStatus"
+
+[tools.orderStatus]
+description = "Find an order."
+parameters = { type = "object", properties = { orderId = { type = "string" } }, additionalProperties = false }
+url = "https://crm.example.my/orders/{orderId}?x=1"
+headers = { Authorization = "Bearer ${CRM_TOKEN}" }
+timeout_ms = 2500
+redact = ["icNumber"]
+
+[tools.json_schema]
+description = "Schema as JSON text."
+parameters = '{"type": "object", "properties": {"q": {"type": "string"}}}'
+url = "http://127.0.0.1:9/q"
+
+[mcp.crm]
+url = "http://127.0.0.1:9/mcp"
+tools = ["findCustomer"]
+"#,
+        )
+        .unwrap();
+        let t = &s.tools["orderStatus"];
+        let schema = t.parameters_schema().unwrap();
+        assert!(schema.pointer("/properties/orderId").is_some(), "{schema}");
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(t.headers["Authorization"], "Bearer ${CRM_TOKEN}");
+        assert_eq!(t.timeout_ms, 2500);
+        assert_eq!(t.method, "GET");
+        assert!(!t.speakable);
+        let q = s.tools["json_schema"].parameters_schema().unwrap();
+        assert!(q.pointer("/properties/q").is_some());
+        assert_eq!(s.mcp["crm"].tools, ["findCustomer"]);
+        assert_eq!(s.mcp["crm"].timeout_ms, 3000);
+        assert_eq!(s.agent.transfer_targets[0].destination, "SIP/201");
+        assert_eq!(s.agent.tools, ["orderStatus", "crm"]);
+    }
+
+    #[test]
+    fn preflight_names_header_variables_that_are_not_set() {
+        let dir = scratch("tool-env");
+        let s = with_toml(
+            &dir,
+            r#"
+[tools.t]
+description = "d"
+url = "http://127.0.0.1:9/"
+headers = { Authorization = "Bearer ${SIFUCALL_TEST_SURELY_UNSET_TOKEN}", X-Ok = "${HOME_SET}" }
+"#,
+        )
+        .unwrap();
+        let mut p = Problems::new(&s.origins);
+        s.check_tool_env(&mut p, &|k| (k == "HOME_SET").then(|| "v".into()));
+        assert_eq!(p.list.len(), 1, "{:?}", p.list);
+        assert!(
+            p.list[0].contains("${SIFUCALL_TEST_SURELY_UNSET_TOKEN}, which is not set"),
+            "{:?}",
+            p.list
+        );
     }
 
     #[test]

@@ -544,6 +544,7 @@ pub fn validate_profile(profile: &ProfileSettings) -> Vec<(String, String)> {
             .map(|v| format!("{{{v}}}"))
             .collect();
         names.push(format!("{{{VAR_PREFIX}NAME}}"));
+        names.push("{lookup_FIELD}".to_owned());
         names.join(", ")
     };
     for (key, text) in [
@@ -552,6 +553,8 @@ pub fn validate_profile(profile: &ProfileSettings) -> Vec<(String, String)> {
         ("apology", &a.apology),
         ("hold_prompt", &a.hold_prompt),
         ("still_there_prompt", &a.still_there_prompt),
+        ("handover_line", &a.handover_line),
+        ("filler_phrase", &a.filler_phrase),
     ] {
         let unknown = unknown_variables(text);
         if !unknown.is_empty() {

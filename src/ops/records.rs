@@ -87,6 +87,12 @@ pub struct CallRecord {
     /// The agent profile the call ran with (empty in echo mode).
     #[serde(default)]
     pub profile: String,
+    /// Every tool call: name, arguments (configured fields redacted), duration, status.
+    #[serde(default)]
+    pub tool_calls: Vec<crate::call::tools::ToolCallRecord>,
+    /// How the call ended for the dialplan (a transfer carries its target and summary).
+    #[serde(default)]
+    pub outcome: Option<crate::call::CallOutcome>,
 }
 
 /// Who produced a transcript entry.
@@ -539,6 +545,8 @@ mod tests {
             speculative: Speculation::default(),
             errors: vec![],
             profile: "sales".into(),
+            tool_calls: vec![],
+            outcome: None,
         }
     }
 

@@ -227,6 +227,7 @@ pub fn server_config(settings: &Settings, behaviour: Behaviour) -> ServerConfig 
             behaviour,
             idle_hangup: idle_hangup(settings),
             control: std::sync::Arc::new(crate::call::NoControl),
+            records: None,
         },
     }
 }
@@ -270,12 +271,15 @@ pub async fn run_controlled(
     let metrics = Arc::new(Metrics::new());
     let ready = ReadyFlag::new();
     let records = Arc::new(
-        RecordSink::new(&settings.records, &settings.webhook)
+        RecordSink::open(&settings, Arc::clone(&metrics))
+            .await
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
+    let mut first_config = server_config(&settings, behaviour);
+    first_config.session.records = Some(Arc::clone(&records));
     let server = Server::new(
-        server_config(&settings, behaviour),
+        first_config,
         Arc::clone(&metrics),
         ready.clone(),
     );
@@ -302,7 +306,8 @@ pub async fn run_controlled(
                     f(s.clone());
                 }
                 if records.is_enabled() {
-                    if let Some(rec) = to_record(s, mode) {
+                    if let Some(mut rec) = to_record(s, mode) {
+                        records.complete(&mut rec);
                         records.submit(rec);
                     }
                 }
@@ -448,7 +453,10 @@ pub async fn apply_reload(
         Ok(_) => {}
         Err(e) => return Err(e.to_string()),
     }
-    server.reconfigure(server_config(new, behaviour));
+    let mut cfg = server_config(new, behaviour);
+    // The records sink is the running one (records.url needs a restart).
+    cfg.session.records.clone_from(&server.config().session.records);
+    server.reconfigure(cfg);
     info!(
         changed = ?changed,
         max_calls = new.audiosocket.max_calls,
@@ -485,10 +493,16 @@ pub fn changed_keys(a: &Settings, b: &Settings) -> Vec<String> {
 /// Turns a call summary into a stored record; calls that never sent a UUID are not calls.
 pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
     let call_id = s.call_id?;
-    let started = SystemTime::now()
+    let ended = SystemTime::now();
+    let started = ended
         .checked_sub(s.duration)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let agent = s.agent.unwrap_or_default();
+    let rate_hz = s.rate.map_or(0, |r| r.hz());
+    let transfer_target = match &s.outcome {
+        Some(crate::call::CallOutcome::Transferred { target, .. }) => Some(target.clone()),
+        _ => None,
+    };
     let mut errors = agent.errors;
     if let Some(d) = s.detail {
         errors.insert(0, d);
@@ -500,7 +514,7 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         duration_ms: s.duration.as_millis() as u64,
         end_reason: s.reason,
         mode,
-        sample_rate: s.rate.map_or(0, |r| r.hz()),
+        sample_rate: rate_hz,
         frames_in: s.frames_in,
         frames_out: s.frames_out,
         underruns: s.underruns,
@@ -513,5 +527,23 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         resumes: agent.resumes,
         speculative: agent.speculative,
         errors,
+        node_id: String::new(),
+        ended_at: crate::ops::records::rfc3339_utc(ended),
+        caller_number: s.context.caller_number,
+        caller_name: s.context.caller_name,
+        did: s.context.did,
+        profile: s.context.profile,
+        outcome: s.outcome,
+        transfer_target,
+        latency: None,
+        tool_calls: agent.tool_calls,
+        cost: None,
+        recording_path: None,
+        stt_audio_ms: if rate_hz > 0 {
+            agent.stt_samples * 1000 / u64::from(rate_hz)
+        } else {
+            0
+        },
+        tts_characters: agent.tts_characters,
     })
 }

@@ -278,11 +278,7 @@ pub async fn run_controlled(
     let behaviour = behaviour(&settings, &metrics).await?;
     let mut first_config = server_config(&settings, behaviour);
     first_config.session.records = Some(Arc::clone(&records));
-    let server = Server::new(
-        first_config,
-        Arc::clone(&metrics),
-        ready.clone(),
-    );
+    let server = Server::new(first_config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
     let admin_stop = CancellationToken::new();
@@ -455,7 +451,9 @@ pub async fn apply_reload(
     }
     let mut cfg = server_config(new, behaviour);
     // The records sink is the running one (records.url needs a restart).
-    cfg.session.records.clone_from(&server.config().session.records);
+    cfg.session
+        .records
+        .clone_from(&server.config().session.records);
     server.reconfigure(cfg);
     info!(
         changed = ?changed,

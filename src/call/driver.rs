@@ -260,7 +260,12 @@ pub async fn serve_call<S: CallStream>(
             node_id: r.node_id().to_owned(),
             started_at_ms: crate::ops::records::store::epoch_ms(wall),
             peer: peer.to_string(),
-            mode: if matches!(cfg.behaviour, Behaviour::Echo) { "echo" } else { "ai" }.into(),
+            mode: if matches!(cfg.behaviour, Behaviour::Echo) {
+                "echo"
+            } else {
+                "ai"
+            }
+            .into(),
             caller_number: context.caller_number.clone(),
             caller_name: context.caller_name.clone(),
             did: context.did.clone(),

@@ -921,10 +921,9 @@ impl CallMachine {
     /// A caller line for the transcript.
     fn note_caller(&mut self, text: &str, now: Instant) {
         let at_ms = self.ms(now);
-        let (start, end) = self
-            .agent
-            .as_mut()
-            .map_or((None, None), |a| (a.phrase_started.take(), a.last_speech_end));
+        let (start, end) = self.agent.as_mut().map_or((None, None), |a| {
+            (a.phrase_started.take(), a.last_speech_end)
+        });
         self.report.transcript.push(TranscriptEntry {
             role: Role::Caller,
             text: text.to_owned(),
@@ -1507,7 +1506,11 @@ impl CallMachine {
         while let Some(ev) = self.playout.as_mut().and_then(Playout::poll_event) {
             match ev {
                 PlayoutEvent::Started { utterance, at } => {
-                    if let Some(u) = self.agent.as_mut().and_then(|a| a.utterances.get_mut(&utterance)) {
+                    if let Some(u) = self
+                        .agent
+                        .as_mut()
+                        .and_then(|a| a.utterances.get_mut(&utterance))
+                    {
                         u.started_at.get_or_insert(at);
                     }
                     self.on_started(utterance)

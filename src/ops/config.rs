@@ -505,13 +505,19 @@ pub struct WebhookSettings {
     /// through [`redact_url`].
     pub url: String,
     /// Wait after a failed delivery, doubled each time up to `backoff_max_ms`.
-    #[serde(default = "default_backoff_initial_ms", deserialize_with = "strict::uint")]
+    #[serde(
+        default = "default_backoff_initial_ms",
+        deserialize_with = "strict::uint"
+    )]
     pub backoff_initial_ms: u64,
     /// The longest wait between tries.
     #[serde(default = "default_backoff_max_ms", deserialize_with = "strict::uint")]
     pub backoff_max_ms: u64,
     /// One delivery's deadline.
-    #[serde(default = "default_webhook_timeout_ms", deserialize_with = "strict::uint")]
+    #[serde(
+        default = "default_webhook_timeout_ms",
+        deserialize_with = "strict::uint"
+    )]
     pub timeout_ms: u64,
 }
 

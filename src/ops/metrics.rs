@@ -813,7 +813,10 @@ impl Metrics {
 
     /// Call record writes lost (`queue_full`, `spool_failed`, `closed`).
     pub fn records_lost(&self, reason: &'static str, n: u64) {
-        self.records.lost.get_or_create(&[("reason", reason)]).inc_by(n);
+        self.records
+            .lost
+            .get_or_create(&[("reason", reason)])
+            .inc_by(n);
     }
 
     /// Spooled batches waiting now.
@@ -823,7 +826,10 @@ impl Metrics {
 
     /// A webhook delivery attempt `delivered` or `failed`.
     pub fn webhook_delivery(&self, result: &'static str) {
-        self.records.webhook.get_or_create(&[("result", result)]).inc();
+        self.records
+            .webhook
+            .get_or_create(&[("result", result)])
+            .inc();
     }
 
     /// A finished call's cost for one component (`llm`, `stt`, `tts`).

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::store::{CallEvent, EventKind, Op, Store};
-use super::{CallCost, CallError, CallRecord, LatencySummary, ToolCall, TranscriptEntry, TurnTiming};
+use super::{
+    CallCost, CallError, CallRecord, LatencySummary, ToolCall, TranscriptEntry, TurnTiming,
+};
 use crate::call::AgentReport;
 use crate::ops::config::{PricingSettings, Settings};
 use crate::ops::metrics::Metrics;
@@ -30,7 +32,8 @@ pub struct CallTap {
 }
 
 impl CallTap {
-    pub(crate) fn new(store: Arc<Store>, call_id: Uuid) -> Self {
+    /// A tap for one call whose row has been started.
+    pub fn new(store: Arc<Store>, call_id: Uuid) -> Self {
         Self {
             store,
             call_id,
@@ -188,5 +191,9 @@ pub fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     let name = String::from_utf8_lossy(&buf[..end]).trim().to_owned();
-    if name.is_empty() { "sifucall".into() } else { name }
+    if name.is_empty() {
+        "sifucall".into()
+    } else {
+        name
+    }
 }

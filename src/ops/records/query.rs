@@ -211,7 +211,10 @@ pub async fn list_calls(db: &Db, filter: &CallFilter) -> Result<Vec<CallRow>, Re
         push("started_at_ms < ?", Arg::Int(v));
     }
     if let Some(v) = &filter.caller {
-        push("caller_number LIKE ?", Arg::Text(format!("%{}%", like_escape(v))));
+        push(
+            "caller_number LIKE ?",
+            Arg::Text(format!("%{}%", like_escape(v))),
+        );
     }
     if let Some(v) = &filter.did {
         push("did = ?", Arg::Text(v.clone()));
@@ -317,7 +320,8 @@ pub async fn call(db: &Db, id: Uuid) -> Result<Option<CallDetail>, RecordsError>
             _ => {}
         }
     }
-    if let Some(rec) = record_json.and_then(|j| serde_json::from_str::<super::CallRecord>(&j).ok()) {
+    if let Some(rec) = record_json.and_then(|j| serde_json::from_str::<super::CallRecord>(&j).ok())
+    {
         detail.cost = rec.cost;
     }
     Ok(Some(detail))
@@ -325,9 +329,13 @@ pub async fn call(db: &Db, id: Uuid) -> Result<Option<CallDetail>, RecordsError>
 
 /// Calls, minutes and cost per UTC day for calls started in `[from_ms, to_ms)`, oldest
 /// first; days without calls are left out.
-pub async fn daily_totals(db: &Db, from_ms: i64, to_ms: i64) -> Result<Vec<DayTotal>, RecordsError> {
+pub async fn daily_totals(
+    db: &Db,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<DayTotal>, RecordsError> {
     let sql = "SELECT started_at_ms / 86400000 AS day, COUNT(*) AS calls, \
-               SUM(COALESCE(duration_ms, 0)) AS ms, SUM(COALESCE(cost_total, 0.0)) AS cost \
+               CAST(SUM(COALESCE(duration_ms, 0)) AS BIGINT) AS ms, SUM(COALESCE(cost_total, 0.0)) AS cost \
                FROM calls WHERE started_at_ms >= $1 AND started_at_ms < $2 \
                GROUP BY started_at_ms / 86400000 ORDER BY day";
     let rows = with_pool!(db, pool => {

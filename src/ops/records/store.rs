@@ -170,13 +170,14 @@ impl Store {
         if let Err(e) = replay(&db, &spool, cfg.webhook).await {
             tracing::warn!(error = %e, "the records spool could not be replayed yet; retrying while running");
         }
-        let closed = close_interrupted(&db, &cfg.node_id).await?;
-        if closed > 0 {
-            tracing::warn!(
+        match close_interrupted(&db, &cfg.node_id).await {
+            Ok(0) => {}
+            Ok(closed) => tracing::warn!(
                 calls = closed,
                 node_id = %cfg.node_id,
                 "calls left open by an earlier run (crash or kill) closed as interrupted"
-            );
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot close calls left open by an earlier run"),
         }
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let store = Arc::new(Self {
@@ -249,7 +250,10 @@ impl Store {
             .await
             .is_err()
         {
-            tracing::warn!(?grace, "call records still queued at shutdown were abandoned");
+            tracing::warn!(
+                ?grace,
+                "call records still queued at shutdown were abandoned"
+            );
             for a in aborts {
                 a.abort();
             }
@@ -365,7 +369,9 @@ async fn try_replay(
 /// Applies every spooled batch, oldest first, removing each once committed.
 async fn replay(db: &Db, spool: &Spool, webhook: bool) -> Result<(), RecordsError> {
     for path in spool.pending() {
-        let ops = spool.read(&path).map_err(|e| RecordsError::Spool(e.to_string()))?;
+        let ops = spool
+            .read(&path)
+            .map_err(|e| RecordsError::Spool(e.to_string()))?;
         apply(db, &ops, webhook).await?;
         spool.remove(&path);
     }
@@ -538,8 +544,14 @@ impl FinishRow {
                 crate::ops::config::AgentMode::Ai => "ai",
                 crate::ops::config::AgentMode::Echo => "echo",
             },
-            outcome: rec.outcome.as_ref().map(crate::call::CallOutcome::dialplan_value),
-            outcome_json: rec.outcome.as_ref().and_then(|o| serde_json::to_string(o).ok()),
+            outcome: rec
+                .outcome
+                .as_ref()
+                .map(crate::call::CallOutcome::dialplan_value),
+            outcome_json: rec
+                .outcome
+                .as_ref()
+                .and_then(|o| serde_json::to_string(o).ok()),
             p50: lat.map(|l| l.p50_ms as i64),
             p95: lat.map(|l| l.p95_ms as i64),
             max: lat.map(|l| l.max_ms as i64),
@@ -566,11 +578,17 @@ pub fn events_of(rec: &CallRecord) -> Vec<CallEvent> {
         push(EventKind::Transcript, i, t.at_ms, serde_json::to_string(t));
     }
     for (i, t) in rec.turns.iter().enumerate() {
-        let at = [t.first_frame_ms, t.tts_first_audio_ms, t.llm_first_token_ms, t.stt_final_ms, t.speech_end_ms]
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or(0);
+        let at = [
+            t.first_frame_ms,
+            t.tts_first_audio_ms,
+            t.llm_first_token_ms,
+            t.stt_final_ms,
+            t.speech_end_ms,
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        .unwrap_or(0);
         push(EventKind::Turn, i, at, serde_json::to_string(t));
     }
     for (i, t) in rec.tool_calls.iter().enumerate() {
@@ -595,7 +613,11 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let ms = if b.get(19) == Some(&b'.') { num(20..23).unwrap_or(0) } else { 0 };
+    let ms = if b.get(19) == Some(&b'.') {
+        num(20..23).unwrap_or(0)
+    } else {
+        0
+    };
     // Days from civil (H. Hinnant).
     let y = if mo <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
@@ -629,7 +651,8 @@ pub async fn close_interrupted(db: &Db, node_id: &str) -> Result<u64, RecordsErr
 /// Deletes calls (their events, outbox rows and recording files) started more than `days`
 /// days ago; returns how many calls.
 pub async fn apply_retention(db: &Db, days: u64) -> Result<u64, RecordsError> {
-    let cutoff = epoch_ms(SystemTime::now()) - i64::try_from(days.saturating_mul(86_400_000)).unwrap_or(i64::MAX);
+    let cutoff = epoch_ms(SystemTime::now())
+        - i64::try_from(days.saturating_mul(86_400_000)).unwrap_or(i64::MAX);
     let err = |e| RecordsError::db("apply retention", e);
     let n = with_pool!(db, pool => {
         let rows = sqlx::query(

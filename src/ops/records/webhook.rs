@@ -188,7 +188,8 @@ async fn round(
         if due.is_empty() {
             break;
         }
-        let results = futures_util::future::join_all(due.iter().map(|d| deliver(client, cfg, d))).await;
+        let results =
+            futures_util::future::join_all(due.iter().map(|d| deliver(client, cfg, d))).await;
         for (d, result) in due.iter().zip(results) {
             let now = epoch_ms(SystemTime::now());
             match result {
@@ -258,7 +259,10 @@ async fn deliver(client: &reqwest::Client, cfg: &WebhookConfig, d: &Due) -> Resu
         .header("Idempotency-Key", &d.call_id)
         .header("X-Sifucall-Timestamp", ts.to_string());
     if let Some(secret) = &cfg.secret {
-        req = req.header("X-Sifucall-Signature", signature(secret, ts, d.body.as_bytes()));
+        req = req.header(
+            "X-Sifucall-Signature",
+            signature(secret, ts, d.body.as_bytes()),
+        );
     }
     match req.body(d.body.clone()).send().await {
         Ok(resp) if resp.status().is_success() => Ok(()),

@@ -536,7 +536,7 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         latency: None,
         tool_calls: agent.tool_calls,
         cost: None,
-        recording_path: None,
+        recording_path: s.recording.map(|p| p.display().to_string()),
         stt_audio_ms: if rate_hz > 0 {
             agent.stt_samples * 1000 / u64::from(rate_hz)
         } else {

@@ -255,6 +255,17 @@ async fn sigkill_with_calls_up_leaves_them_interrupted_with_their_turns() {
         assert!(got.row.turns >= 1, "{got:?}");
         assert!(said_by_caller(&got), "{got:?}");
         assert!(got.row.duration_ms.unwrap_or(0) > 0, "{got:?}");
+        // Both sides' lines say when the words started and ended (the agent's from its
+        // first frame to the end of its playback, the caller's as the VAD heard them).
+        for t in &got.transcript {
+            let (Some(start), Some(end)) = (t.start_ms, t.end_ms) else {
+                panic!("a line without its times: {t:?}");
+            };
+            assert!(start < end, "{t:?}");
+            if t.role == Role::Agent {
+                assert_eq!(end, t.at_ms, "{t:?}");
+            }
+        }
     }
     assert_eq!(
         d2.count("closed as interrupted"),

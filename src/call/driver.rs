@@ -122,6 +122,8 @@ pub struct CallSummary {
     pub context: CallContext,
     /// How the call ended, as the dialplan was told.
     pub outcome: Option<CallOutcome>,
+    /// The call's stereo recording, when one was made.
+    pub recording: Option<std::path::PathBuf>,
 }
 
 impl CallSummary {
@@ -142,6 +144,7 @@ impl CallSummary {
             agent: None,
             context: CallContext::default(),
             outcome: None,
+            recording: None,
         }
     }
 }
@@ -272,6 +275,10 @@ pub async fn serve_call<S: CallStream>(
             profile: context.profile.clone(),
         })
     });
+    let recorder = cfg
+        .records
+        .as_ref()
+        .and_then(|r| r.recorder_for(call_id, &context, started));
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (reply_tx, reply_rx) = mpsc::channel(CONTROL_QUEUE);
     let mut driver = Driver {
@@ -297,9 +304,18 @@ pub async fn serve_call<S: CallStream>(
         next_unsent_check: started,
         tap,
         started,
+        recorder,
     };
     let (reason, detail) = driver.run(shutdown).instrument(span.clone()).await;
     driver.tasks.cancel();
+    let recording = match driver.recorder.take() {
+        // After the call: the file is written off the runtime's threads.
+        Some(r) => tokio::task::spawn_blocking(move || r.write())
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
     let summary = CallSummary {
         call_id: Some(call_id),
         peer,
@@ -315,6 +331,7 @@ pub async fn serve_call<S: CallStream>(
         agent: driver.machine.report(),
         context,
         outcome: driver.outcome.take(),
+        recording,
     };
     span.in_scope(|| log_end(&summary, &metrics));
     summary
@@ -410,6 +427,8 @@ struct Driver<S: CallStream> {
     /// Writes the call's progress to the records now and then.
     tap: Option<crate::ops::records::live::CallTap>,
     started: Instant,
+    /// The call's stereo recording, when it is recorded.
+    recorder: Option<crate::ops::records::recording::Recorder>,
 }
 
 impl<S: CallStream> Driver<S> {
@@ -498,6 +517,9 @@ impl<S: CallStream> Driver<S> {
                         .map_err(|e| (EndReason::WriteFailed, Some(e.to_string())))?;
                     self.send(frame).await?;
                     let now = now();
+                    if let Some(r) = self.recorder.as_mut() {
+                        r.agent(rate.hz(), &pcm, now);
+                    }
                     self.machine.frame_written(now);
                     self.frames_out += 1;
                     self.metrics.frames_out(1);
@@ -664,6 +686,9 @@ impl<S: CallStream> Driver<S> {
                 match self.budget.admit(rate, samples, now) {
                     Admit::Take => {
                         let pcm = pcm::le_bytes_to_samples(&pcm);
+                        if let Some(r) = self.recorder.as_mut() {
+                            r.caller(rate.hz(), &pcm, now);
+                        }
                         self.machine.handle(Input::CallerAudio { rate, pcm }, now);
                     }
                     Admit::Drop => {

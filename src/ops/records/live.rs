@@ -124,6 +124,10 @@ pub struct FinishSettings {
     pub pricing: PricingSettings,
     /// Where the cost is counted.
     pub metrics: Option<Arc<Metrics>>,
+    /// `records.recordings_dir`, when set.
+    pub recordings_dir: Option<std::path::PathBuf>,
+    /// `records.record_all`.
+    pub record_all: bool,
 }
 
 impl FinishSettings {
@@ -138,6 +142,10 @@ impl FinishSettings {
             },
             pricing: settings.pricing.clone(),
             metrics,
+            recordings_dir: Some(settings.records.recordings_dir.trim())
+                .filter(|d| !d.is_empty())
+                .map(std::path::PathBuf::from),
+            record_all: settings.records.record_all,
         }
     }
 

@@ -15,6 +15,7 @@
 pub mod db;
 pub mod live;
 pub mod query;
+pub mod recording;
 pub mod spool;
 pub mod store;
 pub mod webhook;
@@ -484,6 +485,28 @@ impl RecordSink {
         Some(live::CallTap::new(Arc::clone(store), call_id))
     }
 
+    /// A recorder for a call that is to be recorded (`records.recordings_dir` set, and
+    /// `record_all` or the call's `record` variable).
+    pub fn recorder_for(
+        &self,
+        call_id: uuid::Uuid,
+        ctx: &crate::call::CallContext,
+        started: std::time::Instant,
+    ) -> Option<recording::Recorder> {
+        let f = self.finish.as_ref()?;
+        let dir = f.recordings_dir.as_ref()?;
+        if !recording::wanted(f.record_all, ctx) {
+            return None;
+        }
+        let wall = SystemTime::now()
+            .checked_sub(started.elapsed())
+            .unwrap_or(UNIX_EPOCH);
+        Some(recording::Recorder::new(
+            recording::path_for(dir, call_id, wall),
+            started,
+        ))
+    }
+
     /// Completes a record from a finished call's summary (node, cost, latency) as this
     /// sink's settings say.
     pub fn complete(&self, rec: &mut CallRecord) {
@@ -524,7 +547,17 @@ impl RecordSink {
                 .user_agent(concat!("sifucall/", env!("CARGO_PKG_VERSION")))
                 .build()?;
             let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-            workers.push(rt.spawn(webhook_poster(client, url, rx, sink.closing.clone())));
+            let secret = std::env::var(webhook::SECRET_ENV)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(String::into_bytes);
+            workers.push(rt.spawn(webhook_poster(
+                client,
+                url,
+                secret,
+                rx,
+                sink.closing.clone(),
+            )));
             sink.webhook = Some(tx);
         }
         sink.workers = Mutex::new(workers);
@@ -757,11 +790,13 @@ async fn file_writer(
     }
 }
 
-/// POSTs each queued record, a few at a time, each with a deadline. No retries: the
-/// records file is the durable copy.
+/// POSTs each queued record, a few at a time, each with a deadline, signed as the outbox
+/// poster signs. No retries: with a JSON-lines file the file is the durable copy (a
+/// database `records.url` gets the retried outbox instead).
 async fn webhook_poster(
     client: reqwest::Client,
     url: Url,
+    secret: Option<Vec<u8>>,
     rx: mpsc::Receiver<Bytes>,
     closing: CancellationToken,
 ) {
@@ -772,10 +807,17 @@ async fn webhook_poster(
     });
     queue
         .for_each_concurrent(WEBHOOK_CONCURRENCY, |body| {
-            let req = client
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut req = client
                 .post(url.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body);
+                .header("X-Sifucall-Timestamp", ts.to_string());
+            if let Some(key) = &secret {
+                req = req.header("X-Sifucall-Signature", webhook::signature(key, ts, &body));
+            }
+            let req = req.body(body);
             let host = host.as_str();
             async move {
                 match req.send().await {
@@ -786,7 +828,8 @@ async fn webhook_poster(
                     Err(e) => {
                         // Without the URL: it may carry a token.
                         let e = e.without_url();
-                        tracing::warn!(webhook_host = host, error = %e, "call record webhook failed");
+                        let cause = webhook::error_chain(&e);
+                        tracing::warn!(webhook_host = host, error = %cause, "call record webhook failed");
                     }
                 }
             }

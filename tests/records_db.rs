@@ -347,11 +347,14 @@ async fn calls_left_open_by_a_crash_are_closed_as_interrupted_with_their_turns()
     }
 }
 
+/// One delivery: the call id header, the timestamp, the signature and the body.
+type Delivery = (String, String, String, Bytes);
+
 /// The receiver: refuses (503) until `up`, then records each delivery.
 #[derive(Clone, Default)]
 struct Receiver {
     up: Arc<std::sync::atomic::AtomicBool>,
-    got: Arc<Mutex<Vec<(String, String, String, Bytes)>>>,
+    got: Arc<Mutex<Vec<Delivery>>>,
     refused: Arc<std::sync::atomic::AtomicU64>,
 }
 

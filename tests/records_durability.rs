@@ -458,12 +458,15 @@ async fn a_spool_that_cannot_be_written_loses_records_counted_and_logged_once() 
     d.stop().await;
 }
 
+/// One delivery: the call id header, the timestamp, the signature and the body.
+type Delivery = (String, String, String, Bytes);
+
 /// A webhook receiver that answers 503 until `up`, then records every delivery.
 #[derive(Clone, Default)]
 struct Receiver {
     up: Arc<std::sync::atomic::AtomicBool>,
     refused: Arc<std::sync::atomic::AtomicU64>,
-    got: Arc<Mutex<Vec<(String, String, String, Bytes)>>>,
+    got: Arc<Mutex<Vec<Delivery>>>,
 }
 
 async fn receiver() -> (String, Receiver) {

@@ -185,7 +185,7 @@ pub fn cost(p: &PricingSettings, rec: &CallRecord) -> CallCost {
         currency: p.currency.clone(),
         stt_audio_seconds,
         tts_characters: rec.tts_characters,
-        total_myr: (p.myr_rate > 0.0).then(|| total * p.myr_rate),
+        total_myr: (p.myr_rate > 0.0).then_some(total * p.myr_rate),
     }
 }
 

@@ -3,7 +3,7 @@
 //! the records path adds per call.
 //!
 //! Run: `cargo bench --bench records -- [--calls 200] [--turns 10] [--turn-ms 500]`
-//! (PostgreSQL from `SIFUCALL_TEST_POSTGRES`, e.g. after `scripts/test-postgres.sh start`).
+//! (PostgreSQL from `RECORDS_TEST_POSTGRES`, e.g. after `scripts/test-postgres.sh start`).
 //!
 //! Two runs per backend, in this process, through the daemon's own `Store` and `CallTap`:
 //! - burst: every call writes its start, `turns` turns (two transcript lines and the turn's
@@ -215,9 +215,9 @@ fn main() {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("sifucall-bench-records-{}", Uuid::new_v4()));
     let mut backends = vec![("sqlite", format!("sqlite://{}/calls.db", dir.display()))];
-    match std::env::var("SIFUCALL_TEST_POSTGRES") {
+    match std::env::var("RECORDS_TEST_POSTGRES") {
         Ok(u) if !u.is_empty() => backends.push(("postgres", u)),
-        _ => println!("postgres: skipped (SIFUCALL_TEST_POSTGRES not set)"),
+        _ => println!("postgres: skipped (RECORDS_TEST_POSTGRES not set)"),
     }
     println!(
         "{calls} concurrent calls, {turns} turns each ({} writes per call)",

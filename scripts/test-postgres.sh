@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts a throwaway PostgreSQL cluster for the records tests and prints the URL to export
-# as SIFUCALL_TEST_POSTGRES. Usage: eval "$(scripts/test-postgres.sh start DIR)"; later
+# as RECORDS_TEST_POSTGRES (not SIFUCALL_*: the daemon reads those as configuration keys and
+# would refuse an unknown one). Usage: eval "$(scripts/test-postgres.sh start DIR)"; later
 # scripts/test-postgres.sh stop DIR. PostgreSQL refuses to run as root, so as root the
 # cluster belongs to the `postgres` user (Debian's package creates it).
 set -euo pipefail
@@ -27,8 +28,8 @@ case "$cmd" in
     as_owner "$bin/psql" -h 127.0.0.1 -p "$port" -U postgres -qAt \
       -c "SELECT 1 FROM pg_database WHERE datname = 'sifucall_test'" | grep -q 1 \
       || as_owner "$bin/createdb" -h 127.0.0.1 -p "$port" -U postgres sifucall_test
-    echo "export SIFUCALL_TEST_POSTGRES=postgres://postgres@127.0.0.1:$port/sifucall_test"
-    echo "export SIFUCALL_TEST_POSTGRES_DIR=$dir"
+    echo "export RECORDS_TEST_POSTGRES=postgres://postgres@127.0.0.1:$port/sifucall_test"
+    echo "export RECORDS_TEST_POSTGRES_DIR=$dir"
     ;;
   stop)
     as_owner "$bin/pg_ctl" -D "$dir" -m fast -w stop >/dev/null || true

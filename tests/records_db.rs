@@ -1,5 +1,5 @@
 //! The records database against a real SQLite file and a real PostgreSQL (the cluster
-//! `.ci/run` starts, named by `SIFUCALL_TEST_POSTGRES`; without it, locally, the PostgreSQL
+//! `.ci/run` starts, named by `RECORDS_TEST_POSTGRES`; without it, locally, the PostgreSQL
 //! half says it was skipped; in CI a missing PostgreSQL is a failure).
 
 use std::sync::{Arc, Mutex};
@@ -19,14 +19,14 @@ use sifucall::ops::records::{
 use uuid::Uuid;
 
 fn postgres_url() -> Option<String> {
-    match std::env::var("SIFUCALL_TEST_POSTGRES") {
+    match std::env::var("RECORDS_TEST_POSTGRES") {
         Ok(u) if !u.is_empty() => Some(u),
         _ => {
             assert!(
                 std::env::var_os("CI").is_none(),
-                "CI must run the records tests against PostgreSQL: SIFUCALL_TEST_POSTGRES is not set"
+                "CI must run the records tests against PostgreSQL: RECORDS_TEST_POSTGRES is not set"
             );
-            eprintln!("SKIPPED the PostgreSQL half: SIFUCALL_TEST_POSTGRES is not set");
+            eprintln!("SKIPPED the PostgreSQL half: RECORDS_TEST_POSTGRES is not set");
             None
         }
     }

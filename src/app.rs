@@ -378,7 +378,7 @@ fn admin_limits(settings: &Settings) -> AdminLimits {
 }
 
 /// Settings that only take effect at startup: a reload that changes them says so.
-const RESTART_ONLY: [&str; 7] = [
+const RESTART_ONLY: &[&str] = &[
     "audiosocket.listen",
     "admin.listen",
     "admin.header_timeout_ms",
@@ -386,6 +386,22 @@ const RESTART_ONLY: [&str; 7] = [
     "log.format",
     "records.url",
     "webhook.url",
+    // The records sink, its webhook poster and the cost are built once at startup.
+    "records.node_id",
+    "records.retention_days",
+    "records.spool_dir",
+    "records.spool_max_mb",
+    "records.queue",
+    "records.recordings_dir",
+    "records.record_all",
+    "webhook.backoff_initial_ms",
+    "webhook.backoff_max_ms",
+    "webhook.timeout_ms",
+    "pricing.currency",
+    "pricing.stt_per_hour",
+    "pricing.tts_per_1k_chars",
+    "pricing.llm_per_million_tokens",
+    "pricing.myr_rate",
 ];
 
 async fn reload_loop(

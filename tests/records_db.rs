@@ -580,3 +580,77 @@ async fn a_database_that_refuses_writes_spools_them_and_a_full_spool_counts_the_
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
     replayed.close(Duration::from_secs(10)).await;
 }
+
+#[tokio::test]
+async fn the_sqlite_file_is_created_with_its_directory_and_not_world_readable() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = temp_dir("mode").join("deeper/still");
+    let path = dir.join("calls.db");
+    let db = Db::open(
+        &DbUrl::parse(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .unwrap(),
+        1,
+    )
+    .await
+    .unwrap();
+    // Migrated: the tables answer.
+    assert!(
+        query::list_calls(&db, &CallFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o007, 0, "{mode:o}");
+    db.close().await;
+    // A second open (a restart) migrates nothing twice.
+    let again = Db::open(
+        &DbUrl::parse(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .unwrap(),
+        1,
+    )
+    .await
+    .unwrap();
+    again.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_calls_with_their_events_and_recordings() {
+    use sifucall::ops::records::store::apply_retention;
+    for (url, db) in databases("retention").await {
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::start(db.clone(), store_config("node-a", true), metrics)
+            .await
+            .unwrap();
+        let dir = temp_dir("recordings");
+        let old_file = dir.join("old.wav");
+        std::fs::write(&old_file, b"RIFF").unwrap();
+        let old_id = Uuid::new_v4();
+        let mut old = record(old_id, "node-a", CallOutcome::Completed);
+        old.started_at =
+            rfc3339_utc(std::time::SystemTime::now() - Duration::from_secs(40 * 86_400));
+        old.recording_path = Some(old_file.display().to_string());
+        let new_id = Uuid::new_v4();
+        store.send(Op::Finish(Box::new(old)));
+        store.send(Op::Finish(Box::new(record(
+            new_id,
+            "node-a",
+            CallOutcome::Completed,
+        ))));
+        wait_until("both calls written", || async {
+            query::list_calls(&db, &CallFilter::default())
+                .await
+                .unwrap()
+                .len()
+                == 2
+        })
+        .await;
+        assert_eq!(apply_retention(&db, 30).await.unwrap(), 1, "{url}");
+        assert!(query::call(&db, old_id).await.unwrap().is_none());
+        assert!(query::call(&db, new_id).await.unwrap().is_some());
+        assert!(!old_file.exists(), "the recording went with its call");
+        store.close(Duration::from_secs(10)).await;
+    }
+}

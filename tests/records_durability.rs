@@ -530,9 +530,13 @@ async fn webhook_down_across_a_restart_then_up_delivers_each_record_once_signed(
     let (hook, rx) = receiver().await;
     let dir = temp_dir("hook");
     let url = format!("sqlite://{}/calls.db", dir.display());
+    let recordings = dir.join("recordings");
     let cfg = config(
         &url,
-        "",
+        &format!(
+            "recordings_dir = \"{}\"\nrecord_all = true",
+            recordings.display()
+        ),
         &format!("url = \"{hook}\"\nbackoff_initial_ms = 50\nbackoff_max_ms = 200"),
     );
     let mut env = fakes.env_overrides();
@@ -606,6 +610,15 @@ async fn webhook_down_across_a_restart_then_up_delivers_each_record_once_signed(
             &format!("v1={}", hmac_sha256_hex(SECRET.as_bytes(), &msg))
         );
         assert!(rec.cost.is_some(), "the record carries its cost");
+        // The call was recorded: a stereo WAV under recordings_dir, named in the record.
+        let path = PathBuf::from(rec.recording_path.as_deref().expect("a recording"));
+        assert!(path.starts_with(&recordings), "{path:?}");
+        let wav = std::fs::read(&path).unwrap();
+        assert!(
+            wav.len() > 44 + 8_000 * 4,
+            "a second or more of stereo audio"
+        );
+        assert_eq!(u16::from_le_bytes([wav[22], wav[23]]), 2, "two channels");
         seen.push(rec.call_id);
     }
     seen.sort();

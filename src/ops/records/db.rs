@@ -143,6 +143,18 @@ impl Db {
                     .connect_with(opts)
                     .await
                     .map_err(|e| RecordsError::db("open the SQLite database", e))?;
+                // Records hold what callers said: not world-readable (SQLite gives its -wal
+                // and -shm files the database file's mode).
+                use std::os::unix::fs::PermissionsExt as _;
+                if let Ok(meta) = std::fs::metadata(path) {
+                    let mode = meta.permissions().mode();
+                    if mode & 0o007 != 0 {
+                        let _ = std::fs::set_permissions(
+                            path,
+                            std::fs::Permissions::from_mode(mode & !0o007),
+                        );
+                    }
+                }
                 Self::Sqlite(pool)
             }
             DbUrl::Postgres(s) => {

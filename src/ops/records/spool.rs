@@ -114,7 +114,13 @@ impl Spool {
         let tmp = self.dir.join(format!("{name}.tmp"));
         let path = self.dir.join(format!("{name}.jsonl"));
         let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o640)
+                .open(&tmp)?;
             f.write_all(&text)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)

@@ -110,6 +110,20 @@ pub fn start(
         );
     }
     Ok(tokio::spawn(async move {
+        // Rows this node had claimed when it stopped (killed mid-delivery) are free again
+        // at once, rather than when their lease runs out.
+        let released = with_pool!(&db, pool => {
+            sqlx::query(
+                "UPDATE webhook_outbox SET claimed_until_ms = NULL \
+                 WHERE claimed_by = $1 AND delivered_at_ms IS NULL",
+            )
+            .bind(&cfg.node_id)
+            .execute(pool)
+            .await
+        });
+        if let Err(e) = released {
+            tracing::debug!(error = %e, "cannot release this node's webhook claims yet");
+        }
         loop {
             let next = match round(&db, &client, &cfg, &metrics).await {
                 Ok(next) => next,

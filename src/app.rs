@@ -122,6 +122,7 @@ pub async fn behaviour(
             }
             let cfg = AgentConfig {
                 language: a.language.clone(),
+                languages: a.languages.clone(),
                 system_prompt: a.system_prompt.clone(),
                 prompts: texts,
                 segmentation_silence_ms: settings.stt.segmentation_silence_ms,

@@ -105,6 +105,39 @@ pub struct AgentConfig {
     pub backchannels: Vec<String>,
     /// After an interruption with no words, resume this long after the caller stopped.
     pub resume_after: Duration,
+    /// Candidate locales (`[agent] languages`): with two or more, the recogniser identifies
+    /// the language of every phrase among them, the model is told it, and the reply is
+    /// synthesized with its language code. Fewer: recognition in `language` only.
+    pub languages: Vec<String>,
+}
+
+impl AgentConfig {
+    /// Whether the caller's language is identified turn by turn.
+    pub fn identifies_language(&self) -> bool {
+        self.languages.len() >= 2
+    }
+}
+
+/// Appended to the system prompt when the caller's language is identified: every caller
+/// message then starts with its language as a tag (see [`tag_language`]).
+pub const LANGUAGE_TAG_NOTE: &str = "Each caller message starts with the language the caller \
+     spoke, as a tag such as [en-US]. Reply in that language. Never write such a tag yourself.";
+
+/// A caller message as the model sees it with language identification on: `[en-US] text`.
+pub fn tag_language(language: Option<&str>, text: &str) -> String {
+    match language {
+        Some(l) => format!("[{l}] {text}"),
+        None => text.to_owned(),
+    }
+}
+
+/// The ISO 639-1 code TTS wants for a BCP-47 locale: its primary subtag, `ms` for `ms-MY`.
+pub fn language_code(locale: &str) -> String {
+    locale
+        .split('-')
+        .next()
+        .unwrap_or(locale)
+        .to_ascii_lowercase()
 }
 
 /// Lower case, letters and digits only, single spaces: how transcripts are compared.
@@ -268,6 +301,11 @@ pub struct AgentReport {
     pub tts_characters: u64,
     /// Caller audio streamed to the recogniser, in samples at the call's rate.
     pub stt_samples: u64,
+    /// With language identification on, the language the caller spoke in each turn, index
+    /// for index with `turns` (`None`: not known yet, e.g. keypad digits before any speech).
+    /// Empty for calls in one language.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub turn_languages: Vec<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,6 +373,8 @@ struct Reply {
     /// Estimated prompt tokens, and characters streamed, for the waste count.
     prompt_tokens: u64,
     text_chars: u64,
+    /// The caller's language the model was told and the reply is synthesized in.
+    language: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -370,6 +410,11 @@ struct Agent {
     /// The normalised hypothesis a reply was last started on (not again for the same).
     speculated: Option<String>,
     paused: Option<Paused>,
+    /// The language of the caller's last phrase, with language identification on.
+    caller_language: Option<String>,
+    /// What the model is told first: the configured prompt, plus [`LANGUAGE_TAG_NOTE`] with
+    /// language identification on.
+    system_prompt: String,
 }
 
 #[derive(Debug, Default)]
@@ -552,6 +597,10 @@ impl CallMachine {
     pub fn report(&self) -> Option<AgentReport> {
         matches!(self.mode, Mode::Agent(_)).then(|| {
             let mut r = self.report.clone();
+            if r.turn_languages.len() == r.turns.len() {
+                let mut kept = r.turns.iter().map(|t| t.stt_final_ms.is_some());
+                r.turn_languages.retain(|_| kept.next().unwrap_or_default());
+            }
             r.turns.retain(|t| t.stt_final_ms.is_some());
             r
         })
@@ -704,6 +753,12 @@ impl CallMachine {
             hypothesis: None,
             speculated: None,
             paused: None,
+            caller_language: None,
+            system_prompt: if cfg.identifies_language() {
+                format!("{}\n\n{LANGUAGE_TAG_NOTE}", cfg.system_prompt.trim_end())
+            } else {
+                cfg.system_prompt.clone()
+            },
             cfg: Arc::clone(&cfg),
         });
         if greeting {
@@ -716,6 +771,11 @@ impl CallMachine {
     fn stt_params(&self, cfg: &AgentConfig, rate: SampleRate) -> SttParams {
         SttParams {
             language: cfg.language.clone(),
+            languages: if cfg.identifies_language() {
+                cfg.languages.clone()
+            } else {
+                Vec::new()
+            },
             sample_rate: rate.hz(),
             segmentation_silence_ms: cfg.segmentation_silence_ms,
             call_id: self.call_id.to_string(),
@@ -865,11 +925,11 @@ impl CallMachine {
             }
             SttEvent::Reconnected => info!("speech-to-text reconnected"),
             SttEvent::Failed(e) => self.on_stt_down(&e, now),
-            SttEvent::Final { text, .. } => self.on_final(text.trim(), now),
+            SttEvent::Final { text, language, .. } => self.on_final(text.trim(), language, now),
         }
     }
 
-    fn on_final(&mut self, text: &str, now: Instant) {
+    fn on_final(&mut self, text: &str, language: Option<String>, now: Instant) {
         let Some(a) = self.agent.as_mut() else {
             return;
         };
@@ -902,10 +962,16 @@ impl CallMachine {
             self.note_caller(text, now);
             return;
         }
+        if let Some(a) = self.agent.as_mut() {
+            if a.cfg.identifies_language() && language.is_some() {
+                a.caller_language = language;
+            }
+        }
         if self.confirm_speculation(&words, text, now) {
             return;
         }
-        info!(%text, "caller said");
+        let language = self.agent.as_ref().and_then(|a| a.caller_language.clone());
+        info!(%text, language = language.as_deref().unwrap_or_default(), "caller said");
         let Some(a) = self.agent.as_ref() else {
             return;
         };
@@ -1004,11 +1070,22 @@ impl CallMachine {
                 self.abandon_speculation("the final differs from the hypothesis");
                 return false;
             }
+            // Started before the phrase's language was known: the model was told, and TTS
+            // set to, the previous one.
+            Some(_) if r.language != a.caller_language => {
+                self.abandon_speculation("the caller switched language");
+                return false;
+            }
             Some(_) => {}
         }
         info!(%text, "caller said (the reply started on the hypothesis goes on)");
         r.speculative = None;
-        a.history.set_text(r.user_entry, text);
+        let tagged = if a.cfg.identifies_language() {
+            tag_language(r.language.as_deref(), text)
+        } else {
+            text.to_owned()
+        };
+        a.history.set_text(r.user_entry, &tagged);
         r.user_text = text.to_owned();
         let (u, turn, done, end_call) = (r.utterance, r.turn, r.done, r.end_call);
         let held = std::mem::take(&mut r.held);
@@ -1172,8 +1249,14 @@ impl CallMachine {
             return;
         };
         let cfg = Arc::clone(&a.cfg);
-        let user_entry = a.history.push(Speaker::Caller, text.clone());
-        let messages = a.history.for_model(&cfg.system_prompt, cfg.history);
+        let language = a.caller_language.clone();
+        let user_entry = if cfg.identifies_language() {
+            a.history
+                .push(Speaker::Caller, tag_language(language.as_deref(), &text))
+        } else {
+            a.history.push(Speaker::Caller, text.clone())
+        };
+        let messages = a.history.for_model(&a.system_prompt, cfg.history);
         let prompt_tokens = messages
             .iter()
             .map(|m| estimate_tokens(&m.content) as u64)
@@ -1200,6 +1283,9 @@ impl CallMachine {
             stt_final_ms,
             ..TurnTiming::default()
         });
+        if cfg.identifies_language() {
+            self.report.turn_languages.push(language.clone());
+        }
         a.reply = Some(Reply {
             id,
             utterance,
@@ -1217,6 +1303,7 @@ impl CallMachine {
             held: Vec::new(),
             prompt_tokens,
             text_chars: 0,
+            language: language.clone(),
         });
         let rate = self.rate.map_or(8_000, SampleRate::hz);
         self.effects.push_back(Effect::StartReply {
@@ -1229,6 +1316,8 @@ impl CallMachine {
             tts: TtsParams {
                 sample_rate: rate,
                 call_id: self.call_id.to_string(),
+                // The model is told to answer in the caller's language: speak it as that.
+                language_code: language.as_deref().map(language_code),
             },
             pipeline: cfg.pipeline,
         });

@@ -203,6 +203,7 @@ impl PromptCache {
             let params = TtsParams {
                 sample_rate: rate,
                 call_id: format!("prompt-{kind:?}"),
+                language_code: None,
             };
             let result = tokio::time::timeout(
                 SYNTH_TIMEOUT,

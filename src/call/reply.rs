@@ -85,6 +85,74 @@ pub async fn run(
 
 type Failure = (Provider, String);
 
+/// Drops a language tag (`[en-US] `) the model may copy from the caller's tagged messages to
+/// the start of its reply, so TTS never reads it out. Text is held only while the reply's
+/// first characters could still be such a tag (at most [`LeadingTag::MAX`] characters).
+#[derive(Debug, Default)]
+struct LeadingTag {
+    held: String,
+    decided: bool,
+    /// A tag was dropped: the whitespace after it goes too.
+    after_tag: bool,
+}
+
+impl LeadingTag {
+    /// Longest tag looked for, brackets included (`[zh-Hans-CN]` is 12).
+    const MAX: usize = 16;
+
+    /// The text to pass on now.
+    fn push(&mut self, text: &str) -> Option<String> {
+        if self.after_tag {
+            let text = text.trim_start();
+            self.after_tag = text.is_empty();
+            return (!text.is_empty()).then(|| text.to_owned());
+        }
+        if self.decided {
+            return Some(text.to_owned());
+        }
+        self.held.push_str(text);
+        let start = self.held.trim_start();
+        if start.is_empty() {
+            return None;
+        }
+        if !start.starts_with('[') {
+            return self.release();
+        }
+        match start.find(']') {
+            Some(end) if is_locale(&start[1..end]) => {
+                let rest = start[end + 1..].trim_start().to_owned();
+                self.decided = true;
+                self.after_tag = rest.is_empty();
+                self.held.clear();
+                (!rest.is_empty()).then_some(rest)
+            }
+            Some(_) => self.release(),
+            None if start.chars().count() > Self::MAX => self.release(),
+            None => None,
+        }
+    }
+
+    /// What is still held at the end of the reply.
+    fn finish(&mut self) -> Option<String> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Option<String> {
+        self.decided = true;
+        let held = std::mem::take(&mut self.held);
+        (!held.is_empty()).then_some(held)
+    }
+}
+
+/// `ms-MY`, `en-US`, `zh-Hans-CN`: letters, digits and hyphens, starting with 2-3 letters.
+fn is_locale(s: &str) -> bool {
+    let primary = s.split('-').next().unwrap_or_default();
+    (2..=3).contains(&primary.len())
+        && primary.chars().all(|c| c.is_ascii_alphabetic())
+        && s.len() <= LeadingTag::MAX
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
 async fn send(tx: &Sink, id: ReplyId, ev: ReplyEvent) {
     let _ = tx.send((id, ev)).await;
 }
@@ -132,6 +200,7 @@ async fn streamed(
     tx: &Sink,
 ) -> Result<(), Failure> {
     let mut splitter = ClauseSplitter::default();
+    let mut tag = LeadingTag::default();
     let mut first_token = false;
     let mut sent_text = false;
     let mut llm_done = false;
@@ -141,7 +210,10 @@ async fn streamed(
             ev = llm.next(), if !llm_done => match ev {
                 Some(Ok(LlmEvent::Done { .. })) | None => {
                     llm_done = true;
-                    if let Some(rest) = splitter.finish() {
+                    let held = tag.finish();
+                    let mut clauses = held.map(|h| splitter.push(&h)).unwrap_or_default();
+                    clauses.extend(splitter.finish());
+                    for rest in clauses {
                         sent_text = true;
                         send(tx, id, ReplyEvent::Text(rest.clone())).await;
                         let _ = tts.text.send(TtsInput::Text(rest)).await;
@@ -153,7 +225,8 @@ async fn streamed(
                     }
                 }
                 Some(Ok(ev)) => {
-                    if let Some(text) = model_event(id, ev, &mut first_token, tx).await {
+                    let text = model_event(id, ev, &mut first_token, tx).await;
+                    if let Some(text) = text.and_then(|t| tag.push(&t)) {
                         for clause in splitter.push(&text) {
                             sent_text = true;
                             send(tx, id, ReplyEvent::Text(clause.clone())).await;
@@ -204,6 +277,11 @@ async fn sequential(
             Err(e) => return Err((Provider::Llm, e.to_string())),
         }
     }
+    let mut tag = LeadingTag::default();
+    let text: String = [tag.push(&text), tag.finish()]
+        .into_iter()
+        .flatten()
+        .collect();
     let text = text.trim().to_owned();
     if text.is_empty() {
         return Ok(());
@@ -231,4 +309,38 @@ async fn sequential(
         send(tx, id, ReplyEvent::Audio(audio)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What passes `LeadingTag` for `chunks`, streamed one after another.
+    fn passed(chunks: &[&str]) -> String {
+        let mut tag = LeadingTag::default();
+        let mut out: String = chunks.iter().filter_map(|c| tag.push(c)).collect();
+        out.extend(tag.finish());
+        out
+    }
+
+    #[test]
+    fn a_copied_language_tag_is_never_spoken() {
+        assert_eq!(passed(&["[en-US] The premium plan."]), "The premium plan.");
+        assert_eq!(
+            passed(&["[", "ms", "-MY", "]", " Harga", " RM99."]),
+            "Harga RM99."
+        );
+        assert_eq!(passed(&[" [zh-Hans-CN]", "你好"]), "你好");
+        // Only at the very start, and only a locale.
+        assert_eq!(passed(&["Ya. [en-US] ok"]), "Ya. [en-US] ok");
+        assert_eq!(passed(&["[nota] Baik."]), "[nota] Baik.");
+        assert_eq!(passed(&["[1] Baik."]), "[1] Baik.");
+        assert_eq!(
+            passed(&["[tidak ditutup lagi panjang sekali"]),
+            "[tidak ditutup lagi panjang sekali"
+        );
+        assert_eq!(passed(&["[en"]), "[en");
+        assert_eq!(passed(&["Baik", ", terima kasih."]), "Baik, terima kasih.");
+        assert_eq!(passed(&["[en-US]"]), "");
+    }
 }

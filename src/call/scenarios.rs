@@ -18,6 +18,7 @@ use crate::ops::metrics::{Metrics, Provider};
 use crate::ops::records::Role;
 use crate::providers::llm::ChatRequest;
 use crate::providers::stt::SttEvent;
+use crate::providers::tts::TtsParams;
 
 const MS: Duration = Duration::from_millis(1);
 /// Agent audio values: each utterance kind is a constant-ish tone whose sample magnitude
@@ -69,6 +70,7 @@ pub(super) fn config() -> AgentConfig {
         speculative_max: 20,
         backchannels: vec!["ya".into(), "ok".into(), "hmm".into(), "mm".into()],
         resume_after: Duration::from_millis(1200),
+        languages: Vec::new(),
     }
 }
 
@@ -89,6 +91,8 @@ struct Sim {
     hangup: Option<Instant>,
     /// Answer StartStt with SttUp at once.
     stt_auto_up: bool,
+    /// The synthesis settings of each reply started, in order.
+    tts: Vec<TtsParams>,
 }
 
 impl Sim {
@@ -116,6 +120,7 @@ impl Sim {
             stt_audio: 0,
             hangup: None,
             stt_auto_up: true,
+            tts: Vec::new(),
         }
     }
 
@@ -138,8 +143,11 @@ impl Sim {
                     }
                 }
                 Effect::SttAudio(_) => self.stt_audio += 1,
-                Effect::StartReply { id, request, .. } => {
+                Effect::StartReply {
+                    id, request, tts, ..
+                } => {
                     self.replies.push((self.now, id, request));
+                    self.tts.push(tts);
                 }
                 Effect::CancelReply(id) => self.cancelled.push(id),
                 Effect::Prompt(kind) => {
@@ -228,6 +236,7 @@ impl Sim {
                 text: text.into(),
                 offset_ms: 0,
                 duration_ms: 0,
+                language: None,
             }),
         );
     }
@@ -1043,4 +1052,149 @@ fn a_question_asked_twice_word_for_word_is_speculated_on_both_times() {
         t = sim.silence(t, 2500);
         assert_eq!(sim.m.report().unwrap().speculative.used, round);
     }
+}
+
+/// A final in the language the recogniser identified.
+fn final_in(sim: &mut Sim, t: Instant, text: &str, language: &str) {
+    sim.input(
+        t,
+        Input::Stt(SttEvent::Final {
+            text: text.into(),
+            offset_ms: 0,
+            duration_ms: 0,
+            language: Some(language.into()),
+        }),
+    );
+}
+
+fn user_texts(request: &ChatRequest) -> Vec<&str> {
+    request
+        .messages
+        .iter()
+        .filter(|m| m.role == "user")
+        .map(|m| m.content.as_str())
+        .collect()
+}
+
+#[test]
+fn each_turn_is_answered_in_the_language_the_caller_used() {
+    let mut cfg = config();
+    cfg.languages = vec!["ms-MY".into(), "en-US".into()];
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    // Keypad digits before any speech: the language is not known yet (TTS default).
+    sim.dtmf(t, b'1');
+    let t = t + 100 * MS;
+    sim.dtmf(t, b'#');
+    let r = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r, "Baik.", 500, false);
+    let t = sim.silence(t, 1000);
+    let voiced = speech();
+    for (text, language) in [("Berapa harga?", "ms-MY"), ("How much is it?", "en-US")] {
+        let t2 = sim.caller(t, &voiced[..6400]);
+        let t2 = sim.silence(t2, 460);
+        final_in(&mut sim, t2, text, language);
+        let r = sim.last_reply();
+        sim.full_reply(t2 + 300 * MS, r, "Jawapan.", 500, false);
+        sim.silence(t2, 1500);
+    }
+    // Words the recogniser could not place keep the caller's last language.
+    let t = sim.caller(sim.now, &voiced[..6400]);
+    let t = sim.silence(t, 460);
+    sim.final_(t, "Okay then.");
+    let codes: Vec<Option<&str>> = sim.tts.iter().map(|p| p.language_code.as_deref()).collect();
+    assert_eq!(codes, [None, Some("ms"), Some("en"), Some("en")]);
+    let last = &sim.replies.last().unwrap().2;
+    let users = user_texts(last);
+    assert_eq!(
+        users[1..],
+        [
+            "[ms-MY] Berapa harga?",
+            "[en-US] How much is it?",
+            "[en-US] Okay then."
+        ]
+    );
+    assert!(
+        users[0].starts_with("(Pemanggil menekan"),
+        "untagged: {users:?}"
+    );
+    assert!(
+        last.messages[0]
+            .content
+            .ends_with(super::machine::LANGUAGE_TAG_NOTE),
+        "{}",
+        last.messages[0].content
+    );
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        report.turn_languages,
+        [
+            None,
+            Some("ms-MY".into()),
+            Some("en-US".into()),
+            Some("en-US".into())
+        ]
+    );
+}
+
+#[test]
+fn a_speculative_reply_is_dropped_when_the_caller_switched_language() {
+    let mut cfg = config();
+    cfg.languages = vec!["ms-MY".into(), "en-US".into()];
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    // A Malay turn first.
+    let t = sim.caller(t, &voiced[..6400]);
+    let t = sim.silence(t, 460);
+    final_in(&mut sim, t, "Berapa harga?", "ms-MY");
+    let r = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r, "RM99.", 500, false);
+    let t = sim.silence(t, 1500);
+    // Then English: the reply starts on the hypothesis, still in Malay as far as it knows.
+    let t = sim.caller(t, &voiced[..6400]);
+    hypothesis(&mut sim, t, "How much is it");
+    let t = sim.silence(t, 320);
+    assert_eq!(sim.replies.len(), 2, "speculated");
+    let spec = sim.last_reply();
+    assert_eq!(sim.tts[1].language_code.as_deref(), Some("ms"));
+    let t = sim.silence(t, 160);
+    final_in(&mut sim, t, "How much is it?", "en-US");
+    assert_eq!(
+        sim.cancelled,
+        vec![spec],
+        "the same words, another language"
+    );
+    assert_eq!(sim.replies.len(), 3);
+    assert_eq!(sim.tts[2].language_code.as_deref(), Some("en"));
+    assert_eq!(
+        user_texts(&sim.replies[2].2),
+        ["[ms-MY] Berapa harga?", "[en-US] How much is it?"]
+    );
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        (report.speculative.started, report.speculative.wasted),
+        (1, 1)
+    );
+    assert_eq!(
+        report.turn_languages,
+        [Some("ms-MY".into()), Some("en-US".into())],
+        "the abandoned speculation leaves no turn"
+    );
+}
+
+#[test]
+fn without_candidate_languages_nothing_is_tagged() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..6400]);
+    let t = sim.silence(t, 460);
+    // Even if a recogniser said a language, one-language calls ignore it.
+    final_in(&mut sim, t, "How much is it?", "en-US");
+    assert_eq!(sim.tts[0].language_code, None);
+    assert_eq!(user_texts(&sim.replies[0].2), ["How much is it?"]);
+    assert_eq!(sim.replies[0].2.messages[0].content, config().system_prompt);
+    assert!(sim.m.report().unwrap().turn_languages.is_empty());
 }

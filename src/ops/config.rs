@@ -228,6 +228,9 @@ pub struct AgentSettings {
     pub mode: AgentMode,
     /// BCP-47 locale for STT.
     pub language: String,
+    /// Candidate locales for continuous language identification (two or more, `language`
+    /// among them); empty: recognition in `language` only.
+    pub languages: Vec<String>,
     /// First thing the agent says.
     pub greeting: String,
     /// The LLM's instructions.
@@ -1008,6 +1011,7 @@ impl Settings {
             .with_list_parse_key("audiosocket.allow")
             .with_list_parse_key("llm.fallback_models")
             .with_list_parse_key("agent.backchannels")
+            .with_list_parse_key("agent.languages")
             .try_parsing(true)
             .source(Some(vars));
         b = b.add_source(env_src);
@@ -1127,6 +1131,9 @@ impl Settings {
         let g = &self.agent;
         if let Err(why) = bcp47(&g.language) {
             p.bad("agent.language", why);
+        }
+        if let Err(why) = candidate_languages(&g.language, &g.languages) {
+            p.bad("agent.languages", why);
         }
         if g.apology.trim().is_empty() {
             p.bad(
@@ -1576,6 +1583,46 @@ fn suggest_level(word: &str) -> String {
         .find(|l| !w.is_empty() && (l.starts_with(w.as_str()) || w.starts_with(*l)))
         .map(|l| format!(" (did you mean {l:?}?)"))
         .unwrap_or_default()
+}
+
+/// `[agent] languages`: none, or `language` alone, or 2 to 10 tags (Azure's limit for
+/// continuous identification) with `language` among them and one locale per base language
+/// (identification tells languages apart, not accents).
+fn candidate_languages(language: &str, languages: &[String]) -> Result<(), String> {
+    for tag in languages {
+        bcp47(tag)?;
+    }
+    match languages {
+        [] => return Ok(()),
+        [one] if one == language => return Ok(()),
+        [one] => {
+            return Err(format!(
+                "a single entry must be agent.language ({language:?}), not {one:?}; list two or \
+                 more to identify the caller's language, or set agent.language"
+            ));
+        }
+        _ => {}
+    }
+    if languages.len() > 10 {
+        return Err(format!(
+            "{} languages; continuous language identification takes at most 10",
+            languages.len()
+        ));
+    }
+    if !languages.iter().any(|l| l == language) {
+        return Err(format!(
+            "must include agent.language ({language:?}): the language the call starts in"
+        ));
+    }
+    let base = |l: &str| l.split('-').next().unwrap_or(l).to_ascii_lowercase();
+    for (i, a) in languages.iter().enumerate() {
+        if let Some(b) = languages[..i].iter().find(|b| base(b) == base(a)) {
+            return Err(format!(
+                "{b:?} and {a:?} are the same language; list one locale per language"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A BCP-47 language tag of the shape Azure expects: `ms-MY`, `en-US`, `zh-Hans-CN`,
@@ -2278,6 +2325,44 @@ mod tests {
         ] {
             assert!(bcp47(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn candidate_language_lists() {
+        let l = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        for ok in [
+            l(&[]),
+            l(&["ms-MY"]),
+            l(&["ms-MY", "en-US"]),
+            l(&["en-US", "ms-MY", "zh-CN", "ta-IN"]),
+        ] {
+            assert!(candidate_languages("ms-MY", &ok).is_ok(), "{ok:?}");
+        }
+        for (bad, says) in [
+            (l(&["en-US"]), "single entry"),
+            (l(&["en-US", "zh-CN"]), "must include agent.language"),
+            (l(&["ms-MY", "en-US", "en-GB"]), "same language"),
+            (l(&["ms-MY", "en_US"]), "BCP-47"),
+            (
+                l(&[
+                    "ms-MY", "en-US", "zh-CN", "ta-IN", "hi-IN", "th-TH", "id-ID", "vi-VN",
+                    "ja-JP", "ko-KR", "fr-FR",
+                ]),
+                "at most 10",
+            ),
+        ] {
+            let e = candidate_languages("ms-MY", &bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        // From the environment, as a list, and checked with the rest.
+        let s = with_env(&[("SIFUCALL_AGENT__LANGUAGES", "ms-MY,en-US")]).unwrap();
+        assert_eq!(s.agent.languages, ["ms-MY", "en-US"]);
+        assert!(Settings::defaults().agent.languages.is_empty());
+        let e = err_with_env(&[("SIFUCALL_AGENT__LANGUAGES", "en-US,zh-CN")]);
+        assert!(
+            e.contains("agent.languages") && e.contains("SIFUCALL_AGENT__LANGUAGES"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub fn start(
             .bind(&cfg.node_id)
             .execute(pool)
             .await
+            .map(|_| ())
         });
         if let Err(e) = released {
             tracing::debug!(error = %e, "cannot release this node's webhook claims yet");

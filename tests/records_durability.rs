@@ -273,6 +273,8 @@ async fn sigkill_with_calls_up_leaves_them_interrupted_with_their_turns() {
         "the restart says what it closed"
     );
     d2.stop().await;
+    db.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A private PostgreSQL cluster, stopped and started by the test.
@@ -413,6 +415,7 @@ async fn database_down_during_calls_the_calls_go_on_and_records_arrive_when_back
     assert_eq!(d.count("refused a write"), 1, "the outage is logged once");
     db.close().await;
     d.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,6 +459,7 @@ async fn a_spool_that_cannot_be_written_loses_records_counted_and_logged_once() 
     .await;
     assert_eq!(d.count("call records lost"), 1, "logged once");
     d.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// One delivery: the call id header, the timestamp, the signature and the body.
@@ -624,4 +628,6 @@ async fn webhook_down_across_a_restart_then_up_delivers_each_record_once_signed(
     seen.sort();
     ids.sort();
     assert_eq!(seen, ids);
+    db.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

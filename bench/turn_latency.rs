@@ -79,6 +79,8 @@ const RATE: u32 = 8_000;
 const STT_SPEECH_DBFS: f64 = -40.0;
 
 const SEGMENTATION_MS: u64 = 300;
+/// The fake STT recognises no phrase with less voice than this.
+const FAKE_STT_MIN_PHRASE_MS: u64 = 100;
 const STT_FINAL_MS: u64 = 150;
 const LLM_TTFT_MS: u64 = 300;
 const TOKENS_PER_SEC: f64 = 50.0;
@@ -255,6 +257,8 @@ fn reply_mark(text: &str) -> Option<usize> {
 fn sandbox_config(marked: bool, revise_every: usize) -> SandboxConfig {
     let mut c = SandboxConfig::default();
     c.azure.revise_every = revise_every;
+    // As the real service, no words from a peak of line noise (`--noise-dbfs`).
+    c.azure.min_phrase_voiced_ms = FAKE_STT_MIN_PHRASE_MS;
     c.azure.transcripts = vec![QUESTION_TEXT.into()];
     if marked {
         c.azure.transcripts = (0..VARIANTS).map(marked_transcript).collect();

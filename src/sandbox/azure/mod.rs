@@ -117,6 +117,10 @@ pub struct FakeAzureConfig {
     /// the recogniser has not committed to a word when the caller pauses. A reply started on
     /// such a hypothesis is wasted.
     pub revise_every: usize,
+    /// Voiced audio (20 ms blocks above the speech level) a phrase needs before it is
+    /// recognised: shorter bursts (a click, a peak of line noise) get no hypothesis and no
+    /// final, as the real service does not transcribe noise. 0: any voiced block is a phrase.
+    pub min_phrase_voiced_ms: u64,
     /// Fault injection.
     pub fault: AzureFault,
     /// The `RecognitionStatus` of each detected phrase, in order across the fake's life
@@ -152,6 +156,7 @@ impl Default for FakeAzureConfig {
             hypothesis_every_ms: 200,
             complete_hypothesis_at_pause: true,
             revise_every: 0,
+            min_phrase_voiced_ms: 0,
             fault: AzureFault::None,
             phrase_statuses: Vec::new(),
             status_as_number: false,
@@ -522,6 +527,8 @@ struct Speech {
     last_voiced_at: std::time::Instant,
     next_hypothesis: u64,
     hypotheses: usize,
+    /// Voiced blocks so far.
+    voiced_blocks: u64,
     /// Decided at the first hypothesis.
     outcome: Option<Outcome>,
 }
@@ -948,6 +955,7 @@ impl Connection {
     fn on_block(&mut self, block: &[i16]) {
         let seg_ms = self.segmentation_ms;
         let hyp_ms = self.sh.cfg.hypothesis_every_ms;
+        let min_blocks = self.sh.cfg.min_phrase_voiced_ms.div_ceil(BLOCK_MS);
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
@@ -969,20 +977,23 @@ impl Connection {
                     last_voiced_at: std::time::Instant::now(),
                     next_hypothesis: start + hyp_ms * rate / 1000,
                     hypotheses: 0,
+                    voiced_blocks: 1,
                     outcome: None,
                 });
             }
             (Some(sp), true) => {
                 sp.last_voiced_end = end;
                 sp.last_voiced_at = std::time::Instant::now();
-                if hyp_ms > 0 && end >= sp.next_hypothesis {
+                sp.voiced_blocks += 1;
+                if hyp_ms > 0 && end >= sp.next_hypothesis && sp.voiced_blocks >= min_blocks {
                     sp.hypotheses += 1;
                     sp.next_hypothesis += hyp_ms * rate / 1000;
                     hypothesis = Some((sp.start, end - sp.start, sp.hypotheses));
                 }
             }
             (Some(sp), false) if end - sp.last_voiced_end >= seg_ms * rate / 1000 => {
-                ended = Some((
+                // Too little voice to be a phrase: noise, forgotten.
+                ended = (sp.voiced_blocks >= min_blocks).then_some((
                     sp.start,
                     sp.last_voiced_end - sp.start,
                     sp.last_voiced_at,
@@ -992,6 +1003,7 @@ impl Connection {
             }
             (Some(sp), false)
                 if hyp_ms > 0
+                    && sp.voiced_blocks >= min_blocks
                     && self.sh.cfg.complete_hypothesis_at_pause
                     && end - sp.last_voiced_end == block.len() as u64 =>
             {
@@ -1082,7 +1094,12 @@ impl Connection {
         let pos = turn.pos;
         let rid = turn.request_id.clone();
         let ticks = |samples: u64| wire::ticks(samples, rate);
-        if let Some(sp) = turn.speech.take() {
+        let min_blocks = self.sh.cfg.min_phrase_voiced_ms.div_ceil(BLOCK_MS);
+        if let Some(sp) = turn
+            .speech
+            .take()
+            .filter(|sp| sp.voiced_blocks >= min_blocks)
+        {
             self.queue_final(
                 ticks(sp.start),
                 ticks(sp.last_voiced_end - sp.start),
@@ -1438,6 +1455,39 @@ mod tests {
                 ("empat lima".to_owned(), "empat lima enam".to_owned()),
             ]
         );
+    }
+
+    /// Line noise peaks above the speech level now and then: too short to be a phrase.
+    #[tokio::test]
+    async fn bursts_shorter_than_a_phrase_are_not_recognised() {
+        let fake = FakeAzure::spawn(FakeAzureConfig {
+            min_phrase_voiced_ms: 100,
+            ..phrase_cfg()
+        })
+        .await
+        .unwrap();
+        let mut ws = open(&fake, PATHS[0], "&segmentationSilenceTimeoutMs=200").await;
+        let mut audio = tone_then_silence(40, 400);
+        audio.extend(tone_then_silence(400, 400));
+        send_all(
+            &mut ws,
+            vec![
+                config_frame(),
+                wav_header_frame(8000),
+                audio_frame(None, &audio),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (msgs, _) = read_all(&mut ws).await;
+        let phrases: Vec<&Said> = msgs
+            .iter()
+            .filter(|m| m.path == "speech.phrase" && m.body["RecognitionStatus"] == "Success")
+            .collect();
+        assert_eq!(phrases.len(), 1, "{msgs:?}");
+        // The phrase is the tone, 440 ms in.
+        assert_eq!(phrases[0].body["Offset"], 4_400_000);
+        assert_eq!(phrases[0].body["DisplayText"], "satu dua tiga");
     }
 
     async fn expect_close(fake: &FakeAzure, frames: Vec<WsMessage>) -> Option<u16> {

@@ -1184,7 +1184,7 @@ async fn run_all(
         }
     }
     println!(
-        "\n`speculative-revised`: the fake STT's final revises every {}th phrase's hypothesis (the hypothesis lacks the final's last word), so the reply started on it is thrown away and started again on the final. Wasted tokens are the daemon's estimate (prompt + text streamed before the cancel).",
+        "\nOnly the questions asked after the agent finished are timed here; a question spoken over the agent (barge-in) is not speculated on. `speculative-revised`: the fake STT's final revises the hypothesis of one phrase in {} (the hypothesis lacks the final's last word), so the reply started on it is thrown away and started again on the final. Wasted tokens are the daemon's estimate (prompt + text streamed before the cancel).",
         run.revise_every
     );
 

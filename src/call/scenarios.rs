@@ -786,6 +786,36 @@ fn the_agents_own_echo_over_line_noise_never_interrupts_it() {
     assert_eq!(sim.replies.len(), 2);
 }
 
+/// Azure's final can come before the VAD has timed out the caller's speech (a short
+/// segmentation silence, or line noise keeping the VAD's speech open a little longer). That
+/// speech has been answered: the echo of the reply, transcribed while the agent talks, is
+/// still echo and not the caller's next turn.
+#[test]
+fn a_final_before_the_vads_end_of_speech_does_not_let_the_echo_in() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..6400]);
+    // The final 100 ms after the last voiced frame: the VAD still holds the speech open.
+    let t = sim.silence(t, 100);
+    sim.final_(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        3000,
+        false,
+    );
+    let t = sim.silence(t, 1500);
+    // Azure transcribes the agent's echo; the VAD heard no caller voice.
+    sim.final_(t, "Pakej premium termasuk");
+    sim.silence(t, 3000);
+    assert_eq!(sim.replies.len(), 1, "the agent answered its own echo");
+    assert_eq!(sim.frames_of(2001), 150, "the reply is heard in full");
+    assert_eq!(sim.m.report().unwrap().barge_ins, 0);
+}
+
 #[test]
 fn an_interruption_without_words_resumes_the_sentence() {
     let mut sim = Sim::new(config());

@@ -1022,7 +1022,7 @@ impl Connection {
             let full = transcript(&self.sh.cfg.transcripts, idx);
             let every = self.sh.cfg.revise_every;
             let mut words: Vec<&str> = full.split_whitespace().collect();
-            if every > 0 && (idx + 1) % every == 0 {
+            if every > 0 && (idx + 1).is_multiple_of(every) {
                 words.pop();
             }
             words.truncate(n);

@@ -21,11 +21,14 @@ use crate::call::history::HistoryBudget;
 use crate::call::prompts::{PromptCache, PromptTexts};
 use crate::call::reply::Providers;
 use crate::call::turn::TurnConfig;
-use crate::call::{AgentConfig, AgentSetup, Behaviour, CallSummary, SessionConfig};
+use crate::call::{
+    AgentConfig, AgentProfiles, AgentSetup, Behaviour, CallSummary, ProfileSetup, SessionConfig,
+};
 use crate::ops::admin::{self, AdminLimits, AdminState, ReadyFlag};
 use crate::ops::config::{AgentMode, Settings};
 use crate::ops::logging::{self, LevelChange};
 use crate::ops::metrics::Metrics;
+use crate::ops::profiles::DEFAULT_PROFILE;
 use crate::ops::records::{CallRecord, RecordSink};
 use crate::ops::systemd;
 use crate::providers::llm::openrouter::OpenRouter;
@@ -56,11 +59,49 @@ pub enum StartError {
     /// Call records are misconfigured.
     #[error("{0}")]
     Records(String),
+    /// The configuration is unsafe to start with (e.g. `/calls` open beyond loopback).
+    #[error("configuration error: {0}")]
+    Config(String),
 }
 
-/// Builds the per-call behaviour from the settings. In AI mode this builds the provider
-/// clients, opens the LLM connection pool and starts caching the fixed phrases.
+/// Builds the per-call behaviour from the settings. In AI mode this builds every profile
+/// (the `default` one, `[agent]`, and each `[profiles.NAME]`) with [`profile_behaviour`],
+/// one after the other so that their phrase caching stays within `tts.max_concurrency`.
 pub async fn behaviour(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Behaviour, StartError> {
+    if settings.agent.mode == AgentMode::Echo {
+        return Ok(Behaviour::Echo);
+    }
+    let mut profiles = Vec::new();
+    for profile in crate::ops::profiles::all_profiles(settings) {
+        let view = profile.apply(settings);
+        let setup = match profile_behaviour(&view, metrics).await {
+            Ok(Behaviour::Agent(setup)) => setup,
+            Ok(other) => return Ok(other),
+            Err(StartError::Agent(e)) if profile.name != DEFAULT_PROFILE => {
+                return Err(StartError::Agent(format!("profile {}: {e}", profile.name)));
+            }
+            Err(e) => return Err(e),
+        };
+        info!(profile = %profile.name, "agent profile ready");
+        profiles.push(ProfileSetup::new(
+            profile.name,
+            setup,
+            &view.agent.time_zone,
+        ));
+    }
+    Ok(Behaviour::Profiles(Arc::new(AgentProfiles::new(
+        profiles,
+        settings.routing.clone(),
+    ))))
+}
+
+/// Builds one profile's behaviour from its settings (`[agent]`, `[llm]`, `[tts]` with the
+/// profile's keys over them). In AI mode this builds the provider clients, opens the LLM
+/// connection pool and starts caching the fixed phrases.
+pub async fn profile_behaviour(
     settings: &Settings,
     metrics: &Arc<Metrics>,
 ) -> Result<Behaviour, StartError> {
@@ -106,6 +147,8 @@ pub async fn behaviour(
                 apology: a.apology.clone(),
                 hold: a.hold_prompt.clone(),
                 still_there: a.still_there_prompt.clone(),
+                handover: a.handover_line.clone(),
+                filler: a.filler_phrase.clone(),
             };
             let prompts = Arc::new(
                 PromptCache::new(texts.clone(), Arc::clone(&tts))
@@ -120,8 +163,10 @@ pub async fn behaviour(
                     "prompts not cached within {PRELOAD_WAIT:?}; starting anyway, caching continues"
                 );
             }
+            let toolbox = tool_box(settings).await?;
             let cfg = AgentConfig {
                 language: a.language.clone(),
+                languages: a.languages.clone(),
                 system_prompt: a.system_prompt.clone(),
                 prompts: texts,
                 segmentation_silence_ms: settings.stt.segmentation_silence_ms,
@@ -151,11 +196,13 @@ pub async fn behaviour(
                     .filter(|b| !b.is_empty())
                     .collect(),
                 resume_after: Duration::from_millis(a.resume_after_ms),
+                tools: agent_tools(a, &toolbox),
             };
             let providers = Providers {
                 stt: Arc::new(stt),
                 llm: Arc::new(llm),
                 tts,
+                tools: Arc::new(toolbox),
             };
             let _ = metrics;
             Ok(Behaviour::Agent(Arc::new(AgentSetup {
@@ -164,6 +211,35 @@ pub async fn behaviour(
                 cfg: Arc::new(cfg),
             })))
         }
+    }
+}
+
+/// The declared tools, with their MCP servers' tool lists fetched (each within its
+/// timeout; a server that cannot be reached is logged and left out).
+pub async fn tool_box(settings: &Settings) -> Result<crate::call::tools::ToolBox, StartError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let mut toolbox = crate::call::tools::ToolBox::from_settings(settings, &env)
+        .map_err(|e| StartError::Agent(e.to_string()))?;
+    toolbox.discover().await;
+    Ok(toolbox)
+}
+
+/// What one agent may do besides talking, from its `[agent]` settings and the declared tools.
+pub fn agent_tools(
+    a: &crate::ops::config::AgentSettings,
+    toolbox: &crate::call::tools::ToolBox,
+) -> crate::call::tools::AgentTools {
+    let nonempty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    crate::call::tools::AgentTools {
+        transfer_targets: a.transfer_targets.clone(),
+        operator_digit: a.operator_digit.trim().chars().next(),
+        fallback_destination: nonempty(&a.fallback_destination),
+        max_provider_failures: u32::try_from(a.max_provider_failures).unwrap_or(u32::MAX),
+        defs: toolbox.defs_for(&a.tools),
+        max_rounds: u32::try_from(a.max_tool_rounds).unwrap_or(u32::MAX),
+        filler_after: Duration::from_millis(a.filler_after_ms),
+        pre_call_lookup: nonempty(&a.pre_call_lookup),
+        pre_call_deadline: Duration::from_millis(a.pre_call_deadline_ms),
     }
 }
 
@@ -267,22 +343,31 @@ pub async fn run_controlled(
             what: "admin.listen",
             source,
         })?;
+    if let Some(why) = settings.admin_needs_token() {
+        return Err(StartError::Config(why));
+    }
     let metrics = Arc::new(Metrics::new());
     let ready = ReadyFlag::new();
+    let pbx_stop = CancellationToken::new();
+    let registry = crate::pbx::http::CallRegistry::new();
+    let pbx = crate::pbx::build(&settings, Arc::clone(&registry), pbx_stop.clone());
     let records = Arc::new(
         RecordSink::new(&settings.records, &settings.webhook)
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
-    let server = Server::new(
-        server_config(&settings, behaviour),
-        Arc::clone(&metrics),
-        ready.clone(),
-    );
+    let mut config = server_config(&settings, behaviour);
+    config.session.control = Arc::new(pbx);
+    let server = Server::new(config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
     let admin_stop = CancellationToken::new();
-    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone());
+    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone()).with_calls(
+        crate::pbx::http::CallRoutes {
+            registry,
+            token: settings.secrets.admin_token.clone(),
+        },
+    );
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
     let admin_task = tokio::spawn(admin::serve_with(
         admin_listener,
@@ -355,6 +440,7 @@ pub async fn run_controlled(
         r.abort();
     }
     records.close(Duration::from_secs(5)).await;
+    pbx_stop.cancel();
     admin_stop.cancel();
     if let Ok(Err(e)) = admin_task.await {
         warn!(error = %e, "admin server error");
@@ -433,7 +519,9 @@ pub async fn apply_reload(
         .map_err(|e| format!("the new agent settings do not work: {e}"))?;
     let needs_restart: Vec<&String> = changed
         .iter()
-        .filter(|k| RESTART_ONLY.contains(&k.as_str()))
+        .filter(|k| {
+            RESTART_ONLY.contains(&k.as_str()) || k.starts_with("ami.") || *k == "admin.token_env"
+        })
         .collect();
     if !needs_restart.is_empty() {
         warn!(
@@ -448,7 +536,10 @@ pub async fn apply_reload(
         Ok(_) => {}
         Err(e) => return Err(e.to_string()),
     }
-    server.reconfigure(server_config(new, behaviour));
+    let mut next = server_config(new, behaviour);
+    // The side channel to the PBX is the daemon's, not the file's: it outlives reloads.
+    next.session.control = Arc::clone(&server.config().session.control);
+    server.reconfigure(next);
     info!(
         changed = ?changed,
         max_calls = new.audiosocket.max_calls,
@@ -513,5 +604,8 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         resumes: agent.resumes,
         speculative: agent.speculative,
         errors,
+        profile: s.profile,
+        tool_calls: agent.tool_calls,
+        outcome: s.outcome,
     })
 }

@@ -9,6 +9,8 @@
 //! - [`sandbox`]: fake providers speaking the same wire formats, for tests and the demo.
 //! - [`caller`]: a synthetic Asterisk that places calls, for operators, tests and benchmarks.
 //! - [`ops`]: configuration, logging, metrics, admin HTTP, systemd, call records.
+//! - [`pbx`]: the side channel to the PBX (AMI, or `CURL()` over the admin server): call
+//!   context before the call, the outcome for the dialplan after it.
 //!
 //! # Errors
 //! Library modules return `thiserror` enums; `anyhow` is only in `main`. Nothing that reads
@@ -23,6 +25,7 @@ pub mod call;
 pub mod caller;
 pub mod demo;
 pub mod ops;
+pub mod pbx;
 pub mod providers;
 pub mod sandbox;
 pub mod server;

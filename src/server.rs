@@ -429,12 +429,29 @@ async fn pending(
         Some(Ok(Some(Ok(Inbound::Uuid(call_id))))) => {
             if draining.is_cancelled() {
                 shared.refuse(peer, RefuseReason::Draining);
+                tell_refused(&cfg, call_id, "draining").await;
                 refuse(framed.into_inner()).await;
+                return;
+            }
+            // A warm transfer's whisper leg belongs to a call already counted: no slot.
+            if let Some(summary) = cfg.session.control.whisper(call_id) {
+                crate::pbx::whisper::serve_leg(
+                    framed,
+                    call_id,
+                    summary,
+                    cfg.session.behaviour.clone(),
+                    cancel_calls,
+                )
+                .await;
                 return;
             }
             let Some(call_slot) = shared.take(SlotKind::Call) else {
                 shared.refuse(peer, RefuseReason::OverCapacity);
-                tracker.spawn(refuse(framed.into_inner()));
+                let control = Arc::clone(&cfg.session.control);
+                tracker.spawn(async move {
+                    tell_refused_with(&*control, call_id, "over_capacity").await;
+                    refuse(framed.into_inner()).await;
+                });
                 return;
             };
             run_call(
@@ -577,6 +594,28 @@ fn send_hangup_blocking(sock: &std::net::TcpStream) {
     let mut s = sock;
     let _ = s.write_all(&HANGUP);
     let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
+/// How long a refused call waits for the PBX to take `Refused` before its 0x00: short, the
+/// daemon is busy and the dialplan should move on to another daemon quickly.
+pub const REFUSAL_DECISION_DEADLINE: Duration = Duration::from_millis(200);
+
+/// Tells the PBX (best effort, briefly) that a call whose UUID arrived is refused, so the
+/// dialplan can try another daemon.
+async fn tell_refused(cfg: &ServerConfig, call_id: Uuid, reason: &str) {
+    tell_refused_with(&*cfg.session.control, call_id, reason).await;
+}
+
+async fn tell_refused_with(control: &dyn crate::call::CallControl, call_id: Uuid, reason: &str) {
+    let outcome = crate::call::CallOutcome::Refused {
+        reason: reason.to_owned(),
+    };
+    if timeout(REFUSAL_DECISION_DEADLINE, control.decide(call_id, outcome))
+        .await
+        .is_err()
+    {
+        debug!(%call_id, reason, "the PBX did not take the refusal in time; hanging up anyway");
+    }
 }
 
 async fn refuse(mut stream: TcpStream) {

@@ -69,15 +69,22 @@ async fn run_sdk(fake: &FakeAzure) -> Vec<Value> {
 }
 
 async fn run_sdk_on(fake: &FakeAzure, wav_path: &Path) -> Vec<Value> {
+    run_sdk_with(&fake.url(), wav_path, None).await
+}
+
+/// The SDK on `url`; with `languages` (comma-separated) it identifies each phrase's language
+/// among them, continuously.
+async fn run_sdk_with(url: &str, wav_path: &Path, languages: Option<&str>) -> Vec<Value> {
     require_sdk();
     let child = tokio::process::Command::new("node")
         .current_dir(sdk_dir())
         .arg("recognize.js")
-        .arg(fake.url())
+        .arg(url)
         .arg(KEY)
         .arg(wav_path)
         .arg(LANGUAGE)
         .arg(SEGMENTATION_MS.to_string())
+        .args(languages)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -109,6 +116,16 @@ async fn run_ours(fake: &FakeAzure) -> Vec<SttEvent> {
 /// Our client on `wav_path`; the caller stays on the line until `finals` finals arrived (as
 /// a caller does: the SDK's push stream, by contrast, ends when the file does).
 async fn run_ours_on(fake: &FakeAzure, wav_path: &Path, finals: usize) -> Vec<SttEvent> {
+    run_ours_with(fake, wav_path, finals, Vec::new()).await
+}
+
+/// [`run_ours_on`] with candidate `languages` (two or more: language identification).
+async fn run_ours_with(
+    fake: &FakeAzure,
+    wav_path: &Path,
+    finals: usize,
+    languages: Vec<String>,
+) -> Vec<SttEvent> {
     let mut settings = Settings::defaults().stt;
     settings.endpoint = fake.url();
     let stt = AzureStt::new(&settings, Secret::new(Some(KEY.into()))).unwrap();
@@ -119,6 +136,7 @@ async fn run_ours_on(fake: &FakeAzure, wav_path: &Path, finals: usize) -> Vec<St
     } = stt
         .start(SttParams {
             language: LANGUAGE.into(),
+            languages,
             sample_rate: audio.rate,
             segmentation_silence_ms: SEGMENTATION_MS,
             call_id: "conformance".into(),
@@ -650,4 +668,91 @@ async fn the_sdk_crosses_the_fakes_connection_cap() {
     assert!(st.capped >= 1, "{st:?}");
     assert!(st.connections >= 2);
     assert!(st.violations.is_empty(), "{:?}", st.violations);
+}
+
+/// Continuous language identification, as Microsoft's guide sets it up: the SDK with
+/// `AutoDetectSourceLanguageConfig.fromLanguages(["ms-MY", "en-US"])` in `Continuous` mode on
+/// the `universal/v2` endpoint, and our client with the same two candidates, send the same
+/// upgrade (path, `lidEnabled=true`) and the same `speech.context` (the `languageId` section,
+/// no `phraseDetection.language`, the `phraseOutput` for any language), field by field; and
+/// both read each phrase's `PrimaryLanguage` from the fake the same way.
+#[tokio::test]
+async fn with_language_identification_our_client_sends_what_the_sdk_sends() {
+    const ENGLISH: &str = "How much is the premium plan?";
+    let (path, _) = two_phrases("lid");
+    let lid = || FakeAzureConfig {
+        transcripts: vec![TRANSCRIPT.into(), ENGLISH.into()],
+        transcript_languages: vec!["ms-MY".into(), "en-US".into()],
+        ..fake_config()
+    };
+    let sdk_fake = FakeAzure::spawn(lid()).await.unwrap();
+    let v2 = format!(
+        "ws://{}{}",
+        sdk_fake.addr,
+        sifucall::providers::stt::azure::UNIVERSAL_V2_PATH
+    );
+    let sdk_events = run_sdk_with(&v2, &path, Some("ms-MY,en-US")).await;
+    let ours_fake = FakeAzure::spawn(lid()).await.unwrap();
+    let ours_events =
+        run_ours_with(&ours_fake, &path, 2, vec!["ms-MY".into(), "en-US".into()]).await;
+    let _ = std::fs::remove_file(&path);
+
+    let sdk_finals: Vec<(&str, &str)> = sdk_events
+        .iter()
+        .filter(|e| e["event"] == "recognized" && e["reason"] == "RecognizedSpeech")
+        .map(|e| {
+            (
+                e["text"].as_str().unwrap(),
+                e["language"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let expected = [(TRANSCRIPT, "ms-MY"), (ENGLISH, "en-US")];
+    assert_eq!(sdk_finals, expected, "{sdk_events:#?}");
+    let our_finals: Vec<(String, Option<String>)> = ours_events
+        .iter()
+        .filter_map(|e| match e {
+            SttEvent::Final { text, language, .. } => Some((text.clone(), language.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        our_finals,
+        expected.map(|(t, l)| (t.to_owned(), Some(l.to_owned()))),
+        "{ours_events:?}"
+    );
+
+    let (sdk, ours) = (sdk_fake.stats(), ours_fake.stats());
+    assert_eq!((sdk.connections, ours.connections), (1, 1));
+    assert!(sdk.violations.is_empty(), "{:?}", sdk.violations);
+    assert!(ours.violations.is_empty(), "{:?}", ours.violations);
+    assert_eq!(
+        (&sdk.lid_enabled[..], &ours.lid_enabled[..]),
+        (&[true][..], &[true][..])
+    );
+    let diffs = differences(&sdk, &ours);
+    assert!(
+        diffs.is_empty(),
+        "with language identification our client differs from the official SDK:\n{}",
+        diffs.join("\n")
+    );
+    // Byte for byte, key order included.
+    let context_bytes = |st: &FakeAzureStats| {
+        find_path(&client_messages(st), "speech.context")
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(context_bytes(&ours), context_bytes(&sdk));
+    // What both sent, spelled out (the comparison above would pass if both were wrong).
+    let context = &ours.contexts[0];
+    assert_eq!(ours.upgrades[0].path, "/stt/speech/universal/v2");
+    assert_eq!(
+        context["languageId"]["languages"],
+        serde_json::json!(["ms-MY", "en-US"])
+    );
+    assert_eq!(context["languageId"]["mode"], "DetectContinuous");
+    assert!(
+        context["phraseDetection"].get("language").is_none(),
+        "{context}"
+    );
 }

@@ -340,7 +340,8 @@ fn a_port_in_use_fails_once_and_no_bind_skips_it() {
     // Both listeners on one address.
     let cfg =
         dir.config("[audiosocket]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"0.0.0.0:0\"");
-    let o = check(&cfg, &[], &with_keys(&[]));
+    // Beyond loopback the admin server's /calls routes need a token.
+    let o = check(&cfg, &[], &with_keys(&[("SIFUCALL_ADMIN_TOKEN", "t0ken")]));
     assert_eq!(
         o.status.code(),
         Some(0),

@@ -99,6 +99,7 @@ async fn our_session(srv: &FakeElevenLabs) {
         .open(TtsParams {
             sample_rate: 16_000,
             call_id: "conformance".into(),
+            language_code: None,
         })
         .await
         .unwrap();

@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use sifucall::ops::config::{Secret, Settings};
 use sifucall::providers::llm::openrouter::OpenRouter;
 use sifucall::providers::llm::{ChatMessage, ChatRequest, LlmEvent, LlmProvider as _};
-use sifucall::sandbox::openrouter::{self as fake, FakeOpenRouter, FakeOpenRouterConfig};
+use sifucall::sandbox::openrouter::{
+    self as fake, FakeOpenRouter, FakeOpenRouterConfig, FakeToolCall, FakeToolScript,
+};
 
 const KEY: &str = "sk-or-v1-conformance";
 const MODEL: &str = "openai/gpt-4o-mini";
@@ -27,6 +29,14 @@ async fn fake_openrouter() -> FakeOpenRouter {
         replies: vec![REPLY.into()],
         reasoning_models: vec![THINKER.into()],
         reasoning_text: "The caller asks about prices. Answer briefly.".into(),
+        tool_scripts: vec![FakeToolScript {
+            when_user_says: "pesanan".into(),
+            say_first: "Sekejap.".into(),
+            rounds: vec![vec![
+                FakeToolCall::new("order_status", json!({"order_id": "A1"})),
+                FakeToolCall::new("weather", json!({"city": "Kuala Lumpur"})),
+            ]],
+        }],
         ..FakeOpenRouterConfig::default()
     })
     .await
@@ -101,6 +111,7 @@ async fn our_request(srv: &FakeOpenRouter) {
         ],
         offer_end_call: true,
         call_id: "conformance".into(),
+        ..ChatRequest::default()
     };
     let events: Vec<_> = client.stream(req).await.unwrap().collect().await;
     assert!(
@@ -176,4 +187,71 @@ async fn our_client_sends_what_the_sdk_sends() {
     }
     // The SDK's `Accept` (application/json, even for a stream): we send the same.
     assert_eq!(headers[1].get("accept"), headers[0].get("accept"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_reads_parallel_tool_calls_and_sends_results_the_fake_accepts() {
+    use sifucall::providers::llm::{ToolCallRequest, ToolDef};
+    let srv = fake_openrouter().await;
+    let out = sdk(&srv, MODEL, "tools").await;
+    assert_eq!(out["text"], "Sekejap.", "{out}");
+    assert_eq!(out["finish_reason"], "tool_calls");
+    let calls = out["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2, "{out}");
+    assert_eq!(calls[0]["name"], "order_status");
+    assert_eq!(
+        serde_json::from_str::<Value>(calls[1]["arguments"].as_str().unwrap()).unwrap(),
+        json!({"city": "Kuala Lumpur"})
+    );
+    assert_eq!(
+        out["second_text"], REPLY,
+        "the results were accepted: {out}"
+    );
+
+    // Our client's follow-up request has the SDK's shape, message by message.
+    let mut s = Settings::defaults().llm;
+    s.base_url = srv.base_url();
+    s.model = MODEL.into();
+    let client = OpenRouter::new(&s, Secret::new(Some(KEY.into()))).unwrap();
+    let calls: Vec<ToolCallRequest> = calls
+        .iter()
+        .map(|c| ToolCallRequest {
+            id: c["id"].as_str().unwrap().into(),
+            name: c["name"].as_str().unwrap().into(),
+            arguments: c["arguments"].as_str().unwrap().into(),
+        })
+        .collect();
+    let mut messages = vec![
+        ChatMessage::new("system", "Anda ejen khidmat pelanggan."),
+        ChatMessage::new("user", "Di mana pesanan saya?"),
+        ChatMessage::assistant_tool_calls("Sekejap.", calls.clone()),
+    ];
+    for c in &calls {
+        messages.push(ChatMessage::tool_result(c.id.clone(), r#"{"ok": true}"#));
+    }
+    let def = |name: &str| ToolDef {
+        name: name.into(),
+        description: "Look something up.".into(),
+        parameters: json!({"type": "object", "properties": {}}),
+    };
+    let req = ChatRequest {
+        messages,
+        call_id: "conformance".into(),
+        tools: vec![def("order_status"), def("weather")],
+        forbid_tools: true,
+        ..ChatRequest::default()
+    };
+    let events: Vec<_> = client.stream(req).await.unwrap().collect().await;
+    assert!(
+        matches!(events.last(), Some(Ok(LlmEvent::Done { .. }))),
+        "{events:?}"
+    );
+    let bodies = srv.requests();
+    let (theirs, ours) = (&bodies[1], &bodies[2]);
+    assert_eq!(
+        theirs["messages"], ours["messages"],
+        "the tool exchange, byte for byte"
+    );
+    assert_eq!(theirs["tools"], ours["tools"]);
+    assert_eq!(theirs["tool_choice"], ours["tool_choice"]);
 }

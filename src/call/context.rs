@@ -135,6 +135,12 @@ pub trait CallControl: Send + Sync + fmt::Debug {
     /// Tells the PBX how the call ended, before the daemon sends 0x00; callers bound the
     /// wait with [`DECISION_DEADLINE`].
     fn decide(&self, call_id: Uuid, outcome: CallOutcome) -> BoxFuture<'_, ()>;
+
+    /// If `call_id` is the whisper leg of a warm transfer (the person's channel connecting
+    /// to hear the summary), the summary to speak; taken once. `None` for ordinary calls.
+    fn whisper(&self, _call_id: Uuid) -> Option<String> {
+        None
+    }
 }
 
 /// No side channel: every call gets the default profile, and the dialplan sees only the

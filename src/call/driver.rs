@@ -30,11 +30,13 @@ use super::hangup::HangupReason;
 use super::machine::{
     AgentConfig, AgentReport, CallMachine, Effect, Input, Mode, ReplyEvent, ReplyId,
 };
+use super::profile::ProfileSetup;
 use super::prompts::{PromptCache, PromptKind};
 use super::reply::{self, Providers};
 use crate::audio::pcm;
 use crate::audiosocket::{FrameError, Inbound, Outbound, SampleRate, ServerCodec};
 use crate::ops::metrics::{EndReason, Metrics};
+use crate::ops::profiles::{DEFAULT_PROFILE, DEFAULT_TIME_ZONE};
 use crate::providers::stt::{SttEvent, SttSession};
 
 /// A single frame write that takes longer than this means the peer stopped reading.
@@ -49,6 +51,9 @@ const INPUT_BUDGET: u64 = 2;
 const INPUT_FLOOD: u64 = 10;
 /// Longest wait for a phrase that is not cached (the caller is hearing silence meanwhile).
 const PROMPT_DEADLINE: Duration = Duration::from_millis(800);
+/// Longest wait for a phrase with variables, which every call synthesizes whole before it
+/// plays (a greeting takes a good part of its own length to synthesize).
+const PER_CALL_PROMPT_DEADLINE: Duration = Duration::from_secs(3);
 /// Longest wait for the recognition's websocket to open.
 const STT_START_DEADLINE: Duration = Duration::from_secs(5);
 /// Room for control events from the provider tasks (they wait when it is full).
@@ -72,6 +77,8 @@ pub enum Behaviour {
     Echo,
     /// Run the voice agent.
     Agent(Arc<AgentSetup>),
+    /// Run the voice agent of the call's profile (chosen from its context).
+    Profiles(Arc<super::profile::AgentProfiles>),
 }
 
 /// Everything a call needs from the daemon.
@@ -119,6 +126,8 @@ pub struct CallSummary {
     pub context: CallContext,
     /// How the call ended, as the dialplan was told.
     pub outcome: Option<CallOutcome>,
+    /// The agent profile the call ran with (empty in echo mode or without a call).
+    pub profile: String,
 }
 
 impl CallSummary {
@@ -139,6 +148,7 @@ impl CallSummary {
             agent: None,
             context: CallContext::default(),
             outcome: None,
+            profile: String::new(),
         }
     }
 }
@@ -235,16 +245,43 @@ pub async fn serve_call<S: CallStream>(
             "call started"
         );
     });
-    let (mode, agent) = match &cfg.behaviour {
-        Behaviour::Echo => (
+    let chosen = match &cfg.behaviour {
+        Behaviour::Echo => None,
+        Behaviour::Agent(setup) => Some(ProfileSetup::new(
+            DEFAULT_PROFILE,
+            Arc::clone(setup),
+            DEFAULT_TIME_ZONE,
+        )),
+        Behaviour::Profiles(profiles) => span.in_scope(|| profiles.select(&context)).cloned(),
+    };
+    // The pre-call lookup runs with the chosen profile's tools, before its phrases are
+    // rendered: its fields are prompt variables ({lookup_*}).
+    let mut context = context;
+    let lookup = match &chosen {
+        Some(profile) => tokio::select! {
+            r = pre_call_lookup(&profile.setup, &mut context, started).instrument(span.clone()) => r,
+            () = shutdown.cancelled() => None,
+        },
+        None => None,
+    };
+    let call = chosen.map(|p| p.for_call(&context, &call_id.to_string(), jiff::Timestamp::now()));
+    let (mode, agent, call_prompts, profile) = match call {
+        None => (
             Mode::Echo {
                 idle_hangup: cfg.idle_hangup,
             },
             None,
+            None,
+            String::new(),
         ),
-        Behaviour::Agent(setup) => {
-            setup.providers.llm.warm_up();
-            (Mode::Agent(Arc::clone(&setup.cfg)), Some(Arc::clone(setup)))
+        Some(call) => {
+            call.setup.providers.llm.warm_up();
+            (
+                Mode::Agent(call.cfg),
+                Some(call.setup),
+                call.prompts,
+                call.profile,
+            )
         }
     };
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -253,6 +290,7 @@ pub async fn serve_call<S: CallStream>(
         framed,
         machine: CallMachine::new(call_id, started, mode, Arc::clone(&metrics)),
         agent,
+        call_prompts,
         metrics: Arc::clone(&metrics),
         call_id,
         control: Arc::clone(&cfg.control),
@@ -271,6 +309,9 @@ pub async fn serve_call<S: CallStream>(
         budget: InputBudget::new(started),
         next_unsent_check: started,
     };
+    if let Some(record) = lookup {
+        driver.machine.record_tool_call(record);
+    }
     let (reason, detail) = driver.run(shutdown).instrument(span.clone()).await;
     driver.tasks.cancel();
     let summary = CallSummary {
@@ -288,9 +329,59 @@ pub async fn serve_call<S: CallStream>(
         agent: driver.machine.report(),
         context,
         outcome: driver.outcome.take(),
+        profile,
     };
     span.in_scope(|| log_end(&summary, &metrics));
     summary
+}
+
+/// The agent's pre-call lookup, if it has one and the caller's number is known: run with
+/// `{caller_number}` within its deadline (the caller hears nothing meanwhile, so the deadline
+/// is short); its fields become `lookup_*` variables of the context for the greeting and
+/// the prompt. On a failure or timeout the call goes on without them.
+async fn pre_call_lookup(
+    setup: &AgentSetup,
+    context: &mut CallContext,
+    started: Instant,
+) -> Option<super::tools::ToolCallRecord> {
+    let name = setup.cfg.tools.pre_call_lookup.as_deref()?;
+    let number = context.caller_number.clone()?;
+    let deadline = setup.cfg.tools.pre_call_deadline;
+    let args = serde_json::json!({ "caller_number": number });
+    let at_ms = now().saturating_duration_since(started).as_millis() as u64;
+    let run = setup.providers.tools.lookup(name, &args);
+    let (out, mut record) = match timeout(deadline, run).await {
+        Ok(r) => r,
+        Err(_) => {
+            let detail = format!(
+                "no answer within {} ms (the greeting went on)",
+                deadline.as_millis()
+            );
+            warn!(tool = name, "pre-call lookup: {detail}");
+            let record = super::tools::ToolCallRecord {
+                name: name.to_owned(),
+                arguments: super::tools::redact(&args, setup.providers.tools.redact_fields(name)),
+                at_ms,
+                duration_ms: deadline.as_millis() as u64,
+                status: super::tools::ToolStatus::Timeout,
+                detail: Some(detail),
+            };
+            return Some(record);
+        }
+    };
+    record.at_ms = at_ms;
+    if out.status == super::tools::ToolStatus::Ok {
+        let vars = super::tools::lookup_vars(&out.content);
+        debug!(tool = name, fields = vars.len(), "pre-call lookup done");
+        context.vars.extend(vars);
+    } else {
+        warn!(
+            tool = name,
+            detail = out.detail.as_deref().unwrap_or(""),
+            "pre-call lookup failed; the greeting goes on without it"
+        );
+    }
+    Some(record)
 }
 
 fn log_end(summary: &CallSummary, metrics: &Metrics) {
@@ -305,6 +396,7 @@ fn log_end(summary: &CallSummary, metrics: &Metrics) {
         underruns = summary.underruns,
         inbound_dropped = summary.inbound_dropped,
         dtmf = %summary.dtmf,
+        profile = %summary.profile,
         "call ended"
     );
 }
@@ -359,6 +451,8 @@ struct Driver<S: CallStream> {
     framed: Framed<S, ServerCodec>,
     machine: CallMachine,
     agent: Option<Arc<AgentSetup>>,
+    /// This call's own phrases (those with variables), if it has any.
+    call_prompts: Option<Arc<PromptCache>>,
     metrics: Arc<Metrics>,
     call_id: Uuid,
     /// The PBX side channel.
@@ -434,9 +528,9 @@ impl<S: CallStream> Driver<S> {
         }
     }
 
-    /// How the call ended when the agent hangs up.
+    /// How the call ended when the agent hangs up: the machine's decision.
     fn agent_outcome(&self) -> CallOutcome {
-        CallOutcome::Completed
+        self.machine.outcome()
     }
 
     /// Performs every effect the machine has queued.
@@ -482,6 +576,7 @@ impl<S: CallStream> Driver<S> {
                     request,
                     tts,
                     pipeline,
+                    tool_rounds,
                 } => {
                     let Some(agent) = &self.agent else { continue };
                     let cancel = self.tasks.child_token();
@@ -493,6 +588,7 @@ impl<S: CallStream> Driver<S> {
                             request,
                             tts,
                             pipeline,
+                            tool_rounds,
                             self.reply_tx.clone(),
                             cancel,
                         )
@@ -537,28 +633,43 @@ impl<S: CallStream> Driver<S> {
 
     /// A cached phrase is handed over at once (so the greeting starts in the first frame);
     /// one that is not is synthesized in a task the call waits on for a short while only.
-    /// The synthesis itself runs on, so the cache fills for later calls.
+    /// The synthesis itself runs on, so the cache fills for later calls. A phrase with
+    /// variables is synthesized for this call; if that fails or is late, the profile's
+    /// generic version (variables left out) plays instead, if it is cached.
     fn fetch_prompt(&mut self, kind: PromptKind) {
         let (Some(agent), Some(rate)) = (&self.agent, self.machine.rate()) else {
             return;
         };
-        if let Some(pcm) = agent.prompts.cached(kind, rate.hz()) {
+        let own = (self.call_prompts.as_ref()).filter(|_| agent.prompts.is_per_call(kind));
+        let (prompts, deadline) = match own {
+            Some(own) => (own, PER_CALL_PROMPT_DEADLINE),
+            None => (&agent.prompts, PROMPT_DEADLINE),
+        };
+        if let Some(pcm) = prompts.cached(kind, rate.hz()) {
             self.machine.handle(Input::Prompt(kind, Ok(pcm)), now());
             return;
         }
-        let prompts = Arc::clone(&agent.prompts);
+        let generic = own.and_then(|_| agent.prompts.cached(kind, rate.hz()));
+        let prompts = Arc::clone(prompts);
         let tx = self.control_tx.clone();
         let cancel = self.tasks.clone();
         let synth = tokio::spawn(async move { prompts.get(kind, rate.hz()).await });
         tokio::spawn(async move {
             let result = tokio::select! {
                 () = cancel.cancelled() => return,
-                r = timeout(PROMPT_DEADLINE, synth) => r,
+                r = timeout(deadline, synth) => r,
             };
             let result = match result {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => Err(format!("prompt synthesis failed: {e}")),
-                Err(_) => Err(format!("not synthesized within {PROMPT_DEADLINE:?}")),
+                Err(_) => Err(format!("not synthesized within {deadline:?}")),
+            };
+            let result = match (result, generic) {
+                (Err(e), Some(generic)) => {
+                    warn!(?kind, error = %e, "this call's own phrase failed; playing the generic one");
+                    Ok(generic)
+                }
+                (r, _) => r,
             };
             let _ = tx.send(Control::Prompt(kind, result)).await;
         });

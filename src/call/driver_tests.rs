@@ -72,6 +72,7 @@ fn agent(stt: Arc<dyn SttProvider>, tts: Arc<dyn TtsProvider>) -> Behaviour {
             stt,
             llm: Arc::new(SilentLlm),
             tts: Arc::clone(&tts),
+            tools: Arc::new(super::tools::ToolBox::empty()),
         },
         prompts: Arc::new(PromptCache::new(cfg.prompts.clone(), tts)),
         cfg: Arc::new(cfg),

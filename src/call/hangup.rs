@@ -22,6 +22,8 @@ pub enum HangupReason {
     UnsupportedRate,
     /// The daemon is shutting down.
     Shutdown,
+    /// The call goes to a person or the fallback destination (the outcome says which).
+    Handover,
 }
 
 /// Where the hang-up stands.
@@ -52,11 +54,12 @@ impl Hangup {
     }
 
     /// An utterance ended. Returns the new state: the goodbye played out -> hang up after
-    /// the tail; the goodbye was cut short (the caller spoke) -> cancelled.
+    /// the tail; the goodbye was cut short (the caller spoke) -> cancelled. A handover line
+    /// cut short hangs up all the same: the caller cannot cancel a handover.
     pub fn on_utterance_ended(self, id: UtteranceId, interrupted: bool, ends_at: Instant) -> Self {
         match self {
             Self::AfterUtterance(u, reason) if u == id => {
-                if interrupted {
+                if interrupted && matches!(reason, HangupReason::Goodbye | HangupReason::Idle) {
                     Self::None
                 } else {
                     Self::At(ends_at + HANGUP_TAIL, reason)
@@ -132,6 +135,16 @@ mod tests {
                 .on_caller_turn()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_handover_cut_short_still_hangs_up() {
+        let t0 = Instant::now();
+        let h = Hangup::after(BYE, HangupReason::Handover);
+        assert_eq!(h.on_caller_turn(), h, "a new turn does not cancel it");
+        assert!(h.is_final());
+        let h = h.on_utterance_ended(BYE, true, t0);
+        assert_eq!(h.deadline(), Some(t0 + HANGUP_TAIL));
     }
 
     #[test]

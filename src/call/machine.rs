@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use super::context::CallOutcome;
 use super::dtmf::DtmfCollector;
 use super::hangup::{Hangup, HangupReason};
 use super::history::{EntryId, History, HistoryBudget, Speaker, estimate_tokens};
 use super::playout::{FRAME, FrameKind, Playout, PlayoutEvent, Progress, UtteranceId};
 use super::prompts::{PromptKind, PromptTexts};
+use super::tools::{AgentTools, ToolCallRecord};
 use super::turn::{TurnConfig, TurnDetector, TurnEvent};
 use crate::audio::pcm;
 use crate::audio::vad::Vad;
@@ -105,6 +107,41 @@ pub struct AgentConfig {
     pub backchannels: Vec<String>,
     /// After an interruption with no words, resume this long after the caller stopped.
     pub resume_after: Duration,
+    /// Candidate locales (`[agent] languages`): with two or more, the recogniser identifies
+    /// the language of every phrase among them, the model is told it, and the reply is
+    /// synthesized with its language code. Fewer: recognition in `language` only.
+    pub languages: Vec<String>,
+    /// Handing over to a person, and the tools the model may call.
+    pub tools: AgentTools,
+}
+
+impl AgentConfig {
+    /// Whether the caller's language is identified turn by turn.
+    pub fn identifies_language(&self) -> bool {
+        self.languages.len() >= 2
+    }
+}
+
+/// Appended to the system prompt when the caller's language is identified: every caller
+/// message then starts with its language as a tag (see [`tag_language`]).
+pub const LANGUAGE_TAG_NOTE: &str = "Each caller message starts with the language the caller \
+     spoke, as a tag such as [en-US]. Reply in that language. Never write such a tag yourself.";
+
+/// A caller message as the model sees it with language identification on: `[en-US] text`.
+pub fn tag_language(language: Option<&str>, text: &str) -> String {
+    match language {
+        Some(l) => format!("[{l}] {text}"),
+        None => text.to_owned(),
+    }
+}
+
+/// The ISO 639-1 code TTS wants for a BCP-47 locale: its primary subtag, `ms` for `ms-MY`.
+pub fn language_code(locale: &str) -> String {
+    locale
+        .split('-')
+        .next()
+        .unwrap_or(locale)
+        .to_ascii_lowercase()
 }
 
 /// Lower case, letters and digits only, single spaces: how transcripts are compared.
@@ -159,6 +196,23 @@ pub enum ReplyEvent {
     },
     /// The model asked to end the call after this reply.
     EndCall,
+    /// The model called tools; they are running (the reply goes on when they are done).
+    ToolsStarted {
+        /// Their names.
+        names: Vec<String>,
+    },
+    /// Everything the model said before those calls has been synthesized (its audio has
+    /// all been sent as [`ReplyEvent::Audio`]): a filler may follow it now.
+    SpeechDrained,
+    /// The tools are done; the next model round starts. `at_ms` of each record is unset.
+    ToolsFinished(Vec<ToolCallRecord>),
+    /// The model asked to hand the call over to this target (a name it was offered).
+    Transfer {
+        /// The target's name.
+        target: String,
+        /// What the model wrote for the person taking the call.
+        summary: Option<String>,
+    },
     /// Token usage and cost.
     Usage {
         /// Prompt tokens.
@@ -235,6 +289,8 @@ pub enum Effect {
         tts: TtsParams,
         /// Streamed or sequential.
         pipeline: Pipeline,
+        /// Tool rounds the reply may take.
+        tool_rounds: u32,
     },
     /// Stop a reply task; events it still sends are ignored.
     CancelReply(ReplyId),
@@ -262,6 +318,13 @@ pub struct AgentReport {
     pub resumes: u32,
     /// Replies started on a hypothesis before the final.
     pub speculative: Speculation,
+    /// With language identification on, the language the caller spoke in each turn, index
+    /// for index with `turns` (`None`: not known yet, e.g. keypad digits before any speech).
+    /// Empty for calls in one language.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub turn_languages: Vec<Option<String>>,
+    /// Every tool call (the pre-call lookup included), in order.
+    pub tool_calls: Vec<ToolCallRecord>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,6 +334,7 @@ enum SpokenKind {
     Apology,
     Hold,
     StillThere,
+    Handover,
 }
 
 /// An utterance as the conversation knows it; the playout knows how far it got.
@@ -327,6 +391,20 @@ struct Reply {
     /// Estimated prompt tokens, and characters streamed, for the waste count.
     prompt_tokens: u64,
     text_chars: u64,
+    /// The caller's language the model was told and the reply is synthesized in.
+    language: Option<String>,
+    /// Tools are running since then.
+    tools_since: Option<Instant>,
+    /// The speech before the running tools has all arrived (a filler may follow it).
+    drained: bool,
+    /// The filler was asked for in this turn (once per turn).
+    filler_asked: bool,
+    /// The filler's audio, waiting for the speech before it to arrive.
+    filler_held: Option<Arc<Vec<i16>>>,
+    /// The model asked for a transfer: done once the reply's speech is all in.
+    transfer: Option<CallOutcome>,
+    /// Where the current round's audio starts in the utterance, ms (alignment offset).
+    round_base_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -363,6 +441,11 @@ struct Agent {
     /// The normalised hypothesis a reply was last started on (not again for the same).
     speculated: Option<String>,
     paused: Option<Paused>,
+    /// The language of the caller's last phrase, with language identification on.
+    caller_language: Option<String>,
+    /// What the model is told first: the configured prompt, plus [`LANGUAGE_TAG_NOTE`] with
+    /// language identification on.
+    system_prompt: String,
 }
 
 #[derive(Debug, Default)]
@@ -399,6 +482,12 @@ pub struct CallMachine {
     recent_sent: VecDeque<i16>,
     /// Set while a barge-in flushes: the utterance being heard pauses instead of ending.
     pausing: bool,
+    /// How the call ends, once that is decided (a transfer, a fallback).
+    outcome: Option<CallOutcome>,
+    /// The handover line's utterance, reserved when the handover starts.
+    handover_utterance: Option<UtteranceId>,
+    /// Provider failures since the last reply that completed.
+    failures_in_a_row: u32,
 }
 
 impl std::fmt::Debug for CallMachine {
@@ -436,6 +525,9 @@ impl CallMachine {
             sent_levels: VecDeque::with_capacity(ECHO_REFERENCE_FRAMES),
             recent_sent: VecDeque::new(),
             pausing: false,
+            outcome: None,
+            handover_utterance: None,
+            failures_in_a_row: 0,
         }
     }
 
@@ -490,6 +582,7 @@ impl CallMachine {
                     _ => None,
                 },
                 self.reply_silence_deadline(),
+                self.filler_deadline(),
                 self.speculate_deadline(),
                 a.paused.as_ref().and_then(|p| p.resume_at),
             ];
@@ -545,6 +638,10 @@ impl CallMachine {
     pub fn report(&self) -> Option<AgentReport> {
         matches!(self.mode, Mode::Agent(_)).then(|| {
             let mut r = self.report.clone();
+            if r.turn_languages.len() == r.turns.len() {
+                let mut kept = r.turns.iter().map(|t| t.stt_final_ms.is_some());
+                r.turn_languages.retain(|_| kept.next().unwrap_or_default());
+            }
             r.turns.retain(|t| t.stt_final_ms.is_some());
             r
         })
@@ -687,6 +784,12 @@ impl CallMachine {
             hypothesis: None,
             speculated: None,
             paused: None,
+            caller_language: None,
+            system_prompt: if cfg.identifies_language() {
+                format!("{}\n\n{LANGUAGE_TAG_NOTE}", cfg.system_prompt.trim_end())
+            } else {
+                cfg.system_prompt.clone()
+            },
             cfg: Arc::clone(&cfg),
         });
         if greeting {
@@ -699,6 +802,11 @@ impl CallMachine {
     fn stt_params(&self, cfg: &AgentConfig, rate: SampleRate) -> SttParams {
         SttParams {
             language: cfg.language.clone(),
+            languages: if cfg.identifies_language() {
+                cfg.languages.clone()
+            } else {
+                Vec::new()
+            },
             sample_rate: rate.hz(),
             segmentation_silence_ms: cfg.segmentation_silence_ms,
             call_id: self.call_id.to_string(),
@@ -726,6 +834,9 @@ impl CallMachine {
     }
 
     fn submit_dtmf(&mut self, digits: String, now: Instant) {
+        if self.operator_requested(&digits, now) {
+            return;
+        }
         let spaced: Vec<String> = digits.chars().map(String::from).collect();
         let text = format!("(Pemanggil menekan kekunci telefon: {})", spaced.join(" "));
         info!(%digits, "DTMF entry");
@@ -848,11 +959,11 @@ impl CallMachine {
             }
             SttEvent::Reconnected => info!("speech-to-text reconnected"),
             SttEvent::Failed(e) => self.on_stt_down(&e, now),
-            SttEvent::Final { text, .. } => self.on_final(text.trim(), now),
+            SttEvent::Final { text, language, .. } => self.on_final(text.trim(), language, now),
         }
     }
 
-    fn on_final(&mut self, text: &str, now: Instant) {
+    fn on_final(&mut self, text: &str, language: Option<String>, now: Instant) {
         let Some(a) = self.agent.as_mut() else {
             return;
         };
@@ -885,10 +996,16 @@ impl CallMachine {
             self.note_caller(text, now);
             return;
         }
+        if let Some(a) = self.agent.as_mut() {
+            if a.cfg.identifies_language() && language.is_some() {
+                a.caller_language = language;
+            }
+        }
         if self.confirm_speculation(&words, text, now) {
             return;
         }
-        info!(%text, "caller said");
+        let language = self.agent.as_ref().and_then(|a| a.caller_language.clone());
+        info!(%text, language = language.as_deref().unwrap_or_default(), "caller said");
         let Some(a) = self.agent.as_ref() else {
             return;
         };
@@ -983,11 +1100,22 @@ impl CallMachine {
                 self.abandon_speculation("the final differs from the hypothesis");
                 return false;
             }
+            // Started before the phrase's language was known: the model was told, and TTS
+            // set to, the previous one.
+            Some(_) if r.language != a.caller_language => {
+                self.abandon_speculation("the caller switched language");
+                return false;
+            }
             Some(_) => {}
         }
         info!(%text, "caller said (the reply started on the hypothesis goes on)");
         r.speculative = None;
-        a.history.set_text(r.user_entry, text);
+        let tagged = if a.cfg.identifies_language() {
+            tag_language(r.language.as_deref(), text)
+        } else {
+            text.to_owned()
+        };
+        a.history.set_text(r.user_entry, &tagged);
         r.user_text = text.to_owned();
         let (u, turn, done, end_call) = (r.utterance, r.turn, r.done, r.end_call);
         let held = std::mem::take(&mut r.held);
@@ -1152,8 +1280,14 @@ impl CallMachine {
             return;
         };
         let cfg = Arc::clone(&a.cfg);
-        let user_entry = a.history.push(Speaker::Caller, text.clone());
-        let messages = a.history.for_model(&cfg.system_prompt, cfg.history);
+        let language = a.caller_language.clone();
+        let user_entry = if cfg.identifies_language() {
+            a.history
+                .push(Speaker::Caller, tag_language(language.as_deref(), &text))
+        } else {
+            a.history.push(Speaker::Caller, text.clone())
+        };
+        let messages = a.history.for_model(&a.system_prompt, cfg.history);
         let prompt_tokens = messages
             .iter()
             .map(|m| estimate_tokens(&m.content) as u64)
@@ -1179,6 +1313,9 @@ impl CallMachine {
             stt_final_ms,
             ..TurnTiming::default()
         });
+        if cfg.identifies_language() {
+            self.report.turn_languages.push(language.clone());
+        }
         a.reply = Some(Reply {
             id,
             utterance,
@@ -1196,6 +1333,13 @@ impl CallMachine {
             held: Vec::new(),
             prompt_tokens,
             text_chars: 0,
+            language: language.clone(),
+            tools_since: None,
+            drained: false,
+            filler_asked: false,
+            filler_held: None,
+            transfer: None,
+            round_base_ms: 0,
         });
         let rate = self.rate.map_or(8_000, SampleRate::hz);
         self.effects.push_back(Effect::StartReply {
@@ -1204,12 +1348,17 @@ impl CallMachine {
                 messages,
                 offer_end_call: true,
                 call_id: self.call_id.to_string(),
+                tools: cfg.tools.request_defs(),
+                forbid_tools: false,
             },
             tts: TtsParams {
                 sample_rate: rate,
                 call_id: self.call_id.to_string(),
+                // The model is told to answer in the caller's language: speak it as that.
+                language_code: language.as_deref().map(language_code),
             },
             pipeline: cfg.pipeline,
+            tool_rounds: cfg.tools.max_rounds,
         });
     }
 
@@ -1267,8 +1416,77 @@ impl CallMachine {
                 }
             }
             ReplyEvent::Alignment { chars, start_ms } => {
+                let base = r.round_base_ms;
                 if let Some(s) = a.utterances.get_mut(&r.utterance) {
-                    s.aligned.extend(chars.into_iter().zip(start_ms));
+                    s.aligned.extend(
+                        chars
+                            .into_iter()
+                            .zip(start_ms.into_iter().map(|m| m + base)),
+                    );
+                }
+            }
+            ReplyEvent::ToolsStarted { names } => {
+                info!(?names, "the model called tools");
+                r.tools_since = Some(now);
+                r.drained = false;
+            }
+            ReplyEvent::SpeechDrained => {
+                r.drained = true;
+                if let Some(pcm) = r.filler_held.take() {
+                    self.push_filler(&pcm, now);
+                }
+            }
+            ReplyEvent::ToolsFinished(records) => {
+                r.tools_since = None;
+                r.filler_held = None;
+                // The silence clock starts again: the next round gets a turn's budget. When
+                // the caller already heard something (a filler, the words before the calls)
+                // the hold phrase is not said, so the give-up waits the hold's time too.
+                r.turn_end = if r.audio_queued || r.filler_asked {
+                    now + a.cfg.hold_after
+                } else {
+                    now
+                };
+                let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
+                if let Some(s) = a.utterances.get(&r.utterance) {
+                    r.round_base_ms = (s.samples * 1000 / rate.max(1)) as u32;
+                }
+                for mut rec in records {
+                    rec.at_ms = now_ms.saturating_sub(rec.duration_ms);
+                    self.report.tool_calls.push(rec);
+                }
+            }
+            ReplyEvent::Transfer { target, summary } => match a.cfg.tools.target(&target) {
+                Some(t) => {
+                    info!(%target, "the model asked to hand the call over");
+                    r.transfer = Some(CallOutcome::Transferred {
+                        target: t.name.clone(),
+                        destination: t.destination.clone(),
+                        summary,
+                    });
+                }
+                None => warn!(%target, "transfer to a target that is not configured; ignored"),
+            },
+            ReplyEvent::Done if r.transfer.is_some() => {
+                if r.speculative.is_some() {
+                    // Hand over on the caller's confirmed words only: the final starts the
+                    // turn again.
+                    self.abandon_speculation("a transfer waits for the final");
+                    self.drain_playout_events(now);
+                    return;
+                }
+                r.done = true;
+                let u = r.utterance;
+                let outcome = r.transfer.take();
+                self.failures_in_a_row = 0;
+                if held {
+                    // The interrupted words end where they were cut.
+                    self.abandon_pause();
+                } else if let Some(p) = self.playout.as_mut() {
+                    p.finish(u);
+                }
+                if let Some(o) = outcome {
+                    self.start_handover(o, false, now);
                 }
             }
             ReplyEvent::EndCall => {
@@ -1288,6 +1506,7 @@ impl CallMachine {
             ReplyEvent::Done if held => r.done = true,
             ReplyEvent::Done => {
                 r.done = true;
+                self.failures_in_a_row = 0;
                 let u = r.utterance;
                 if r.end_call {
                     self.hangup = Hangup::after(u, HangupReason::Goodbye);
@@ -1307,7 +1526,7 @@ impl CallMachine {
                 }
                 let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) else {
                     self.provider_failed(provider, classify(&error), &error);
-                    self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+                    self.apologise_or_hand_over(now);
                     self.drain_playout_events(now);
                     return;
                 };
@@ -1319,7 +1538,7 @@ impl CallMachine {
                     p.finish(u);
                 }
                 self.provider_failed(provider, classify(&error), &error);
-                self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+                self.apologise_or_hand_over(now);
             }
         }
         self.drain_playout_events(now);
@@ -1330,7 +1549,8 @@ impl CallMachine {
     fn reply_silence_deadline(&self) -> Option<Instant> {
         let a = self.agent.as_ref()?;
         let r = a.reply.as_ref()?;
-        if r.done {
+        if r.done || r.tools_since.is_some() {
+            // Tools have their own deadlines (and the filler covers the wait).
             return None;
         }
         let p = self.playout.as_ref()?;
@@ -1350,7 +1570,7 @@ impl CallMachine {
         let Some(r) = a.reply.as_mut() else {
             return;
         };
-        if !r.hold_played && !r.audio_queued {
+        if !r.hold_played && !r.audio_queued && !r.filler_asked {
             r.hold_played = true;
             info!("reply is slow; saying the hold phrase");
             self.effects.push_back(Effect::Prompt(PromptKind::Hold));
@@ -1380,13 +1600,18 @@ impl CallMachine {
             "timeout",
             "no reply audio within the hold limit after the hold phrase",
         );
-        self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+        self.apologise_or_hand_over(now);
         self.drain_playout_events(now);
     }
 
     // ---- fixed phrases ----------------------------------------------------------------
 
     fn on_prompt(&mut self, kind: PromptKind, result: Result<Arc<Vec<i16>>, String>, now: Instant) {
+        match kind {
+            PromptKind::Handover => return self.on_handover_prompt(result, now),
+            PromptKind::Filler => return self.on_filler_prompt(result, now),
+            _ => {}
+        }
         let Some(a) = self.agent.as_mut() else {
             return;
         };
@@ -1405,7 +1630,10 @@ impl CallMachine {
                         warn!(?kind, %error, "prompt unavailable");
                         self.cannot_speak(now);
                     }
-                    PromptKind::Hold | PromptKind::StillThere => {
+                    PromptKind::Hold
+                    | PromptKind::StillThere
+                    | PromptKind::Handover
+                    | PromptKind::Filler => {
                         warn!(?kind, %error, "prompt unavailable")
                     }
                 }
@@ -1423,8 +1651,9 @@ impl CallMachine {
         let spoken = match kind {
             PromptKind::Greeting => SpokenKind::Greeting,
             PromptKind::Apology => SpokenKind::Apology,
-            PromptKind::Hold => SpokenKind::Hold,
+            PromptKind::Hold | PromptKind::Filler => SpokenKind::Hold,
             PromptKind::StillThere => SpokenKind::StillThere,
+            PromptKind::Handover => SpokenKind::Handover,
         };
         let entry =
             (spoken != SpokenKind::Hold).then(|| a.history.push(Speaker::Agent, text.clone()));
@@ -1617,6 +1846,262 @@ impl CallMachine {
         }
     }
 
+    // ---- tools and handing over to a person ------------------------------------------------
+
+    /// How the call ends for the dialplan: a decided transfer or fallback, else what the
+    /// hang-up's reason means (a goodbye or idle is a normal end; an agent that cannot speak
+    /// or serve the call's rate sends it to the fallback destination; a draining daemon is
+    /// a refusal, so the dialplan can try another).
+    pub fn outcome(&self) -> CallOutcome {
+        if let Some(o) = &self.outcome {
+            return o.clone();
+        }
+        let fallback = |reason: &str| CallOutcome::Fallback {
+            reason: reason.into(),
+            destination: self.fallback_destination().unwrap_or_default(),
+        };
+        match self.hangup_reason() {
+            Some(HangupReason::CannotSpeak) => fallback("cannot_speak"),
+            Some(HangupReason::UnsupportedRate) => fallback("unsupported_rate"),
+            Some(HangupReason::Shutdown) => CallOutcome::Refused {
+                reason: "draining".into(),
+            },
+            _ => CallOutcome::Completed,
+        }
+    }
+
+    /// Adds a tool call made outside any reply (the pre-call lookup) to the record.
+    pub fn record_tool_call(&mut self, record: ToolCallRecord) {
+        self.report.tool_calls.push(record);
+    }
+
+    fn fallback_destination(&self) -> Option<String> {
+        match &self.mode {
+            Mode::Agent(cfg) => cfg.tools.fallback_destination.clone(),
+            Mode::Echo { .. } => None,
+        }
+    }
+
+    /// When the filler phrase is due: a tool round has run `filler_after` and nothing else
+    /// has covered the wait in this turn (a filler or the hold phrase).
+    fn filler_deadline(&self) -> Option<Instant> {
+        let a = self.agent.as_ref()?;
+        let r = a.reply.as_ref()?;
+        let since = r.tools_since?;
+        if r.filler_asked
+            || r.hold_played
+            || r.speculative.is_some()
+            || a.cfg.prompts.filler.trim().is_empty()
+            || !self.hangup.is_none()
+        {
+            return None;
+        }
+        Some(since + a.cfg.tools.filler_after)
+    }
+
+    fn on_filler_prompt(&mut self, result: Result<Arc<Vec<i16>>, String>, now: Instant) {
+        let pcm = match result {
+            Ok(pcm) if !pcm.is_empty() => pcm,
+            Ok(_) => return,
+            Err(error) => {
+                warn!(%error, "filler phrase unavailable");
+                return;
+            }
+        };
+        let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) else {
+            return;
+        };
+        if r.tools_since.is_none() || r.done {
+            // The tools finished while the phrase was being fetched.
+            return;
+        }
+        if r.drained {
+            self.push_filler(&pcm, now);
+        } else {
+            r.filler_held = Some(pcm);
+        }
+    }
+
+    /// The filler goes into the reply's own utterance, after the speech before the tool
+    /// calls (all of which has arrived) and before the next round's.
+    fn push_filler(&mut self, pcm: &[i16], now: Instant) {
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let Some(r) = a.reply.as_mut() else {
+            return;
+        };
+        if r.speculative.is_some()
+            || a.paused
+                .as_ref()
+                .is_some_and(|p| p.utterance == r.utterance)
+        {
+            return;
+        }
+        let text = format!("{} ", a.cfg.prompts.filler.trim());
+        r.audio_queued = true;
+        let u = r.utterance;
+        let rate = self.rate.map_or(8_000, SampleRate::hz) as usize;
+        if let Some(s) = a.utterances.get_mut(&u) {
+            // Synthetic alignment spreads the phrase over its audio, so the words heard at a
+            // barge-in stay right.
+            if !s.aligned.is_empty() {
+                let start = (s.samples * 1000 / rate.max(1)) as u32;
+                let len = (pcm.len() * 1000 / rate.max(1)) as u32;
+                let n = text.chars().count().max(1) as u32;
+                s.aligned.extend(
+                    text.chars()
+                        .enumerate()
+                        .map(|(i, c)| (c.to_string(), start + len * i as u32 / n)),
+                );
+            }
+            s.samples += pcm.len();
+            s.text.push_str(&text);
+            if let Some(e) = s.entry {
+                a.history.append(e, &text);
+            }
+        }
+        if let Some(p) = self.playout.as_mut() {
+            p.push(u, pcm);
+        }
+        self.drain_playout_events(now);
+    }
+
+    /// A keypad entry of just the operator digit asks for a person: the operator target, or
+    /// the fallback destination. Returns whether the entry was taken as such.
+    fn operator_requested(&mut self, digits: &str, now: Instant) -> bool {
+        let Some(a) = self.agent.as_ref() else {
+            return false;
+        };
+        let t = &a.cfg.tools;
+        let Some(digit) = t.operator_digit else {
+            return false;
+        };
+        if digits.len() != 1 || !digits.starts_with(digit) {
+            return false;
+        }
+        let outcome = match (t.operator_target(), &t.fallback_destination) {
+            (Some(target), _) => CallOutcome::Transferred {
+                target: target.name.clone(),
+                destination: target.destination.clone(),
+                summary: None,
+            },
+            (None, Some(d)) => CallOutcome::Fallback {
+                reason: "dtmf".into(),
+                destination: d.clone(),
+            },
+            (None, None) => return false,
+        };
+        info!(%digits, "the caller keyed the operator digit");
+        self.start_handover(outcome, true, now);
+        true
+    }
+
+    /// Provider failures in a row: the apology, or, at `max_provider_failures` with a
+    /// fallback destination, the handover instead of another apology.
+    fn apologise_or_hand_over(&mut self, now: Instant) {
+        self.failures_in_a_row += 1;
+        let fallback = self.agent.as_ref().and_then(|a| {
+            let t = &a.cfg.tools;
+            (t.max_provider_failures > 0 && self.failures_in_a_row >= t.max_provider_failures)
+                .then(|| t.fallback_destination.clone())
+                .flatten()
+        });
+        match fallback {
+            Some(destination) => {
+                warn!(
+                    failures = self.failures_in_a_row,
+                    "providers keep failing; handing the call to the fallback destination"
+                );
+                let outcome = CallOutcome::Fallback {
+                    reason: "provider_failures".into(),
+                    destination,
+                };
+                self.start_handover(outcome, false, now);
+            }
+            None => self.effects.push_back(Effect::Prompt(PromptKind::Apology)),
+        }
+    }
+
+    /// The call goes to a person (or the fallback): the handover line after whatever is
+    /// already queued (`interrupt`: at once, dropping it), then the 0x00 once it was heard.
+    /// The caller cannot talk the agent out of it: the hang-up is final, so speech over the
+    /// (short) line neither stops it nor starts a reply; the call is handed over when it ends.
+    fn start_handover(&mut self, outcome: CallOutcome, interrupt: bool, now: Instant) {
+        if self.outcome.is_some() || self.hangup.is_final() {
+            return;
+        }
+        info!(
+            result = outcome.dialplan_value(),
+            destination = outcome.destination().unwrap_or(""),
+            "handing the call over"
+        );
+        if interrupt {
+            self.abandon_speculation("the call is handed over");
+            self.abandon_pause();
+            self.flush(now);
+            if let Some(id) = self
+                .agent
+                .as_mut()
+                .and_then(|a| a.reply.take())
+                .map(|r| r.id)
+            {
+                self.effects.push_back(Effect::CancelReply(id));
+            }
+        }
+        self.outcome = Some(outcome);
+        self.next_utterance += 1;
+        let u = UtteranceId(self.next_utterance);
+        self.handover_utterance = Some(u);
+        self.hangup = Hangup::after(u, HangupReason::Handover);
+        self.effects.push_back(Effect::Prompt(PromptKind::Handover));
+    }
+
+    fn on_handover_prompt(&mut self, result: Result<Arc<Vec<i16>>, String>, now: Instant) {
+        let Some(u) = self.handover_utterance.take() else {
+            return;
+        };
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let pcm = match result {
+            Ok(pcm) if !pcm.is_empty() => pcm,
+            other => {
+                if let Err(error) = other {
+                    warn!(%error, "handover line unavailable; handing over without it");
+                }
+                // After the reply's own words if they are still playing, else at once.
+                let reply = a.reply.as_ref().filter(|r| r.done).map(|r| r.utterance);
+                self.hangup = match reply {
+                    Some(r) => Hangup::after(r, HangupReason::Handover),
+                    None => {
+                        let last = self.playout.as_ref().and_then(Playout::last_speech_end);
+                        Hangup::soon(last, now, HangupReason::Handover)
+                    }
+                };
+                return;
+            }
+        };
+        let text = a.cfg.prompts.handover.clone();
+        let entry = Some(a.history.push(Speaker::Agent, text.clone()));
+        a.utterances.insert(
+            u,
+            Spoken {
+                kind: SpokenKind::Handover,
+                text,
+                samples: pcm.len(),
+                heard_before: 0,
+                entry,
+                aligned: Vec::new(),
+            },
+        );
+        if let Some(p) = self.playout.as_mut() {
+            p.push(u, &pcm);
+            p.finish(u);
+        }
+        self.drain_playout_events(now);
+    }
+
     // ---- time -----------------------------------------------------------------------------
 
     fn on_timeout(&mut self, now: Instant) {
@@ -1692,6 +2177,13 @@ impl CallMachine {
         }
         if self.reply_silence_deadline().is_some_and(|d| now >= d) {
             self.on_reply_silence(now);
+        }
+        if self.filler_deadline().is_some_and(|d| now >= d) {
+            if let Some(r) = self.agent.as_mut().and_then(|a| a.reply.as_mut()) {
+                r.filler_asked = true;
+                info!("a tool is slow; saying the filler phrase");
+                self.effects.push_back(Effect::Prompt(PromptKind::Filler));
+            }
         }
     }
 

@@ -14,13 +14,16 @@ pub mod hangup;
 pub mod history;
 pub mod machine;
 pub mod playout;
+pub mod profile;
 pub mod prompts;
 pub mod reply;
+pub mod tools;
 pub mod turn;
 
 pub use context::{CallContext, CallControl, CallOutcome, NoControl};
 pub use driver::{AgentSetup, Behaviour, CallSummary, SessionConfig};
 pub use machine::{AgentConfig, AgentReport, CallMachine, Effect, Input, Pipeline};
+pub use profile::{AgentProfiles, ProfileSetup};
 
 #[cfg(test)]
 mod driver_tests;

@@ -18,6 +18,7 @@ use crate::ops::metrics::{Metrics, Provider};
 use crate::ops::records::Role;
 use crate::providers::llm::ChatRequest;
 use crate::providers::stt::SttEvent;
+use crate::providers::tts::TtsParams;
 
 const MS: Duration = Duration::from_millis(1);
 /// Agent audio values: each utterance kind is a constant-ish tone whose sample magnitude
@@ -56,6 +57,8 @@ pub(super) fn config() -> AgentConfig {
             apology: "Maaf, ada masalah.".into(),
             hold: "Sebentar ya.".into(),
             still_there: "Masih di sana?".into(),
+            handover: "Baik, saya sambungkan anda.".into(),
+            filler: "Sebentar ya.".into(),
         },
         segmentation_silence_ms: 300,
         turn: TurnConfig::default(),
@@ -69,6 +72,8 @@ pub(super) fn config() -> AgentConfig {
         speculative_max: 20,
         backchannels: vec!["ya".into(), "ok".into(), "hmm".into(), "mm".into()],
         resume_after: Duration::from_millis(1200),
+        tools: super::tools::AgentTools::default(),
+        languages: Vec::new(),
     }
 }
 
@@ -89,6 +94,8 @@ struct Sim {
     hangup: Option<Instant>,
     /// Answer StartStt with SttUp at once.
     stt_auto_up: bool,
+    /// The synthesis settings of each reply started, in order.
+    tts: Vec<TtsParams>,
 }
 
 impl Sim {
@@ -116,7 +123,12 @@ impl Sim {
             stt_audio: 0,
             hangup: None,
             stt_auto_up: true,
+            tts: Vec::new(),
         }
+    }
+
+    fn m_ms(&self, t: Instant) -> u64 {
+        (t - self.t0).as_millis() as u64
     }
 
     fn at(&self, ms: u64) -> Instant {
@@ -138,8 +150,11 @@ impl Sim {
                     }
                 }
                 Effect::SttAudio(_) => self.stt_audio += 1,
-                Effect::StartReply { id, request, .. } => {
+                Effect::StartReply {
+                    id, request, tts, ..
+                } => {
                     self.replies.push((self.now, id, request));
+                    self.tts.push(tts);
                 }
                 Effect::CancelReply(id) => self.cancelled.push(id),
                 Effect::Prompt(kind) => {
@@ -228,6 +243,7 @@ impl Sim {
                 text: text.into(),
                 offset_ms: 0,
                 duration_ms: 0,
+                language: None,
             }),
         );
     }
@@ -1142,4 +1158,515 @@ fn a_question_asked_twice_word_for_word_is_speculated_on_both_times() {
         t = sim.silence(t, 2500);
         assert_eq!(sim.m.report().unwrap().speculative.used, round);
     }
+}
+
+// ---- handing over to a person, and tools ---------------------------------------------------
+
+const HANDOVER: i16 = 1400;
+const FILLER: i16 = 1500;
+
+fn tools_config() -> AgentConfig {
+    use super::context::TransferTarget;
+    let mut cfg = config();
+    cfg.tools = super::tools::AgentTools {
+        transfer_targets: vec![
+            TransferTarget {
+                name: "sales".into(),
+                description: "buying a plan".into(),
+                destination: "201".into(),
+            },
+            TransferTarget {
+                name: "operator".into(),
+                description: "anything else".into(),
+                destination: "9".into(),
+            },
+        ],
+        operator_digit: Some('0'),
+        fallback_destination: Some("700".into()),
+        max_provider_failures: 2,
+        ..super::tools::AgentTools::default()
+    };
+    cfg
+}
+
+fn tools_sim() -> Sim {
+    let mut sim = Sim::new(tools_config());
+    sim.prompts
+        .insert(PromptKind::Handover, Arc::new(tone(HANDOVER, 800)));
+    sim.prompts
+        .insert(PromptKind::Filler, Arc::new(tone(FILLER, 500)));
+    sim
+}
+
+fn prompts_asked(sim: &Sim, kind: PromptKind) -> Vec<Instant> {
+    sim.prompt_requests
+        .iter()
+        .filter(|(_, k)| *k == kind)
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+fn last_frame_of(sim: &Sim, level: i16) -> Instant {
+    sim.frames
+        .iter()
+        .filter(|(_, f)| f.contains(&level))
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap()
+}
+
+fn first_frame_of(sim: &Sim, level: i16) -> Instant {
+    sim.frames
+        .iter()
+        .filter(|(_, f)| f.contains(&level))
+        .map(|(t, _)| *t)
+        .min()
+        .unwrap()
+}
+
+fn sales_transfer() -> CallOutcome {
+    CallOutcome::Transferred {
+        target: "sales".into(),
+        destination: "201".into(),
+        summary: Some("Pemanggil mahu membeli pakej premium.".into()),
+    }
+}
+
+use super::context::CallOutcome;
+
+#[test]
+fn a_transfer_hangs_up_once_the_handover_line_was_heard() {
+    let mut sim = tools_sim();
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Saya nak beli pakej premium.");
+    let r1 = sim.last_reply();
+    let tools = &sim.replies.last().unwrap().2.tools;
+    let transfer = tools.iter().find(|t| t.name == "transfer_call").unwrap();
+    assert!(
+        !serde_json::to_string(transfer).unwrap().contains("201"),
+        "the model never sees a destination"
+    );
+    sim.reply(t + 300 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Text("Baik. ".into()));
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 500)));
+    sim.reply(
+        t + 400 * MS,
+        r1,
+        ReplyEvent::Transfer {
+            target: "sales".into(),
+            summary: Some("Pemanggil mahu membeli pakej premium.".into()),
+        },
+    );
+    sim.reply(t + 400 * MS, r1, ReplyEvent::Done);
+    assert_eq!(
+        sim.hangup, None,
+        "nothing is cut: the reply and the line play first"
+    );
+    sim.silence(t, 3000);
+    assert_eq!(
+        sim.frames_of(2001),
+        25,
+        "the model's own words are heard whole"
+    );
+    assert_eq!(sim.frames_of(HANDOVER), 40, "then the handover line, whole");
+    assert!(first_frame_of(&sim, HANDOVER) > last_frame_of(&sim, 2001));
+    let h = sim.hangup.expect("hung up");
+    let last = last_frame_of(&sim, HANDOVER);
+    assert!(
+        h >= last + 100 * MS && h <= last + 140 * MS,
+        "0x00 after the line and its tail"
+    );
+    assert_eq!(sim.m.outcome(), sales_transfer());
+    let lines = sim.transcript();
+    assert_eq!(lines.last().unwrap().1, "Baik, saya sambungkan anda.");
+}
+
+#[test]
+fn a_caller_talking_over_the_handover_line_is_still_handed_over() {
+    // A transfer, once announced, is final: what the caller says over the short line neither
+    // stops it nor starts a reply; the person they are connected to hears them next.
+    let mut sim = tools_sim();
+    sim.prompts
+        .insert(PromptKind::Handover, Arc::new(tone(HANDOVER, 3000)));
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Sambungkan saya dengan jualan.");
+    let r1 = sim.last_reply();
+    sim.reply(t + 300 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(
+        t + 300 * MS,
+        r1,
+        ReplyEvent::Transfer {
+            target: "sales".into(),
+            summary: Some("Pemanggil mahu membeli pakej premium.".into()),
+        },
+    );
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Done);
+    // 200 ms into the line the caller talks for two seconds, and Azure hears words.
+    let t = sim.silence(t, 500);
+    assert!(sim.frames_of(HANDOVER) > 0, "the line is playing");
+    let speech = speech();
+    let t = sim.caller(t, &speech[..8000 * 2]);
+    sim.final_(t, "Eh tunggu, saya nak tanya harga dulu.");
+    assert_eq!(
+        sim.m.report().unwrap().barge_ins,
+        0,
+        "no barge-in into a handover"
+    );
+    assert_eq!(sim.hangup, None, "the line is still playing");
+    sim.silence(t, 1500);
+    assert_eq!(sim.frames_of(HANDOVER), 150, "the line is heard whole");
+    let h = sim.hangup.expect("handed over");
+    assert!(h <= last_frame_of(&sim, HANDOVER) + 140 * MS);
+    assert_eq!(sim.replies.len(), 1, "no new reply over a handover");
+    assert_eq!(sim.m.outcome(), sales_transfer());
+}
+
+#[test]
+fn the_operator_digit_hands_the_call_over_at_any_time() {
+    let mut sim = tools_sim();
+    let t = greeted(&mut sim);
+    // A keypad entry holding a 0 among other digits is an ordinary entry.
+    sim.dtmf(t, b'1');
+    sim.dtmf(t + 100 * MS, b'0');
+    sim.dtmf(t + 200 * MS, b'#');
+    assert_eq!(sim.replies.len(), 1, "\"10\" goes to the model");
+    assert!(sim.m.outcome() == CallOutcome::Completed);
+    let r1 = sim.last_reply();
+    sim.reply(t + 500 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(t + 500 * MS, r1, ReplyEvent::Text("Anda menekan ".into()));
+    sim.reply(t + 500 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 3000)));
+    // Mid-reply the caller keys 0 then #.
+    let t = sim.silence(t + 200 * MS, 1000);
+    sim.dtmf(t, b'0');
+    sim.dtmf(t + 150 * MS, b'#');
+    assert_eq!(sim.cancelled, vec![r1], "the reply stops");
+    assert_eq!(prompts_asked(&sim, PromptKind::Handover).len(), 1);
+    sim.silence(t + 150 * MS, 2000);
+    assert_eq!(sim.frames_of(HANDOVER), 40);
+    assert!(
+        first_frame_of(&sim, HANDOVER) <= t + 150 * MS + 40 * MS,
+        "at once"
+    );
+    assert!(sim.hangup.is_some());
+    assert_eq!(sim.replies.len(), 1, "the model is not asked");
+    assert_eq!(
+        sim.m.outcome(),
+        CallOutcome::Transferred {
+            target: "operator".into(),
+            destination: "9".into(),
+            summary: None,
+        }
+    );
+}
+
+#[test]
+fn repeated_provider_failures_hand_over_to_the_fallback_instead_of_apologising_again() {
+    let mut sim = tools_sim();
+    let failed = || ReplyEvent::Failed {
+        provider: Provider::Llm,
+        error: "LLM request failed with HTTP 503: down".into(),
+    };
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Soalan satu");
+    let r1 = sim.last_reply();
+    sim.reply(t + 300 * MS, r1, failed());
+    let t = sim.silence(t, 1500);
+    assert_eq!(prompts_asked(&sim, PromptKind::Apology).len(), 1);
+    // A reply that completes resets the count.
+    let t = sim.ask(t, "Soalan dua");
+    let r2 = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r2, "Jawapan.", 500, false);
+    let t = sim.silence(t, 1500);
+    let t = sim.ask(t, "Soalan tiga");
+    let r3 = sim.last_reply();
+    sim.reply(t + 300 * MS, r3, failed());
+    let t = sim.silence(t, 1500);
+    assert_eq!(prompts_asked(&sim, PromptKind::Apology).len(), 2);
+    assert!(sim.hangup.is_none());
+    // The second failure in a row: the fallback, not a third apology.
+    let t = sim.ask(t, "Soalan empat");
+    let r4 = sim.last_reply();
+    sim.reply(t + 300 * MS, r4, failed());
+    sim.silence(t, 2000);
+    assert_eq!(prompts_asked(&sim, PromptKind::Apology).len(), 2);
+    assert_eq!(sim.frames_of(HANDOVER), 40);
+    assert!(sim.hangup.is_some());
+    assert_eq!(
+        sim.m.outcome(),
+        CallOutcome::Fallback {
+            reason: "provider_failures".into(),
+            destination: "700".into(),
+        }
+    );
+}
+
+fn tool_record(name: &str, ms: u64) -> super::tools::ToolCallRecord {
+    super::tools::ToolCallRecord {
+        name: name.into(),
+        arguments: serde_json::json!({"order_id": "A1"}),
+        at_ms: 0,
+        duration_ms: ms,
+        status: super::tools::ToolStatus::Ok,
+        detail: None,
+    }
+}
+
+#[test]
+fn a_slow_tool_gets_the_filler_after_700_ms_and_no_hold_phrase() {
+    let mut sim = tools_sim();
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Di mana pesanan saya?");
+    let r1 = sim.last_reply();
+    let called = t + 300 * MS;
+    sim.reply(called, r1, ReplyEvent::FirstToken);
+    sim.reply(
+        called,
+        r1,
+        ReplyEvent::ToolsStarted {
+            names: vec!["order_status".into()],
+        },
+    );
+    sim.reply(called, r1, ReplyEvent::SpeechDrained);
+    // The tool takes 2.5 s.
+    let done = called + 2500 * MS;
+    sim.silence(t, 2500 + 300);
+    sim.reply(
+        done,
+        r1,
+        ReplyEvent::ToolsFinished(vec![tool_record("order_status", 2500)]),
+    );
+    sim.reply(
+        done + 300 * MS,
+        r1,
+        ReplyEvent::Text("Pesanan anda sudah dihantar. ".into()),
+    );
+    sim.reply(done + 300 * MS, r1, ReplyEvent::Audio(reply_tone(r1, 1000)));
+    sim.reply(done + 300 * MS, r1, ReplyEvent::Done);
+    sim.silence(done, 2000);
+    let asked = prompts_asked(&sim, PromptKind::Filler);
+    assert_eq!(asked, vec![called + 700 * MS], "once, 700 ms into the tool");
+    assert_eq!(sim.frames_of(FILLER), 25, "the filler is heard whole");
+    assert!(first_frame_of(&sim, FILLER) <= called + 700 * MS + 20 * MS);
+    assert!(
+        prompts_asked(&sim, PromptKind::Hold).is_empty(),
+        "no hold phrase on top"
+    );
+    assert!(
+        prompts_asked(&sim, PromptKind::Apology).is_empty(),
+        "a slow tool is no failure"
+    );
+    assert_eq!(sim.frames_of(2001), 50, "the answer after the tool");
+    let report = sim.m.report().unwrap();
+    assert_eq!(report.tool_calls.len(), 1);
+    assert_eq!(report.tool_calls[0].at_ms + 2500, sim.m_ms(done));
+    let agent = sim.transcript().last().unwrap().1.clone();
+    assert_eq!(agent, "Sebentar ya. Pesanan anda sudah dihantar.");
+}
+
+#[test]
+fn a_fast_tool_gets_no_filler() {
+    let mut sim = tools_sim();
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Di mana pesanan saya?");
+    let r1 = sim.last_reply();
+    let called = t + 300 * MS;
+    sim.reply(called, r1, ReplyEvent::FirstToken);
+    sim.reply(
+        called,
+        r1,
+        ReplyEvent::ToolsStarted {
+            names: vec!["order_status".into()],
+        },
+    );
+    sim.reply(called, r1, ReplyEvent::SpeechDrained);
+    let done = called + 200 * MS;
+    sim.reply(
+        done,
+        r1,
+        ReplyEvent::ToolsFinished(vec![tool_record("order_status", 200)]),
+    );
+    sim.full_reply(done + 300 * MS, r1, "Sudah dihantar.", 1000, false);
+    sim.silence(t, 3000);
+    assert!(prompts_asked(&sim, PromptKind::Filler).is_empty());
+    assert_eq!(sim.frames_of(FILLER), 0);
+    assert_eq!(sim.frames_of(2001), 50);
+}
+
+#[test]
+fn the_filler_waits_for_what_the_model_said_before_the_tool() {
+    let mut sim = tools_sim();
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Di mana pesanan saya?");
+    let r1 = sim.last_reply();
+    let called = t + 300 * MS;
+    sim.reply(called, r1, ReplyEvent::FirstToken);
+    sim.reply(called, r1, ReplyEvent::Text("Saya semak dahulu. ".into()));
+    sim.reply(called, r1, ReplyEvent::Audio(reply_tone(r1, 400)));
+    sim.reply(
+        called,
+        r1,
+        ReplyEvent::ToolsStarted {
+            names: vec!["order_status".into()],
+        },
+    );
+    // The rest of that sentence's audio comes after the filler is due.
+    sim.silence(t, 300 + 800);
+    sim.reply(
+        called + 800 * MS,
+        r1,
+        ReplyEvent::Audio(reply_tone(r1, 800)),
+    );
+    sim.reply(called + 800 * MS, r1, ReplyEvent::SpeechDrained);
+    sim.silence(t + 1100 * MS, 2000);
+    assert_eq!(sim.frames_of(2001), 60, "the sentence is heard whole");
+    assert_eq!(sim.frames_of(FILLER), 25);
+    assert!(
+        first_frame_of(&sim, FILLER) > last_frame_of(&sim, 2001),
+        "the filler never cuts into the sentence"
+    );
+}
+
+/// A final in the language the recogniser identified.
+fn final_in(sim: &mut Sim, t: Instant, text: &str, language: &str) {
+    sim.input(
+        t,
+        Input::Stt(SttEvent::Final {
+            text: text.into(),
+            offset_ms: 0,
+            duration_ms: 0,
+            language: Some(language.into()),
+        }),
+    );
+}
+
+fn user_texts(request: &ChatRequest) -> Vec<&str> {
+    request
+        .messages
+        .iter()
+        .filter(|m| m.role == "user")
+        .map(|m| m.content.as_str())
+        .collect()
+}
+
+#[test]
+fn each_turn_is_answered_in_the_language_the_caller_used() {
+    let mut cfg = config();
+    cfg.languages = vec!["ms-MY".into(), "en-US".into()];
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    // Keypad digits before any speech: the language is not known yet (TTS default).
+    sim.dtmf(t, b'1');
+    let t = t + 100 * MS;
+    sim.dtmf(t, b'#');
+    let r = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r, "Baik.", 500, false);
+    let t = sim.silence(t, 1000);
+    let voiced = speech();
+    for (text, language) in [("Berapa harga?", "ms-MY"), ("How much is it?", "en-US")] {
+        let t2 = sim.caller(t, &voiced[..6400]);
+        let t2 = sim.silence(t2, 460);
+        final_in(&mut sim, t2, text, language);
+        let r = sim.last_reply();
+        sim.full_reply(t2 + 300 * MS, r, "Jawapan.", 500, false);
+        sim.silence(t2, 1500);
+    }
+    // Words the recogniser could not place keep the caller's last language.
+    let t = sim.caller(sim.now, &voiced[..6400]);
+    let t = sim.silence(t, 460);
+    sim.final_(t, "Okay then.");
+    let codes: Vec<Option<&str>> = sim.tts.iter().map(|p| p.language_code.as_deref()).collect();
+    assert_eq!(codes, [None, Some("ms"), Some("en"), Some("en")]);
+    let last = &sim.replies.last().unwrap().2;
+    let users = user_texts(last);
+    assert_eq!(
+        users[1..],
+        [
+            "[ms-MY] Berapa harga?",
+            "[en-US] How much is it?",
+            "[en-US] Okay then."
+        ]
+    );
+    assert!(
+        users[0].starts_with("(Pemanggil menekan"),
+        "untagged: {users:?}"
+    );
+    assert!(
+        last.messages[0]
+            .content
+            .ends_with(super::machine::LANGUAGE_TAG_NOTE),
+        "{}",
+        last.messages[0].content
+    );
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        report.turn_languages,
+        [
+            None,
+            Some("ms-MY".into()),
+            Some("en-US".into()),
+            Some("en-US".into())
+        ]
+    );
+}
+
+#[test]
+fn a_speculative_reply_is_dropped_when_the_caller_switched_language() {
+    let mut cfg = config();
+    cfg.languages = vec!["ms-MY".into(), "en-US".into()];
+    cfg.speculate_after = Some(Duration::from_millis(200));
+    let mut sim = Sim::new(cfg);
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    // A Malay turn first.
+    let t = sim.caller(t, &voiced[..6400]);
+    let t = sim.silence(t, 460);
+    final_in(&mut sim, t, "Berapa harga?", "ms-MY");
+    let r = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r, "RM99.", 500, false);
+    let t = sim.silence(t, 1500);
+    // Then English: the reply starts on the hypothesis, still in Malay as far as it knows.
+    let t = sim.caller(t, &voiced[..6400]);
+    hypothesis(&mut sim, t, "How much is it");
+    let t = sim.silence(t, 320);
+    assert_eq!(sim.replies.len(), 2, "speculated");
+    let spec = sim.last_reply();
+    assert_eq!(sim.tts[1].language_code.as_deref(), Some("ms"));
+    let t = sim.silence(t, 160);
+    final_in(&mut sim, t, "How much is it?", "en-US");
+    assert_eq!(
+        sim.cancelled,
+        vec![spec],
+        "the same words, another language"
+    );
+    assert_eq!(sim.replies.len(), 3);
+    assert_eq!(sim.tts[2].language_code.as_deref(), Some("en"));
+    assert_eq!(
+        user_texts(&sim.replies[2].2),
+        ["[ms-MY] Berapa harga?", "[en-US] How much is it?"]
+    );
+    let report = sim.m.report().unwrap();
+    assert_eq!(
+        (report.speculative.started, report.speculative.wasted),
+        (1, 1)
+    );
+    assert_eq!(
+        report.turn_languages,
+        [Some("ms-MY".into()), Some("en-US".into())],
+        "the abandoned speculation leaves no turn"
+    );
+}
+
+#[test]
+fn without_candidate_languages_nothing_is_tagged() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..6400]);
+    let t = sim.silence(t, 460);
+    // Even if a recogniser said a language, one-language calls ignore it.
+    final_in(&mut sim, t, "How much is it?", "en-US");
+    assert_eq!(sim.tts[0].language_code, None);
+    assert_eq!(user_texts(&sim.replies[0].2), ["How much is it?"]);
+    assert_eq!(sim.replies[0].2.messages[0].content, config().system_prompt);
+    assert!(sim.m.report().unwrap().turn_languages.is_empty());
 }

@@ -8,6 +8,8 @@
 //!   shutdown has begun, so a PBX-side health check or a load balancer can route new calls
 //!   elsewhere.
 //! - `GET /metrics`: OpenMetrics text from [`Metrics::render`].
+//! - `/calls/...`: the `func_curl` side channel (call context in, outcome out), when the
+//!   daemon wires it in ([`AdminState::with_calls`]); see [`crate::pbx::http`].
 //!
 //! The admin port shares the process's file descriptors with the calls, so it must never
 //! starve them: connections are capped ([`AdminLimits::max_connections`], over the cap a
@@ -99,22 +101,39 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Readiness.
     pub ready: ReadyFlag,
+    /// The `/calls` routes, when served.
+    pub calls: Option<crate::pbx::http::CallRoutes>,
 }
 
 impl AdminState {
     /// Bundles the metrics and the readiness flag.
     pub fn new(metrics: Arc<Metrics>, ready: ReadyFlag) -> Self {
-        Self { metrics, ready }
+        Self {
+            metrics,
+            ready,
+            calls: None,
+        }
+    }
+
+    /// Also serves the `/calls` routes (call context registration and outcomes).
+    pub fn with_calls(mut self, calls: crate::pbx::http::CallRoutes) -> Self {
+        self.calls = Some(calls);
+        self
     }
 }
 
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let calls = state.calls.clone();
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    match calls {
+        Some(c) => app.merge(crate::pbx::http::router(c)),
+        None => app,
+    }
 }
 
 async fn healthz() -> &'static str {

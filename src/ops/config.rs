@@ -142,6 +142,22 @@ pub struct Settings {
     pub records: RecordsSettings,
     /// The end-of-call webhook.
     pub webhook: WebhookSettings,
+    /// Which profile a call gets.
+    #[serde(default)]
+    pub routing: super::profiles::RoutingSettings,
+    /// `[profiles.NAME]`, resolved over `[agent]`, `[llm]` and `[tts]` (read by
+    /// [`super::profiles::resolve`], not by this derive). The implicit `default` profile is
+    /// `[agent]` itself and appears here only when `[profiles.default]` overlays it.
+    #[serde(skip_deserializing)]
+    pub profiles: std::collections::BTreeMap<String, super::profiles::ProfileSettings>,
+    /// The Asterisk Manager Interface (call context and outcome).
+    pub ami: AmiSettings,
+    /// HTTP tools the agent may call, by name (`[tools.NAME]`).
+    #[serde(default)]
+    pub tools: std::collections::BTreeMap<String, ToolSettings>,
+    /// MCP servers whose tools the agent may call, by name (`[mcp.NAME]`).
+    #[serde(default)]
+    pub mcp: std::collections::BTreeMap<String, McpSettings>,
     /// API keys, from the environment only.
     #[serde(skip_deserializing)]
     pub secrets: Secrets,
@@ -185,6 +201,35 @@ pub struct AdminSettings {
     /// Cap on open admin connections (lowered further under a low open-file limit).
     #[serde(deserialize_with = "strict::uint")]
     pub max_connections: usize,
+    /// The environment variable holding the bearer token of the `/calls` routes.
+    pub token_env: String,
+}
+
+/// `[ami]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmiSettings {
+    /// Keep a manager connection for call context and outcomes.
+    pub enabled: bool,
+    /// PBX host.
+    pub host: String,
+    /// Manager port.
+    #[serde(deserialize_with = "strict::uint")]
+    pub port: u16,
+    /// Manager user.
+    pub username: String,
+    /// The environment variable holding the manager secret.
+    pub secret_env: String,
+    /// Connect with TLS.
+    pub tls: bool,
+    /// PEM file of the CA or self-signed certificate to trust; empty = public roots.
+    pub tls_ca_file: String,
+    /// Deadline of each action (and of connecting), ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub action_timeout_ms: u64,
+    /// Longest wait between reconnect attempts, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub reconnect_max_ms: u64,
 }
 
 /// Log output format.
@@ -225,6 +270,9 @@ pub struct AgentSettings {
     pub mode: AgentMode,
     /// BCP-47 locale for STT.
     pub language: String,
+    /// Candidate locales for continuous language identification (two or more, `language`
+    /// among them); empty: recognition in `language` only.
+    pub languages: Vec<String>,
     /// First thing the agent says.
     pub greeting: String,
     /// The LLM's instructions.
@@ -276,6 +324,107 @@ pub struct AgentSettings {
     /// After a barge-in that brought no words, resume this long after the caller stopped.
     #[serde(deserialize_with = "strict::uint")]
     pub resume_after_ms: u64,
+    /// IANA time zone of the `{now}` prompt variable.
+    pub time_zone: String,
+    /// People or queues the model may hand the call to (`transfer_call`).
+    pub transfer_targets: Vec<crate::call::context::TransferTarget>,
+    /// Said before a transfer (cached at startup).
+    pub handover_line: String,
+    /// A keypad entry of only this digit asks for a person; empty disables.
+    pub operator_digit: String,
+    /// The dialplan destination for calls the agent cannot serve; empty: none.
+    pub fallback_destination: String,
+    /// Provider failures in a row that hand the call to the fallback destination instead of
+    /// another apology; 0 never.
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_provider_failures: u64,
+    /// The declared tools (`[tools.NAME]`, `[mcp.NAME]`) this agent may use.
+    pub tools: Vec<String>,
+    /// Tool rounds per caller turn.
+    #[serde(deserialize_with = "strict::uint")]
+    pub max_tool_rounds: u64,
+    /// Said (once per turn) when a tool round takes longer than `filler_after_ms`.
+    pub filler_phrase: String,
+    /// How slow a tool round gets the filler phrase, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub filler_after_ms: u64,
+    /// An HTTP tool run before the greeting with `{caller_number}`; empty: none.
+    pub pre_call_lookup: String,
+    /// How long the greeting waits for it, ms.
+    #[serde(deserialize_with = "strict::uint")]
+    pub pre_call_deadline_ms: u64,
+}
+
+/// `[tools.NAME]`: an HTTP tool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSettings {
+    /// When to use it, for the model.
+    pub description: String,
+    /// A JSON schema of the arguments: a TOML table, or the schema as a JSON string.
+    #[serde(default = "empty_object_schema")]
+    pub parameters: serde_json::Value,
+    /// GET, POST, PUT, PATCH or DELETE.
+    #[serde(default = "default_tool_method")]
+    pub method: String,
+    /// http(s) URL; `{param}` is replaced by that argument, percent-encoded.
+    pub url: String,
+    /// Request headers; values may refer to environment variables as `${NAME}` (secrets
+    /// never go in the file).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Deadline, ms (100..=30000).
+    #[serde(default = "default_tool_timeout", deserialize_with = "strict::uint")]
+    pub timeout_ms: u64,
+    /// Whether the result may be read to the caller.
+    #[serde(default)]
+    pub speakable: bool,
+    /// Argument fields kept out of the call record.
+    #[serde(default)]
+    pub redact: Vec<String>,
+}
+
+impl ToolSettings {
+    /// The parameters as a JSON schema object (parsing a JSON string).
+    pub fn parameters_schema(&self) -> Result<serde_json::Value, String> {
+        let v = match &self.parameters {
+            serde_json::Value::String(s) => serde_json::from_str(s)
+                .map_err(|e| format!("parameters is not a JSON schema: {e}"))?,
+            other => other.clone(),
+        };
+        if v.get("type").and_then(serde_json::Value::as_str) != Some("object") {
+            return Err("parameters must be an object schema (type = \"object\")".into());
+        }
+        Ok(v)
+    }
+}
+
+/// `[mcp.NAME]`: an MCP server (streamable HTTP).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpSettings {
+    /// The server's streamable-HTTP endpoint.
+    pub url: String,
+    /// The server's tools the agent may use (others are neither listed nor called).
+    pub tools: Vec<String>,
+    /// Deadline per request, ms (100..=30000).
+    #[serde(default = "default_tool_timeout", deserialize_with = "strict::uint")]
+    pub timeout_ms: u64,
+    /// Request headers; values may refer to environment variables as `${NAME}`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+fn empty_object_schema() -> serde_json::Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+fn default_tool_method() -> String {
+    "GET".into()
+}
+
+fn default_tool_timeout() -> u64 {
+    3000
 }
 
 /// `[stt]`
@@ -454,6 +603,10 @@ pub struct Secrets {
     pub openrouter_api_key: Secret,
     /// `ELEVENLABS_API_KEY`
     pub elevenlabs_api_key: Secret,
+    /// The admin `/calls` bearer token, from the variable `admin.token_env` names.
+    pub admin_token: Secret,
+    /// The AMI secret, from the variable `ami.secret_env` names.
+    pub ami_secret: Secret,
 }
 
 impl Secrets {
@@ -463,7 +616,14 @@ impl Secrets {
             azure_speech_key: Secret::from_env("AZURE_SPEECH_KEY"),
             openrouter_api_key: Secret::from_env("OPENROUTER_API_KEY"),
             elevenlabs_api_key: Secret::from_env("ELEVENLABS_API_KEY"),
+            ..Self::default()
         }
+    }
+
+    /// Reads the secrets whose variable names come from the configuration.
+    pub fn read_named(&mut self, settings: &Settings) {
+        self.admin_token = Secret::from_env(&settings.admin.token_env);
+        self.ami_secret = Secret::from_env(&settings.ami.secret_env);
     }
 
     /// Each key with the environment variable it is read from.
@@ -642,6 +802,34 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             "ms after a wordless interruption",
         ),
         range(
+            "agent.max_provider_failures",
+            Integer,
+            0.0,
+            100.0,
+            "provider failures in a row before the fallback; 0 = never",
+        ),
+        range(
+            "agent.max_tool_rounds",
+            Integer,
+            1.0,
+            10.0,
+            "tool rounds per caller turn",
+        ),
+        range(
+            "agent.filler_after_ms",
+            Integer,
+            100.0,
+            10_000.0,
+            "ms of a tool round before the filler phrase",
+        ),
+        range(
+            "agent.pre_call_deadline_ms",
+            Integer,
+            50.0,
+            1_500.0,
+            "ms the greeting waits for the pre-call lookup",
+        ),
+        range(
             "stt.segmentation_silence_ms",
             Integer,
             100.0,
@@ -684,6 +872,27 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
             1.0,
             64.0,
             "prompt syntheses at once",
+        ),
+        range(
+            "ami.port",
+            Integer,
+            1.0,
+            65_535.0,
+            "TCP port of the manager",
+        ),
+        range(
+            "ami.action_timeout_ms",
+            Integer,
+            50.0,
+            10_000.0,
+            "ms for each manager action",
+        ),
+        range(
+            "ami.reconnect_max_ms",
+            Integer,
+            100.0,
+            300_000.0,
+            "ms between manager reconnect attempts at most",
         ),
     ]
 };
@@ -751,6 +960,10 @@ impl Settings {
             "agent.speculate_after_ms" => Int(g.speculate_after_ms),
             "agent.speculative_max_per_call" => Int(g.speculative_max_per_call),
             "agent.resume_after_ms" => Int(g.resume_after_ms),
+            "agent.max_provider_failures" => Int(g.max_provider_failures),
+            "agent.max_tool_rounds" => Int(g.max_tool_rounds),
+            "agent.filler_after_ms" => Int(g.filler_after_ms),
+            "agent.pre_call_deadline_ms" => Int(g.pre_call_deadline_ms),
             "stt.segmentation_silence_ms" => Int(u64::from(s.segmentation_silence_ms)),
             "llm.max_tokens" => Int(u64::from(l.max_tokens)),
             "llm.temperature" => F32(l.temperature),
@@ -759,6 +972,9 @@ impl Settings {
             "llm.reasoning_max_tokens" => Int(u64::from(l.reasoning_max_tokens)),
             "tts.first_byte_timeout_ms" => Int(t.first_byte_timeout_ms),
             "tts.max_concurrency" => Int(u64::from(t.max_concurrency)),
+            "ami.port" => Int(u64::from(self.ami.port)),
+            "ami.action_timeout_ms" => Int(self.ami.action_timeout_ms),
+            "ami.reconnect_max_ms" => Int(self.ami.reconnect_max_ms),
             _ => return None,
         })
     }
@@ -795,6 +1011,9 @@ impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut s = Self::load_from(file, std::env::vars())?;
         s.secrets = Secrets::from_env();
+        let mut secrets = std::mem::take(&mut s.secrets);
+        secrets.read_named(&s);
+        s.secrets = secrets;
         Ok(s)
     }
 
@@ -818,10 +1037,13 @@ impl Settings {
             b = b.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
         let prefix = format!("{ENV_PREFIX}_");
-        let vars: HashMap<String, String> = env
+        // `SIFUCALL_X` without `__` cannot be a `SECTION__KEY` override; such a variable is
+        // fine when a setting names it (a secret such as SIFUCALL_ADMIN_TOKEN), else an error
+        // below (a typo such as SIFUCALL_AGENT_MODE).
+        let (vars, loose): (HashMap<String, String>, HashMap<String, String>) = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(&prefix))
-            .collect();
+            .partition(|(k, _)| k[prefix.len()..].contains("__"));
         let env_src = Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("_")
             .separator("__")
@@ -829,6 +1051,7 @@ impl Settings {
             .with_list_parse_key("audiosocket.allow")
             .with_list_parse_key("llm.fallback_models")
             .with_list_parse_key("agent.backchannels")
+            .with_list_parse_key("agent.languages")
             .try_parsing(true)
             .source(Some(vars));
         b = b.add_source(env_src);
@@ -843,7 +1066,8 @@ impl Settings {
             ConfigError(msg)
         })?;
         let origins = Origins::from_cache(&loaded.cache, file);
-        let mut settings: Self = match loaded.clone().try_deserialize() {
+        let without_profiles = super::profiles::without_profiles(&loaded.cache);
+        let mut settings: Self = match without_profiles.try_deserialize() {
             Ok(s) => s,
             Err(e) => {
                 // Deserialization stops at the first bad value; report every bad number.
@@ -863,7 +1087,22 @@ impl Settings {
             }
         };
         settings.origins = origins;
-        settings.validate()?;
+        let (profiles, unresolved) = super::profiles::resolve(&loaded.cache);
+        settings.profiles = profiles;
+        let mut p = Problems::new(&settings.origins);
+        for (key, why) in unresolved {
+            p.bad(&key, why);
+        }
+        let mut problems = p.list;
+        if let Err(e) = settings.check_loose_env(loose.keys()) {
+            problems.extend(e.problems().map(str::to_owned));
+        }
+        if let Err(e) = settings.validate() {
+            problems.extend(e.problems().map(str::to_owned));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::from_problems(problems));
+        }
         Ok(settings)
     }
 
@@ -872,6 +1111,13 @@ impl Settings {
     /// first. [`Settings::load`] already calls it; call it again after changing fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::new(&self.origins);
+        self.validate_values(&mut p);
+        self.validate_profiles(&mut p);
+        p.into_result()
+    }
+
+    /// Every check but the profiles' (which run it again over each profile's settings).
+    fn validate_values(&self, p: &mut Problems<'_>) {
         for r in NUMERIC_RANGES {
             match self.number(r.key) {
                 Some(v) if r.contains(v) => {}
@@ -894,19 +1140,115 @@ impl Settings {
                 ),
             }
         }
-        self.validate_network(&mut p);
+        self.validate_network(p);
         if let Err(why) = validate_log_filter(&self.log.level) {
             p.bad("log.level", why);
         }
-        self.validate_agent(&mut p);
-        self.validate_providers(&mut p);
+        self.validate_agent(p);
+        self.validate_providers(p);
+        self.validate_pbx(p);
         if let Err(why) = records_path(&self.records.url) {
             p.bad("records.url", why);
         }
         if let Err(why) = webhook_url(&self.webhook.url) {
             p.bad("webhook.url", why);
         }
-        p.into_result()
+        let base = super::profiles::ProfileSettings::base(self);
+        for (key, why) in super::profiles::validate_profile(&base) {
+            p.bad(&key, why);
+        }
+    }
+
+    /// Each profile gets every check `[agent]`, `[llm]` and `[tts]` get, reported under the
+    /// profile's own keys (a problem in an inherited value is reported once, under its own
+    /// section); then `[routing]` is checked against the profiles.
+    fn validate_profiles(&self, p: &mut Problems<'_>) {
+        for profile in self.profiles.values() {
+            let view = profile.apply(self);
+            let rename = |key: &str| profile.own_key(key);
+            let mut inner = Problems::new(&self.origins);
+            inner.rename = Some(&rename);
+            view.validate_values(&mut inner);
+            p.list.extend(inner.list);
+        }
+        for (key, why) in super::profiles::validate_routing(self) {
+            p.bad(&key, why);
+        }
+    }
+
+    /// `SIFUCALL_*` variables without `__` are errors unless a setting names them.
+    fn check_loose_env<'a>(
+        &self,
+        names: impl Iterator<Item = &'a String>,
+    ) -> Result<(), ConfigError> {
+        let named = serde_json::to_value(self).unwrap_or_default();
+        let is_named = |name: &str| {
+            fn walk(v: &serde_json::Value, name: &str) -> bool {
+                match v {
+                    serde_json::Value::String(s) => s == name,
+                    serde_json::Value::Array(a) => a.iter().any(|x| walk(x, name)),
+                    serde_json::Value::Object(o) => o.values().any(|x| walk(x, name)),
+                    _ => false,
+                }
+            }
+            walk(&named, name)
+        };
+        let mut problems: Vec<String> = names
+            .filter(|n| !is_named(n))
+            .map(|n| {
+                format!(
+                    "environment variable {n} is not a setting: overrides are \
+                     {ENV_PREFIX}_<SECTION>__<KEY> with two underscores between section and key \
+                     (e.g. {ENV_PREFIX}_AGENT__MODE)"
+                )
+            })
+            .collect();
+        problems.sort();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::from_problems(problems))
+        }
+    }
+
+    fn validate_pbx(&self, p: &mut Problems<'_>) {
+        let a = &self.ami;
+        if a.enabled && a.host.trim().is_empty() {
+            p.bad("ami.host", "is empty; name the PBX (e.g. 127.0.0.1)");
+        }
+        if a.enabled && a.username.trim().is_empty() {
+            p.bad("ami.username", "is empty; name the manager user");
+        }
+        for (key, name) in [
+            ("ami.secret_env", &a.secret_env),
+            ("admin.token_env", &self.admin.token_env),
+        ] {
+            let ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                p.bad(
+                    key,
+                    format!("{name:?} is not an environment variable name (A-Z, 0-9, _)"),
+                );
+            }
+        }
+    }
+
+    /// Whether the admin server listens beyond loopback without a `/calls` token (the
+    /// daemon refuses to start so).
+    pub fn admin_needs_token(&self) -> Option<String> {
+        let ip = self.admin.listen.ip().to_canonical();
+        (!ip.is_loopback() && !self.secrets.admin_token.is_set()).then(|| {
+            format!(
+                "admin.listen = {} is reachable beyond this host, and its /calls routes change calls: \
+                 set a bearer token in the environment variable {} (admin.token_env), e.g. \
+                 {}=$(openssl rand -hex 24), or listen on 127.0.0.1",
+                self.admin.listen, self.admin.token_env, self.admin.token_env
+            )
+        })
     }
 
     fn validate_network(&self, p: &mut Problems<'_>) {
@@ -949,10 +1291,133 @@ impl Settings {
         if let Err(why) = bcp47(&g.language) {
             p.bad("agent.language", why);
         }
+        if let Err(why) = candidate_languages(&g.language, &g.languages) {
+            p.bad("agent.languages", why);
+        }
         if g.apology.trim().is_empty() {
             p.bad(
                 "agent.apology",
                 "is empty; it is what callers hear when a provider fails",
+            );
+        }
+        self.validate_tools(p);
+    }
+
+    /// Transfer targets, the operator digit, the declared tools and the agent's choice of them.
+    fn validate_tools(&self, p: &mut Problems<'_>) {
+        let g = &self.agent;
+        let reserved = ["transfer_call", "end_call"];
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in g.transfer_targets.iter().enumerate() {
+            if let Err(why) = tool_name(&t.name) {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {}: name {why}", i + 1),
+                );
+            }
+            if !seen.insert(t.name.as_str()) {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {}: the name {:?} is used twice", i + 1, t.name),
+                );
+            }
+            if t.destination.trim().is_empty() {
+                p.bad(
+                    "agent.transfer_targets",
+                    format!("entry {} ({}): destination is empty", i + 1, t.name),
+                );
+            }
+        }
+        let d = g.operator_digit.trim();
+        if !(d.is_empty() || (d.len() == 1 && d.chars().all(|c| "0123456789*".contains(c)))) {
+            p.bad(
+                "agent.operator_digit",
+                format!("{d:?} must be one keypad key (0-9 or *) or empty"),
+            );
+        }
+        for (name, t) in &self.tools {
+            let key = format!("tools.{name}");
+            if let Err(why) = tool_name(name) {
+                p.bad(&key, format!("the name {why}"));
+            }
+            if reserved.contains(&name.as_str()) {
+                p.bad(&key, "is a built-in tool's name");
+            }
+            if let Err(why) = t.parameters_schema() {
+                p.bad(&key, why);
+            }
+            if !(100..=30_000).contains(&t.timeout_ms) {
+                p.bad(
+                    &key,
+                    format!("timeout_ms {} must be between 100 and 30000", t.timeout_ms),
+                );
+            }
+            if reqwest::Method::from_bytes(t.method.trim().to_ascii_uppercase().as_bytes()).is_err()
+            {
+                p.bad(&key, format!("method {:?} is not an HTTP method", t.method));
+            }
+            let probe = t.url.replace(['{', '}'], "");
+            match Url::parse(probe.trim()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => {}
+                Ok(_) => p.bad(&key, "url must be http:// or https:// with a host"),
+                Err(e) => p.bad(&key, format!("url is not a URL ({e})")),
+            }
+        }
+        for (name, m) in &self.mcp {
+            let key = format!("mcp.{name}");
+            if let Err(why) = service_url(&m.url, &["http", "https"], false) {
+                p.bad(&key, format!("url: {why}"));
+            }
+            if !(100..=30_000).contains(&m.timeout_ms) {
+                p.bad(
+                    &key,
+                    format!("timeout_ms {} must be between 100 and 30000", m.timeout_ms),
+                );
+            }
+            if self.tools.contains_key(name) {
+                p.bad(&key, "has the name of a [tools] entry");
+            }
+        }
+        let headers = self
+            .tools
+            .iter()
+            .map(|(n, t)| (format!("tools.{n}"), &t.headers))
+            .chain(
+                self.mcp
+                    .iter()
+                    .map(|(n, m)| (format!("mcp.{n}"), &m.headers)),
+            );
+        for (key, headers) in headers {
+            for (name, value) in headers {
+                let n = name.to_ascii_lowercase();
+                let secret = n == "authorization"
+                    || ["token", "secret", "key", "auth", "cookie"]
+                        .iter()
+                        .any(|w| n.contains(w));
+                if secret && !value.contains("${") {
+                    p.bad(
+                        &key,
+                        format!(
+                            "header {name} looks like a secret written in the file; put it in an \
+                             environment variable and write ${{NAME}} (e.g. \"Bearer ${{CRM_TOKEN}}\")"
+                        ),
+                    );
+                }
+            }
+        }
+        for name in &g.tools {
+            if !self.tools.contains_key(name) && !self.mcp.contains_key(name) {
+                p.bad(
+                    "agent.tools",
+                    format!("{name:?} is neither a [tools.{name}] nor an [mcp.{name}] entry"),
+                );
+            }
+        }
+        let lookup = g.pre_call_lookup.trim();
+        if !lookup.is_empty() && !self.tools.contains_key(lookup) {
+            p.bad(
+                "agent.pre_call_lookup",
+                format!("{lookup:?} is not a [tools.{lookup}] entry"),
             );
         }
     }
@@ -1025,6 +1490,7 @@ impl Settings {
         let mut p = Problems::new(&self.origins);
         if what.keys && self.agent.mode == AgentMode::Ai {
             self.check_keys(&mut p);
+            self.check_tool_env(&mut p, &|k| std::env::var(k).ok());
         }
         if let Ok(Some(path)) = records_path(&self.records.url) {
             if let Err(why) = probe_records_file(&path) {
@@ -1033,6 +1499,23 @@ impl Settings {
         }
         if what.bind {
             self.probe_listen(&mut p);
+        }
+        if let Some(why) = self.admin_needs_token() {
+            p.bad("admin.listen", why);
+        }
+        if self.ami.enabled && !self.secrets.ami_secret.is_set() {
+            p.bad(
+                "ami.enabled",
+                format!(
+                    "the manager secret is not in the environment variable {} (ami.secret_env)",
+                    self.ami.secret_env
+                ),
+            );
+        }
+        if self.ami.enabled && self.ami.tls && !self.ami.tls_ca_file.trim().is_empty() {
+            if let Err(e) = std::fs::read(self.ami.tls_ca_file.trim()) {
+                p.bad("ami.tls_ca_file", format!("cannot read it: {e}"));
+            }
         }
         p.list
     }
@@ -1062,6 +1545,27 @@ impl Settings {
             if let Some(why) = secret.format_problem() {
                 p.list
                     .push(format!("invalid API key {name} (environment): {why}"));
+            }
+        }
+    }
+
+    /// Every `${NAME}` a tool's or MCP server's header refers to is set (the values are
+    /// secrets: only the names are ever shown).
+    fn check_tool_env(&self, p: &mut Problems<'_>, env: &dyn Fn(&str) -> Option<String>) {
+        let headers = self
+            .tools
+            .iter()
+            .map(|(n, t)| (format!("tools.{n}"), &t.headers))
+            .chain(
+                self.mcp
+                    .iter()
+                    .map(|(n, m)| (format!("mcp.{n}"), &m.headers)),
+            );
+        for (key, headers) in headers {
+            for (name, value) in headers {
+                if let Err(why) = crate::call::tools::http::expand_env(value, env) {
+                    p.bad(&key, format!("header {name} {why} in the environment"));
+                }
             }
         }
     }
@@ -1124,10 +1628,15 @@ impl Settings {
     }
 }
 
+/// Maps a key to the name it is reported under, or to `None` to leave it out.
+type Rename<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// Collects problems, each naming its key and origin.
 struct Problems<'a> {
     origins: &'a Origins,
     list: Vec<String>,
+    /// Reports a key under another name (a profile's own key), or not at all (`None`).
+    rename: Option<Rename<'a>>,
 }
 
 impl<'a> Problems<'a> {
@@ -1135,10 +1644,22 @@ impl<'a> Problems<'a> {
         Self {
             origins,
             list: Vec::new(),
+            rename: None,
         }
     }
 
     fn bad(&mut self, key: &str, why: impl fmt::Display) {
+        let renamed;
+        let key = match self.rename {
+            Some(rename) => match rename(key) {
+                Some(k) => {
+                    renamed = k;
+                    renamed.as_str()
+                }
+                None => return,
+            },
+            None => key,
+        };
         self.list.push(match self.origins.describe(key) {
             Some(origin) => format!("invalid value for key `{key}` ({origin}): {why}"),
             None => format!("invalid value for key `{key}`: {why}"),
@@ -1162,11 +1683,13 @@ enum Origin {
     Env,
 }
 
-/// The origin of every `section` and `section.key` after layering.
+/// The origin of every `section` and `section.key` (and deeper keys, as in
+/// `profiles.NAME.key`) after layering, and the line of each key in the file.
 #[derive(Clone, Default)]
 struct Origins {
     file: Option<PathBuf>,
     by_key: HashMap<String, Origin>,
+    lines: HashMap<String, usize>,
 }
 
 impl fmt::Debug for Origins {
@@ -1195,13 +1718,23 @@ impl Origins {
                 if let ValueKind::Table(keys) = &table.kind {
                     for (key, value) in keys {
                         by_key.insert(format!("{section}.{key}"), origin(value));
+                        if let ValueKind::Table(deeper) = &value.kind {
+                            for (k, v) in deeper {
+                                by_key.insert(format!("{section}.{key}.{k}"), origin(v));
+                            }
+                        }
                     }
                 }
             }
         }
+        let lines = file
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|text| key_lines(&text))
+            .unwrap_or_default();
         Self {
             file: file.map(Path::to_owned),
             by_key,
+            lines,
         }
     }
 
@@ -1209,9 +1742,10 @@ impl Origins {
         Some(match self.by_key.get(key)? {
             Origin::BuiltIn => "built-in default".to_owned(),
             Origin::Env => format!("set by environment variable {}", env_var(key)),
-            Origin::File => match &self.file {
-                Some(path) => format!("set in {}", path.display()),
-                None => "set in the config file".to_owned(),
+            Origin::File => match (&self.file, self.lines.get(key)) {
+                (Some(path), Some(line)) => format!("set in {}:{line}", path.display()),
+                (Some(path), None) => format!("set in {}", path.display()),
+                (None, _) => "set in the config file".to_owned(),
             },
         })
     }
@@ -1239,6 +1773,35 @@ impl Origins {
             _ => msg.to_owned(),
         }
     }
+}
+
+/// The line of every key in a TOML file, by dotted path (`profiles.sales.greeting` -> 12).
+fn key_lines(text: &str) -> HashMap<String, usize> {
+    fn walk(
+        text: &str,
+        prefix: &str,
+        table: &toml::de::DeTable<'_>,
+        out: &mut HashMap<String, usize>,
+    ) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{prefix}.{}", key.get_ref())
+            };
+            let at = key.span().start.min(text.len());
+            out.entry(path.clone())
+                .or_insert_with(|| text[..at].matches('\n').count() + 1);
+            if let toml::de::DeValue::Table(t) = value.get_ref() {
+                walk(text, &path, t, out);
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    if let Ok(doc) = toml::de::DeTable::parse(text) {
+        walk(text, "", doc.get_ref(), &mut out);
+    }
+    out
 }
 
 /// `audiosocket.max_calls` -> `SIFUCALL_AUDIOSOCKET__MAX_CALLS`.
@@ -1399,6 +1962,46 @@ fn suggest_level(word: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `[agent] languages`: none, or `language` alone, or 2 to 10 tags (Azure's limit for
+/// continuous identification) with `language` among them and one locale per base language
+/// (identification tells languages apart, not accents).
+fn candidate_languages(language: &str, languages: &[String]) -> Result<(), String> {
+    for tag in languages {
+        bcp47(tag)?;
+    }
+    match languages {
+        [] => return Ok(()),
+        [one] if one == language => return Ok(()),
+        [one] => {
+            return Err(format!(
+                "a single entry must be agent.language ({language:?}), not {one:?}; list two or \
+                 more to identify the caller's language, or set agent.language"
+            ));
+        }
+        _ => {}
+    }
+    if languages.len() > 10 {
+        return Err(format!(
+            "{} languages; continuous language identification takes at most 10",
+            languages.len()
+        ));
+    }
+    if !languages.iter().any(|l| l == language) {
+        return Err(format!(
+            "must include agent.language ({language:?}): the language the call starts in"
+        ));
+    }
+    let base = |l: &str| l.split('-').next().unwrap_or(l).to_ascii_lowercase();
+    for (i, a) in languages.iter().enumerate() {
+        if let Some(b) = languages[..i].iter().find(|b| base(b) == base(a)) {
+            return Err(format!(
+                "{b:?} and {a:?} are the same language; list one locale per language"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A BCP-47 language tag of the shape Azure expects: `ms-MY`, `en-US`, `zh-Hans-CN`,
 /// `es-419`.
 fn bcp47(tag: &str) -> Result<(), String> {
@@ -1478,6 +2081,22 @@ fn model_name(name: &str) -> Result<(), String> {
 }
 
 /// An id that goes into a URL path or query: letters, digits, `-`, `_`, `.`.
+/// A function name the model can call: `^[A-Za-z0-9_-]{1,64}$`.
+fn tool_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("{name:?} must be 1 to 64 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "{name:?} may hold only letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
 fn identifier(id: &str) -> Result<(), String> {
     if id.trim().is_empty() {
         Err("is empty".into())
@@ -1725,6 +2344,75 @@ mod tests {
             Ok(_) => panic!("{pairs:?} was accepted"),
             Err(e) => e.0,
         }
+    }
+
+    #[test]
+    fn tools_targets_and_mcp_load_from_a_file_with_their_case_kept() {
+        let dir = scratch("tools");
+        let s = with_toml(
+            &dir,
+            r#"
+[agent]
+tools = ["orderStatus", "crm"]
+transfer_targets = [{ name = "sales", description = "buying", destination = "SIP/201" }]
+pre_call_lookup = "orderStatus"
+
+[tools.orderStatus]
+description = "Find an order."
+parameters = { type = "object", properties = { orderId = { type = "string" } }, additionalProperties = false }
+url = "https://crm.example.my/orders/{orderId}?x=1"
+headers = { Authorization = "Bearer ${CRM_TOKEN}" }
+timeout_ms = 2500
+redact = ["icNumber"]
+
+[tools.json_schema]
+description = "Schema as JSON text."
+parameters = '{"type": "object", "properties": {"q": {"type": "string"}}}'
+url = "http://127.0.0.1:9/q"
+
+[mcp.crm]
+url = "http://127.0.0.1:9/mcp"
+tools = ["findCustomer"]
+"#,
+        )
+        .unwrap();
+        let t = &s.tools["orderStatus"];
+        let schema = t.parameters_schema().unwrap();
+        assert!(schema.pointer("/properties/orderId").is_some(), "{schema}");
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(t.headers["Authorization"], "Bearer ${CRM_TOKEN}");
+        assert_eq!(t.timeout_ms, 2500);
+        assert_eq!(t.method, "GET");
+        assert!(!t.speakable);
+        let q = s.tools["json_schema"].parameters_schema().unwrap();
+        assert!(q.pointer("/properties/q").is_some());
+        assert_eq!(s.mcp["crm"].tools, ["findCustomer"]);
+        assert_eq!(s.mcp["crm"].timeout_ms, 3000);
+        assert_eq!(s.agent.transfer_targets[0].destination, "SIP/201");
+        assert_eq!(s.agent.tools, ["orderStatus", "crm"]);
+    }
+
+    #[test]
+    fn preflight_names_header_variables_that_are_not_set() {
+        let dir = scratch("tool-env");
+        let s = with_toml(
+            &dir,
+            r#"
+[tools.t]
+description = "d"
+url = "http://127.0.0.1:9/"
+headers = { Authorization = "Bearer ${SIFUCALL_TEST_SURELY_UNSET_TOKEN}", X-Ok = "${HOME_SET}" }
+"#,
+        )
+        .unwrap();
+        let mut p = Problems::new(&s.origins);
+        s.check_tool_env(&mut p, &|k| (k == "HOME_SET").then(|| "v".into()));
+        assert_eq!(p.list.len(), 1, "{:?}", p.list);
+        assert!(
+            p.list[0].contains("${SIFUCALL_TEST_SURELY_UNSET_TOKEN}, which is not set"),
+            "{:?}",
+            p.list
+        );
     }
 
     #[test]
@@ -2090,6 +2778,44 @@ mod tests {
         ] {
             assert!(bcp47(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn candidate_language_lists() {
+        let l = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        for ok in [
+            l(&[]),
+            l(&["ms-MY"]),
+            l(&["ms-MY", "en-US"]),
+            l(&["en-US", "ms-MY", "zh-CN", "ta-IN"]),
+        ] {
+            assert!(candidate_languages("ms-MY", &ok).is_ok(), "{ok:?}");
+        }
+        for (bad, says) in [
+            (l(&["en-US"]), "single entry"),
+            (l(&["en-US", "zh-CN"]), "must include agent.language"),
+            (l(&["ms-MY", "en-US", "en-GB"]), "same language"),
+            (l(&["ms-MY", "en_US"]), "BCP-47"),
+            (
+                l(&[
+                    "ms-MY", "en-US", "zh-CN", "ta-IN", "hi-IN", "th-TH", "id-ID", "vi-VN",
+                    "ja-JP", "ko-KR", "fr-FR",
+                ]),
+                "at most 10",
+            ),
+        ] {
+            let e = candidate_languages("ms-MY", &bad).unwrap_err();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        // From the environment, as a list, and checked with the rest.
+        let s = with_env(&[("SIFUCALL_AGENT__LANGUAGES", "ms-MY,en-US")]).unwrap();
+        assert_eq!(s.agent.languages, ["ms-MY", "en-US"]);
+        assert!(Settings::defaults().agent.languages.is_empty());
+        let e = err_with_env(&[("SIFUCALL_AGENT__LANGUAGES", "en-US,zh-CN")]);
+        assert!(
+            e.contains("agent.languages") && e.contains("SIFUCALL_AGENT__LANGUAGES"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod log_filter;
 pub mod logging;
 pub mod metrics;
+pub mod profiles;
 pub mod records;
 pub mod rlimit;
 pub mod systemd;

@@ -84,6 +84,15 @@ pub struct CallRecord {
     pub speculative: Speculation,
     /// Provider or pipeline errors during the call, one line each.
     pub errors: Vec<String>,
+    /// The agent profile the call ran with (empty in echo mode).
+    #[serde(default)]
+    pub profile: String,
+    /// Every tool call: name, arguments (configured fields redacted), duration, status.
+    #[serde(default)]
+    pub tool_calls: Vec<crate::call::tools::ToolCallRecord>,
+    /// How the call ended for the dialplan (a transfer carries its target and summary).
+    #[serde(default)]
+    pub outcome: Option<crate::call::CallOutcome>,
 }
 
 /// Who produced a transcript entry.
@@ -535,6 +544,9 @@ mod tests {
             resumes: 0,
             speculative: Speculation::default(),
             errors: vec![],
+            profile: "sales".into(),
+            tool_calls: vec![],
+            outcome: None,
         }
     }
 

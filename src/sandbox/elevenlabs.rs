@@ -155,6 +155,7 @@ pub struct FakeElevenLabsStats {
     max_active: AtomicUsize,
     busy_rejections: AtomicUsize,
     recorded: std::sync::Mutex<Vec<RecordedWsSession>>,
+    language_codes: std::sync::Mutex<Vec<String>>,
 }
 
 /// Wall-clock marks of one websocket session, for attributing latency in benchmarks.
@@ -204,6 +205,22 @@ impl FakeElevenLabsStats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The `language_code` of every synthesis request that got past its checks (the
+    /// websocket upgrade's query, the HTTP body), in arrival order; empty when it named none.
+    pub fn language_codes(&self) -> Vec<String> {
+        self.language_codes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record_language_code(&self, code: Option<&str>) {
+        self.language_codes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(code.unwrap_or_default().to_owned());
     }
 
     /// Requests refused with 429 for the concurrency limit.
@@ -676,6 +693,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 struct HttpRequestBody {
     text: Option<String>,
     model_id: Option<String>,
+    language_code: Option<String>,
 }
 
 /// Shared checks of both HTTP endpoints; the audio bytes and the fault to inject, or the
@@ -708,6 +726,7 @@ fn http_audio(
     let Some(text) = req.text else {
         return Err(validation(["body", "text"], "Field required", "missing"));
     };
+    app.stats.record_language_code(req.language_code.as_deref());
     app.stats.count_text(&text);
     let bytes = format.encode(&synthesize(&text, format.rate()));
     Ok((format, text, bytes, fault, slot))
@@ -842,6 +861,8 @@ async fn ws_handler(
         Ok(s) => s,
         Err(resp) => return *resp,
     };
+    app.stats
+        .record_language_code(query.get("language_code").map(String::as_str));
     let recorded = {
         let mut r = app.stats.recorded_lock();
         r.push(RecordedWsSession {
@@ -1409,6 +1430,33 @@ mod tests {
             .for_request(1),
             TtsFault::CloseAfterChunks(3)
         );
+    }
+
+    #[tokio::test]
+    async fn records_the_language_code_of_each_request() {
+        let srv = spawn(cfg()).await.unwrap();
+        for query in [
+            "output_format=pcm_8000&language_code=ms",
+            "output_format=pcm_8000",
+        ] {
+            let mut ws = connect(&srv, query).await;
+            send(&mut ws, json!({"text": " "})).await;
+            send(&mut ws, json!({"text": ""})).await;
+            drain(&mut ws).await;
+        }
+        let r = reqwest::Client::new()
+            .post(format!(
+                "{}/v1/text-to-speech/v/stream?output_format=pcm_8000",
+                srv.base_url()
+            ))
+            .header("xi-api-key", "k")
+            .json(&json!({"text": "How much?", "model_id": "eleven_flash_v2_5", "language_code": "en"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        assert_eq!(srv.stats().language_codes(), ["ms", "", "en"]);
     }
 
     #[tokio::test]

@@ -9,6 +9,12 @@
 //! `reasoning_details`) before any content, as OpenRouter streams reasoning models, honouring
 //! the request's `reasoning` object (`exclude` hides the thinking but not its time,
 //! `effort: "none"` skips it).
+//!
+//! Tool calling is scripted ([`FakeToolScript`]): when the caller's last words match, the
+//! model "calls" the given tools, several in one round (their deltas interleaved by index,
+//! arguments in fragments, `finish_reason: "tool_calls"`), round after round as the `tool`
+//! results come back, and then answers. Requests that carry tool calls and results are
+//! checked as OpenAI's API checks them (every `tool` message answers a call made before).
 
 use std::io;
 use std::net::SocketAddr;
@@ -89,6 +95,39 @@ pub struct FakeOpenRouterConfig {
     /// What such a model thinks, streamed token by token (at `tokens_per_sec`, after
     /// `first_token_delay_ms`) before the content.
     pub reasoning_text: String,
+    /// Scripted tool calls (the first that matches the last user message applies).
+    pub tool_scripts: Vec<FakeToolScript>,
+}
+
+/// The model calls tools when the caller says something.
+#[derive(Debug, Clone, Default)]
+pub struct FakeToolScript {
+    /// Applies when the last user message contains this (case-insensitive).
+    pub when_user_says: String,
+    /// Said before the first round's calls (may be empty).
+    pub say_first: String,
+    /// The calls of each round, in order; once the conversation since the user message
+    /// holds all the rounds, the model answers (the scripted replies, or the built-in one).
+    pub rounds: Vec<Vec<FakeToolCall>>,
+}
+
+/// One scripted tool call.
+#[derive(Debug, Clone)]
+pub struct FakeToolCall {
+    /// The function's name (called only if the request offers it).
+    pub name: String,
+    /// Its arguments.
+    pub arguments: Value,
+}
+
+impl FakeToolCall {
+    /// A call of `name` with `arguments`.
+    pub fn new(name: &str, arguments: Value) -> Self {
+        Self {
+            name: name.into(),
+            arguments,
+        }
+    }
 }
 
 impl Default for FakeOpenRouterConfig {
@@ -108,6 +147,7 @@ impl Default for FakeOpenRouterConfig {
             reasoning_text: "The caller asked a question. I should answer briefly and politely, \
                              in Malay, in one or two short sentences."
                 .into(),
+            tool_scripts: Vec::new(),
         }
     }
 }
@@ -143,6 +183,8 @@ pub struct LlmRequestTimes {
     pub tokens: Vec<String>,
     /// When each content token was handed to the response body, in order.
     pub token_sent: Vec<std::time::Instant>,
+    /// When the last fragment of the reply's scripted tool calls was handed to the body.
+    pub calls_sent: Option<std::time::Instant>,
 }
 
 struct Shared {
@@ -349,6 +391,7 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
             user: last_user_text(&req),
             tokens: script.tokens.clone(),
             token_sent: Vec::new(),
+            calls_sent: None,
         });
         Some((Arc::clone(&shared), st.times.len() - 1))
     };
@@ -430,6 +473,7 @@ fn validate(req: &Value) -> Result<(), String> {
             }
         }
     }
+    validate_tool_messages(messages)?;
     if obj
         .get("max_tokens")
         .is_some_and(|v| v.as_u64().is_none_or(|n| n == 0))
@@ -480,6 +524,54 @@ fn validate(req: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// Every assistant tool call is well formed, and every `tool` message answers a call made
+/// earlier in the conversation.
+fn validate_tool_messages(messages: &[Value]) -> Result<(), String> {
+    let mut called: Vec<&str> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+        if let Some(calls) = m.get("tool_calls") {
+            if role != "assistant" {
+                return Err(format!(
+                    "messages[{i}]: only assistant messages carry tool_calls"
+                ));
+            }
+            let calls = calls
+                .as_array()
+                .ok_or(format!("messages[{i}].tool_calls must be an array"))?;
+            for (j, c) in calls.iter().enumerate() {
+                let id = c.get("id").and_then(Value::as_str).unwrap_or_default();
+                let ok = !id.is_empty()
+                    && c.get("type").and_then(Value::as_str) == Some("function")
+                    && c.pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .is_some()
+                    && c.pointer("/function/arguments")
+                        .and_then(Value::as_str)
+                        .is_some();
+                if !ok {
+                    return Err(format!(
+                        "messages[{i}].tool_calls[{j}] needs an id, type \"function\", a function name and arguments as a string"
+                    ));
+                }
+                called.push(id);
+            }
+        }
+        if role == "tool" {
+            let id = m
+                .get("tool_call_id")
+                .and_then(Value::as_str)
+                .ok_or(format!("messages[{i}]: a tool message needs tool_call_id"))?;
+            if !called.contains(&id) {
+                return Err(format!(
+                    "messages[{i}]: tool_call_id {id:?} answers no earlier tool call"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -503,6 +595,53 @@ fn last_user_text(req: &Value) -> String {
             .join(" "),
         _ => String::new(),
     }
+}
+
+/// The scripted round for this request, if a script matches the last user message and has a
+/// round left: (what to say first, the calls offered by the request).
+fn scripted_calls(
+    cfg: &FakeOpenRouterConfig,
+    req: &Value,
+    user_lower: &str,
+) -> Option<(String, Vec<FakeToolCall>)> {
+    if req.get("tool_choice").and_then(Value::as_str) == Some("none") {
+        return None;
+    }
+    let script = cfg.tool_scripts.iter().find(|s| {
+        !s.when_user_says.trim().is_empty() && user_lower.contains(&s.when_user_says.to_lowercase())
+    })?;
+    let messages = req.get("messages").and_then(Value::as_array)?;
+    let since_user = messages
+        .iter()
+        .rev()
+        .take_while(|m| m.get("role").and_then(Value::as_str) != Some("user"));
+    let done = since_user
+        .filter(|m| m.get("tool_calls").is_some_and(|c| c.is_array()))
+        .count();
+    let round = script.rounds.get(done)?;
+    let offered: Vec<&str> = req
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    let calls: Vec<FakeToolCall> = round
+        .iter()
+        .filter(|c| offered.contains(&c.name.as_str()))
+        .cloned()
+        .collect();
+    if calls.is_empty() {
+        return None;
+    }
+    let say = if done == 0 {
+        script.say_first.clone()
+    } else {
+        String::new()
+    };
+    Some((say, calls))
 }
 
 /// Splits a reply into "tokens": each word with the whitespace before it, so the pieces
@@ -624,6 +763,8 @@ struct Script {
     reasoning_hidden: bool,
     tokens: Vec<String>,
     end_call: bool,
+    /// Tool calls to stream after the content (a scripted round).
+    calls: Vec<FakeToolCall>,
     finish_reason: &'static str,
     prompt_tokens: u64,
     /// Where to record token send times: the fake's state and the request's index.
@@ -642,7 +783,10 @@ impl Script {
             t.iter()
                 .any(|t| t.pointer("/function/name").and_then(Value::as_str) == Some("end_call"))
         });
-        let text = if hang_up {
+        let calls = scripted_calls(cfg, req, &lower);
+        let text = if let Some((say, _)) = &calls {
+            say.clone()
+        } else if hang_up {
             GOODBYE.to_owned()
         } else if cfg.replies.is_empty() {
             malay_reply(&user)
@@ -659,7 +803,10 @@ impl Script {
             .unwrap_or(u64::MAX);
         let truncated = tokens.len() as u64 > max;
         tokens.truncate(usize::try_from(max).unwrap_or(usize::MAX));
-        let end_call = hang_up && offers_end_call && !truncated;
+        let (end_call, calls) = match calls {
+            Some((_, calls)) => (false, calls),
+            None => (hang_up && offers_end_call && !truncated, Vec::new()),
+        };
         let prompt_chars: usize = req
             .get("messages")
             .and_then(Value::as_array)
@@ -683,7 +830,7 @@ impl Script {
             reasoning_hidden: req.pointer("/reasoning/exclude") == Some(&Value::Bool(true)),
             tokens,
             end_call,
-            finish_reason: if end_call {
+            finish_reason: if end_call || !calls.is_empty() {
                 "tool_calls"
             } else if truncated {
                 "length"
@@ -692,6 +839,7 @@ impl Script {
             },
             prompt_tokens: (prompt_chars / 4) as u64 + 1,
             times: None,
+            calls,
         }
     }
 
@@ -797,6 +945,15 @@ impl Script {
                 .await?;
             }
         }
+        if !self.calls.is_empty() {
+            self.stream_calls(out, gap).await?;
+            if let Some((shared, idx)) = &self.times {
+                let now = std::time::Instant::now();
+                if let Some(t) = shared.stats().times.get_mut(*idx) {
+                    t.calls_sent = Some(now);
+                }
+            }
+        }
         out.data(&self.chunk(&out.id, json!({"content": ""}), Some(self.finish_reason)))
             .await?;
         let reasoning_tokens = self.reasoning.len() as u64;
@@ -815,6 +972,39 @@ impl Script {
         }))
         .await?;
         out.raw(Bytes::from_static(b"data: [DONE]\n\n")).await
+    }
+
+    /// The round's calls as deltas: each call's first fragment has its id and name, then its
+    /// arguments follow in pieces, the calls' fragments interleaved (a client must assemble
+    /// them by index).
+    async fn stream_calls(&self, out: &Emitter, gap: Duration) -> Option<()> {
+        let tag = out.id.rsplit('-').next().unwrap_or("0").to_owned();
+        let mut pieces: Vec<Vec<Value>> = Vec::new();
+        for (i, c) in self.calls.iter().enumerate() {
+            let args = c.arguments.to_string();
+            let mid = args
+                .char_indices()
+                .nth(args.chars().count() / 2)
+                .map_or(0, |(b, _)| b);
+            pieces.push(vec![
+                json!({"index": i, "id": format!("call_{tag}_{i}"), "type": "function",
+                       "function": {"name": c.name, "arguments": ""}}),
+                json!({"index": i, "function": {"arguments": &args[..mid]}}),
+                json!({"index": i, "function": {"arguments": &args[mid..]}}),
+            ]);
+        }
+        for step in 0..3 {
+            for p in &pieces {
+                out.wait(gap).await?;
+                out.data(&self.chunk(
+                    &out.id,
+                    json!({"role": "assistant", "content": null, "tool_calls": [p[step]]}),
+                    None,
+                ))
+                .await?;
+            }
+        }
+        Some(())
     }
 
     async fn inject(&self, out: &Emitter, fault: LlmFault, attempt: usize) -> Option<()> {

@@ -537,16 +537,32 @@ impl Inner {
                 .chain(self.fallback_models.iter().map(String::as_str))
                 .collect()
         });
-        let tools = req.offer_end_call.then(|| {
-            serde_json::json!([{
+        let mut tools: Vec<Value> = Vec::new();
+        if req.offer_end_call {
+            tools.push(serde_json::json!({
                 "type": "function",
                 "function": {
                     "name": END_CALL_TOOL,
                     "description": "End the phone call after saying goodbye.",
                     "parameters": {"type": "object", "properties": {}},
                 },
-            }])
-        });
+            }));
+        }
+        tools.extend(req.tools.iter().map(|t| {
+            serde_json::json!({
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                },
+            })
+        }));
+        let tool_choice = match (tools.is_empty(), req.forbid_tools) {
+            (true, _) => None,
+            (false, true) => Some("none"),
+            (false, false) => Some("auto"),
+        };
         let body = RequestBody {
             model: &self.model,
             models,
@@ -554,8 +570,8 @@ impl Inner {
             stream: true,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
-            tool_choice: tools.as_ref().map(|_| "auto"),
-            tools,
+            tool_choice,
+            tools: (!tools.is_empty()).then_some(Value::Array(tools)),
             reasoning: self.reasoning.as_ref(),
         };
         serde_json::to_vec(&body)
@@ -1088,6 +1104,7 @@ mod tests {
             ],
             offer_end_call,
             call_id: "test-call".into(),
+            ..ChatRequest::default()
         }
     }
 
@@ -1528,6 +1545,118 @@ mod tests {
         ));
         let dbg = format!("{:?}", client(&s));
         assert!(!dbg.contains(KEY));
+    }
+
+    // ---- Tool calling ----
+
+    #[tokio::test]
+    async fn parallel_tool_calls_are_assembled_and_results_go_back_as_tool_messages() {
+        use crate::providers::llm::{ToolCallRequest, ToolDef};
+        use crate::sandbox::openrouter::{FakeToolCall, FakeToolScript};
+        let cfg = FakeOpenRouterConfig {
+            tool_scripts: vec![FakeToolScript {
+                when_user_says: "pesanan".into(),
+                say_first: "Sekejap.".into(),
+                rounds: vec![vec![
+                    FakeToolCall::new("order_status", json!({"order_id": "A1"})),
+                    FakeToolCall::new("weather", json!({"city": "Kuala Lumpur"})),
+                ]],
+            }],
+            ..fast(LlmFault::None, &["Sudah dihantar."])
+        };
+        let srv = fake::spawn(cfg).await.unwrap();
+        let c = client(&settings(srv.base_url()));
+        let def = |name: &str| ToolDef {
+            name: name.into(),
+            description: "d".into(),
+            parameters: json!({"type": "object", "properties": {}}),
+        };
+        let mut req = request("Di mana pesanan saya?", true);
+        req.tools = vec![def("order_status"), def("weather")];
+        let events = run(&c, req.clone()).await.unwrap();
+        assert_eq!(texts(&events), "Sekejap.");
+        let calls: Vec<ToolCallRequest> = events
+            .iter()
+            .filter_map(|e| match e {
+                Ok(LlmEvent::ToolCall {
+                    id,
+                    name,
+                    arguments,
+                }) => Some(ToolCallRequest {
+                    id: id.clone(),
+                    name: name.clone(),
+                    arguments: arguments.clone(),
+                }),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(calls.len(), 2, "{events:?}");
+        assert_eq!(calls[0].name, "order_status");
+        assert_eq!(
+            serde_json::from_str::<Value>(&calls[1].arguments).unwrap(),
+            json!({"city": "Kuala Lumpur"}),
+            "fragments interleaved across calls are joined by index"
+        );
+        assert_ne!(calls[0].id, calls[1].id);
+        assert!(matches!(
+            events.last(),
+            Some(Ok(LlmEvent::Done { finish_reason: Some(r) })) if r == "tool_calls"
+        ));
+        let sent = &srv.requests()[0];
+        assert_eq!(sent["tool_choice"], "auto");
+        let names: Vec<&str> = sent["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+            .collect();
+        assert_eq!(names, ["end_call", "order_status", "weather"]);
+
+        req.messages
+            .push(ChatMessage::assistant_tool_calls("Sekejap.", calls.clone()));
+        req.messages.push(ChatMessage::tool_result(
+            calls[0].id.clone(),
+            r#"{"status":"dihantar"}"#,
+        ));
+        req.messages
+            .push(ChatMessage::tool_result(calls[1].id.clone(), "cerah"));
+        req.forbid_tools = true;
+        let events = run(&c, req).await.unwrap();
+        assert_eq!(texts(&events), "Sudah dihantar.", "{events:?}");
+        let sent = &srv.requests()[1];
+        assert_eq!(sent["tool_choice"], "none");
+        let m = sent["messages"].as_array().unwrap();
+        assert_eq!(m[2]["role"], "assistant");
+        assert_eq!(m[2]["tool_calls"][1]["function"]["name"], "weather");
+        assert_eq!(m[3]["tool_call_id"], calls[0].id.as_str());
+        assert_eq!(m[4]["content"], "cerah");
+    }
+
+    #[tokio::test]
+    async fn an_assistant_message_with_only_calls_has_null_content_and_a_stray_result_is_refused() {
+        use crate::providers::llm::ToolCallRequest;
+        let m = ChatMessage::assistant_tool_calls(
+            "",
+            vec![ToolCallRequest {
+                id: "call_1".into(),
+                name: "x".into(),
+                arguments: "{}".into(),
+            }],
+        );
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["content"], Value::Null);
+        assert_eq!(v["tool_calls"][0]["type"], "function");
+        let srv = fake::spawn(fast(LlmFault::None, &["x"])).await.unwrap();
+        let mut req = request("hai", false);
+        req.messages
+            .push(ChatMessage::tool_result("call_never_made", "{}"));
+        let err = run(&client(&settings(srv.base_url())), req)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, LlmError::Status { status: 400, message } if message.contains("answers no earlier tool call")),
+            "{err:?}"
+        );
     }
 
     // ---- Reasoning models ----

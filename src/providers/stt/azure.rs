@@ -136,7 +136,7 @@ impl SttProvider for AzureStt {
                 .expose()
                 .ok_or_else(|| SttError::Config("AZURE_SPEECH_KEY is not set".into()))?;
             let cfg = Arc::new(ConnConfig {
-                url: request_url(&self.url, &params.language, params.segmentation_silence_ms),
+                url: request_url(&self.url, &params),
                 key: key.to_owned(),
                 params,
                 opts: self.opts.clone(),
@@ -174,28 +174,62 @@ fn validate(p: &SttParams) -> Result<(), SttError> {
             p.segmentation_silence_ms
         )));
     }
-    if p.language.is_empty()
-        || !p
-            .language
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
+    let tags = std::iter::once(&p.language).chain(&p.languages);
+    for tag in tags {
+        if tag.is_empty() || !tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(SttError::Config(format!(
+                "language {tag:?} is not a BCP-47 tag"
+            )));
+        }
+    }
+    if p.languages.len() > MAX_CONTINUOUS_LID_LANGUAGES {
         return Err(SttError::Config(format!(
-            "language {:?} is not a BCP-47 tag",
-            p.language
+            "{} candidate languages; continuous language identification takes at most {MAX_CONTINUOUS_LID_LANGUAGES}",
+            p.languages.len()
         )));
     }
     Ok(())
 }
 
-/// `url` plus the query the JavaScript SDK sends: `language`, `format=simple` and
-/// `segmentationSilenceTimeoutMs` (also sent in `speech.context`). The language is validated,
-/// so no escaping is needed. Unlike the SDK we never copy the key into the URL.
-fn request_url(url: &str, language: &str, segmentation_silence_ms: u32) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!(
-        "{url}{sep}language={language}&format=simple&segmentationSilenceTimeoutMs={segmentation_silence_ms}"
-    )
+/// Continuous language identification chooses among at most this many locales.
+const MAX_CONTINUOUS_LID_LANGUAGES: usize = 10;
+
+/// The v1 conversation path that `stt.region` and most `stt.endpoint`s name.
+const CONVERSATION_V1_PATH: &str = "/speech/recognition/conversation/cognitiveservices/v1";
+/// Where continuous language identification is served: the path the SDK 1.52 builds for its
+/// recognition endpoint version 2 (`SpeechConnectionFactory.universalUri` + `2`).
+pub const UNIVERSAL_V2_PATH: &str = "/stt/speech/universal/v2";
+
+/// `url` plus the query the JavaScript SDK sends: `language`, `format=simple`, with language
+/// identification `lidEnabled=true` (`QueryParameterNames.EnableLanguageId`), and
+/// `segmentationSilenceTimeoutMs` (also sent in `speech.context`), in the SDK's order. The
+/// languages are validated, so no escaping is needed. Unlike the SDK we never copy the key
+/// into the URL.
+///
+/// Continuous language identification needs the v2 endpoint (Microsoft's language
+/// identification guide), so with it a URL on the v1 conversation path moves to
+/// [`UNIVERSAL_V2_PATH`] on the same host; any other path is the operator's choice and kept.
+fn request_url(url: &str, p: &SttParams) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let base = match base.strip_suffix(CONVERSATION_V1_PATH) {
+        Some(host) if p.identifies_language() => format!("{host}{UNIVERSAL_V2_PATH}"),
+        _ => base.to_owned(),
+    };
+    let mut out = match query {
+        Some(q) => format!("{base}?{q}&"),
+        None => format!("{base}?"),
+    };
+    out.push_str(&format!("language={}&format=simple", p.language));
+    if p.identifies_language() {
+        out.push_str("&lidEnabled=true");
+    }
+    out.push_str(&format!(
+        "&segmentationSilenceTimeoutMs={}",
+        p.segmentation_silence_ms
+    ));
+    out
 }
 
 struct ConnConfig {
@@ -228,16 +262,27 @@ impl Conn {
         if new_id {
             self.request_id = protocol::new_id();
         }
-        self.send(Message::text(protocol::speech_context_message(
-            &self.request_id,
-            &now(),
-            &p.language,
-            p.segmentation_silence_ms,
-        ))) && self.send(Message::binary(protocol::wav_header_message(
-            &self.request_id,
-            &now(),
-            p.sample_rate,
-        )))
+        let context = if p.identifies_language() {
+            protocol::speech_context_lid_message(
+                &self.request_id,
+                &now(),
+                &p.languages,
+                p.segmentation_silence_ms,
+            )
+        } else {
+            protocol::speech_context_message(
+                &self.request_id,
+                &now(),
+                &p.language,
+                p.segmentation_silence_ms,
+            )
+        };
+        self.send(Message::text(context))
+            && self.send(Message::binary(protocol::wav_header_message(
+                &self.request_id,
+                &now(),
+                p.sample_rate,
+            )))
     }
 
     fn send_audio(&self, payload: &[u8]) -> bool {
@@ -761,6 +806,7 @@ impl Recognition {
                 display_text,
                 offset,
                 duration,
+                language,
             } => {
                 let start = base_ticks.saturating_add(offset);
                 let end = start.saturating_add(duration);
@@ -783,10 +829,14 @@ impl Recognition {
                             RecognitionStatus::Success => display_text.unwrap_or_default(),
                             _ => String::new(),
                         };
+                        if let Some(l) = &language {
+                            debug!(language = %l.language, confidence = ?l.confidence, "phrase language");
+                        }
                         Action::Emit(SttEvent::Final {
                             text,
                             offset_ms: start / 10_000,
                             duration_ms: duration / 10_000,
+                            language: language.as_ref().and_then(|l| l.known()).map(str::to_owned),
                         })
                     }
                     RecognitionStatus::EndOfDictation | RecognitionStatus::Other(_) => {
@@ -822,15 +872,24 @@ mod tests {
             "ws://127.0.0.1:9/speech/recognition/conversation/cognitiveservices/v1".into();
         let stt = AzureStt::new(&settings, Secret::new(Some("MARKER-KEY-123".into()))).unwrap();
         assert!(!format!("{stt:?}").contains("MARKER-KEY-123"));
-        assert!(!request_url(&stt.url, "ms-MY", 500).contains("MARKER"));
+        assert!(!request_url(&stt.url, &params(8000)).contains("MARKER"));
     }
 
     fn params(rate: u32) -> SttParams {
         SttParams {
             language: "ms-MY".into(),
+            languages: Vec::new(),
             sample_rate: rate,
             segmentation_silence_ms: 300,
             call_id: "t".into(),
+        }
+    }
+
+    /// Malay and English, identified phrase by phrase.
+    fn lid_params(rate: u32) -> SttParams {
+        SttParams {
+            languages: vec!["ms-MY".into(), "en-US".into()],
+            ..params(rate)
         }
     }
 
@@ -857,6 +916,7 @@ mod tests {
             display_text: text.map(str::to_owned),
             offset,
             duration,
+            language: None,
         }
     }
 
@@ -870,6 +930,7 @@ mod tests {
             text: text.into(),
             offset_ms,
             duration_ms,
+            language: None,
         })
     }
 
@@ -983,7 +1044,8 @@ mod tests {
             r.on_message(ServiceMessage::Hypothesis {
                 text: "apa".into(),
                 offset: 0,
-                duration: 0
+                duration: 0,
+                language: None,
             }),
             Action::Emit(SttEvent::Partial("apa".into()))
         );
@@ -1040,13 +1102,102 @@ mod tests {
             .is_err()
         );
         assert!(validate(&params(16000)).is_ok());
+        let seg = |ms| SttParams {
+            segmentation_silence_ms: ms,
+            ..params(8000)
+        };
         assert_eq!(
-            request_url("ws://h/p", "ms-MY", 500),
+            request_url("ws://h/p", &seg(500)),
             "ws://h/p?language=ms-MY&format=simple&segmentationSilenceTimeoutMs=500"
         );
         assert_eq!(
-            request_url("ws://h/p?cid=1", "ms-MY", 300),
+            request_url("ws://h/p?cid=1", &seg(300)),
             "ws://h/p?cid=1&language=ms-MY&format=simple&segmentationSilenceTimeoutMs=300"
+        );
+        assert!(
+            validate(&SttParams {
+                languages: vec!["ms-MY".into(), "en US".into()],
+                ..params(8000)
+            })
+            .is_err()
+        );
+        assert!(
+            validate(&SttParams {
+                languages: (0..11).map(|i| format!("x{i}-XX")).collect(),
+                ..params(8000)
+            })
+            .is_err()
+        );
+        assert!(validate(&lid_params(8000)).is_ok());
+    }
+
+    #[test]
+    fn language_identification_moves_to_v2_and_says_so_in_the_query() {
+        let region = Settings::defaults().stt;
+        let v1 = SttSettings {
+            region: "southeastasia".into(),
+            ..region
+        }
+        .websocket_url();
+        // As the SDK builds it: language, format, lidEnabled, then the common parameters.
+        assert_eq!(
+            request_url(&v1, &lid_params(8000)),
+            "wss://southeastasia.stt.speech.microsoft.com/stt/speech/universal/v2\
+             ?language=ms-MY&format=simple&lidEnabled=true&segmentationSilenceTimeoutMs=300"
+        );
+        // One language (or none listed) is today's request, on today's path.
+        let one = SttParams {
+            languages: vec!["ms-MY".into()],
+            ..params(8000)
+        };
+        assert!(!one.identifies_language());
+        assert_eq!(
+            request_url(&v1, &one),
+            format!("{v1}?language=ms-MY&format=simple&segmentationSilenceTimeoutMs=300")
+        );
+        // A path of the operator's own is kept.
+        assert_eq!(
+            request_url("wss://proxy.example/stt?cid=7", &lid_params(8000)),
+            "wss://proxy.example/stt?cid=7&language=ms-MY&format=simple&lidEnabled=true&segmentationSilenceTimeoutMs=300"
+        );
+    }
+
+    #[test]
+    fn finals_carry_the_detected_language() {
+        use protocol::PrimaryLanguage;
+        let mut r = Recognition::new(&lid_params(8000), &AzureSttOptions::default());
+        r.push_audio(&[0; 16_000]);
+        while r.next_chunk(false).is_some() {}
+        let with = |text: &str, offset: u64, language: &str| ServiceMessage::Phrase {
+            status: RecognitionStatus::Success,
+            display_text: Some(text.into()),
+            offset,
+            duration: 1_000_000,
+            language: Some(PrimaryLanguage {
+                language: language.into(),
+                confidence: Some("High".into()),
+            }),
+        };
+        let language_of = |a: Action| match a {
+            Action::Emit(SttEvent::Final { language, .. }) => language,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            language_of(r.on_message(with("Berapa harganya?", 0, "ms-MY"))),
+            Some("ms-MY".into())
+        );
+        assert_eq!(
+            language_of(r.on_message(with("How much is it?", 2_000_000, "en-US"))),
+            Some("en-US".into())
+        );
+        // The service could not tell: no language rather than a made-up one.
+        assert_eq!(
+            language_of(r.on_message(with("Hmm.", 4_000_000, "Unknown"))),
+            None
+        );
+        assert_eq!(
+            language_of(r.on_message(success("Ya.", 6_000_000, 1_000_000))),
+            None
         );
     }
 
@@ -1153,6 +1304,7 @@ mod tests {
                     text,
                     offset_ms,
                     duration_ms,
+                    ..
                 } => Some((text.clone(), *offset_ms, *duration_ms)),
                 _ => None,
             })

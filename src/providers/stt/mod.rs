@@ -13,8 +13,13 @@ use super::BoxFuture;
 /// What a recognition needs to know up front.
 #[derive(Debug, Clone)]
 pub struct SttParams {
-    /// BCP-47 locale, e.g. `ms-MY`.
+    /// BCP-47 locale, e.g. `ms-MY`: the language recognised, or with language
+    /// identification the one the request names in its URL (the SDK's recognition language).
     pub language: String,
+    /// Candidate locales for continuous language identification, e.g. `["ms-MY", "en-US"]`.
+    /// With two or more the service detects, phrase by phrase, which one the caller speaks
+    /// (and [`SttEvent::Final`] says which); fewer means plain recognition in `language`.
+    pub languages: Vec<String>,
     /// The call's sample rate (8000 or 16000), declared to the service in the WAV header.
     pub sample_rate: u32,
     /// Silence that ends a phrase, in ms (Azure accepts 100..=5000).
@@ -41,6 +46,10 @@ pub enum SttEvent {
         offset_ms: u64,
         /// Length of the phrase, in ms.
         duration_ms: u64,
+        /// The locale language identification detected for the phrase (one of
+        /// [`SttParams::languages`]); `None` without identification or when the service could
+        /// not tell.
+        language: Option<String>,
     },
     /// The connection dropped (or was replaced before the service's 10-minute cap) and was
     /// re-established; unacknowledged audio was replayed.
@@ -48,6 +57,13 @@ pub enum SttEvent {
     /// Recognition failed for good (after retries); the call should apologise and go on
     /// without STT or end.
     Failed(String),
+}
+
+impl SttParams {
+    /// Whether the service is asked to identify the language of each phrase.
+    pub fn identifies_language(&self) -> bool {
+        self.languages.len() >= 2
+    }
 }
 
 /// A live recognition. Dropping it ends the recognition (end-of-stream sent if possible).

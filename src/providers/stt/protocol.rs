@@ -152,6 +152,22 @@ pub fn speech_context_body(language: &str, segmentation_silence_ms: u32) -> Stri
     )
 }
 
+/// The `speech.context` body for continuous recognition with continuous language
+/// identification among `languages`, as the JavaScript SDK 1.52 builds it for a recognizer
+/// made with `AutoDetectSourceLanguageConfig.fromLanguages(languages)` in `Continuous` mode
+/// (`ServiceRecognizerBase.setLanguageIdJson`, then `setLanguageJson`, which drops
+/// `phraseDetection.language`): a `languageId` section (`DetectContinuous`, recognise on
+/// success, nothing on unknown, `PrioritizeLatency`) and a `phraseOutput` asking for interim
+/// and phrase results whatever the language. Key order is the SDK's.
+pub fn speech_context_lid_body(languages: &[String], segmentation_silence_ms: u32) -> String {
+    let languages = Value::Array(languages.iter().cloned().map(Value::String).collect());
+    format!(
+        "{{\"phraseDetection\":{{\"mode\":\"Conversation\",\"conversation\":{{\"segmentation\":{{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":{segmentation_silence_ms}}}}},\"enrichment\":{{}}}},\
+         \"languageId\":{{\"languages\":{languages},\"mode\":\"DetectContinuous\",\"onSuccess\":{{\"action\":\"Recognize\"}},\"onUnknown\":{{\"action\":\"None\"}},\"priority\":\"PrioritizeLatency\"}},\
+         \"phraseOutput\":{{\"interimResults\":{{\"resultType\":\"Auto\"}},\"phraseResults\":{{\"resultType\":\"Always\"}}}}}}"
+    )
+}
+
 /// The `speech.context` message.
 pub fn speech_context_message(
     request_id: &str,
@@ -165,6 +181,22 @@ pub fn speech_context_message(
         timestamp,
         "application/json",
         &speech_context_body(language, segmentation_silence_ms),
+    )
+}
+
+/// The `speech.context` message with continuous language identification among `languages`.
+pub fn speech_context_lid_message(
+    request_id: &str,
+    timestamp: &str,
+    languages: &[String],
+    segmentation_silence_ms: u32,
+) -> String {
+    text_message(
+        PATH_SPEECH_CONTEXT,
+        request_id,
+        timestamp,
+        "application/json",
+        &speech_context_lid_body(languages, segmentation_silence_ms),
     )
 }
 
@@ -348,6 +380,8 @@ pub enum ServiceMessage {
         offset: u64,
         /// Length so far.
         duration: u64,
+        /// `PrimaryLanguage`, with language identification on.
+        language: Option<PrimaryLanguage>,
     },
     /// `speech.phrase`: a final result (or a non-success status).
     Phrase {
@@ -359,6 +393,8 @@ pub enum ServiceMessage {
         offset: u64,
         /// Length of the phrase.
         duration: u64,
+        /// `PrimaryLanguage`, with language identification on.
+        language: Option<PrimaryLanguage>,
     },
     /// `speech.endDetected` (its offset is optional; the body may be empty).
     SpeechEndDetected,
@@ -369,6 +405,43 @@ pub enum ServiceMessage {
         /// The message's `Path`.
         path: String,
     },
+}
+
+/// The language identification of a phrase or hypothesis: its `PrimaryLanguage` object,
+/// `{"Language":"en-US","Confidence":"High"}`. The SDK reads both fields as strings
+/// (`AutoDetectSourceLanguageResult`); the confidence is a word (`Unknown`, `Low`, `Normal`,
+/// `High`) and may be absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryLanguage {
+    /// The detected locale, one of the candidates (`Unknown` when the service could not tell).
+    pub language: String,
+    /// How sure the service is, as it says it.
+    pub confidence: Option<String>,
+}
+
+impl PrimaryLanguage {
+    /// From a message body: `None` when there is no usable `PrimaryLanguage.Language`.
+    fn from_json(body: &Value) -> Option<Self> {
+        let p = body.get("PrimaryLanguage")?;
+        let language = p.get("Language")?.as_str()?.trim();
+        if language.is_empty() {
+            return None;
+        }
+        let confidence = match p.get("Confidence") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        Some(Self {
+            language: language.to_owned(),
+            confidence,
+        })
+    }
+
+    /// The locale, unless the service said it could not tell (`Unknown`).
+    pub fn known(&self) -> Option<&str> {
+        (!self.language.eq_ignore_ascii_case("unknown")).then_some(self.language.as_str())
+    }
 }
 
 /// Reads a tick count given as a JSON number or a numeric string.
@@ -431,6 +504,7 @@ pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError
                 text: text.to_owned(),
                 offset: ticks(v.get("Offset")).unwrap_or(0),
                 duration: ticks(v.get("Duration")).unwrap_or(0),
+                language: PrimaryLanguage::from_json(&v),
             }
         }
         "speech.phrase" => {
@@ -450,6 +524,7 @@ pub fn parse_service_message(text: &str) -> Result<ServiceMessage, ProtocolError
                 display_text,
                 offset: ticks(v.get("Offset")).unwrap_or(0),
                 duration: ticks(v.get("Duration")).unwrap_or(0),
+                language: PrimaryLanguage::from_json(&v),
             }
         }
         _ => ServiceMessage::Unknown {
@@ -565,6 +640,90 @@ mod tests {
     }
 
     #[test]
+    fn speech_context_with_language_identification() {
+        let langs = vec!["ms-MY".to_owned(), "en-US".to_owned()];
+        let m = speech_context_lid_message(RID, TS, &langs, 500);
+        let head = format!(
+            "Path: speech.context\r\nX-RequestId: {RID}\r\nX-Timestamp: {TS}\r\nContent-Type: application/json\r\n\r\n"
+        );
+        assert!(m.starts_with(&head), "{m}");
+        // Byte for byte what the SDK 1.52 sends (tests/azure_conformance.rs checks it against
+        // the SDK itself): no phraseDetection.language, the languageId section, the
+        // phraseOutput that asks for results in whatever language.
+        assert_eq!(
+            &m[head.len()..],
+            "{\"phraseDetection\":{\"mode\":\"Conversation\",\"conversation\":{\"segmentation\":{\"mode\":\"Custom\",\"segmentationSilenceTimeoutMs\":500}},\"enrichment\":{}},\
+             \"languageId\":{\"languages\":[\"ms-MY\",\"en-US\"],\"mode\":\"DetectContinuous\",\"onSuccess\":{\"action\":\"Recognize\"},\"onUnknown\":{\"action\":\"None\"},\"priority\":\"PrioritizeLatency\"},\
+             \"phraseOutput\":{\"interimResults\":{\"resultType\":\"Auto\"},\"phraseResults\":{\"resultType\":\"Always\"}}}"
+        );
+        let v: Value = serde_json::from_str(&speech_context_lid_body(&langs, 300)).unwrap();
+        assert_eq!(v["languageId"]["languages"], json!(["ms-MY", "en-US"]));
+        assert!(v["phraseDetection"].get("language").is_none());
+        assert_eq!(
+            v["phraseDetection"]["conversation"]["segmentation"]["segmentationSilenceTimeoutMs"],
+            300
+        );
+    }
+
+    #[test]
+    fn primary_language_of_phrases_and_hypotheses() {
+        let phrase = |body: &str| match parse_service_message(&svc("speech.phrase", body)) {
+            Ok(ServiceMessage::Phrase { language, .. }) => language,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            phrase(
+                r#"{"RecognitionStatus":"Success","DisplayText":"How much is it?","Offset":1,"Duration":2,"PrimaryLanguage":{"Language":"en-US","Confidence":"High"},"Channel":0}"#
+            ),
+            Some(PrimaryLanguage {
+                language: "en-US".into(),
+                confidence: Some("High".into())
+            })
+        );
+        // Without a confidence (as in translation results), or with a number for one.
+        let p = phrase(
+            r#"{"RecognitionStatus":"Success","DisplayText":"x","PrimaryLanguage":{"Language":"ms-MY"}}"#,
+        )
+        .unwrap();
+        assert_eq!((p.known(), p.confidence.as_deref()), (Some("ms-MY"), None));
+        let p = phrase(
+            r#"{"RecognitionStatus":"Success","DisplayText":"x","PrimaryLanguage":{"Language":"ms-MY","Confidence":0.9}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.confidence.as_deref(), Some("0.9"));
+        // The service could not tell.
+        let p = phrase(
+            r#"{"RecognitionStatus":"Success","DisplayText":"x","PrimaryLanguage":{"Language":"Unknown","Confidence":"Unknown"}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.known(), None);
+        // Absent, empty or malformed: no language, and the phrase still parses.
+        for body in [
+            r#"{"RecognitionStatus":"Success","DisplayText":"x"}"#,
+            r#"{"RecognitionStatus":"Success","DisplayText":"x","PrimaryLanguage":{"Language":""}}"#,
+            r#"{"RecognitionStatus":"Success","DisplayText":"x","PrimaryLanguage":{"Language":7}}"#,
+            r#"{"RecognitionStatus":"Success","DisplayText":"x","PrimaryLanguage":"en-US"}"#,
+        ] {
+            assert_eq!(phrase(body), None, "{body}");
+        }
+        assert_eq!(
+            parse_service_message(&svc(
+                "speech.hypothesis",
+                r#"{"Text":"how much","Offset":1,"Duration":2,"PrimaryLanguage":{"Language":"en-US","Confidence":"Low"}}"#
+            )),
+            Ok(ServiceMessage::Hypothesis {
+                text: "how much".into(),
+                offset: 1,
+                duration: 2,
+                language: Some(PrimaryLanguage {
+                    language: "en-US".into(),
+                    confidence: Some("Low".into())
+                })
+            })
+        );
+    }
+
+    #[test]
     fn wav_header_matches_sdk_bytes() {
         assert_eq!(
             wav_header(8000).to_vec(),
@@ -627,7 +786,8 @@ mod tests {
             Ok(M::Hypothesis {
                 text: "apa khabar".into(),
                 offset: 5_000_000,
-                duration: 8_400_000
+                duration: 8_400_000,
+                language: None
             })
         );
         assert_eq!(
@@ -638,7 +798,8 @@ mod tests {
             Ok(M::Hypothesis {
                 text: "apa".into(),
                 offset: 5_000_000,
-                duration: 1
+                duration: 1,
+                language: None
             })
         );
         assert_eq!(
@@ -650,7 +811,8 @@ mod tests {
                 status: RecognitionStatus::Success,
                 display_text: Some("Apa khabar?".into()),
                 offset: 5_000_000,
-                duration: 12_300_000
+                duration: 12_300_000,
+                language: None
             })
         );
         assert_eq!(
@@ -662,7 +824,8 @@ mod tests {
                 status: RecognitionStatus::Success,
                 display_text: Some("x".into()),
                 offset: 1_236_645_672_289,
-                duration: 1_236_645_672_289
+                duration: 1_236_645_672_289,
+                language: None
             })
         );
         assert_eq!(
@@ -674,7 +837,8 @@ mod tests {
                 status: RecognitionStatus::EndOfDictation,
                 display_text: None,
                 offset: 43_000_000,
-                duration: 0
+                duration: 0,
+                language: None
             })
         );
         assert_eq!(
@@ -686,7 +850,8 @@ mod tests {
                 status: RecognitionStatus::Success,
                 display_text: Some("Hai.".into()),
                 offset: 1,
-                duration: 2
+                duration: 2,
+                language: None
             })
         );
         assert_eq!(

@@ -15,6 +15,9 @@ pub struct TtsParams {
     pub sample_rate: u32,
     /// The call's id, for logs.
     pub call_id: String,
+    /// ISO 639-1 code of the language of the text (`ms`, `en`), for models that take one per
+    /// request; `None` means the configured default (`tts.language_code`).
+    pub language_code: Option<String>,
 }
 
 /// Text for an open synthesis.

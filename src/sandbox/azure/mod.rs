@@ -42,13 +42,21 @@ mod close_code {
     pub(super) const ERROR: u16 = 1011;
 }
 
-/// The paths the fake serves: the SDK's v1 recognition modes and the 2025 `universal/v2`.
-pub const PATHS: [&str; 4] = [
+/// The paths the fake serves: the SDK's v1 recognition modes, the 2025 `universal/v2` the
+/// SDK builds itself, and the `universal/v2` path Microsoft's language identification guide
+/// tells applications to use for continuous identification.
+pub const PATHS: [&str; 5] = [
     "/speech/recognition/conversation/cognitiveservices/v1",
     "/speech/recognition/interactive/cognitiveservices/v1",
     "/speech/recognition/dictation/cognitiveservices/v1",
     "/stt/speech/universal/v2",
+    "/speech/universal/v2",
 ];
+
+/// The `languageId.mode`s a `speech.context` may name.
+const LID_MODES: [&str; 3] = ["DetectAtAudioStart", "DetectContinuous", "DetectSegments"];
+/// Continuous language identification takes at most this many candidates.
+const LID_MAX_LANGUAGES: usize = 10;
 
 /// Block size of the endpointer.
 const BLOCK_MS: u64 = 20;
@@ -142,6 +150,11 @@ pub struct FakeAzureConfig {
     /// Record every upgrade and client message in [`FakeAzureStats::upgrades`] and
     /// [`FakeAzureStats::messages`] (conformance tests compare clients message by message).
     pub record: bool,
+    /// With language identification asked for (a `languageId` section in `speech.context`),
+    /// the locale each transcript is "spoken" in, index for index with `transcripts` (cycled
+    /// the same way): what `PrimaryLanguage` says for its phrase and hypotheses. A missing or
+    /// empty entry is guessed from the transcript's words among the candidates.
+    pub transcript_languages: Vec<String>,
 }
 
 /// The real service's connection cap.
@@ -164,6 +177,7 @@ impl Default for FakeAzureConfig {
             connection_cap_ms: CONNECTION_CAP_MS,
             allow_key_in_url: false,
             record: false,
+            transcript_languages: Vec::new(),
         }
     }
 }
@@ -210,6 +224,11 @@ pub struct FakeAzureStats {
     pub upgrades: Vec<RecordedUpgrade>,
     /// Client messages in arrival order, when [`FakeAzureConfig::record`] is on.
     pub messages: Vec<RecordedMessage>,
+    /// Whether each connection's URL asked for language identification (`lidEnabled=true`).
+    pub lid_enabled: Vec<bool>,
+    /// The `PrimaryLanguage` of each `Success` phrase sent with language identification on,
+    /// in the order sent.
+    pub detected_languages: Vec<String>,
 }
 
 /// An upgrade request as the fake received it.
@@ -483,10 +502,12 @@ async fn upgrade(
         return (StatusCode::BAD_REQUEST, "language is required").into_response();
     };
     let seg = param("segmentationSilenceTimeoutMs").and_then(|v| v.parse().ok());
+    let lid = param("lidEnabled").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let index = {
         let mut st = sh.stats();
         st.connections += 1;
         st.languages.push(language);
+        st.lid_enabled.push(lid);
         st.connections - 1
     };
     ws.on_upgrade(move |socket| async move {
@@ -563,6 +584,20 @@ struct Connection {
     cut_ids: HashSet<String>,
     queue: VecDeque<(Instant, Out)>,
     phrases_sent_here: usize,
+    /// Language identification, from the last `speech.context` (`None`: off).
+    lid: Option<Lid>,
+}
+
+/// What the client's `languageId` section asked for.
+#[derive(Debug, Clone)]
+struct Lid {
+    /// The candidate locales.
+    languages: Vec<String>,
+    /// `DetectContinuous`: every phrase is identified. Otherwise the first phrase's language
+    /// holds for the rest of the connection.
+    continuous: bool,
+    /// At-start identification: the language found for the first phrase.
+    found: Option<String>,
 }
 
 impl Connection {
@@ -577,7 +612,27 @@ impl Connection {
             cut_ids: HashSet::new(),
             queue: VecDeque::new(),
             phrases_sent_here: 0,
+            lid: None,
         }
+    }
+
+    /// The `PrimaryLanguage` of transcript `index` (`text`), with language identification on.
+    fn primary_language(&mut self, index: usize, text: &str) -> Option<Value> {
+        let lid = self.lid.as_mut()?;
+        let language = match &lid.found {
+            Some(l) if !lid.continuous => l.clone(),
+            _ => {
+                let scripted = transcript(&self.sh.cfg.transcript_languages, index);
+                let l = if scripted.trim().is_empty() {
+                    guess_language(text, &lid.languages)
+                } else {
+                    scripted
+                };
+                lid.found.get_or_insert_with(|| l.clone());
+                l
+            }
+        };
+        Some(json!({"Language": language, "Confidence": "High"}))
     }
 
     async fn run(&mut self, socket: ServerSocket) {
@@ -678,11 +733,20 @@ impl Connection {
                         st.phrase_outcomes += 1;
                         st.phrases_sent += usize::from(text.is_some());
                     }
+                    let text = text.zip(outcome.transcript);
                     let mut body = json!({"RecognitionStatus": status_value(cfg, &status),
-                        "Offset": offset, "Duration": duration, "Channel": 0});
-                    if let Some(t) = &text {
+                        "Offset": offset, "Duration": duration});
+                    let text = text.map(|(t, index)| {
                         body["DisplayText"] = json!(t);
-                    }
+                        if let Some(lang) = self.primary_language(index, &t) {
+                            if let Some(l) = lang["Language"].as_str() {
+                                self.sh.stats().detected_languages.push(l.to_owned());
+                            }
+                            body["PrimaryLanguage"] = lang;
+                        }
+                        t
+                    });
+                    body["Channel"] = json!(0);
                     (
                         wire::service_text("speech.phrase", &request_id, &body.to_string()),
                         text.map(|t| (t, last_speech_at, segmented_at)),
@@ -808,6 +872,7 @@ impl Connection {
             }
             ("speech.context", false) => {
                 let v = json_body(&msg.body)?;
+                self.lid = read_language_id(&v)?;
                 // The mode's section: `conversation` from the JavaScript SDK, `CONVERSATION`
                 // from the Python one; the service takes either.
                 let seg = v
@@ -1031,10 +1096,11 @@ impl Connection {
             } else {
                 "speech.hypothesis"
             };
-            self.say(
-                path,
-                json!({"Text": words.join(" "), "Offset": ticks(s), "Duration": ticks(d), "Id": wire::fresh_id()}),
-            );
+            let mut body = json!({"Text": words.join(" "), "Offset": ticks(s), "Duration": ticks(d), "Id": wire::fresh_id()});
+            if let Some(lang) = self.primary_language(idx, &full) {
+                body["PrimaryLanguage"] = lang;
+            }
+            self.say(path, body);
         }
         if let Some((s, d, heard, taken)) = ended {
             let segmented = std::time::Instant::now();
@@ -1125,6 +1191,77 @@ impl Connection {
         }
         self.finished_ids.insert(rid);
     }
+}
+
+/// Reads a `speech.context`'s `languageId` section as the service would: the candidates
+/// (1 to 10 locale strings) and the mode. Anything else there is refused with 1007; no
+/// section means no identification.
+fn read_language_id(context: &Value) -> Result<Option<Lid>, Violation> {
+    let Some(section) = context.get("languageId") else {
+        return Ok(None);
+    };
+    let bad = |why: &str| violation(close_code::INVALID, format!("languageId: {why}"));
+    let languages: Vec<String> = section
+        .get("languages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no languages array"))?
+        .iter()
+        .map(|l| l.as_str().map(str::to_owned))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("a language is not a string"))?;
+    if languages.is_empty() || languages.len() > LID_MAX_LANGUAGES {
+        return Err(bad(&format!(
+            "{} languages (1 to {LID_MAX_LANGUAGES})",
+            languages.len()
+        )));
+    }
+    let mode = match section.get("mode") {
+        None => "DetectAtAudioStart",
+        Some(m) => m
+            .as_str()
+            .filter(|m| LID_MODES.contains(m))
+            .ok_or_else(|| bad(&format!("unknown mode {m}")))?,
+    };
+    Ok(Some(Lid {
+        languages,
+        continuous: mode == "DetectContinuous",
+        found: None,
+    }))
+}
+
+/// Which candidate `text` is most likely in, by its common words (Malay or English; other
+/// candidates are never guessed): the fallback when the script names no language.
+fn guess_language(text: &str, candidates: &[String]) -> String {
+    const ENGLISH: [&str; 24] = [
+        "the", "is", "it", "how", "what", "much", "i", "you", "can", "please", "thank", "thanks",
+        "yes", "my", "to", "a", "and", "do", "want", "hello", "bye", "of", "in", "for",
+    ];
+    const MALAY: [&str; 24] = [
+        "saya", "anda", "apa", "berapa", "boleh", "terima", "kasih", "ya", "tidak", "nak", "mahu",
+        "ini", "itu", "dan", "untuk", "harga", "selamat", "tinggal", "awak", "kami", "ke", "di",
+        "yang", "khabar",
+    ];
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let score = |list: &[&str]| words.iter().filter(|w| list.contains(&w.as_str())).count();
+    let base = if score(&ENGLISH) > score(&MALAY) {
+        "en"
+    } else {
+        "ms"
+    };
+    candidates
+        .iter()
+        .find(|c| {
+            c.split('-')
+                .next()
+                .is_some_and(|p| p.eq_ignore_ascii_case(base))
+        })
+        .or(candidates.first())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A `RecognitionStatus` as the configuration asks: its name, or the SDK enum's number.
@@ -1319,6 +1456,167 @@ mod tests {
         let st = fake.stats();
         assert_eq!(st.sample_rates, vec![16000]);
         assert_eq!(st.segmentation_silence_ms, vec![200]);
+    }
+
+    /// `phrases` times 0.5 s of loud square wave and 0.5 s of silence, 16 kHz PCM bytes.
+    fn square_phrases(phrases: usize) -> Vec<u8> {
+        let mut pcm = Vec::new();
+        for _ in 0..phrases {
+            for i in 0..8000 {
+                pcm.push(if (i / 20) % 2 == 0 { 8000i16 } else { -8000 });
+            }
+            pcm.extend(std::iter::repeat_n(0i16, 8000));
+        }
+        let mut bytes = Vec::new();
+        pcm::samples_to_le_bytes(&pcm, &mut bytes);
+        bytes
+    }
+
+    /// The `speech.context` of a client asking for continuous identification (as the
+    /// documentation describes the section, written out by hand).
+    fn lid_context_frame(languages: &str, mode: &str) -> WsMessage {
+        text_frame(
+            "speech.context",
+            &format!(
+                r#"{{"phraseDetection":{{"mode":"Conversation","conversation":{{"segmentation":{{"mode":"Custom","segmentationSilenceTimeoutMs":200}}}}}},"languageId":{{"languages":{languages},"mode":"{mode}","onSuccess":{{"action":"Recognize"}},"onUnknown":{{"action":"None"}},"priority":"PrioritizeLatency"}}}}"#
+            ),
+        )
+    }
+
+    #[tokio::test]
+    async fn language_identification_reports_each_phrases_language() {
+        let fake = FakeAzure::spawn(FakeAzureConfig {
+            transcripts: vec![
+                "Berapa harga pakej asas?".into(),
+                "How much is the premium plan?".into(),
+                "Terima kasih.".into(),
+            ],
+            // The third is left to the fake's guess.
+            transcript_languages: vec!["ms-MY".into(), "en-US".into()],
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let mut ws = open(&fake, "/speech/universal/v2", "&lidEnabled=true").await;
+        send_all(
+            &mut ws,
+            vec![
+                config_frame(),
+                lid_context_frame(r#"["ms-MY","en-US"]"#, "DetectContinuous"),
+                audio_frame(None, &square_phrases(3)),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (msgs, code) = read_all(&mut ws).await;
+        assert_eq!(code, None);
+        let phrases: Vec<(&str, &str)> = msgs
+            .iter()
+            .filter(|m| m.path == "speech.phrase" && m.body["RecognitionStatus"] == "Success")
+            .map(|m| {
+                assert_eq!(m.body["PrimaryLanguage"]["Confidence"], "High");
+                (
+                    m.body["DisplayText"].as_str().unwrap(),
+                    m.body["PrimaryLanguage"]["Language"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            phrases,
+            [
+                ("Berapa harga pakej asas?", "ms-MY"),
+                ("How much is the premium plan?", "en-US"),
+                ("Terima kasih.", "ms-MY"),
+            ]
+        );
+        // Hypotheses say the language too (the SDK reads it from them as well).
+        assert!(msgs.iter().any(|m| m.path == "speech.hypothesis"
+            && m.body["Text"] == "How"
+            && m.body["PrimaryLanguage"]["Language"] == "en-US"));
+        let st = fake.stats();
+        assert_eq!(st.lid_enabled, [true]);
+        assert_eq!(st.detected_languages, ["ms-MY", "en-US", "ms-MY"]);
+        assert!(st.violations.is_empty(), "{:?}", st.violations);
+    }
+
+    #[tokio::test]
+    async fn at_start_identification_keeps_the_first_language() {
+        let fake = FakeAzure::spawn(FakeAzureConfig {
+            transcripts: vec!["Helo.".into(), "How much?".into()],
+            transcript_languages: vec!["ms-MY".into(), "en-US".into()],
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let mut ws = open(&fake, PATHS[0], "").await;
+        send_all(
+            &mut ws,
+            vec![
+                config_frame(),
+                lid_context_frame(r#"["ms-MY","en-US"]"#, "DetectAtAudioStart"),
+                audio_frame(None, &square_phrases(2)),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let _ = read_all(&mut ws).await;
+        assert_eq!(fake.stats().detected_languages, ["ms-MY", "ms-MY"]);
+    }
+
+    #[tokio::test]
+    async fn without_language_identification_phrases_name_no_language() {
+        let fake = FakeAzure::spawn(FakeAzureConfig {
+            transcript_languages: vec!["en-US".into()],
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let mut ws = open(&fake, PATHS[0], "").await;
+        send_all(
+            &mut ws,
+            vec![
+                config_frame(),
+                audio_frame(None, &square_phrases(1)),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (msgs, _) = read_all(&mut ws).await;
+        assert!(msgs.iter().any(|m| m.path == "speech.phrase"));
+        assert!(msgs.iter().all(|m| m.body.get("PrimaryLanguage").is_none()));
+        assert!(fake.stats().detected_languages.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_language_id_section_is_refused() {
+        let fake = FakeAzure::spawn(cfg()).await.unwrap();
+        for (languages, mode) in [
+            ("[]", "DetectContinuous"),
+            (r#"["ms-MY",3]"#, "DetectContinuous"),
+            (r#""ms-MY""#, "DetectContinuous"),
+            (r#"["ms-MY","en-US"]"#, "Sometimes"),
+            (
+                r#"["a-A","b-B","c-C","d-D","e-E","f-F","g-G","h-H","i-I","j-J","k-K"]"#,
+                "DetectContinuous",
+            ),
+        ] {
+            let code = expect_close(
+                &fake,
+                vec![config_frame(), lid_context_frame(languages, mode)],
+            )
+            .await;
+            assert_eq!(code, Some(1007), "{languages} {mode}");
+        }
+    }
+
+    #[test]
+    fn the_guess_picks_malay_or_english_among_the_candidates() {
+        let c = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let both = c(&["ms-MY", "en-US"]);
+        assert_eq!(guess_language("How much is it?", &both), "en-US");
+        assert_eq!(guess_language("Berapa harganya?", &both), "ms-MY");
+        assert_eq!(guess_language("Okay", &c(&["en-GB", "ms-MY"])), "ms-MY");
+        assert_eq!(guess_language("Thank you", &c(&["zh-CN"])), "zh-CN");
     }
 
     /// 8 kHz PCM bytes: `tone_ms` of a loud square wave, then `silence_ms` of silence.

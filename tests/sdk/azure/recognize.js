@@ -2,12 +2,16 @@
 // JavaScript, continuous recognition from a push stream, as an application would. Driven by
 // tests/azure_conformance.rs against the fake Azure; prints one JSON line per SDK event.
 //
-// usage: node recognize.js <ws-url> <key> <wav-file> <language> <segmentation-silence-ms>
+// usage: node recognize.js <ws-url> <key> <wav-file> <language> <segmentation-silence-ms> [<languages>]
+//
+// With <languages> (comma-separated, e.g. "ms-MY,en-US") the recognizer identifies the language
+// of every phrase among them (AutoDetectSourceLanguageConfig in Continuous mode), as
+// Microsoft's language identification guide shows it, and prints each phrase's language.
 "use strict";
 const fs = require("fs");
 const sdk = require("microsoft-cognitiveservices-speech-sdk");
 
-const [url, key, wavPath, language, segmentationMs] = process.argv.slice(2);
+const [url, key, wavPath, language, segmentationMs, languages] = process.argv.slice(2);
 if (!segmentationMs) {
   console.error("usage: node recognize.js <ws-url> <key> <wav-file> <language> <segmentation-silence-ms>");
   process.exit(64);
@@ -54,7 +58,17 @@ for (let i = 0; i < wav.pcm.length; i += step) {
 }
 stream.close();
 
-const recognizer = new sdk.SpeechRecognizer(speechConfig, sdk.AudioConfig.fromStreamInput(stream));
+const audioConfig = sdk.AudioConfig.fromStreamInput(stream);
+let recognizer;
+if (languages) {
+  const autoDetect = sdk.AutoDetectSourceLanguageConfig.fromLanguages(languages.split(","));
+  autoDetect.mode = sdk.LanguageIdMode.Continuous;
+  recognizer = sdk.SpeechRecognizer.FromConfig(speechConfig, autoDetect, audioConfig);
+} else {
+  recognizer = new sdk.SpeechRecognizer(speechConfig, audioConfig);
+}
+const languageOf = (result) =>
+  languages ? sdk.AutoDetectSourceLanguageResult.fromResult(result).language : undefined;
 let done = false;
 const finish = (code) => {
   if (done) return;
@@ -64,10 +78,11 @@ const finish = (code) => {
     () => process.exit(code),
   );
 };
-recognizer.recognizing = (_, e) => emit({ event: "recognizing", text: e.result.text });
+recognizer.recognizing = (_, e) =>
+  emit({ event: "recognizing", text: e.result.text, language: languageOf(e.result) });
 recognizer.recognized = (_, e) =>
   emit({ event: "recognized", reason: sdk.ResultReason[e.result.reason], text: e.result.text,
-         offset: e.result.offset, duration: e.result.duration });
+         offset: e.result.offset, duration: e.result.duration, language: languageOf(e.result) });
 recognizer.canceled = (_, e) => {
   emit({ event: "canceled", reason: sdk.CancellationReason[e.reason],
          code: sdk.CancellationErrorCode[e.errorCode], details: e.errorDetails });

@@ -34,7 +34,7 @@ impl ElevenLabs {
             url,
             key: self.key_header()?,
             model_id: self.settings.model_id.clone(),
-            language_code: self.language_code().map(str::to_owned),
+            language_code: self.language_code(&params).map(str::to_owned),
         });
         let deadline_after = self.first_byte_timeout();
         Ok(spawn_driver(|text_rx, audio_tx| {

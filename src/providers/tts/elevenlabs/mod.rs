@@ -88,9 +88,15 @@ impl ElevenLabs {
         Ok(v)
     }
 
-    /// `language_code` only for the models that take it (flash/turbo v2.5).
-    fn language_code(&self) -> Option<&str> {
-        let lang = self.settings.language_code.trim();
+    /// `language_code` only for the models that take it (flash/turbo v2.5): the language of
+    /// this request's text when the caller says which, else the configured one.
+    fn language_code<'a>(&'a self, params: &'a TtsParams) -> Option<&'a str> {
+        let lang = params
+            .language_code
+            .as_deref()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| self.settings.language_code.trim());
         (self.settings.model_id.ends_with("_v2_5") && !lang.is_empty()).then_some(lang)
     }
 }
@@ -202,14 +208,30 @@ mod tests {
         s.voice_id = "voice 1".into();
         let el = client(&s, KEY);
         assert_eq!(
-            el.websocket_url(OutputFormat::Ulaw8000).unwrap().as_str(),
+            el.websocket_url(OutputFormat::Ulaw8000, &params(8000))
+                .unwrap()
+                .as_str(),
             "wss://api.elevenlabs.io/v1/text-to-speech/voice%201/stream-input?model_id=eleven_flash_v2_5&output_format=ulaw_8000&language_code=ms"
+        );
+        // The language of a reply's text, when the call knows it, replaces the configured one.
+        let english = TtsParams {
+            language_code: Some("en".into()),
+            ..params(8000)
+        };
+        assert_eq!(
+            el.websocket_url(OutputFormat::Ulaw8000, &english)
+                .unwrap()
+                .query(),
+            Some("model_id=eleven_flash_v2_5&output_format=ulaw_8000&language_code=en")
         );
         s.model_id = "eleven_multilingual_v2".into();
         s.base_url = "http://127.0.0.1:9/prefix".into();
         let el = client(&s, KEY);
+        // multilingual_v2 takes no language_code, whatever the text's language.
         assert_eq!(
-            el.websocket_url(OutputFormat::Pcm8000).unwrap().as_str(),
+            el.websocket_url(OutputFormat::Pcm8000, &english)
+                .unwrap()
+                .as_str(),
             "ws://127.0.0.1:9/prefix/v1/text-to-speech/voice%201/stream-input?model_id=eleven_multilingual_v2&output_format=pcm_8000"
         );
         assert!(matches!(

@@ -90,6 +90,7 @@ pub(crate) fn params(rate: u32) -> TtsParams {
     TtsParams {
         sample_rate: rate,
         call_id: "test-call".into(),
+        language_code: None,
     }
 }
 

@@ -36,7 +36,11 @@ type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 impl ElevenLabs {
     /// The `stream-input` URL with its query.
-    pub(super) fn websocket_url(&self, format: OutputFormat) -> Result<reqwest::Url, TtsError> {
+    pub(super) fn websocket_url(
+        &self,
+        format: OutputFormat,
+        params: &TtsParams,
+    ) -> Result<reqwest::Url, TtsError> {
         let mut url = endpoint_url(
             &self.settings.base_url,
             &self.settings.voice_id,
@@ -53,7 +57,7 @@ impl ElevenLabs {
             let mut q = url.query_pairs_mut();
             q.append_pair("model_id", &self.settings.model_id);
             q.append_pair("output_format", format.as_str());
-            if let Some(lang) = self.language_code() {
+            if let Some(lang) = self.language_code(params) {
                 q.append_pair("language_code", lang);
             }
         }
@@ -62,7 +66,7 @@ impl ElevenLabs {
 
     pub(super) async fn open_websocket(&self, params: TtsParams) -> Result<TtsStream, TtsError> {
         let format = output_format_for(self.settings.output_format, params.sample_rate)?;
-        let url = self.websocket_url(format)?;
+        let url = self.websocket_url(format, &params)?;
         let mut request = url
             .as_str()
             .into_client_request()

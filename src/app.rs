@@ -227,6 +227,7 @@ pub fn server_config(settings: &Settings, behaviour: Behaviour) -> ServerConfig 
             behaviour,
             idle_hangup: idle_hangup(settings),
             control: std::sync::Arc::new(crate::call::NoControl),
+            live: Default::default(),
         },
     }
 }
@@ -274,15 +275,19 @@ pub async fn run_controlled(
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
-    let server = Server::new(
-        server_config(&settings, behaviour),
-        Arc::clone(&metrics),
-        ready.clone(),
-    );
+    let live = crate::ops::live::LiveCalls::new();
+    let history = Arc::new(crate::ops::console::MemoryHistory::default());
+    let mut first_config = server_config(&settings, behaviour);
+    first_config.session.live = live.clone();
+    let server = Server::new(first_config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
     let admin_stop = CancellationToken::new();
-    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone());
+    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone()).with_console(console(
+        &settings,
+        live,
+        Arc::clone(&history) as Arc<dyn crate::ops::console::History>,
+    ));
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
     let admin_task = tokio::spawn(admin::serve_with(
         admin_listener,
@@ -292,22 +297,24 @@ pub async fn run_controlled(
     ));
     let watchdog = tokio::spawn(systemd::watchdog_loop(admin_stop.clone()));
 
-    let on_end: Option<OnCallEnd> =
-        (records.is_enabled() || hooks.on_call_end.is_some()).then(|| {
-            let records = Arc::clone(&records);
-            let mode = settings.agent.mode;
-            let extra = hooks.on_call_end.clone();
-            Arc::new(move |s: CallSummary| {
-                if let Some(f) = &extra {
-                    f(s.clone());
+    // Every finished call goes to the console's history, so there is always an observer.
+    let on_end: Option<OnCallEnd> = Some({
+        let records = Arc::clone(&records);
+        let mode = settings.agent.mode;
+        let extra = hooks.on_call_end.clone();
+        let history = Arc::clone(&history);
+        Arc::new(move |s: CallSummary| {
+            history.push_summary(&s);
+            if let Some(f) = &extra {
+                f(s.clone());
+            }
+            if records.is_enabled() {
+                if let Some(rec) = to_record(s, mode) {
+                    records.submit(rec);
                 }
-                if records.is_enabled() {
-                    if let Some(rec) = to_record(s, mode) {
-                        records.submit(rec);
-                    }
-                }
-            }) as OnCallEnd
-        });
+            }
+        }) as OnCallEnd
+    });
 
     let audiosocket_addr = listener.local_addr().unwrap_or(settings.audiosocket.listen);
     info!(
@@ -362,6 +369,31 @@ pub async fn run_controlled(
     let _ = watchdog.await;
     info!("sifucall stopped");
     Ok(())
+}
+
+/// The environment variable that holds the admin token (console and API access).
+pub const ADMIN_TOKEN_ENV: &str = "SIFUCALL_ADMIN_TOKEN";
+
+/// The console over these live calls and history, with its access rule: the admin token
+/// from [`ADMIN_TOKEN_ENV`], and whether the admin server listens beyond loopback.
+fn console(
+    settings: &Settings,
+    live: crate::ops::live::LiveCalls,
+    history: Arc<dyn crate::ops::console::History>,
+) -> crate::ops::console::Console {
+    let token = std::env::var(ADMIN_TOKEN_ENV).ok();
+    let access = crate::ops::console::Access::new(token.as_deref(), settings.admin.listen);
+    if !settings.admin.listen.ip().is_loopback() && !access.needs_token() {
+        warn!(
+            admin = %settings.admin.listen,
+            "the console is off: admin.listen is beyond loopback and {ADMIN_TOKEN_ENV} is not set"
+        );
+    }
+    crate::ops::console::Console {
+        live,
+        history,
+        access,
+    }
 }
 
 fn admin_limits(settings: &Settings) -> AdminLimits {
@@ -448,7 +480,9 @@ pub async fn apply_reload(
         Ok(_) => {}
         Err(e) => return Err(e.to_string()),
     }
-    server.reconfigure(server_config(new, behaviour));
+    let mut cfg = server_config(new, behaviour);
+    cfg.session.live = server.config().session.live.clone();
+    server.reconfigure(cfg);
     info!(
         changed = ?changed,
         max_calls = new.audiosocket.max_calls,

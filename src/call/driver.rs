@@ -34,6 +34,7 @@ use super::prompts::{PromptCache, PromptKind};
 use super::reply::{self, Providers};
 use crate::audio::pcm;
 use crate::audiosocket::{FrameError, Inbound, Outbound, SampleRate, ServerCodec};
+use crate::ops::live::{LiveCalls, LiveGuard};
 use crate::ops::metrics::{EndReason, Metrics};
 use crate::providers::stt::{SttEvent, SttSession};
 
@@ -86,6 +87,8 @@ pub struct SessionConfig {
     pub idle_hangup: Option<Duration>,
     /// The side channel to the PBX: the call's context, and its outcome before 0x00.
     pub control: Arc<dyn CallControl>,
+    /// The calls in progress, for the console (keep the daemon's one across reloads).
+    pub live: LiveCalls,
 }
 
 /// What happened on a call, for the summary line and the call record.
@@ -249,6 +252,7 @@ pub async fn serve_call<S: CallStream>(
     };
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (reply_tx, reply_rx) = mpsc::channel(CONTROL_QUEUE);
+    let live = cfg.live.begin(call_id, peer, &context, started);
     let mut driver = Driver {
         framed,
         machine: CallMachine::new(call_id, started, mode, Arc::clone(&metrics)),
@@ -270,6 +274,7 @@ pub async fn serve_call<S: CallStream>(
         inbound_dropped: 0,
         budget: InputBudget::new(started),
         next_unsent_check: started,
+        live,
     };
     let (reason, detail) = driver.run(shutdown).instrument(span.clone()).await;
     driver.tasks.cancel();
@@ -380,6 +385,8 @@ struct Driver<S: CallStream> {
     inbound_dropped: u64,
     budget: InputBudget,
     next_unsent_check: Instant,
+    /// This call's line in the live view.
+    live: LiveGuard,
 }
 
 impl<S: CallStream> Driver<S> {
@@ -431,6 +438,8 @@ impl<S: CallStream> Driver<S> {
             if let Err(end) = flow {
                 return end;
             }
+            let (turns, last_turn) = self.machine.answered_turns();
+            self.live.update(self.machine.activity(), turns, last_turn);
         }
     }
 

@@ -8,6 +8,8 @@
 //!   shutdown has begun, so a PBX-side health check or a load balancer can route new calls
 //!   elsewhere.
 //! - `GET /metrics`: OpenMetrics text from [`Metrics::render`].
+//! - The operator's console and its JSON API (`/console`, `/api/...`), when the daemon
+//!   gives it one ([`AdminState::with_console`]; see [`super::console`] for its access rule).
 //!
 //! The admin port shares the process's file descriptors with the calls, so it must never
 //! starve them: connections are capped ([`AdminLimits::max_connections`], over the cap a
@@ -32,6 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::console::Console;
 use super::metrics::{CONTENT_TYPE, Metrics};
 
 /// After shutdown is requested, how long open admin connections (a slow scrape) may hold
@@ -99,22 +102,39 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Readiness.
     pub ready: ReadyFlag,
+    /// The console's live calls, history and access rule, if it is served.
+    pub console: Option<Console>,
 }
 
 impl AdminState {
     /// Bundles the metrics and the readiness flag.
     pub fn new(metrics: Arc<Metrics>, ready: ReadyFlag) -> Self {
-        Self { metrics, ready }
+        Self {
+            metrics,
+            ready,
+            console: None,
+        }
+    }
+
+    /// Serves the operator's console too.
+    pub fn with_console(mut self, console: Console) -> Self {
+        self.console = Some(console);
+        self
     }
 }
 
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let console = state.console.clone();
+    let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    match console {
+        Some(c) => app.merge(super::console::router(c)),
+        None => app,
+    }
 }
 
 async fn healthz() -> &'static str {

@@ -33,7 +33,7 @@ impl std::fmt::Debug for Access {
 
 /// Why a request was not let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Denied {
+pub enum Denied {
     /// No token or the wrong one.
     NeedToken,
     /// The admin server is reachable from the network and no token is set.

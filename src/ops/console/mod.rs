@@ -33,7 +33,7 @@ use uuid::Uuid;
 use super::live::LiveCalls;
 use super::records::TurnTiming;
 
-pub use auth::Access;
+pub use auth::{Access, Denied};
 pub use memory::MemoryHistory;
 pub use routes::router;
 

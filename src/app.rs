@@ -228,6 +228,7 @@ pub fn server_config(settings: &Settings, behaviour: Behaviour) -> ServerConfig 
             idle_hangup: idle_hangup(settings),
             control: std::sync::Arc::new(crate::call::NoControl),
             live: Default::default(),
+            records: None,
         },
     }
 }
@@ -271,14 +272,25 @@ pub async fn run_controlled(
     let metrics = Arc::new(Metrics::new());
     let ready = ReadyFlag::new();
     let records = Arc::new(
-        RecordSink::new(&settings.records, &settings.webhook)
+        RecordSink::open(&settings, Arc::clone(&metrics))
+            .await
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
     let live = crate::ops::live::LiveCalls::new();
-    let history = Arc::new(crate::ops::console::MemoryHistory::default());
+    let memory = Arc::new(crate::ops::console::MemoryHistory::default());
+    // The console reads the records database when there is one (with PostgreSQL, every
+    // daemon's calls); else the calls this daemon took since it started.
+    let history: Arc<dyn crate::ops::console::History> = match records.db() {
+        Some(db) => Arc::new(crate::ops::console::DbHistory::new(
+            db.clone(),
+            &settings.pricing.currency,
+        )),
+        None => Arc::clone(&memory) as Arc<dyn crate::ops::console::History>,
+    };
     let mut first_config = server_config(&settings, behaviour);
     first_config.session.live = live.clone();
+    first_config.session.records = Some(Arc::clone(&records));
     let server = Server::new(first_config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
@@ -286,7 +298,7 @@ pub async fn run_controlled(
     let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone()).with_console(console(
         &settings,
         live,
-        Arc::clone(&history) as Arc<dyn crate::ops::console::History>,
+        Arc::clone(&history),
     ));
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
     let admin_task = tokio::spawn(admin::serve_with(
@@ -302,14 +314,17 @@ pub async fn run_controlled(
         let records = Arc::clone(&records);
         let mode = settings.agent.mode;
         let extra = hooks.on_call_end.clone();
-        let history = Arc::clone(&history);
+        let memory = records.db().is_none().then(|| Arc::clone(&memory));
         Arc::new(move |s: CallSummary| {
-            history.push_summary(&s);
+            if let Some(m) = &memory {
+                m.push_summary(&s);
+            }
             if let Some(f) = &extra {
                 f(s.clone());
             }
             if records.is_enabled() {
-                if let Some(rec) = to_record(s, mode) {
+                if let Some(mut rec) = to_record(s, mode) {
+                    records.complete(&mut rec);
                     records.submit(rec);
                 }
             }
@@ -482,6 +497,10 @@ pub async fn apply_reload(
     }
     let mut cfg = server_config(new, behaviour);
     cfg.session.live = server.config().session.live.clone();
+    // The records sink is the running one (records.url needs a restart).
+    cfg.session
+        .records
+        .clone_from(&server.config().session.records);
     server.reconfigure(cfg);
     info!(
         changed = ?changed,
@@ -519,10 +538,16 @@ pub fn changed_keys(a: &Settings, b: &Settings) -> Vec<String> {
 /// Turns a call summary into a stored record; calls that never sent a UUID are not calls.
 pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
     let call_id = s.call_id?;
-    let started = SystemTime::now()
+    let ended = SystemTime::now();
+    let started = ended
         .checked_sub(s.duration)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let agent = s.agent.unwrap_or_default();
+    let rate_hz = s.rate.map_or(0, |r| r.hz());
+    let transfer_target = match &s.outcome {
+        Some(crate::call::CallOutcome::Transferred { target, .. }) => Some(target.clone()),
+        _ => None,
+    };
     let mut errors = agent.errors;
     if let Some(d) = s.detail {
         errors.insert(0, d);
@@ -534,7 +559,7 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         duration_ms: s.duration.as_millis() as u64,
         end_reason: s.reason,
         mode,
-        sample_rate: s.rate.map_or(0, |r| r.hz()),
+        sample_rate: rate_hz,
         frames_in: s.frames_in,
         frames_out: s.frames_out,
         underruns: s.underruns,
@@ -547,5 +572,23 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         resumes: agent.resumes,
         speculative: agent.speculative,
         errors,
+        node_id: String::new(),
+        ended_at: crate::ops::records::rfc3339_utc(ended),
+        caller_number: s.context.caller_number,
+        caller_name: s.context.caller_name,
+        did: s.context.did,
+        profile: s.context.profile,
+        outcome: s.outcome,
+        transfer_target,
+        latency: None,
+        tool_calls: agent.tool_calls,
+        cost: None,
+        recording_path: None,
+        stt_audio_ms: if rate_hz > 0 {
+            agent.stt_samples * 1000 / u64::from(rate_hz)
+        } else {
+            0
+        },
+        tts_characters: agent.tts_characters,
     })
 }

@@ -724,6 +724,7 @@ mod tests {
                 idle_hangup: None,
                 control: std::sync::Arc::new(crate::call::NoControl),
                 live: Default::default(),
+                records: None,
             },
         }
     }

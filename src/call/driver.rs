@@ -89,6 +89,9 @@ pub struct SessionConfig {
     pub control: Arc<dyn CallControl>,
     /// The calls in progress, for the console (keep the daemon's one across reloads).
     pub live: LiveCalls,
+    /// The call records, written as the call goes (the end of call goes through the
+    /// server's `on_call_end`); `None`: nothing is written during the call.
+    pub records: Option<Arc<crate::ops::records::RecordSink>>,
 }
 
 /// What happened on a call, for the summary line and the call record.
@@ -250,6 +253,28 @@ pub async fn serve_call<S: CallStream>(
             (Mode::Agent(Arc::clone(&setup.cfg)), Some(Arc::clone(setup)))
         }
     };
+    let tap = cfg.records.as_ref().and_then(|r| {
+        let ago = now().saturating_duration_since(started);
+        let wall = std::time::SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        r.call_started(crate::ops::records::store::CallStart {
+            call_id,
+            node_id: r.node_id().to_owned(),
+            started_at_ms: crate::ops::records::store::epoch_ms(wall),
+            peer: peer.to_string(),
+            mode: if matches!(cfg.behaviour, Behaviour::Echo) {
+                "echo"
+            } else {
+                "ai"
+            }
+            .into(),
+            caller_number: context.caller_number.clone(),
+            caller_name: context.caller_name.clone(),
+            did: context.did.clone(),
+            profile: context.profile.clone(),
+        })
+    });
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (reply_tx, reply_rx) = mpsc::channel(CONTROL_QUEUE);
     let live = cfg.live.begin(call_id, peer, &context, started);
@@ -275,6 +300,8 @@ pub async fn serve_call<S: CallStream>(
         budget: InputBudget::new(started),
         next_unsent_check: started,
         live,
+        tap,
+        started,
     };
     let (reason, detail) = driver.run(shutdown).instrument(span.clone()).await;
     driver.tasks.cancel();
@@ -387,6 +414,9 @@ struct Driver<S: CallStream> {
     next_unsent_check: Instant,
     /// This call's line in the live view.
     live: LiveGuard,
+    /// Writes the call's progress to the records now and then.
+    tap: Option<crate::ops::records::live::CallTap>,
+    started: Instant,
 }
 
 impl<S: CallStream> Driver<S> {
@@ -396,6 +426,7 @@ impl<S: CallStream> Driver<S> {
             if let Err(end) = self.perform().await {
                 return end;
             }
+            self.sync_records();
             if let Some(reason) = self.machine.hangup_reason() {
                 let reason = match reason {
                     HangupReason::Shutdown => EndReason::Shutdown,
@@ -440,6 +471,20 @@ impl<S: CallStream> Driver<S> {
             }
             let (turns, last_turn) = self.machine.answered_turns();
             self.live.update(self.machine.activity(), turns, last_turn);
+        }
+    }
+
+    /// Hands what the call produced since the last time to the records (at most once a
+    /// second; a few comparisons and a non-blocking queue push).
+    fn sync_records(&mut self) {
+        let Some(tap) = self.tap.as_mut() else { return };
+        let now = now();
+        if !tap.due(now) {
+            return;
+        }
+        if let Some(report) = self.machine.progress() {
+            let at_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+            tap.sync(report, now, at_ms);
         }
     }
 

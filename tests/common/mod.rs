@@ -42,6 +42,7 @@ pub fn echo_config() -> ServerConfig {
             idle_hangup: Some(Duration::from_secs(60)),
             control: std::sync::Arc::new(sifucall::call::NoControl),
             live: Default::default(),
+            records: None,
         },
     }
 }

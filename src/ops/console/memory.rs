@@ -119,22 +119,30 @@ impl MemoryHistory {
                 .transcript
                 .iter()
                 .map(|l| TranscriptLine {
-                    role: match l.role {
-                        Role::Caller => "caller",
-                        Role::Agent => "agent",
-                        Role::Dtmf => "dtmf",
-                    }
-                    .into(),
+                    role: super::db::role(l.role).into(),
                     text: l.text.clone(),
-                    start_ms: l.at_ms,
-                    end_ms: None,
+                    start_ms: l.start_ms.unwrap_or(l.at_ms),
+                    end_ms: l.end_ms,
                     interrupted: l.interrupted,
                 })
                 .collect(),
             turn_timings: agent.turns,
-            tool_calls: Vec::new(),
+            tool_calls: agent
+                .tool_calls
+                .iter()
+                .map(|t| super::ToolCall {
+                    name: t.name.clone(),
+                    arguments: t.arguments.clone(),
+                    at_ms: Some(t.at_ms),
+                    result: t
+                        .result
+                        .clone()
+                        .or(t.error.as_ref().map(|e| format!("failed: {e}"))),
+                })
+                .collect(),
             errors,
             cost_items,
+            total_myr: None,
             recording: None,
         })
     }

@@ -20,6 +20,7 @@
 //! server listens beyond loopback without a token.
 
 mod auth;
+mod db;
 mod memory;
 mod pages;
 mod routes;
@@ -34,6 +35,7 @@ use super::live::LiveCalls;
 use super::records::TurnTiming;
 
 pub use auth::{Access, Denied};
+pub use db::DbHistory;
 pub use memory::MemoryHistory;
 pub use routes::router;
 
@@ -202,6 +204,8 @@ pub struct CallDetail {
     pub errors: Vec<String>,
     /// The cost by component.
     pub cost_items: Vec<CostItem>,
+    /// The total in Malaysian ringgit, when `pricing.myr_rate` is set.
+    pub total_myr: Option<f64>,
     /// Where the recording is, if the call was recorded.
     pub recording: Option<String>,
 }
@@ -240,6 +244,70 @@ pub trait History: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'_, Result<Vec<DayTotals>, HistoryError>>;
     /// Where it comes from, shown on the pages (e.g. `this daemon since start`).
     fn describe(&self) -> String;
+}
+
+/// `from` and `to` of a filter as `[from_ms, to_ms)` since the Unix epoch (`to` is inclusive
+/// at its own precision, so the end is one day, minute or second after it).
+pub fn time_range(f: &CallFilter) -> Result<(Option<i64>, Option<i64>), String> {
+    let parse = |key: &str, v: &Option<String>, end: bool| -> Result<Option<i64>, String> {
+        let Some(v) = v.as_deref().map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        let (start, unit) = parse_utc(v).ok_or_else(|| {
+            format!("{key}={v:?} is not a UTC date or time (2026-12-01, 2026-12-01T09:30)")
+        })?;
+        Ok(Some(if end { start + unit } else { start }))
+    };
+    Ok((parse("from", &f.from, false)?, parse("to", &f.to, true)?))
+}
+
+/// `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM` or `YYYY-MM-DDTHH:MM:SS` (a space for the `T`, a
+/// trailing `Z` and fractions are accepted) as ms since the epoch, with the unit of its
+/// last field in ms.
+fn parse_utc(s: &str) -> Option<(i64, i64)> {
+    let s = s.trim_end_matches('Z');
+    let (date, time) = match s.split_once(['T', ' ']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (s, None),
+    };
+    let mut d = date.splitn(3, '-');
+    let num = |x: Option<&str>, len: usize| -> Option<i64> {
+        let x = x?;
+        (x.len() == len && x.bytes().all(|b| b.is_ascii_digit())).then(|| x.parse().ok())?
+    };
+    let (y, m, day) = (num(d.next(), 4)?, num(d.next(), 2)?, num(d.next(), 2)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let days = days_from_civil(y, m, day);
+    let mut ms = days * 86_400_000;
+    let Some(time) = time else {
+        return Some((ms, 86_400_000));
+    };
+    let mut t = time.splitn(3, ':');
+    let (h, min) = (num(t.next(), 2)?, num(t.next(), 2)?);
+    if h > 23 || min > 59 {
+        return None;
+    }
+    ms += (h * 60 + min) * 60_000;
+    match t.next() {
+        None => Some((ms, 60_000)),
+        Some(sec) => {
+            let sec = num(sec.split('.').next(), 2)?;
+            (sec <= 60).then_some((ms + sec * 1000, 1000))
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Sums rows into per-day totals, newest day first (for stores that hold rows in memory).

@@ -393,7 +393,13 @@ pub(super) fn call(d: &CallDetail) -> String {
     item("Turns", r.turns.to_string());
     item(
         "Cost",
-        format!("<span id=\"cost\">{}</span>", money(r.cost, &r.currency)),
+        format!(
+            "<span id=\"cost\">{}</span>{}",
+            money(r.cost, &r.currency),
+            d.total_myr.map_or(String::new(), |m| format!(
+                " <span class=\"muted\">(RM {m:.4})</span>"
+            ))
+        ),
     );
     if let Some(n) = &r.node {
         item("Node", esc(n));

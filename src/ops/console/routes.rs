@@ -11,7 +11,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::auth::{COOKIE, Denied};
-use super::{CallFilter, Console, pages};
+use super::{CallFilter, Console, pages, time_range};
 
 /// Content-Security-Policy of every page: only this origin, inline styles and the inline
 /// live script, no frames.
@@ -109,9 +109,11 @@ fn filter_of(q: &HashMap<String, String>) -> CallFilter {
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
     };
+    // Times compare as RFC 3339 text: `2026-12-01 09:30Z` means `2026-12-01T09:30`.
+    let time = |k: &str| get(k).map(|v| v.trim_end_matches('Z').replacen(' ', "T", 1));
     CallFilter {
-        from: get("from"),
-        to: get("to"),
+        from: time("from"),
+        to: time("to"),
         caller: get("caller"),
         did: get("did"),
         profile: get("profile"),
@@ -148,6 +150,9 @@ async fn history_page(
         return r;
     }
     let filter = filter_of(&q);
+    if let Err(e) = time_range(&filter) {
+        return html(StatusCode::BAD_REQUEST, pages::message("Bad filter", &e));
+    }
     let calls = c.history.list(filter.clone()).await;
     let totals = c.history.daily_totals(filter.clone()).await;
     match (calls, totals) {
@@ -170,7 +175,11 @@ async fn calls_json(
     if let Some(r) = api_guard(&c, &headers) {
         return r;
     }
-    match c.history.list(filter_of(&q)).await {
+    let filter = filter_of(&q);
+    if let Err(e) = time_range(&filter) {
+        return json_error(StatusCode::BAD_REQUEST, &e);
+    }
+    match c.history.list(filter).await {
         Ok(calls) => Json(json!({ "calls": calls })).into_response(),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
@@ -184,7 +193,11 @@ async fn totals_json(
     if let Some(r) = api_guard(&c, &headers) {
         return r;
     }
-    match c.history.daily_totals(filter_of(&q)).await {
+    let filter = filter_of(&q);
+    if let Err(e) = time_range(&filter) {
+        return json_error(StatusCode::BAD_REQUEST, &e);
+    }
+    match c.history.daily_totals(filter).await {
         Ok(days) => Json(json!({ "days": days })).into_response(),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }

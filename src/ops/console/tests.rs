@@ -71,6 +71,7 @@ fn detail(r: CallRow) -> CallDetail {
             amount: 0.002,
             detail: "812 tokens".into(),
         }],
+        total_myr: Some(0.0094),
         recording: None,
     }
 }
@@ -135,6 +136,31 @@ fn filters_match_time_caller_and_outcome() {
         did: Some("999".into()),
         ..Default::default()
     }));
+}
+
+#[test]
+fn time_filters_parse_to_utc_ranges() {
+    let f = |from: &str, to: &str| {
+        time_range(&CallFilter {
+            from: Some(from.into()),
+            to: Some(to.into()),
+            ..Default::default()
+        })
+    };
+    // 2026-12-01T00:00Z is 1_764_547_200 s after the epoch.
+    let day = 1_764_547_200_000;
+    assert_eq!(
+        f("2026-12-01", "2026-12-01"),
+        Ok((Some(day), Some(day + 86_400_000)))
+    );
+    assert_eq!(
+        f("2026-12-01T09:30", "2026-12-01 09:30:15Z"),
+        Ok((Some(day + 34_200_000), Some(day + 34_215_000 + 1_000)))
+    );
+    assert_eq!(f("1970-01-01", "").unwrap().0, Some(0));
+    for bad in ["yesterday", "2026-13-01", "2026-12-01T25:00", "2026-1-1"] {
+        assert!(f(bad, "").is_err(), "{bad}");
+    }
 }
 
 #[test]

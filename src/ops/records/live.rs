@@ -32,7 +32,8 @@ pub struct CallTap {
 }
 
 impl CallTap {
-    pub(crate) fn new(store: Arc<Store>, call_id: Uuid) -> Self {
+    /// A tap for one call whose row has been started.
+    pub fn new(store: Arc<Store>, call_id: Uuid) -> Self {
         Self {
             store,
             call_id,

@@ -818,18 +818,24 @@ mod tests {
                     text: "Selamat datang".into(),
                     at_ms: 40,
                     interrupted: false,
+                    start_ms: None,
+                    end_ms: None,
                 },
                 TranscriptEntry {
                     role: Role::Caller,
                     text: format!("Saya mahu \"tempah\"\nmeja {n}"),
                     at_ms: 2100,
                     interrupted: false,
+                    start_ms: None,
+                    end_ms: None,
                 },
                 TranscriptEntry {
                     role: Role::Dtmf,
                     text: "1".into(),
                     at_ms: 3000,
                     interrupted: false,
+                    start_ms: None,
+                    end_ms: None,
                 },
             ],
             turns: vec![TurnTiming {
@@ -843,6 +849,20 @@ mod tests {
             resumes: 0,
             speculative: Speculation::default(),
             errors: vec![],
+            node_id: "node-a".into(),
+            ended_at: String::new(),
+            caller_number: Some("+60123456789".into()),
+            caller_name: None,
+            did: Some("0388880000".into()),
+            profile: None,
+            outcome: Some(CallOutcome::Completed),
+            transfer_target: None,
+            latency: None,
+            tool_calls: vec![],
+            cost: None,
+            recording_path: None,
+            stt_audio_ms: 0,
+            tts_characters: 0,
         }
     }
 
@@ -850,9 +870,11 @@ mod tests {
         (
             RecordsSettings {
                 url: records.into(),
+                ..Settings::defaults().records
             },
             WebhookSettings {
                 url: webhook.into(),
+                ..Settings::defaults().webhook
             },
         )
     }

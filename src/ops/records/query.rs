@@ -335,7 +335,7 @@ pub async fn daily_totals(
     to_ms: i64,
 ) -> Result<Vec<DayTotal>, RecordsError> {
     let sql = "SELECT started_at_ms / 86400000 AS day, COUNT(*) AS calls, \
-               SUM(COALESCE(duration_ms, 0)) AS ms, SUM(COALESCE(cost_total, 0.0)) AS cost \
+               CAST(SUM(COALESCE(duration_ms, 0)) AS BIGINT) AS ms, SUM(COALESCE(cost_total, 0.0)) AS cost \
                FROM calls WHERE started_at_ms >= $1 AND started_at_ms < $2 \
                GROUP BY started_at_ms / 86400000 ORDER BY day";
     let rows = with_pool!(db, pool => {

@@ -170,13 +170,14 @@ impl Store {
         if let Err(e) = replay(&db, &spool, cfg.webhook).await {
             tracing::warn!(error = %e, "the records spool could not be replayed yet; retrying while running");
         }
-        let closed = close_interrupted(&db, &cfg.node_id).await?;
-        if closed > 0 {
-            tracing::warn!(
+        match close_interrupted(&db, &cfg.node_id).await {
+            Ok(0) => {}
+            Ok(closed) => tracing::warn!(
                 calls = closed,
                 node_id = %cfg.node_id,
                 "calls left open by an earlier run (crash or kill) closed as interrupted"
-            );
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot close calls left open by an earlier run"),
         }
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let store = Arc::new(Self {

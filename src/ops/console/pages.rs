@@ -180,7 +180,7 @@ pub(super) fn live(calls: &[LiveCall]) -> String {
 
 // ---- history ------------------------------------------------------------------------------
 
-const OUTCOMES: [&str; 7] = [
+const OUTCOMES: [&str; 8] = [
     "completed",
     "transfer",
     "fallback",
@@ -188,6 +188,7 @@ const OUTCOMES: [&str; 7] = [
     "refused",
     "error",
     "interrupted",
+    "open",
 ];
 
 fn filter_form(f: &CallFilter) -> String {

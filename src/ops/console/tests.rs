@@ -147,8 +147,8 @@ fn time_filters_parse_to_utc_ranges() {
             ..Default::default()
         })
     };
-    // 2026-12-01T00:00Z is 1_764_547_200 s after the epoch.
-    let day = 1_764_547_200_000;
+    // 2026-12-01T00:00Z is 1_796_083_200 s after the epoch.
+    let day = 1_796_083_200_000;
     assert_eq!(
         f("2026-12-01", "2026-12-01"),
         Ok((Some(day), Some(day + 86_400_000)))

@@ -172,9 +172,9 @@ fn selectors_are_parsed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_alerts_use_is_in_the_daemons_output() {
-    // The first LLM request fails (a provider error), the retry answers: one whole turn.
+    // Every LLM request fails (provider errors; the caller hears the apology).
     let mut sandbox = fast_sandbox();
-    sandbox.openrouter.fault = LlmFault::StatusOnce(500);
+    sandbox.openrouter.fault = LlmFault::Status(500);
     let mut d = start(sandbox, settings()).await;
     let mut t = Timeline::new(RATE);
     t.silence_ms(speech_ms(GREETING, RATE) + 400);

@@ -469,8 +469,11 @@ impl<S: CallStream> Driver<S> {
             if let Err(end) = flow {
                 return end;
             }
-            let (turns, last_turn) = self.machine.answered_turns();
-            self.live.update(self.machine.activity(), turns, last_turn);
+            let machine = &self.machine;
+            self.live
+                .update(machine.activity(), machine.turns_key(), || {
+                    machine.answered_turns()
+                });
         }
     }
 

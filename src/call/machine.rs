@@ -575,6 +575,13 @@ impl CallMachine {
         }
     }
 
+    /// Changes whenever [`CallMachine::answered_turns`] may have: the number of turns and
+    /// the last one's first frame. O(1), for a check after every step.
+    pub fn turns_key(&self) -> (usize, Option<u64>) {
+        let t = &self.report.turns;
+        (t.len(), t.last().and_then(|t| t.first_frame_ms))
+    }
+
     /// Turns answered so far (the first reply frame went out), and the latest one's latency
     /// (the caller's speech end, or the STT final, to that frame), ms.
     pub fn answered_turns(&self) -> (u32, Option<u64>) {

@@ -124,7 +124,7 @@ impl LiveCalls {
             calls: self.clone(),
             call_id,
             state: Activity::Listening,
-            turns: 0,
+            turns_key: (0, None),
         }
     }
 
@@ -173,22 +173,33 @@ pub struct LiveGuard {
     calls: LiveCalls,
     call_id: Uuid,
     state: Activity,
-    turns: u32,
+    turns_key: (usize, Option<u64>),
 }
 
 impl LiveGuard {
-    /// Tells the registry what the call is doing: `turns` answered so far, the last one in
-    /// `last_turn_latency_ms`. Cheap when nothing changed (no lock is taken).
-    pub fn update(&mut self, state: Activity, turns: u32, last_turn_latency_ms: Option<u64>) {
-        if state == self.state && turns == self.turns {
+    /// Tells the registry what the call is doing. `turns_key` changes whenever the turns
+    /// may have (cheap to compute, e.g. how many there are and the last one's first frame);
+    /// only then is `turns` asked for the answered turns and the last one's latency. Called
+    /// after every step of the call, so it takes no lock unless something changed.
+    pub fn update(
+        &mut self,
+        state: Activity,
+        turns_key: (usize, Option<u64>),
+        turns: impl FnOnce() -> (u32, Option<u64>),
+    ) {
+        let turns_changed = turns_key != self.turns_key;
+        if state == self.state && !turns_changed {
             return;
         }
         self.state = state;
-        self.turns = turns;
+        self.turns_key = turns_key;
+        let answered = turns_changed.then(turns);
         if let Some(e) = self.calls.lock().get_mut(&self.call_id) {
             e.state = state;
-            e.turns = turns;
-            e.last_turn_latency_ms = last_turn_latency_ms;
+            if let Some((n, last)) = answered {
+                e.turns = n;
+                e.last_turn_latency_ms = last;
+            }
         }
     }
 }
@@ -230,9 +241,11 @@ mod tests {
         assert_eq!(s[0].duration_ms, 2_500);
         assert_eq!(s[0].last_turn_latency_ms, None);
 
-        g.update(Activity::Thinking, 0, None);
+        g.update(Activity::Thinking, (0, None), || {
+            unreachable!("turns unchanged")
+        });
         assert_eq!(live.snapshot()[0].state, Activity::Thinking);
-        g.update(Activity::Speaking, 1, Some(640));
+        g.update(Activity::Speaking, (1, Some(3_000)), || (1, Some(640)));
         let s = live.snapshot();
         assert_eq!(
             (s[0].state, s[0].turns, s[0].last_turn_latency_ms),

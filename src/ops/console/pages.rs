@@ -268,7 +268,7 @@ pub(super) fn history(
     }
     let body = format!(
         "<h1>Call history</h1>{}\
-         <h2>Per day</h2><table id=\"totals\"><thead><tr><th>Day (UTC)</th><th>Calls</th><th>Minutes</th>\
+         <h2>Per day</h2><p class=\"muted\">The last 31 days unless <em>From</em> says otherwise; the other filters apply too where the history allows.</p><table id=\"totals\"><thead><tr><th>Day (UTC)</th><th>Calls</th><th>Minutes</th>\
          <th>Cost</th></tr></thead><tbody>{t}</tbody></table>\
          <h2>Calls</h2><table id=\"calls\"><thead><tr><th>Started (UTC)</th><th>Caller</th><th>DID</th>\
          <th>Profile</th><th>Duration</th><th>Outcome</th><th>Turns</th><th>Cost</th><th>Node</th></tr></thead>\

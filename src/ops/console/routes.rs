@@ -122,6 +122,21 @@ fn filter_of(q: &HashMap<String, String>) -> CallFilter {
     }
 }
 
+/// Days of totals shown when the filter names no start.
+const TOTALS_DAYS: u64 = 31;
+
+/// The totals' filter: the list's, starting [`TOTALS_DAYS`] ago unless it says otherwise.
+fn totals_filter(f: &CallFilter) -> CallFilter {
+    let mut f = f.clone();
+    if f.from.is_none() {
+        let start = std::time::SystemTime::now()
+            .checked_sub(std::time::Duration::from_secs((TOTALS_DAYS - 1) * 86_400))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        f.from = Some(crate::ops::records::rfc3339_utc(start)[..10].to_owned());
+    }
+    f
+}
+
 async fn live_page(State(c): State<Console>, headers: HeaderMap) -> Response {
     if let Some(r) = page_guard(&c, &headers) {
         return r;
@@ -154,7 +169,7 @@ async fn history_page(
         return html(StatusCode::BAD_REQUEST, pages::message("Bad filter", &e));
     }
     let calls = c.history.list(filter.clone()).await;
-    let totals = c.history.daily_totals(filter.clone()).await;
+    let totals = c.history.daily_totals(totals_filter(&filter)).await;
     match (calls, totals) {
         (Ok(calls), Ok(totals)) => html(
             StatusCode::OK,
@@ -197,7 +212,7 @@ async fn totals_json(
     if let Err(e) = time_range(&filter) {
         return json_error(StatusCode::BAD_REQUEST, &e);
     }
-    match c.history.daily_totals(filter).await {
+    match c.history.daily_totals(totals_filter(&filter)).await {
         Ok(days) => Json(json!({ "days": days })).into_response(),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }

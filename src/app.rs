@@ -299,6 +299,7 @@ pub async fn run_controlled(
         &settings,
         live,
         Arc::clone(&history),
+        records.node_id(),
     ));
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
     let admin_task = tokio::spawn(admin::serve_with(
@@ -395,6 +396,7 @@ fn console(
     settings: &Settings,
     live: crate::ops::live::LiveCalls,
     history: Arc<dyn crate::ops::console::History>,
+    node_id: &str,
 ) -> crate::ops::console::Console {
     let token = std::env::var(ADMIN_TOKEN_ENV).ok();
     let access = crate::ops::console::Access::new(token.as_deref(), settings.admin.listen);
@@ -408,6 +410,7 @@ fn console(
         live,
         history,
         access,
+        node_id: node_id.to_owned(),
     }
 }
 

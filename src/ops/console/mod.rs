@@ -338,6 +338,9 @@ pub struct Console {
     pub history: Arc<dyn History>,
     /// Who may look.
     pub access: Access,
+    /// This daemon's name in the records (`records.node_id`): calls in progress that the
+    /// history lists under another name are on other daemons.
+    pub node_id: String,
 }
 
 #[cfg(test)]

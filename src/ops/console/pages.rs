@@ -143,7 +143,7 @@ const LIVE_SCRIPT: &str = r#"
 "#;
 
 /// `/console`: the calls in progress (refreshed by the page's script every 2 s).
-pub(super) fn live(calls: &[LiveCall]) -> String {
+pub(super) fn live(calls: &[LiveCall], others: &[CallRow]) -> String {
     let mut rows = String::new();
     for c in calls {
         let _ = write!(
@@ -167,12 +167,39 @@ pub(super) fn live(calls: &[LiveCall]) -> String {
         );
     }
     let n = calls.len();
+    let mut elsewhere = String::new();
+    if !others.is_empty() {
+        let mut rows = String::new();
+        for c in others {
+            let id = esc(&c.call_id.to_string());
+            let _ = write!(
+                rows,
+                "<tr data-call-id=\"{id}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
+                opt(c.node.as_deref()),
+                esc(&caller_label(
+                    c.caller_name.as_deref(),
+                    c.caller_number.as_deref()
+                )),
+                opt(c.did.as_deref()),
+                esc(c.profile.as_deref().unwrap_or("default")),
+                when(&c.started_at),
+                duration(c.duration_ms),
+            );
+        }
+        let _ = write!(
+            elsewhere,
+            "<h2>On other daemons</h2><p class=\"muted\">Calls the shared records database has open under another daemon's name \
+             (in progress, or that daemon stopped without closing them and has not started again). \
+             Shown as of this page's load.</p><table id=\"other-nodes\"><thead><tr><th>Node</th><th>Caller</th><th>DID</th>\
+             <th>Profile</th><th>Started (UTC)</th><th>Duration</th></tr></thead><tbody>{rows}</tbody></table>"
+        );
+    }
     let body = format!(
         "<h1>Live calls</h1><p id=\"live-count\">{n} {} in progress</p>\
          <table id=\"live\"><thead><tr><th>Caller</th><th>DID</th><th>Profile</th><th>Duration</th>\
          <th>State</th><th>Last turn</th><th>Turns</th><th>Call id</th></tr></thead><tbody>{rows}</tbody></table>\
          <p class=\"muted\">Calls on this daemon; refreshed every 2 s. Finished calls are in the \
-         <a href=\"/console/calls\">history</a>.</p>",
+         <a href=\"/console/calls\">history</a>.</p>{elsewhere}",
         if n == 1 { "call" } else { "calls" }
     );
     layout("Live calls", "live", &body, Some(LIVE_SCRIPT))

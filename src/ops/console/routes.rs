@@ -137,11 +137,32 @@ fn totals_filter(f: &CallFilter) -> CallFilter {
     f
 }
 
+/// Calls the shared history has open under another daemon's name (with PostgreSQL: the
+/// calls in progress elsewhere); none when the history is this daemon's own.
+async fn other_nodes(c: &Console) -> Vec<super::CallRow> {
+    let open = CallFilter {
+        outcome: Some("open".into()),
+        limit: Some(100),
+        ..CallFilter::default()
+    };
+    match c.history.list(open).await {
+        Ok(rows) => rows
+            .into_iter()
+            .filter(|r| r.node.as_deref().is_some_and(|n| n != c.node_id))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "console: open calls of other daemons unavailable");
+            Vec::new()
+        }
+    }
+}
+
 async fn live_page(State(c): State<Console>, headers: HeaderMap) -> Response {
     if let Some(r) = page_guard(&c, &headers) {
         return r;
     }
-    html(StatusCode::OK, pages::live(&c.live.snapshot()))
+    let others = other_nodes(&c).await;
+    html(StatusCode::OK, pages::live(&c.live.snapshot(), &others))
 }
 
 async fn live_json(State(c): State<Console>, headers: HeaderMap) -> Response {
@@ -149,9 +170,10 @@ async fn live_json(State(c): State<Console>, headers: HeaderMap) -> Response {
         return r;
     }
     let calls = c.live.snapshot();
+    let others = other_nodes(&c).await;
     (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
-        Json(json!({ "calls": calls })),
+        Json(json!({ "node_id": c.node_id, "calls": calls, "other_nodes": others })),
     )
         .into_response()
 }

@@ -78,6 +78,12 @@ fn detail(r: CallRow) -> CallDetail {
 
 fn history() -> Arc<MemoryHistory> {
     let h = Arc::new(MemoryHistory::new(10));
+    // Open calls as a shared database shows them: one on this daemon, one elsewhere.
+    for (id, node) in [(20, "node-a"), (21, "node-b")] {
+        let mut r = row(id, "2026-11-29T08:00:00.000Z", "Budi", "open", 0.0);
+        r.node = Some(node.into());
+        h.push(detail(r));
+    }
     h.push(detail(row(
         1,
         "2026-11-30T10:00:00.000Z",
@@ -245,6 +251,7 @@ async fn pages_and_api_answer_with_the_calls() {
         live,
         history: history(),
         access: Access::open(),
+        node_id: "node-a".into(),
     })
     .await;
     let c = client();
@@ -271,6 +278,10 @@ async fn pages_and_api_answer_with_the_calls() {
         .unwrap();
     assert_eq!(live["calls"][0]["caller_name"], EVIL);
     assert_eq!(live["calls"][0]["state"], "listening");
+    let others = live["other_nodes"].as_array().unwrap();
+    assert_eq!(others.len(), 1, "{others:?}");
+    assert_eq!(others[0]["node"], "node-b");
+    assert!(page.contains("id=\"other-nodes\"") && page.contains("Budi"));
 
     let page = c
         .get(format!("{base}/console/calls?outcome=completed"))
@@ -351,6 +362,7 @@ async fn the_token_guards_pages_and_api() {
         live: LiveCalls::new(),
         history: history(),
         access: Access::new(Some("tok-123"), "0.0.0.0:9090".parse().unwrap()),
+        node_id: String::new(),
     })
     .await;
     let c = client();
@@ -405,6 +417,7 @@ async fn the_token_guards_pages_and_api() {
         live: LiveCalls::new(),
         history: history(),
         access: Access::new(None, "0.0.0.0:9090".parse().unwrap()),
+        node_id: String::new(),
     })
     .await;
     let r = c.get(format!("{base}/api/live")).send().await.unwrap();

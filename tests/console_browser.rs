@@ -163,7 +163,8 @@ async fn console_pages_show_live_calls_history_and_one_call() {
     let quiet_id = quiet.call_id;
     let up = tokio::spawn(sifucall::caller::place_call(quiet));
     let mut listed = false;
-    for _ in 0..200 {
+    // A hang guard (30 s), not a timing assertion.
+    for _ in 0..600 {
         let live = get_json(&format!("{admin}/api/live")).await;
         if live["calls"]
             .as_array()

@@ -51,8 +51,11 @@ fn dashboard_queries() -> Vec<String> {
     out
 }
 
-/// `(metric, [(label, op, value)])` for each `sifucall_*` name in `text`.
-fn selectors(text: &str) -> Vec<(String, Vec<(String, String, String)>)> {
+/// A label matcher: `(label, op, value)`.
+type Matcher = (String, String, String);
+
+/// `(metric, matchers)` for each `sifucall_*` name in `text`.
+fn selectors(text: &str) -> Vec<(String, Vec<Matcher>)> {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some(i) = rest.find("sifucall_") {

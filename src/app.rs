@@ -303,6 +303,7 @@ pub fn server_config(settings: &Settings, behaviour: Behaviour) -> ServerConfig 
             behaviour,
             idle_hangup: idle_hangup(settings),
             control: std::sync::Arc::new(crate::call::NoControl),
+            live: Default::default(),
             records: None,
         },
     }
@@ -358,19 +359,36 @@ pub async fn run_controlled(
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
+    let live = crate::ops::live::LiveCalls::new();
+    let memory = Arc::new(crate::ops::console::MemoryHistory::default());
+    // The console reads the records database when there is one (with PostgreSQL, every
+    // daemon's calls); else the calls this daemon took since it started.
+    let history: Arc<dyn crate::ops::console::History> = match records.db() {
+        Some(db) => Arc::new(crate::ops::console::DbHistory::new(
+            db.clone(),
+            &settings.pricing.currency,
+        )),
+        None => Arc::clone(&memory) as Arc<dyn crate::ops::console::History>,
+    };
     let mut config = server_config(&settings, behaviour);
     config.session.control = Arc::new(pbx);
     config.session.records = Some(Arc::clone(&records));
+    config.session.live = live.clone();
     let server = Server::new(config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
     let admin_stop = CancellationToken::new();
-    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone()).with_calls(
-        crate::pbx::http::CallRoutes {
+    let admin_state = AdminState::new(Arc::clone(&metrics), ready.clone())
+        .with_calls(crate::pbx::http::CallRoutes {
             registry,
             token: settings.secrets.admin_token.clone(),
-        },
-    );
+        })
+        .with_console(console(
+            &settings,
+            live,
+            Arc::clone(&history),
+            records.node_id(),
+        ));
     let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin.listen);
     let admin_task = tokio::spawn(admin::serve_with(
         admin_listener,
@@ -380,23 +398,27 @@ pub async fn run_controlled(
     ));
     let watchdog = tokio::spawn(systemd::watchdog_loop(admin_stop.clone()));
 
-    let on_end: Option<OnCallEnd> =
-        (records.is_enabled() || hooks.on_call_end.is_some()).then(|| {
-            let records = Arc::clone(&records);
-            let mode = settings.agent.mode;
-            let extra = hooks.on_call_end.clone();
-            Arc::new(move |s: CallSummary| {
-                if let Some(f) = &extra {
-                    f(s.clone());
+    // Every finished call goes to the console's history, so there is always an observer.
+    let on_end: Option<OnCallEnd> = Some({
+        let records = Arc::clone(&records);
+        let mode = settings.agent.mode;
+        let extra = hooks.on_call_end.clone();
+        let memory = records.db().is_none().then(|| Arc::clone(&memory));
+        Arc::new(move |s: CallSummary| {
+            if let Some(m) = &memory {
+                m.push_summary(&s);
+            }
+            if let Some(f) = &extra {
+                f(s.clone());
+            }
+            if records.is_enabled() {
+                if let Some(mut rec) = to_record(s, mode) {
+                    records.complete(&mut rec);
+                    records.submit(rec);
                 }
-                if records.is_enabled() {
-                    if let Some(mut rec) = to_record(s, mode) {
-                        records.complete(&mut rec);
-                        records.submit(rec);
-                    }
-                }
-            }) as OnCallEnd
-        });
+            }
+        }) as OnCallEnd
+    });
 
     let audiosocket_addr = listener.local_addr().unwrap_or(settings.audiosocket.listen);
     info!(
@@ -452,6 +474,33 @@ pub async fn run_controlled(
     let _ = watchdog.await;
     info!("sifucall stopped");
     Ok(())
+}
+
+/// The console over these live calls and history, with its access rule: the admin token
+/// (from the environment variable `admin.token_env` names), and whether the admin server listens beyond loopback.
+fn console(
+    settings: &Settings,
+    live: crate::ops::live::LiveCalls,
+    history: Arc<dyn crate::ops::console::History>,
+    node_id: &str,
+) -> crate::ops::console::Console {
+    let access = crate::ops::console::Access::new(
+        settings.secrets.admin_token.expose(),
+        settings.admin.listen,
+    );
+    if !settings.admin.listen.ip().is_loopback() && !access.needs_token() {
+        warn!(
+            admin = %settings.admin.listen,
+            "the console is off: admin.listen is beyond loopback and {} is not set",
+            settings.admin.token_env
+        );
+    }
+    crate::ops::console::Console {
+        live,
+        history,
+        access,
+        node_id: node_id.to_owned(),
+    }
 }
 
 fn admin_limits(settings: &Settings) -> AdminLimits {
@@ -559,6 +608,7 @@ pub async fn apply_reload(
     let mut next = server_config(new, behaviour);
     // The side channel to the PBX is the daemon's, not the file's: it outlives reloads.
     next.session.control = Arc::clone(&server.config().session.control);
+    next.session.live = server.config().session.live.clone();
     // The records sink is the running one (records.url needs a restart).
     next.session
         .records

@@ -35,6 +35,7 @@ use super::prompts::{PromptCache, PromptKind};
 use super::reply::{self, Providers};
 use crate::audio::pcm;
 use crate::audiosocket::{FrameError, Inbound, Outbound, SampleRate, ServerCodec};
+use crate::ops::live::{LiveCalls, LiveGuard};
 use crate::ops::metrics::{EndReason, Metrics};
 use crate::ops::profiles::{DEFAULT_PROFILE, DEFAULT_TIME_ZONE};
 use crate::providers::stt::{SttEvent, SttSession};
@@ -93,6 +94,8 @@ pub struct SessionConfig {
     pub idle_hangup: Option<Duration>,
     /// The side channel to the PBX: the call's context, and its outcome before 0x00.
     pub control: Arc<dyn CallControl>,
+    /// The calls in progress, for the console (keep the daemon's one across reloads).
+    pub live: LiveCalls,
     /// The call records, written as the call goes (the end of call goes through the
     /// server's `on_call_end`); `None`: nothing is written during the call.
     pub records: Option<Arc<crate::ops::records::RecordSink>>,
@@ -318,6 +321,7 @@ pub async fn serve_call<S: CallStream>(
         .and_then(|r| r.recorder_for(call_id, &context, started));
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (reply_tx, reply_rx) = mpsc::channel(CONTROL_QUEUE);
+    let live = cfg.live.begin(call_id, peer, &context, started);
     let mut driver = Driver {
         framed,
         machine: CallMachine::new(call_id, started, mode, Arc::clone(&metrics)),
@@ -340,6 +344,7 @@ pub async fn serve_call<S: CallStream>(
         inbound_dropped: 0,
         budget: InputBudget::new(started),
         next_unsent_check: started,
+        live,
         tap,
         started,
         recorder,
@@ -518,6 +523,8 @@ struct Driver<S: CallStream> {
     inbound_dropped: u64,
     budget: InputBudget,
     next_unsent_check: Instant,
+    /// This call's line in the live view.
+    live: LiveGuard,
     /// Writes the call's progress to the records now and then.
     tap: Option<crate::ops::records::live::CallTap>,
     started: Instant,
@@ -575,6 +582,11 @@ impl<S: CallStream> Driver<S> {
             if let Err(end) = flow {
                 return end;
             }
+            let machine = &self.machine;
+            self.live
+                .update(machine.activity(), machine.turns_key(), || {
+                    machine.answered_turns()
+                });
         }
     }
 

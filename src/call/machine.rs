@@ -655,6 +655,49 @@ impl CallMachine {
         })
     }
 
+    /// What the call is doing now, for the live view: speaking while the caller hears the
+    /// agent, thinking while a confirmed reply is pending and nothing plays, else listening.
+    pub fn activity(&self) -> crate::ops::live::Activity {
+        use crate::ops::live::Activity;
+        if self.playout.as_ref().is_some_and(Playout::is_speaking) {
+            Activity::Speaking
+        } else if self
+            .agent
+            .as_ref()
+            .and_then(|a| a.reply.as_ref())
+            .is_some_and(|r| !r.done && r.speculative.is_none())
+        {
+            Activity::Thinking
+        } else {
+            Activity::Listening
+        }
+    }
+
+    /// Changes whenever [`CallMachine::answered_turns`] may have: the number of turns and
+    /// the last one's first frame. O(1), for a check after every step.
+    pub fn turns_key(&self) -> (usize, Option<u64>) {
+        let t = &self.report.turns;
+        (t.len(), t.last().and_then(|t| t.first_frame_ms))
+    }
+
+    /// Turns answered so far (the first reply frame went out), and the latest one's latency
+    /// (the caller's speech end, or the STT final, to that frame), ms.
+    pub fn answered_turns(&self) -> (u32, Option<u64>) {
+        let mut answered = self
+            .report
+            .turns
+            .iter()
+            .filter(|t| t.first_frame_ms.is_some());
+        let n = answered.clone().count();
+        let last = answered.next_back().and_then(|t| {
+            Some(
+                t.first_frame_ms?
+                    .saturating_sub(t.speech_end_ms.or(t.stt_final_ms)?),
+            )
+        });
+        (u32::try_from(n).unwrap_or(u32::MAX), last)
+    }
+
     /// The agent's account so far, without copying it (AI mode): what the call records
     /// write as the call goes. Unlike [`CallMachine::report`], turns the recogniser has not
     /// finalised are included.

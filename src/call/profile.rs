@@ -338,6 +338,7 @@ mod tests {
             idle_hangup: None,
             control: Arc::new(Dialplan(context("1", None))),
             records: None,
+            live: crate::ops::live::LiveCalls::new(),
         };
         let (mut asterisk, daemon) = tokio::io::duplex(1 << 20);
         let call = tokio::spawn(crate::call::driver::run(

@@ -1670,3 +1670,31 @@ fn without_candidate_languages_nothing_is_tagged() {
     assert_eq!(sim.replies[0].2.messages[0].content, config().system_prompt);
     assert!(sim.m.report().unwrap().turn_languages.is_empty());
 }
+
+#[test]
+fn the_live_state_follows_the_conversation() {
+    use crate::ops::live::Activity;
+    let mut sim = Sim::new(config());
+    let t = sim.silence(sim.t0, 200);
+    assert_eq!(sim.m.activity(), Activity::Speaking, "the greeting plays");
+    let t = sim.silence(t, 1300);
+    assert_eq!(sim.m.activity(), Activity::Listening);
+    assert_eq!(sim.m.answered_turns(), (0, None));
+    let t = sim.ask(t, "Berapa harga pakej?");
+    assert_eq!(sim.m.activity(), Activity::Thinking, "a reply is pending");
+    let key = sim.m.turns_key();
+    let r = sim.last_reply();
+    sim.full_reply(t + 300 * MS, r, "Harga pakej asas ialah RM99.", 600, false);
+    let t = sim.silence(t + 300 * MS, 100);
+    assert_eq!(sim.m.activity(), Activity::Speaking, "the reply plays");
+    assert_ne!(sim.m.turns_key(), key, "the first frame changed the key");
+    let (answered, latency) = sim.m.answered_turns();
+    assert_eq!(answered, 1);
+    let latency = latency.expect("the turn reached the wire");
+    assert!(
+        latency >= 300,
+        "speech end -> first frame includes the 300 ms reply wait: {latency}"
+    );
+    sim.silence(t, 1_000);
+    assert_eq!(sim.m.activity(), Activity::Listening, "the reply is over");
+}

@@ -10,6 +10,8 @@
 //! - `GET /metrics`: OpenMetrics text from [`Metrics::render`].
 //! - `/calls/...`: the `func_curl` side channel (call context in, outcome out), when the
 //!   daemon wires it in ([`AdminState::with_calls`]); see [`crate::pbx::http`].
+//! - The operator's console and its JSON API (`/console`, `/api/...`), when the daemon
+//!   gives it one ([`AdminState::with_console`]; see [`super::console`] for its access rule).
 //!
 //! The admin port shares the process's file descriptors with the calls, so it must never
 //! starve them: connections are capped ([`AdminLimits::max_connections`], over the cap a
@@ -34,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::console::Console;
 use super::metrics::{CONTENT_TYPE, Metrics};
 
 /// After shutdown is requested, how long open admin connections (a slow scrape) may hold
@@ -103,6 +106,8 @@ pub struct AdminState {
     pub ready: ReadyFlag,
     /// The `/calls` routes, when served.
     pub calls: Option<crate::pbx::http::CallRoutes>,
+    /// The console's live calls, history and access rule, if it is served.
+    pub console: Option<Console>,
 }
 
 impl AdminState {
@@ -112,6 +117,7 @@ impl AdminState {
             metrics,
             ready,
             calls: None,
+            console: None,
         }
     }
 
@@ -120,18 +126,29 @@ impl AdminState {
         self.calls = Some(calls);
         self
     }
+
+    /// Serves the operator's console too.
+    pub fn with_console(mut self, console: Console) -> Self {
+        self.console = Some(console);
+        self
+    }
 }
 
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
     let calls = state.calls.clone();
+    let console = state.console.clone();
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state);
-    match calls {
+    let app = match calls {
         Some(c) => app.merge(crate::pbx::http::router(c)),
+        None => app,
+    };
+    match console {
+        Some(c) => app.merge(super::console::router(c)),
         None => app,
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod console;
+pub mod live;
 pub mod log_filter;
 pub mod logging;
 pub mod metrics;

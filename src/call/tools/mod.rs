@@ -166,6 +166,22 @@ pub struct ToolCallRecord {
     pub detail: Option<String>,
 }
 
+impl ToolCallRecord {
+    /// How it ended, in a few words for people: `ok in 120 ms`, `timeout after 3000 ms: ...`.
+    pub fn summary(&self) -> String {
+        let status = match self.status {
+            ToolStatus::Ok => "ok in",
+            ToolStatus::Error => "failed after",
+            ToolStatus::Timeout => "timed out after",
+            ToolStatus::Refused => "refused after",
+        };
+        match &self.detail {
+            Some(d) => format!("{status} {} ms: {d}", self.duration_ms),
+            None => format!("{status} {} ms", self.duration_ms),
+        }
+    }
+}
+
 /// What a tool gave back, for the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolOutput {

@@ -939,7 +939,12 @@ async fn stream_phrase(
             Ok(Some(TtsOutput::Failed(e))) => PromptChunk::Failed(e),
         };
         let end = matches!(chunk, PromptChunk::Done | PromptChunk::Failed(_));
-        if tx.send(Control::PromptStream(kind, stream, chunk)).await.is_err() || end {
+        if tx
+            .send(Control::PromptStream(kind, stream, chunk))
+            .await
+            .is_err()
+            || end
+        {
             return Ok(());
         }
     }

@@ -400,7 +400,10 @@ async fn a_greeting_whose_synthesis_fails_before_any_audio_plays_the_generic_ver
     let (spoken, summary) = greeted_call(agent, 4000).await;
     assert_eq!(spoken.len(), 150, "the cached generic greeting, whole");
     let first = spoken.first().copied().unwrap();
-    assert!(first <= 150 + 40, "played as soon as the failure came: {first} ms");
+    assert!(
+        first <= 150 + 40,
+        "played as soon as the failure came: {first} ms"
+    );
     let report = summary.agent.unwrap();
     // What the history and transcript say is the call's own text (as before this change).
     assert_eq!(report.transcript.len(), 1, "{:?}", report.transcript);

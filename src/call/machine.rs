@@ -1737,7 +1737,13 @@ impl CallMachine {
     /// [`CallMachine::on_prompt`] starts a whole one (same history entry, transcript and
     /// barge-in); the rest follows into the playout as a reply's audio does. An apology held
     /// for after the greeting waits for the greeting's end, so the two never interleave.
-    fn on_prompt_stream(&mut self, kind: PromptKind, stream: u64, chunk: PromptChunk, now: Instant) {
+    fn on_prompt_stream(
+        &mut self,
+        kind: PromptKind,
+        stream: u64,
+        chunk: PromptChunk,
+        now: Instant,
+    ) {
         if !STREAMED_PROMPTS.contains(&kind) {
             warn!(?kind, "this phrase cannot be streamed; ignored");
             return;

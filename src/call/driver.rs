@@ -53,8 +53,9 @@ const INPUT_BUDGET: u64 = 2;
 const INPUT_FLOOD: u64 = 10;
 /// Longest wait for a phrase that is not cached (the caller is hearing silence meanwhile).
 const PROMPT_DEADLINE: Duration = Duration::from_millis(800);
-/// Longest wait for a phrase with variables, which every call synthesizes whole before it
-/// plays (a greeting takes a good part of its own length to synthesize).
+/// Longest wait for a phrase with variables, which every call synthesizes for itself: for
+/// the first audio of a streamed one, for the whole of the others (a greeting takes a good
+/// part of its own length to synthesize).
 const PER_CALL_PROMPT_DEADLINE: Duration = Duration::from_secs(3);
 /// A streamed phrase whose audio stops arriving for this long ends where its audio ends.
 const PROMPT_STREAM_STALL: Duration = Duration::from_secs(2);

@@ -7,7 +7,8 @@
 //! The texts are templates: `{caller_name}`, `{now}`, `{var_NAME}`... are filled in per call
 //! ([`render`], [`PromptVars`]). A phrase without variables is cached per profile and rate as
 //! before; one with variables differs per call, so it is never preloaded and each call
-//! synthesizes its own (see `docs/profiles.md` for what that costs the greeting).
+//! synthesizes its own, the greeting streamed as it is synthesized
+//! ([`PromptCache::open_stream`], see `docs/profiles.md`).
 
 use std::collections::HashMap;
 use std::sync::Arc;

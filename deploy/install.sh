@@ -127,9 +127,9 @@ if "${SUDO[@]}" test -e "$etc/sifucall.toml"; then
     echo "    $etc/sifucall.toml exists, left as is (compare with config/default.toml after upgrades)"
 else
     "${SUDO[@]}" install -m 0644 "${OWNER[@]}" config/default.toml "$etc/sifucall.toml"
-    # Under systemd the state directory is writable: keep call records there by default.
-    "${SUDO[@]}" sed -i '/^\[records\]/,/^\[/ s|^url = ""$|url = "file:///var/lib/sifucall/calls.jsonl"|' "$etc/sifucall.toml"
-    echo "    created $etc/sifucall.toml from config/default.toml (call records in /var/lib/sifucall/calls.jsonl)"
+    # The default records.url is a SQLite database in the state directory, the one place the
+    # unit can write.
+    echo "    created $etc/sifucall.toml from config/default.toml (call records in /var/lib/sifucall/calls.db)"
 fi
 if "${SUDO[@]}" test -e "$etc/sifucall.env"; then
     echo "    $etc/sifucall.env exists, left as is"

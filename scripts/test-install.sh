@@ -62,8 +62,8 @@ expect_no_log "start" "fresh"
 cmp -s "$bin" "$root/usr/local/bin/sifucall" || fail "fresh: binary not installed"
 [[ -f "$root/etc/systemd/system/sifucall.service" ]] || fail "fresh: unit not installed"
 [[ "$(stat -c %a "$env_file")" == 600 ]] || fail "fresh: env file is not 0600"
-grep -q '^url = "file:///var/lib/sifucall/calls.jsonl"' "$root/etc/sifucall/sifucall.toml" \
-    || fail "fresh: records url not set in the new config"
+grep -q '^url = "sqlite:///var/lib/sifucall/calls.db"' "$root/etc/sifucall/sifucall.toml" \
+    || fail "fresh: records url is not the state directory's database in the new config"
 [[ ! -e "$root/usr/local/bin/.sifucall.new" ]] || fail "fresh: staged binary left behind"
 
 # 2. The operator adds the keys (one quoted, as some editors do; systemd strips the quotes).

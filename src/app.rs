@@ -303,6 +303,7 @@ pub fn server_config(settings: &Settings, behaviour: Behaviour) -> ServerConfig 
             behaviour,
             idle_hangup: idle_hangup(settings),
             control: std::sync::Arc::new(crate::call::NoControl),
+            records: None,
         },
     }
 }
@@ -352,12 +353,14 @@ pub async fn run_controlled(
     let registry = crate::pbx::http::CallRegistry::new();
     let pbx = crate::pbx::build(&settings, Arc::clone(&registry), pbx_stop.clone());
     let records = Arc::new(
-        RecordSink::new(&settings.records, &settings.webhook)
+        RecordSink::open(&settings, Arc::clone(&metrics))
+            .await
             .map_err(|e| StartError::Records(e.to_string()))?,
     );
     let behaviour = behaviour(&settings, &metrics).await?;
     let mut config = server_config(&settings, behaviour);
     config.session.control = Arc::new(pbx);
+    config.session.records = Some(Arc::clone(&records));
     let server = Server::new(config, Arc::clone(&metrics), ready.clone());
     let server_handle = server.handle();
 
@@ -387,7 +390,8 @@ pub async fn run_controlled(
                     f(s.clone());
                 }
                 if records.is_enabled() {
-                    if let Some(rec) = to_record(s, mode) {
+                    if let Some(mut rec) = to_record(s, mode) {
+                        records.complete(&mut rec);
                         records.submit(rec);
                     }
                 }
@@ -463,7 +467,7 @@ fn admin_limits(settings: &Settings) -> AdminLimits {
 }
 
 /// Settings that only take effect at startup: a reload that changes them says so.
-const RESTART_ONLY: [&str; 7] = [
+const RESTART_ONLY: &[&str] = &[
     "audiosocket.listen",
     "admin.listen",
     "admin.header_timeout_ms",
@@ -471,6 +475,22 @@ const RESTART_ONLY: [&str; 7] = [
     "log.format",
     "records.url",
     "webhook.url",
+    // The records sink, its webhook poster and the cost are built once at startup.
+    "records.node_id",
+    "records.retention_days",
+    "records.spool_dir",
+    "records.spool_max_mb",
+    "records.queue",
+    "records.recordings_dir",
+    "records.record_all",
+    "webhook.backoff_initial_ms",
+    "webhook.backoff_max_ms",
+    "webhook.timeout_ms",
+    "pricing.currency",
+    "pricing.stt_per_hour",
+    "pricing.tts_per_1k_chars",
+    "pricing.llm_per_million_tokens",
+    "pricing.myr_rate",
 ];
 
 async fn reload_loop(
@@ -539,6 +559,10 @@ pub async fn apply_reload(
     let mut next = server_config(new, behaviour);
     // The side channel to the PBX is the daemon's, not the file's: it outlives reloads.
     next.session.control = Arc::clone(&server.config().session.control);
+    // The records sink is the running one (records.url needs a restart).
+    next.session
+        .records
+        .clone_from(&server.config().session.records);
     server.reconfigure(next);
     info!(
         changed = ?changed,
@@ -576,10 +600,16 @@ pub fn changed_keys(a: &Settings, b: &Settings) -> Vec<String> {
 /// Turns a call summary into a stored record; calls that never sent a UUID are not calls.
 pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
     let call_id = s.call_id?;
-    let started = SystemTime::now()
+    let ended = SystemTime::now();
+    let started = ended
         .checked_sub(s.duration)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let agent = s.agent.unwrap_or_default();
+    let rate_hz = s.rate.map_or(0, |r| r.hz());
+    let transfer_target = match &s.outcome {
+        Some(crate::call::CallOutcome::Transferred { target, .. }) => Some(target.clone()),
+        _ => None,
+    };
     let mut errors = agent.errors;
     if let Some(d) = s.detail {
         errors.insert(0, d);
@@ -591,7 +621,7 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         duration_ms: s.duration.as_millis() as u64,
         end_reason: s.reason,
         mode,
-        sample_rate: s.rate.map_or(0, |r| r.hz()),
+        sample_rate: rate_hz,
         frames_in: s.frames_in,
         frames_out: s.frames_out,
         underruns: s.underruns,
@@ -604,8 +634,23 @@ pub fn to_record(s: CallSummary, mode: AgentMode) -> Option<CallRecord> {
         resumes: agent.resumes,
         speculative: agent.speculative,
         errors,
-        profile: s.profile,
-        tool_calls: agent.tool_calls,
+        node_id: String::new(),
+        ended_at: crate::ops::records::rfc3339_utc(ended),
+        caller_number: s.context.caller_number,
+        caller_name: s.context.caller_name,
+        did: s.context.did,
+        profile: Some(s.profile).filter(|p| !p.is_empty()),
         outcome: s.outcome,
+        transfer_target,
+        latency: None,
+        tool_calls: agent.tool_calls,
+        cost: None,
+        recording_path: s.recording.map(|p| p.display().to_string()),
+        stt_audio_ms: if rate_hz > 0 {
+            agent.stt_samples * 1000 / u64::from(rate_hz)
+        } else {
+            0
+        },
+        tts_characters: agent.tts_characters,
     })
 }

@@ -95,6 +95,10 @@ pub async fn run(opts: DemoOptions, mut settings: Settings) -> Result<DemoReport
             detail: e.to_string(),
         })?;
     settings.agent.mode = AgentMode::Ai;
+    if settings.records.url == Settings::defaults().records.url {
+        // The demo's scripted call is not history: not into the system's records database.
+        settings.records.url = String::new();
+    }
     let loopback_any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     settings.audiosocket.listen = loopback_any_port;
     settings.admin.listen = loopback_any_port;
@@ -190,7 +194,8 @@ pub fn render(r: &DemoReport) -> String {
         let _ = writeln!(
             out,
             "  {:>6.2}s  {who}  {}{cut}",
-            line.at_ms as f64 / 1000.0,
+            // When the words started, as heard or said (older records: when settled).
+            line.start_ms.unwrap_or(line.at_ms) as f64 / 1000.0,
             line.text
         );
     }

@@ -125,6 +125,9 @@ fn check(config: Option<&PathBuf>, no_bind: bool) -> ExitCode {
             ));
         }
     }
+    if problems.is_empty() {
+        problems.extend(check_records_database(&settings));
+    }
     if !problems.is_empty() {
         let code = config_errors(problems.iter().map(String::as_str));
         eprintln!(
@@ -145,6 +148,28 @@ fn check(config: Option<&PathBuf>, no_bind: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail("sifucall", e),
+    }
+}
+
+/// Connects to the records database and applies its migrations, as `run` will.
+fn check_records_database(settings: &Settings) -> Option<String> {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Some(format!("cannot start a runtime to check records.url: {e}")),
+    };
+    match rt.block_on(sifucall::ops::records::check_database(&settings.records)) {
+        Ok(Some(backend)) => {
+            eprintln!("records database ({backend}) reachable and migrated");
+            None
+        }
+        Ok(None) => None,
+        Err(e) => Some(format!(
+            "records.url: {e} (the URL as configured: {})",
+            sifucall::ops::config::redact_url(&settings.records.url)
+        )),
     }
 }
 

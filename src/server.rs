@@ -762,6 +762,7 @@ mod tests {
                 behaviour: Behaviour::Echo,
                 idle_hangup: None,
                 control: std::sync::Arc::new(crate::call::NoControl),
+                records: None,
             },
         }
     }

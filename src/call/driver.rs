@@ -98,6 +98,9 @@ pub struct SessionConfig {
     pub idle_hangup: Option<Duration>,
     /// The side channel to the PBX: the call's context, and its outcome before 0x00.
     pub control: Arc<dyn CallControl>,
+    /// The call records, written as the call goes (the end of call goes through the
+    /// server's `on_call_end`); `None`: nothing is written during the call.
+    pub records: Option<Arc<crate::ops::records::RecordSink>>,
 }
 
 /// What happened on a call, for the summary line and the call record.
@@ -133,6 +136,8 @@ pub struct CallSummary {
     pub outcome: Option<CallOutcome>,
     /// The agent profile the call ran with (empty in echo mode or without a call).
     pub profile: String,
+    /// The call's stereo recording, when one was made.
+    pub recording: Option<std::path::PathBuf>,
 }
 
 impl CallSummary {
@@ -154,6 +159,7 @@ impl CallSummary {
             context: CallContext::default(),
             outcome: None,
             profile: String::new(),
+            recording: None,
         }
     }
 }
@@ -289,6 +295,32 @@ pub async fn serve_call<S: CallStream>(
             )
         }
     };
+    let tap = cfg.records.as_ref().and_then(|r| {
+        let ago = now().saturating_duration_since(started);
+        let wall = std::time::SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        r.call_started(crate::ops::records::store::CallStart {
+            call_id,
+            node_id: r.node_id().to_owned(),
+            started_at_ms: crate::ops::records::store::epoch_ms(wall),
+            peer: peer.to_string(),
+            mode: if matches!(cfg.behaviour, Behaviour::Echo) {
+                "echo"
+            } else {
+                "ai"
+            }
+            .into(),
+            caller_number: context.caller_number.clone(),
+            caller_name: context.caller_name.clone(),
+            did: context.did.clone(),
+            profile: context.profile.clone(),
+        })
+    });
+    let recorder = cfg
+        .records
+        .as_ref()
+        .and_then(|r| r.recorder_for(call_id, &context, started));
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (reply_tx, reply_rx) = mpsc::channel(CONTROL_QUEUE);
     let mut driver = Driver {
@@ -315,12 +347,23 @@ pub async fn serve_call<S: CallStream>(
         inbound_dropped: 0,
         budget: InputBudget::new(started),
         next_unsent_check: started,
+        tap,
+        started,
+        recorder,
     };
     if let Some(record) = lookup {
         driver.machine.record_tool_call(record);
     }
     let (reason, detail) = driver.run(shutdown).instrument(span.clone()).await;
     driver.tasks.cancel();
+    let recording = match driver.recorder.take() {
+        // After the call: the file is written off the runtime's threads.
+        Some(r) => tokio::task::spawn_blocking(move || r.write())
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
     let summary = CallSummary {
         call_id: Some(call_id),
         peer,
@@ -337,6 +380,7 @@ pub async fn serve_call<S: CallStream>(
         context,
         outcome: driver.outcome.take(),
         profile,
+        recording,
     };
     span.in_scope(|| log_end(&summary, &metrics));
     summary
@@ -485,6 +529,11 @@ struct Driver<S: CallStream> {
     inbound_dropped: u64,
     budget: InputBudget,
     next_unsent_check: Instant,
+    /// Writes the call's progress to the records now and then.
+    tap: Option<crate::ops::records::live::CallTap>,
+    started: Instant,
+    /// The call's stereo recording, when it is recorded.
+    recorder: Option<crate::ops::records::recording::Recorder>,
 }
 
 impl<S: CallStream> Driver<S> {
@@ -494,6 +543,7 @@ impl<S: CallStream> Driver<S> {
             if let Err(end) = self.perform().await {
                 return end;
             }
+            self.sync_records();
             if let Some(reason) = self.machine.hangup_reason() {
                 let reason = match reason {
                     HangupReason::Shutdown => EndReason::Shutdown,
@@ -539,6 +589,20 @@ impl<S: CallStream> Driver<S> {
         }
     }
 
+    /// Hands what the call produced since the last time to the records (at most once a
+    /// second; a few comparisons and a non-blocking queue push).
+    fn sync_records(&mut self) {
+        let Some(tap) = self.tap.as_mut() else { return };
+        let now = now();
+        if !tap.due(now) {
+            return;
+        }
+        if let Some(report) = self.machine.progress() {
+            let at_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+            tap.sync(report, now, at_ms);
+        }
+    }
+
     /// How the call ended when the agent hangs up: the machine's decision.
     fn agent_outcome(&self) -> CallOutcome {
         self.machine.outcome()
@@ -558,6 +622,9 @@ impl<S: CallStream> Driver<S> {
                         .map_err(|e| (EndReason::WriteFailed, Some(e.to_string())))?;
                     self.send(frame).await?;
                     let now = now();
+                    if let Some(r) = self.recorder.as_mut() {
+                        r.agent(rate.hz(), &pcm, now);
+                    }
                     self.machine.frame_written(now);
                     self.frames_out += 1;
                     self.metrics.frames_out(1);
@@ -814,6 +881,9 @@ impl<S: CallStream> Driver<S> {
                 match self.budget.admit(rate, samples, now) {
                     Admit::Take => {
                         let pcm = pcm::le_bytes_to_samples(&pcm);
+                        if let Some(r) = self.recorder.as_mut() {
+                            r.caller(rate.hz(), &pcm, now);
+                        }
                         self.machine.handle(Input::CallerAudio { rate, pcm }, now);
                     }
                     Admit::Drop => {

@@ -85,6 +85,7 @@ fn config(behaviour: Behaviour) -> SessionConfig {
         behaviour,
         idle_hangup: Some(Duration::from_secs(60)),
         control: std::sync::Arc::new(crate::call::NoControl),
+        records: None,
     }
 }
 

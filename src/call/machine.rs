@@ -356,6 +356,10 @@ pub struct AgentReport {
     pub resumes: u32,
     /// Replies started on a hypothesis before the final.
     pub speculative: Speculation,
+    /// Characters of reply text sent to speech synthesis (the fixed phrases are cached).
+    pub tts_characters: u64,
+    /// Caller audio streamed to the recogniser, in samples at the call's rate.
+    pub stt_samples: u64,
     /// With language identification on, the language the caller spoke in each turn, index
     /// for index with `turns` (`None`: not known yet, e.g. keypad digits before any speech).
     /// Empty for calls in one language.
@@ -388,6 +392,8 @@ struct Spoken {
     /// The TTS service's alignment: each character and when it starts (ms from the start of
     /// the audio), when the transport reports it.
     aligned: Vec<(String, u32)>,
+    /// When its first frame went out.
+    started_at: Option<Instant>,
 }
 
 /// An utterance stopped by an interruption that may turn out to carry no words.
@@ -469,6 +475,8 @@ struct Agent {
     greeting_pending: bool,
     apology_after_greeting: bool,
     last_speech_end: Option<Instant>,
+    /// The caller's voice onset (VAD) of the phrase not yet in the transcript.
+    phrase_started: Option<Instant>,
     last_activity: Instant,
     still_there_asked: bool,
     /// The latest hypothesis (as said) and since when it has stood unchanged.
@@ -699,6 +707,13 @@ impl CallMachine {
         })
     }
 
+    /// The agent's account so far, without copying it (AI mode): what the call records
+    /// write as the call goes. Unlike [`CallMachine::report`], turns the recogniser has not
+    /// finalised are included.
+    pub fn progress(&self) -> Option<&AgentReport> {
+        matches!(self.mode, Mode::Agent(_)).then_some(&self.report)
+    }
+
     // ---- caller -----------------------------------------------------------------------
 
     fn ms(&self, t: Instant) -> u64 {
@@ -744,7 +759,10 @@ impl CallMachine {
             None => 0.0,
         };
         match a.stt {
-            Stt::Up => self.effects.push_back(Effect::SttAudio(samples)),
+            Stt::Up => {
+                self.report.stt_samples += samples.len() as u64;
+                self.effects.push_back(Effect::SttAudio(samples))
+            }
             Stt::Connecting => {
                 // Held until the recogniser is up, so words said over the greeting count.
                 if a.stt_backlog.len() == STT_BACKLOG_FRAMES {
@@ -830,6 +848,7 @@ impl CallMachine {
             greeting_pending: greeting,
             apology_after_greeting: false,
             last_speech_end: None,
+            phrase_started: None,
             last_activity: now,
             still_there_asked: false,
             hypothesis: None,
@@ -879,6 +898,8 @@ impl CallMachine {
             text: d.to_string(),
             at_ms,
             interrupted: false,
+            start_ms: Some(at_ms),
+            end_ms: Some(at_ms),
         });
         if let Some(entry) = a.dtmf.push(d, now) {
             self.submit_dtmf(entry, now);
@@ -900,8 +921,9 @@ impl CallMachine {
             return;
         };
         match ev {
-            TurnEvent::SpeechStarted { .. } => {
+            TurnEvent::SpeechStarted { at } => {
                 debug!(caller_db = level, "caller speaking");
+                a.phrase_started.get_or_insert(at);
                 a.last_activity = now;
                 a.still_there_asked = false;
                 if let Some(p) = a.paused.as_mut() {
@@ -954,6 +976,7 @@ impl CallMachine {
             }
             a.stt = Stt::Up;
             a.stt_outage_apologised = false;
+            self.report.stt_samples += a.stt_backlog.iter().map(|f| f.len() as u64).sum::<u64>();
             self.effects
                 .extend(a.stt_backlog.drain(..).map(Effect::SttAudio));
         }
@@ -1069,11 +1092,16 @@ impl CallMachine {
     /// A caller line for the transcript.
     fn note_caller(&mut self, text: &str, now: Instant) {
         let at_ms = self.ms(now);
+        let (start, end) = self.agent.as_mut().map_or((None, None), |a| {
+            (a.phrase_started.take(), a.last_speech_end)
+        });
         self.report.transcript.push(TranscriptEntry {
             role: Role::Caller,
             text: text.to_owned(),
             at_ms,
             interrupted: false,
+            start_ms: start.map(|t| self.ms(t)),
+            end_ms: end.map(|t| self.ms(t)),
         });
         if let Some(a) = self.agent.as_mut() {
             a.last_activity = now;
@@ -1357,6 +1385,7 @@ impl CallMachine {
                 heard_before: 0,
                 entry: Some(entry),
                 aligned: Vec::new(),
+                started_at: None,
             },
         );
         self.next_reply += 1;
@@ -1438,6 +1467,7 @@ impl CallMachine {
             }
             ReplyEvent::Text(clause) => {
                 r.text_chars += clause.chars().count() as u64;
+                self.report.tts_characters += clause.chars().count() as u64;
                 let u = r.utterance;
                 if let Some(s) = a.utterances.get_mut(&u) {
                     s.text.push_str(&clause);
@@ -1721,6 +1751,7 @@ impl CallMachine {
                 heard_before: 0,
                 entry,
                 aligned: Vec::new(),
+                started_at: None,
             },
         );
         if let Some(p) = self.playout.as_mut() {
@@ -1872,7 +1903,16 @@ impl CallMachine {
     fn drain_playout_events(&mut self, now: Instant) {
         while let Some(ev) = self.playout.as_mut().and_then(Playout::poll_event) {
             match ev {
-                PlayoutEvent::Started { utterance, .. } => self.on_started(utterance),
+                PlayoutEvent::Started { utterance, at } => {
+                    if let Some(u) = self
+                        .agent
+                        .as_mut()
+                        .and_then(|a| a.utterances.get_mut(&utterance))
+                    {
+                        u.started_at.get_or_insert(at);
+                    }
+                    self.on_started(utterance)
+                }
                 PlayoutEvent::Ended { progress, ends_at } => self.on_ended(progress, ends_at),
                 PlayoutEvent::Underrun { utterance } => {
                     self.metrics.underrun();
@@ -1945,11 +1985,14 @@ impl CallMachine {
             }
         }
         if u.kind != SpokenKind::Hold && !heard.is_empty() {
+            let start_ms = u.started_at.map(|t| self.ms(t));
             self.report.transcript.push(TranscriptEntry {
                 role: Role::Agent,
                 text: heard,
                 at_ms,
                 interrupted,
+                start_ms,
+                end_ms: Some(at_ms),
             });
         }
     }
@@ -2254,6 +2297,7 @@ impl CallMachine {
                 heard_before: 0,
                 entry,
                 aligned: Vec::new(),
+                started_at: None,
             },
         );
         if let Some(p) = self.playout.as_mut() {

@@ -337,6 +337,7 @@ mod tests {
             behaviour: crate::call::Behaviour::Profiles(Arc::new(profiles)),
             idle_hangup: None,
             control: Arc::new(Dialplan(context("1", None))),
+            records: None,
         };
         let (mut asterisk, daemon) = tokio::io::duplex(1 << 20);
         let call = tokio::spawn(crate::call::driver::run(

@@ -158,6 +158,9 @@ pub struct Settings {
     /// MCP servers whose tools the agent may call, by name (`[mcp.NAME]`).
     #[serde(default)]
     pub mcp: std::collections::BTreeMap<String, McpSettings>,
+    /// What providers charge, for each call's cost.
+    #[serde(default)]
+    pub pricing: PricingSettings,
     /// API keys, from the environment only.
     #[serde(skip_deserializing)]
     pub secrets: Secrets,
@@ -575,6 +578,72 @@ pub struct TtsSettings {
 pub struct RecordsSettings {
     /// Destination URL; empty disables.
     pub url: String,
+    /// This daemon's name in the records (several daemons may share a database); empty:
+    /// the host name.
+    #[serde(default)]
+    pub node_id: String,
+    /// Delete calls older than this many days, daily; 0 keeps them forever.
+    #[serde(default, deserialize_with = "strict::uint")]
+    pub retention_days: u64,
+    /// Where writes wait while the database is down; empty: `spool/` next to a SQLite
+    /// file, `/var/lib/sifucall/spool` for PostgreSQL.
+    #[serde(default)]
+    pub spool_dir: String,
+    /// The spool's size limit, MB.
+    #[serde(default = "default_spool_max_mb", deserialize_with = "strict::uint")]
+    pub spool_max_mb: u64,
+    /// Writes waiting for the database writer at most.
+    #[serde(default = "default_records_queue", deserialize_with = "strict::uint")]
+    pub queue: u64,
+    /// Stereo call recordings (caller left, agent right) go here; empty: none.
+    #[serde(default)]
+    pub recordings_dir: String,
+    /// Record every call (with `recordings_dir`); otherwise only calls whose context sets
+    /// the variable `record` to `1` or `yes` (`SIFUCALL_VAR_RECORD` in the dialplan).
+    #[serde(default)]
+    pub record_all: bool,
+}
+
+fn default_spool_max_mb() -> u64 {
+    512
+}
+
+fn default_records_queue() -> u64 {
+    20_000
+}
+
+/// `[pricing]`: what each call costs. The LLM's cost is what the service reports; speech is
+/// priced here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingSettings {
+    /// The currency of the prices below (and of the cost in records and metrics).
+    pub currency: String,
+    /// Speech-to-text, per hour of audio streamed.
+    #[serde(deserialize_with = "strict::float")]
+    pub stt_per_hour: f64,
+    /// Text-to-speech, per 1000 characters.
+    #[serde(deserialize_with = "strict::float")]
+    pub tts_per_1k_chars: f64,
+    /// LLM, per million tokens: only for requests abandoned before the service reported
+    /// their cost (wasted speculation), estimated from their tokens.
+    #[serde(deserialize_with = "strict::float")]
+    pub llm_per_million_tokens: f64,
+    /// Malaysian ringgit per unit of `currency`; 0 hides the MYR figure.
+    #[serde(deserialize_with = "strict::float")]
+    pub myr_rate: f64,
+}
+
+impl Default for PricingSettings {
+    fn default() -> Self {
+        Self {
+            currency: "USD".into(),
+            stt_per_hour: 1.0,
+            tts_per_1k_chars: 0.10,
+            llm_per_million_tokens: 0.5,
+            myr_rate: 0.0,
+        }
+    }
 }
 
 /// `[webhook]`
@@ -584,12 +653,42 @@ pub struct WebhookSettings {
     /// Destination URL; empty disables. Its query often carries a token, so `Debug` shows it
     /// through [`redact_url`].
     pub url: String,
+    /// Wait after a failed delivery, doubled each time up to `backoff_max_ms`.
+    #[serde(
+        default = "default_backoff_initial_ms",
+        deserialize_with = "strict::uint"
+    )]
+    pub backoff_initial_ms: u64,
+    /// The longest wait between tries.
+    #[serde(default = "default_backoff_max_ms", deserialize_with = "strict::uint")]
+    pub backoff_max_ms: u64,
+    /// One delivery's deadline.
+    #[serde(
+        default = "default_webhook_timeout_ms",
+        deserialize_with = "strict::uint"
+    )]
+    pub timeout_ms: u64,
+}
+
+fn default_backoff_initial_ms() -> u64 {
+    1_000
+}
+
+fn default_backoff_max_ms() -> u64 {
+    300_000
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
 }
 
 impl fmt::Debug for WebhookSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookSettings")
             .field("url", &redact_url(&self.url))
+            .field("backoff_initial_ms", &self.backoff_initial_ms)
+            .field("backoff_max_ms", &self.backoff_max_ms)
+            .field("timeout_ms", &self.timeout_ms)
             .finish()
     }
 }
@@ -839,6 +938,76 @@ pub const NUMERIC_RANGES: &[NumericRange] = {
         range("llm.max_tokens", Integer, 1.0, 32_768.0, "tokens per reply"),
         range("llm.temperature", Decimal, 0.0, 2.0, "sampling temperature"),
         range(
+            "records.retention_days",
+            Integer,
+            0.0,
+            36_500.0,
+            "days calls are kept (0: forever)",
+        ),
+        range(
+            "records.spool_max_mb",
+            Integer,
+            1.0,
+            1_000_000.0,
+            "MB of records spooled while the database is down",
+        ),
+        range(
+            "records.queue",
+            Integer,
+            1.0,
+            1_000_000.0,
+            "record writes waiting for the database writer",
+        ),
+        range(
+            "webhook.backoff_initial_ms",
+            Integer,
+            10.0,
+            3_600_000.0,
+            "ms before retrying a failed delivery",
+        ),
+        range(
+            "webhook.backoff_max_ms",
+            Integer,
+            10.0,
+            86_400_000.0,
+            "longest ms between delivery tries",
+        ),
+        range(
+            "webhook.timeout_ms",
+            Integer,
+            100.0,
+            120_000.0,
+            "ms for one delivery",
+        ),
+        range(
+            "pricing.stt_per_hour",
+            Decimal,
+            0.0,
+            10_000.0,
+            "speech-to-text price per audio hour",
+        ),
+        range(
+            "pricing.tts_per_1k_chars",
+            Decimal,
+            0.0,
+            10_000.0,
+            "text-to-speech price per 1000 characters",
+        ),
+        range(
+            "pricing.llm_per_million_tokens",
+            Decimal,
+            0.0,
+            100_000.0,
+            "LLM price per million tokens, for abandoned requests",
+        ),
+        range(
+            "pricing.myr_rate",
+            Decimal,
+            0.0,
+            100_000.0,
+            "ringgit per unit of pricing.currency (0: not shown)",
+        ),
+        range(
             "llm.first_token_timeout_ms",
             Integer,
             100.0,
@@ -975,6 +1144,16 @@ impl Settings {
             "ami.port" => Int(u64::from(self.ami.port)),
             "ami.action_timeout_ms" => Int(self.ami.action_timeout_ms),
             "ami.reconnect_max_ms" => Int(self.ami.reconnect_max_ms),
+            "records.retention_days" => Int(self.records.retention_days),
+            "records.spool_max_mb" => Int(self.records.spool_max_mb),
+            "records.queue" => Int(self.records.queue),
+            "webhook.backoff_initial_ms" => Int(self.webhook.backoff_initial_ms),
+            "webhook.backoff_max_ms" => Int(self.webhook.backoff_max_ms),
+            "webhook.timeout_ms" => Int(self.webhook.timeout_ms),
+            "pricing.stt_per_hour" => F64(self.pricing.stt_per_hour),
+            "pricing.tts_per_1k_chars" => F64(self.pricing.tts_per_1k_chars),
+            "pricing.llm_per_million_tokens" => F64(self.pricing.llm_per_million_tokens),
+            "pricing.myr_rate" => F64(self.pricing.myr_rate),
             _ => return None,
         })
     }
@@ -2141,19 +2320,28 @@ fn service_url(s: &str, schemes: &[&str], needs_path: bool) -> Result<Url, Strin
     Ok(url)
 }
 
-/// `records.url`: empty, or `file:///absolute/path/to/file`.
+/// `records.url`: empty, a database URL, or `file:///absolute/path/to/file`.
 fn records_path(s: &str) -> Result<Option<PathBuf>, String> {
     let s = s.trim();
     if s.is_empty() {
         return Ok(None);
     }
+    if s.starts_with("sqlite:") || s.starts_with("postgres") {
+        // A database: `sifucall check` connects and migrates it (main.rs).
+        return crate::ops::records::db::DbUrl::parse(s).map(|_| None);
+    }
     let example = "file:///var/lib/sifucall/calls.jsonl";
-    let url =
-        Url::parse(s).map_err(|e| format!("not a URL ({e}); write {example} or leave it empty"))?;
+    let url = Url::parse(s).map_err(|e| {
+        format!(
+            "not a URL ({e}); write sqlite:///var/lib/sifucall/calls.db, postgres://user@host/db, \
+             {example} (JSON lines) or leave it empty"
+        )
+    })?;
     if url.scheme() != "file" {
         return Err(format!(
-            "scheme {:?} is not supported: records go to a local file such as {example} \
-             (use webhook.url to send them over HTTP)",
+            "scheme {:?} is not supported: records go to a database \
+             (sqlite:///var/lib/sifucall/calls.db or postgres://user@host/db) or a JSON-lines file \
+             such as {example} (use webhook.url to send them over HTTP)",
             url.scheme()
         ));
     }

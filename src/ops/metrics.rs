@@ -409,6 +409,75 @@ pub struct Metrics {
     speculative: LabelledCounter,
     speculative_wasted_tokens: Counter,
     call_duration: DurationHistogram,
+    records: RecordsMetrics,
+}
+
+/// The call records' own series.
+struct RecordsMetrics {
+    written: Counter,
+    spooled: Counter,
+    lost: LabelledCounter,
+    backlog: Gauge,
+    webhook: LabelledCounter,
+    cost: Family<[(&'static str, &'static str); 1], Counter<f64, AtomicU64>>,
+}
+
+impl RecordsMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let written = Counter::default();
+        registry.register(
+            "records_written",
+            "Call record writes committed to the database",
+            written.clone(),
+        );
+        let spooled = Counter::default();
+        registry.register(
+            "records_spooled",
+            "Call record writes spooled to disk while the database refused them",
+            spooled.clone(),
+        );
+        let lost = LabelledCounter::default();
+        registry.register(
+            "records_lost",
+            "Call record writes lost, by reason (queue_full, spool_failed, closed)",
+            lost.clone(),
+        );
+        for r in ["queue_full", "spool_failed", "closed"] {
+            let _ = lost.get_or_create(&[("reason", r)]);
+        }
+        let backlog = Gauge::default();
+        registry.register(
+            "records_backlog",
+            "Spooled batches of call records waiting for the database",
+            backlog.clone(),
+        );
+        let webhook = LabelledCounter::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, failed)",
+            webhook.clone(),
+        );
+        for r in ["delivered", "failed"] {
+            let _ = webhook.get_or_create(&[("result", r)]);
+        }
+        let cost = Family::<[(&'static str, &'static str); 1], Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "cost",
+            "Cost of ended calls in pricing.currency, by component (llm, stt, tts)",
+            cost.clone(),
+        );
+        for c in ["llm", "stt", "tts"] {
+            let _ = cost.get_or_create(&[("component", c)]);
+        }
+        Self {
+            written,
+            spooled,
+            lost,
+            backlog,
+            webhook,
+            cost,
+        }
+    }
 }
 
 impl fmt::Debug for Metrics {
@@ -567,7 +636,10 @@ impl Metrics {
             call_duration.clone(),
         );
 
+        let records = RecordsMetrics::register(&mut registry);
+
         Self {
+            records,
             registry,
             active_calls,
             calls_by_reason,
@@ -727,6 +799,47 @@ impl Metrics {
             .get_or_create(&[("outcome", outcome)])
             .inc();
         self.speculative_wasted_tokens.inc_by(wasted_tokens);
+    }
+
+    /// Call record writes committed.
+    pub fn records_written(&self, n: u64) {
+        self.records.written.inc_by(n);
+    }
+
+    /// Call record writes spooled while the database refused them.
+    pub fn records_spooled(&self, n: u64) {
+        self.records.spooled.inc_by(n);
+    }
+
+    /// Call record writes lost (`queue_full`, `spool_failed`, `closed`).
+    pub fn records_lost(&self, reason: &'static str, n: u64) {
+        self.records
+            .lost
+            .get_or_create(&[("reason", reason)])
+            .inc_by(n);
+    }
+
+    /// Spooled batches waiting now.
+    pub fn records_backlog(&self, batches: i64) {
+        self.records.backlog.set(batches);
+    }
+
+    /// A webhook delivery attempt `delivered` or `failed`.
+    pub fn webhook_delivery(&self, result: &'static str) {
+        self.records
+            .webhook
+            .get_or_create(&[("result", result)])
+            .inc();
+    }
+
+    /// A finished call's cost for one component (`llm`, `stt`, `tts`).
+    pub fn cost(&self, component: &'static str, amount: f64) {
+        if amount.is_finite() && amount > 0.0 {
+            self.records
+                .cost
+                .get_or_create(&[("component", component)])
+                .inc_by(amount);
+        }
     }
 
     fn catch_up_log_drops(&self) {

@@ -205,6 +205,12 @@ pub struct AiDaemon {
 pub async fn start(sandbox: SandboxConfig, mut settings: Settings) -> AiDaemon {
     let sandbox = Sandbox::start(sandbox).await.expect("fakes start");
     sandbox.point(&mut settings);
+    if settings.records.url == Settings::defaults().records.url {
+        // Each daemon its own records database, never the system's.
+        let dir =
+            std::env::temp_dir().join(format!("sifucall-ai-records-{}", uuid::Uuid::new_v4()));
+        settings.records.url = format!("sqlite://{}/calls.db", dir.display());
+    }
     let shutdown = CancellationToken::new();
     let (bound_tx, bound_rx) = oneshot::channel();
     let (tx, summaries) = mpsc::unbounded_channel();

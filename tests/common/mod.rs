@@ -41,6 +41,7 @@ pub fn echo_config() -> ServerConfig {
             behaviour: Behaviour::Echo,
             idle_hangup: Some(Duration::from_secs(60)),
             control: std::sync::Arc::new(sifucall::call::NoControl),
+            records: None,
         },
     }
 }

@@ -1,12 +1,24 @@
-//! Per-call records: who called, how long, why it ended, what was said, and how fast each
-//! turn was. Written as one JSON line per call to a local file (`records.url`) and/or POSTed
-//! to a webhook (`webhook.url`) when the call ends.
+//! Per-call records: who called, how long, why it ended, what was said, how fast each turn
+//! was and what it cost.
 //!
-//! A call never waits for either: [`RecordSink::submit`] serialises the record and hands it
-//! to a bounded queue; a dedicated writer task owns the file (so concurrent calls never
-//! interleave lines) and a webhook task POSTs with a deadline. When a queue is full the
-//! record is dropped for that destination and logged, rather than stalling a call or
-//! growing memory without bound.
+//! With a database `records.url` (`sqlite:///...` or `postgres://...`) a call's row is
+//! written when it starts, its transcript, turns, tool calls and errors as it goes, and the
+//! row is completed when it ends ([`store`]); the webhook is delivered from an outbox table
+//! in the same database, signed, with retries ([`webhook`]); [`query`] reads it all back.
+//! A `file:///...` URL keeps the older sink: one JSON line per call appended to a file, and
+//! a best-effort webhook POST.
+//!
+//! A call never waits for any of it: everything goes through bounded queues to writer
+//! tasks. When a queue is full the item is dropped, counted and logged, rather than
+//! stalling a call or growing memory without bound.
+
+pub mod db;
+pub mod live;
+pub mod query;
+pub mod recording;
+pub mod spool;
+pub mod store;
+pub mod webhook;
 
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
@@ -25,8 +37,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{AgentMode, RecordsSettings, WebhookSettings};
-use super::metrics::EndReason;
+use super::config::{AgentMode, RecordsSettings, Settings, WebhookSettings};
+use super::metrics::{EndReason, Metrics};
+use crate::call::CallOutcome;
 
 /// Records waiting for the file writer.
 const FILE_QUEUE: usize = 1024;
@@ -70,6 +83,48 @@ pub struct CallRecord {
     pub turns: Vec<TurnTiming>,
     /// LLM cost reported by the provider, if any.
     pub llm_cost: Option<f64>,
+    /// The daemon that took the call (`records.node_id`).
+    #[serde(default)]
+    pub node_id: String,
+    /// When the call ended, RFC 3339 UTC.
+    #[serde(default)]
+    pub ended_at: String,
+    /// The caller's number, as the PBX told it.
+    #[serde(default)]
+    pub caller_number: Option<String>,
+    /// The caller's name.
+    #[serde(default)]
+    pub caller_name: Option<String>,
+    /// The dialled number.
+    #[serde(default)]
+    pub did: Option<String>,
+    /// The profile that served the call.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// How the call ended, as the dialplan was told.
+    #[serde(default)]
+    pub outcome: Option<CallOutcome>,
+    /// Where the call was transferred (the target's name), if it was.
+    #[serde(default)]
+    pub transfer_target: Option<String>,
+    /// Turn latency (the caller's end of speech to the reply's first frame) over the call.
+    #[serde(default)]
+    pub latency: Option<LatencySummary>,
+    /// Tools the agent called.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+    /// What the call cost, by component.
+    #[serde(default)]
+    pub cost: Option<CallCost>,
+    /// The call's stereo recording (caller left, agent right), if one was made.
+    #[serde(default)]
+    pub recording_path: Option<String>,
+    /// Caller audio streamed to the recogniser, ms.
+    #[serde(default)]
+    pub stt_audio_ms: u64,
+    /// Characters of reply text synthesized.
+    #[serde(default)]
+    pub tts_characters: u64,
     /// Times the caller talked over the agent.
     #[serde(default)]
     pub barge_ins: u32,
@@ -84,15 +139,6 @@ pub struct CallRecord {
     pub speculative: Speculation,
     /// Provider or pipeline errors during the call, one line each.
     pub errors: Vec<String>,
-    /// The agent profile the call ran with (empty in echo mode).
-    #[serde(default)]
-    pub profile: String,
-    /// Every tool call: name, arguments (configured fields redacted), duration, status.
-    #[serde(default)]
-    pub tool_calls: Vec<crate::call::tools::ToolCallRecord>,
-    /// How the call ended for the dialplan (a transfer carries its target and summary).
-    #[serde(default)]
-    pub outcome: Option<crate::call::CallOutcome>,
 }
 
 /// Who produced a transcript entry.
@@ -127,10 +173,91 @@ pub struct TranscriptEntry {
     pub role: Role,
     /// What (for the agent: the text actually generated; see `interrupted`).
     pub text: String,
-    /// When, ms since call start.
+    /// When the line was settled, ms since call start (the caller's: the recogniser's
+    /// final; the agent's: the end of its playback).
     pub at_ms: u64,
     /// The agent was cut off by a barge-in before finishing this reply.
     pub interrupted: bool,
+    /// When the words started as heard or said, ms since call start: the agent's first
+    /// frame written, the caller's voice onset (VAD).
+    #[serde(default)]
+    pub start_ms: Option<u64>,
+    /// When they ended: the agent's last frame heard, the caller's end of speech (VAD).
+    #[serde(default)]
+    pub end_ms: Option<u64>,
+}
+
+/// One tool call as the record keeps it (name, redacted arguments, when, how long, status).
+pub use crate::call::tools::ToolCallRecord as ToolCall;
+
+/// A provider or pipeline error during a call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallError {
+    /// When it was noticed, ms since call start.
+    pub at_ms: u64,
+    /// What it said.
+    pub text: String,
+}
+
+/// Turn latency over one call, ms from the caller's end of speech (or the recogniser's
+/// final) to the reply's first frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50_ms: u64,
+    /// 95th percentile (nearest rank).
+    pub p95_ms: u64,
+    /// Worst.
+    pub max_ms: u64,
+}
+
+impl LatencySummary {
+    /// Over the turns that reached their first frame; `None` when none did.
+    pub fn of(turns: &[TurnTiming]) -> Option<Self> {
+        let mut v: Vec<u64> = turns
+            .iter()
+            .filter_map(|t| {
+                let from = t.speech_end_ms.or(t.stt_final_ms)?;
+                Some(t.first_frame_ms?.saturating_sub(from))
+            })
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Some(Self {
+            p50_ms: rank(0.50),
+            p95_ms: rank(0.95),
+            max_ms: v[v.len() - 1],
+        })
+    }
+}
+
+/// What a call cost, by component, in `currency`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallCost {
+    /// The LLM's cost as the service reported it (OpenRouter's `usage.cost`), every
+    /// request whose usage arrived, speculative ones included.
+    pub llm: f64,
+    /// Requests abandoned before their usage arrived (wasted speculation, barge-ins),
+    /// estimated from their tokens at `pricing.llm_per_million_tokens`; included in `total`.
+    pub llm_abandoned_estimate: f64,
+    /// Speech-to-text: `stt_audio_seconds` at `pricing.stt_per_hour`.
+    pub stt: f64,
+    /// Text-to-speech: `tts_characters` at `pricing.tts_per_1k_chars`.
+    pub tts: f64,
+    /// All of it.
+    pub total: f64,
+    /// `pricing.currency`.
+    pub currency: String,
+    /// Audio streamed to the recogniser.
+    pub stt_audio_seconds: f64,
+    /// Characters synthesized for this call (cached fixed phrases are not).
+    pub tts_characters: u64,
+    /// The total in Malaysian ringgit, when `pricing.myr_rate` is set.
+    #[serde(default)]
+    pub total_myr: Option<f64>,
 }
 
 /// Timestamps of one turn, ms since call start; `None` when the turn never got there.
@@ -205,6 +332,27 @@ pub enum RecordsError {
     /// A sink is enabled but there is no tokio runtime to run its writer task.
     #[error("call records need a tokio runtime (construct the RecordSink inside the runtime)")]
     NoRuntime,
+    /// The records database refused (connecting, migrating, a query).
+    #[error("cannot {what}: {}", webhook::error_chain(.source.as_ref()))]
+    Db {
+        /// What was being done.
+        what: &'static str,
+        /// The driver's error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The spool could not be read.
+    #[error("records spool: {0}")]
+    Spool(String),
+}
+
+impl RecordsError {
+    /// A database error while doing `what`.
+    pub fn db(what: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Db {
+            what,
+            source: Box::new(e),
+        }
+    }
 }
 
 /// Where finished calls go. Share it (`Arc<RecordSink>`) between calls.
@@ -217,6 +365,10 @@ pub struct RecordSink {
     dropped: AtomicU64,
     /// Set by [`RecordSink::reopen`]; the file writer reopens the path before its next write.
     reopen: Arc<AtomicBool>,
+    /// The database writer, when `records.url` names a database.
+    store: Option<Arc<store::Store>>,
+    /// Pricing, node id and recordings for the records this sink completes.
+    pub(crate) finish: Option<Arc<live::FinishSettings>>,
 }
 
 impl RecordSink {
@@ -229,6 +381,120 @@ impl RecordSink {
             workers: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
             reopen: Arc::new(AtomicBool::new(false)),
+            store: None,
+            finish: None,
+        }
+    }
+
+    /// Opens what the settings name: a database (connected, migrated, its spool replayed,
+    /// crashed calls closed, the webhook outbox poster started) or the JSON-lines file and
+    /// best-effort webhook. Must be called inside a tokio runtime.
+    pub async fn open(settings: &Settings, metrics: Arc<Metrics>) -> Result<Self, RecordsError> {
+        let finish = Arc::new(live::FinishSettings::from_settings(
+            settings,
+            Some(Arc::clone(&metrics)),
+        ));
+        let Some(url) =
+            db::DbUrl::parse(&settings.records.url).map_err(|reason| RecordsError::Config {
+                key: "records.url",
+                reason,
+            })?
+        else {
+            let mut sink = Self::new(&settings.records, &settings.webhook)?;
+            sink.finish = Some(finish);
+            return Ok(sink);
+        };
+        let webhook_url = parse_webhook_url(&settings.webhook.url)?;
+        let db = db::Db::open(&url, 4).await?;
+        let r = &settings.records;
+        let cfg = store::StoreConfig {
+            node_id: finish.node_id.clone(),
+            queue: usize::try_from(r.queue).unwrap_or(usize::MAX),
+            spool_dir: spool_dir(r, &url),
+            spool_max_bytes: r.spool_max_mb.saturating_mul(1 << 20),
+            retention_days: r.retention_days,
+            webhook: webhook_url.is_some(),
+        };
+        let store = store::Store::start(db.clone(), cfg, Arc::clone(&metrics)).await?;
+        let mut sink = Self::disabled();
+        if let Some(url) = webhook_url {
+            let w = &settings.webhook;
+            let cfg = webhook::WebhookConfig {
+                url,
+                secret: std::env::var(webhook::SECRET_ENV)
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .map(String::into_bytes),
+                backoff_initial: Duration::from_millis(w.backoff_initial_ms),
+                backoff_max: Duration::from_millis(w.backoff_max_ms.max(w.backoff_initial_ms)),
+                timeout: Duration::from_millis(w.timeout_ms),
+                node_id: finish.node_id.clone(),
+            };
+            let poster = webhook::start(
+                db,
+                cfg,
+                metrics,
+                Arc::clone(&store.outbox_ready),
+                sink.closing.clone(),
+            )?;
+            sink.workers = Mutex::new(vec![poster]);
+        }
+        tracing::info!(
+            backend = url.backend(),
+            node_id = %finish.node_id,
+            "call records database ready"
+        );
+        sink.store = Some(store);
+        sink.finish = Some(finish);
+        Ok(sink)
+    }
+
+    /// This daemon's name in the records.
+    pub fn node_id(&self) -> &str {
+        self.finish.as_ref().map_or("", |f| f.node_id.as_str())
+    }
+
+    /// The records database, when there is one: what the console reads through [`query`].
+    pub fn db(&self) -> Option<&db::Db> {
+        self.store.as_deref().map(store::Store::db)
+    }
+
+    /// Opens the call's row and returns the handle its driver feeds as the call goes;
+    /// `None` without a database.
+    pub fn call_started(&self, start: store::CallStart) -> Option<live::CallTap> {
+        let store = self.store.as_ref()?;
+        let call_id = start.call_id;
+        store.send(store::Op::Start(start));
+        Some(live::CallTap::new(Arc::clone(store), call_id))
+    }
+
+    /// A recorder for a call that is to be recorded (`records.recordings_dir` set, and
+    /// `record_all` or the call's `record` variable).
+    pub fn recorder_for(
+        &self,
+        call_id: uuid::Uuid,
+        ctx: &crate::call::CallContext,
+        started: std::time::Instant,
+    ) -> Option<recording::Recorder> {
+        let f = self.finish.as_ref()?;
+        let dir = f.recordings_dir.as_ref()?;
+        if !recording::wanted(f.record_all, ctx) {
+            return None;
+        }
+        let wall = SystemTime::now()
+            .checked_sub(started.elapsed())
+            .unwrap_or(UNIX_EPOCH);
+        Some(recording::Recorder::new(
+            recording::path_for(dir, call_id, wall),
+            started,
+        ))
+    }
+
+    /// Completes a record from a finished call's summary (node, cost, latency) as this
+    /// sink's settings say.
+    pub fn complete(&self, rec: &mut CallRecord) {
+        if let Some(f) = &self.finish {
+            f.complete(rec);
         }
     }
 
@@ -264,7 +530,17 @@ impl RecordSink {
                 .user_agent(concat!("sifucall/", env!("CARGO_PKG_VERSION")))
                 .build()?;
             let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
-            workers.push(rt.spawn(webhook_poster(client, url, rx, sink.closing.clone())));
+            let secret = std::env::var(webhook::SECRET_ENV)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(String::into_bytes);
+            workers.push(rt.spawn(webhook_poster(
+                client,
+                url,
+                secret,
+                rx,
+                sink.closing.clone(),
+            )));
             sink.webhook = Some(tx);
         }
         sink.workers = Mutex::new(workers);
@@ -279,7 +555,7 @@ impl RecordSink {
 
     /// Whether any destination is configured.
     pub fn is_enabled(&self) -> bool {
-        self.file.is_some() || self.webhook.is_some()
+        self.file.is_some() || self.webhook.is_some() || self.store.is_some()
     }
 
     /// Records dropped so far (queue full, or submitted after [`RecordSink::close`]),
@@ -291,6 +567,13 @@ impl RecordSink {
     /// Queues a finished call for every destination. Never blocks.
     pub fn submit(&self, rec: CallRecord) {
         if !self.is_enabled() {
+            return;
+        }
+        if let Some(f) = &self.finish {
+            f.count_cost(&rec);
+        }
+        if let Some(store) = &self.store {
+            store.send(store::Op::Finish(Box::new(rec)));
             return;
         }
         let mut line = match serde_json::to_vec(&rec) {
@@ -324,6 +607,9 @@ impl RecordSink {
     /// Stops accepting records, lets the writers finish what is queued for up to `grace`,
     /// then abandons the rest. Call once at shutdown, after the last call ended.
     pub async fn close(&self, grace: Duration) {
+        if let Some(store) = &self.store {
+            store.close(grace).await;
+        }
         self.closing.cancel();
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         let aborts: Vec<_> = workers.iter().map(JoinHandle::abort_handle).collect();
@@ -338,6 +624,35 @@ impl RecordSink {
             }
         }
     }
+}
+
+/// Where a database's spool lives: `records.spool_dir`, else `spool/` beside the SQLite
+/// file, else `/var/lib/sifucall/spool`.
+fn spool_dir(r: &RecordsSettings, url: &db::DbUrl) -> PathBuf {
+    if !r.spool_dir.trim().is_empty() {
+        return PathBuf::from(r.spool_dir.trim());
+    }
+    match url {
+        db::DbUrl::Sqlite(path) => path
+            .parent()
+            .map_or_else(|| PathBuf::from("spool"), |d| d.join("spool")),
+        db::DbUrl::Postgres(_) => PathBuf::from("/var/lib/sifucall/spool"),
+    }
+}
+
+/// `sifucall check`: connects to the records database and applies the migrations; `Ok(None)`
+/// when `records.url` names no database.
+pub async fn check_database(r: &RecordsSettings) -> Result<Option<&'static str>, RecordsError> {
+    let Some(url) = db::DbUrl::parse(&r.url).map_err(|reason| RecordsError::Config {
+        key: "records.url",
+        reason,
+    })?
+    else {
+        return Ok(None);
+    };
+    let db = db::Db::open(&url, 1).await?;
+    db.close().await;
+    Ok(Some(url.backend()))
 }
 
 fn parse_records_url(s: &str) -> Result<Option<PathBuf>, RecordsError> {
@@ -458,11 +773,13 @@ async fn file_writer(
     }
 }
 
-/// POSTs each queued record, a few at a time, each with a deadline. No retries: the
-/// records file is the durable copy.
+/// POSTs each queued record, a few at a time, each with a deadline, signed as the outbox
+/// poster signs. No retries: with a JSON-lines file the file is the durable copy (a
+/// database `records.url` gets the retried outbox instead).
 async fn webhook_poster(
     client: reqwest::Client,
     url: Url,
+    secret: Option<Vec<u8>>,
     rx: mpsc::Receiver<Bytes>,
     closing: CancellationToken,
 ) {
@@ -473,10 +790,17 @@ async fn webhook_poster(
     });
     queue
         .for_each_concurrent(WEBHOOK_CONCURRENCY, |body| {
-            let req = client
+            let ts = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut req = client
                 .post(url.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body);
+                .header("X-Sifucall-Timestamp", ts.to_string());
+            if let Some(key) = &secret {
+                req = req.header("X-Sifucall-Signature", webhook::signature(key, ts, &body));
+            }
+            let req = req.body(body);
             let host = host.as_str();
             async move {
                 match req.send().await {
@@ -487,7 +811,8 @@ async fn webhook_poster(
                     Err(e) => {
                         // Without the URL: it may carry a token.
                         let e = e.without_url();
-                        tracing::warn!(webhook_host = host, error = %e, "call record webhook failed");
+                        let cause = webhook::error_chain(&e);
+                        tracing::warn!(webhook_host = host, error = %cause, "call record webhook failed");
                     }
                 }
             }
@@ -519,18 +844,24 @@ mod tests {
                     text: "Selamat datang".into(),
                     at_ms: 40,
                     interrupted: false,
+                    start_ms: None,
+                    end_ms: None,
                 },
                 TranscriptEntry {
                     role: Role::Caller,
                     text: format!("Saya mahu \"tempah\"\nmeja {n}"),
                     at_ms: 2100,
                     interrupted: false,
+                    start_ms: None,
+                    end_ms: None,
                 },
                 TranscriptEntry {
                     role: Role::Dtmf,
                     text: "1".into(),
                     at_ms: 3000,
                     interrupted: false,
+                    start_ms: None,
+                    end_ms: None,
                 },
             ],
             turns: vec![TurnTiming {
@@ -544,9 +875,20 @@ mod tests {
             resumes: 0,
             speculative: Speculation::default(),
             errors: vec![],
-            profile: "sales".into(),
+            node_id: "node-a".into(),
+            ended_at: String::new(),
+            caller_number: Some("+60123456789".into()),
+            caller_name: None,
+            did: Some("0388880000".into()),
+            profile: Some("sales".into()),
+            outcome: Some(CallOutcome::Completed),
+            transfer_target: None,
+            latency: None,
             tool_calls: vec![],
-            outcome: None,
+            cost: None,
+            recording_path: None,
+            stt_audio_ms: 0,
+            tts_characters: 0,
         }
     }
 
@@ -554,9 +896,11 @@ mod tests {
         (
             RecordsSettings {
                 url: records.into(),
+                ..Settings::defaults().records
             },
             WebhookSettings {
                 url: webhook.into(),
+                ..Settings::defaults().webhook
             },
         )
     }

@@ -1809,6 +1809,7 @@ impl CallMachine {
                         heard_before: 0,
                         entry,
                         aligned: Vec::new(),
+                        started_at: None,
                     },
                 );
                 a.prompt_streams.push((stream, u));

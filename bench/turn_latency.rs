@@ -2,7 +2,9 @@
 //! from the daemon running as its own process against fake providers of KNOWN delay.
 //!
 //! Run: `cargo bench --bench turn_latency -- [--calls 1,50,200] [--turns N] [--barge-ins N]
-//! [--pipelines streamed,sequential,speculative]` (default pipelines: streamed,sequential).
+//! [--pipelines streamed,sequential,speculative,speculative-revised] [--revise-every N]
+//! [--echo-db -20] [--echo-delay-ms 40] [--noise-dbfs -45] [--noise pink|white]
+//! [--long-first-sentence]` (default pipelines: streamed,sequential).
 //! Defaults: 1 call = 100 turns and 20 barge-ins, asked over calls of at most 25 turns placed
 //! one after the other (so the 1-call figures have the samples for a p99); N calls = N
 //! concurrent conversations of 3 turns and 2 barge-ins each, ramped over 2 s.
@@ -38,6 +40,14 @@
 //!    timestamp, microseconds, compared with the caller's wall-clock start); without such
 //!    lines, the call record's `barge_in_ms` if it has them (ms since the call started, put
 //!    on the caller's clock with the record's `started_at`, 1 ms resolution).
+//! 4. Speculation: speech end -> first frame with replies started on a stable hypothesis,
+//!    its saving over `streamed`, and how many speculative requests were thrown away (call
+//!    records and /metrics); `speculative-revised` has the fake STT's final revise some
+//!    hypotheses (`--revise-every`), for the waste rate.
+//! 5. False barge-ins per minute of agent speech heard by the callers: with `--echo-db` the
+//!    callers send the agent's audio back attenuated (the line's hybrid echo), with
+//!    `--noise-dbfs` they add line noise to everything they send; barge-ins the daemon
+//!    recorded outside the callers' deliberate ones are false.
 //!
 //! Percentiles: a p99 is printed only over >= 100 samples; below that the maximum and the
 //! sample count are printed instead. The fakes and callers share this machine's cores with
@@ -54,7 +64,9 @@ use uuid::Uuid;
 
 use sifucall::audio::{pcm, wav};
 use sifucall::call::clauses::ClauseSplitter;
-use sifucall::caller::{ClosedBy, DialogueOptions, DialogueReport, place_dialogue};
+use sifucall::caller::{
+    ClosedBy, DialogueOptions, DialogueReport, LineNoise, LineOptions, NoiseColour, place_dialogue,
+};
 use sifucall::sandbox::{Sandbox, SandboxConfig, elevenlabs};
 
 #[path = "common.rs"]
@@ -67,6 +79,8 @@ const RATE: u32 = 8_000;
 const STT_SPEECH_DBFS: f64 = -40.0;
 
 const SEGMENTATION_MS: u64 = 300;
+/// The fake STT recognises no phrase with less voice than this.
+const FAKE_STT_MIN_PHRASE_MS: u64 = 100;
 const STT_FINAL_MS: u64 = 150;
 const LLM_TTFT_MS: u64 = 300;
 const TOKENS_PER_SEC: f64 = 50.0;
@@ -106,6 +120,9 @@ enum Pipeline {
     /// Streamed, and the reply may start on a stable STT hypothesis before the final
     /// (`agent.speculate_after_ms`, the production default when the daemon has it).
     Speculative,
+    /// Speculative, with the fake STT's final revising every `--revise-every`th phrase's
+    /// hypothesis (its last word): the replies started on those are thrown away.
+    SpeculativeRevised,
 }
 
 impl Pipeline {
@@ -114,8 +131,22 @@ impl Pipeline {
             Self::Streamed => "streamed",
             Self::Sequential => "sequential",
             Self::Speculative => "speculative",
+            Self::SpeculativeRevised => "speculative-revised",
         }
     }
+
+    fn speculates(self) -> bool {
+        matches!(self, Self::Speculative | Self::SpeculativeRevised)
+    }
+}
+
+/// What the run changes from the defaults.
+#[derive(Debug, Clone, Copy)]
+struct RunOptions {
+    /// The fake STT revises every this many phrases' hypotheses in `speculative-revised`.
+    revise_every: usize,
+    /// Echo and noise on the callers' lines.
+    line: LineOptions,
 }
 
 fn main() {
@@ -132,14 +163,30 @@ fn main() {
             "streamed" => Some(Pipeline::Streamed),
             "sequential" => Some(Pipeline::Sequential),
             "speculative" => Some(Pipeline::Speculative),
+            "speculative-revised" => Some(Pipeline::SpeculativeRevised),
             _ => None,
         })
         .collect();
     if args.iter().any(|a| a == "--long-first-sentence") {
         let _ = REPLY_TEXT.set(LONG_REPLY);
     }
+    let number = |name: &str| common::flag(&args, name).and_then(|v| v.parse::<f64>().ok());
+    let run = RunOptions {
+        revise_every: number("--revise-every").map_or(2, |v| v as usize),
+        line: LineOptions {
+            echo_db: number("--echo-db"),
+            echo_delay: Duration::from_millis(number("--echo-delay-ms").unwrap_or(40.0) as u64),
+            noise: number("--noise-dbfs").map(|dbfs| LineNoise {
+                dbfs,
+                colour: match common::flag(&args, "--noise") {
+                    Some("white") => NoiseColour::White,
+                    _ => NoiseColour::Pink,
+                },
+            }),
+        },
+    };
     let rt = common::runtime();
-    rt.block_on(run_all(calls, turns, barge_ins, pipelines));
+    rt.block_on(run_all(calls, turns, barge_ins, pipelines, run));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -207,8 +254,11 @@ fn reply_mark(text: &str) -> Option<usize> {
     digits.parse::<usize>().ok()?.checked_sub(10_000)
 }
 
-fn sandbox_config(marked: bool) -> SandboxConfig {
+fn sandbox_config(marked: bool, revise_every: usize) -> SandboxConfig {
     let mut c = SandboxConfig::default();
+    c.azure.revise_every = revise_every;
+    // As the real service, no words from a peak of line noise (`--noise-dbfs`).
+    c.azure.min_phrase_voiced_ms = FAKE_STT_MIN_PHRASE_MS;
     c.azure.transcripts = vec![QUESTION_TEXT.into()];
     if marked {
         c.azure.transcripts = (0..VARIANTS).map(marked_transcript).collect();
@@ -277,6 +327,18 @@ struct Results {
     /// Where the decision marks came from.
     decision_source: &'static str,
     att: Attribution,
+    /// Speculative requests from the call records: started, used, wasted, wasted tokens.
+    spec: [u64; 4],
+    /// The same from the daemon's /metrics (deltas over the scenario).
+    spec_metrics: [f64; 4],
+    /// Agent audio the callers heard (voiced frames read), ms.
+    agent_speech_ms: f64,
+    /// Barge-ins in the call records.
+    barge_ins_recorded: u64,
+    /// Of those, decided within a deliberate barge-in (its speech or just after).
+    barge_ins_deliberate: u64,
+    /// Caller lines in the records (each a turn the daemon took from the caller).
+    caller_lines: usize,
 }
 
 /// How the scenario's questions are spread over conversations.
@@ -326,7 +388,7 @@ fn daemon_env(
     if pipeline == Pipeline::Sequential {
         set(&mut env, "SIFUCALL_AGENT__PIPELINE", "sequential".into());
     }
-    if pipeline != Pipeline::Speculative {
+    if !pipeline.speculates() {
         // The known-delay model starts the reply at the STT final.
         set(&mut env, "SIFUCALL_AGENT__SPECULATE_AFTER_MS", "0".into());
     }
@@ -339,6 +401,7 @@ async fn scenario(
     conversations: Vec<(usize, usize)>,
     known: &Known,
     utt: Arc<Vec<i16>>,
+    run: RunOptions,
 ) -> Results {
     let mut r = Results {
         pipeline: pipeline.name(),
@@ -346,7 +409,12 @@ async fn scenario(
         decision_source: "none",
         ..Results::default()
     };
-    let sandbox = Sandbox::start(sandbox_config(true))
+    let revise_every = if pipeline == Pipeline::SpeculativeRevised {
+        run.revise_every
+    } else {
+        0
+    };
+    let sandbox = Sandbox::start(sandbox_config(true, revise_every))
         .await
         .expect("fake providers");
     let tag = format!("{}-{n}", pipeline.name());
@@ -381,6 +449,7 @@ async fn scenario(
     let options = |(turns, barge_ins): (usize, usize)| {
         let mut o = DialogueOptions::new(addr.clone(), utt.to_vec(), turns);
         o.barge_ins = barge_ins;
+        o.line = run.line;
         o.max_duration = Duration::from_secs(60 + 20 * (turns + barge_ins) as u64);
         o
     };
@@ -420,6 +489,15 @@ async fn scenario(
     }
     let after = common::scrape(daemon.admin).await;
     r.underruns = common::delta(&before, &after, "sifucall_underruns_total");
+    for (i, outcome) in ["started", "used", "wasted"].iter().enumerate() {
+        let k = format!("sifucall_llm_speculative_requests_total{{outcome=\"{outcome}\"}}");
+        r.spec_metrics[i] = common::delta(&before, &after, &k);
+    }
+    r.spec_metrics[3] = common::delta(
+        &before,
+        &after,
+        "sifucall_llm_speculative_wasted_tokens_total",
+    );
     // A graceful stop flushes the call records.
     tokio::task::block_in_place(|| daemon.proc.stop(Duration::from_secs(15)));
     let records = read_records(&records);
@@ -527,6 +605,28 @@ fn analyse(
     r: &mut Results,
 ) {
     r.max_send_lag_ms = r.max_send_lag_ms.max(rep.max_send_lag_ms);
+    r.agent_speech_ms += 20.0 * rep.arrivals.iter().filter(|a| a.voiced).count() as f64;
+    if let Some(rec) = record {
+        let n = |p: &str| {
+            rec.pointer(p)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        let spec = [
+            "/speculative/started",
+            "/speculative/used",
+            "/speculative/wasted",
+            "/speculative/wasted_tokens",
+        ];
+        for (acc, p) in r.spec.iter_mut().zip(spec) {
+            *acc += n(p);
+        }
+        r.barge_ins_recorded += n("/barge_ins");
+        r.caller_lines += rec
+            .get("transcript")
+            .and_then(|t| t.as_array())
+            .map_or(0, |t| t.iter().filter(|e| e["role"] == "caller").count());
+    }
     if rep.closed_by != ClosedBy::Caller || rep.error.is_some() {
         r.failed += 1;
         if r.errors.len() < 5 {
@@ -617,6 +717,7 @@ fn analyse(
         });
         if let Some(dec) = decision {
             r.barge_decided += 1;
+            r.barge_ins_deliberate += 1;
             r.barge_detect.push(dec - c.start_ms);
             if let Some(last) = last {
                 r.barge_flush.push(last - dec);
@@ -829,6 +930,7 @@ async fn run_all(
     turns: Option<usize>,
     barge_ins: Option<usize>,
     pipelines: Vec<Pipeline>,
+    run: RunOptions,
 ) {
     let known = known_delays();
     let utt = Arc::new(utterance());
@@ -860,7 +962,7 @@ async fn run_all(
         for &n in &calls {
             let convs = plan(n, turns, barge_ins);
             let t0 = std::time::Instant::now();
-            let r = scenario(pipeline, n, convs, &known, Arc::clone(&utt)).await;
+            let r = scenario(pipeline, n, convs, &known, Arc::clone(&utt), run).await;
             eprintln!(
                 "turn_latency: {} x{n} done in {:.0} s{}",
                 pipeline.name(),
@@ -1036,6 +1138,93 @@ async fn run_all(
             .barge_after
             .as_secs_f64()
             * 1000.0
+    );
+
+    println!("\n## 5. Speculation: replies started on a stable hypothesis before the final\n");
+    println!(
+        "| pipeline | calls | speech end -> first reply frame | saving over streamed (p50) | started | used | wasted | waste rate (wasted / started) | wasted tokens (per wasted request) | /metrics: started / used / wasted, wasted tokens |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for &n in &calls {
+        let streamed = results
+            .iter()
+            .find(|r| r.calls == n && r.pipeline == "streamed" && r.not_run.is_none())
+            .and_then(|r| pct(&r.e2e, 50.0));
+        for r in results
+            .iter()
+            .filter(|r| r.calls == n && r.pipeline.starts_with("speculative"))
+            .filter(|r| r.not_run.is_none())
+        {
+            let [started, used, wasted, tokens] = r.spec;
+            let saving = match (streamed, pct(&r.e2e, 50.0)) {
+                (Some(a), Some(b)) => format!("{:.0} ms", a - b),
+                _ => "N/A (no streamed row)".into(),
+            };
+            let m = r.spec_metrics;
+            println!(
+                "| {} | {} | {} | {saving} | {started} | {used} | {wasted} | {} | {tokens} ({}) | {:.0} / {:.0} / {:.0}, {:.0} |",
+                r.pipeline,
+                r.calls,
+                dist(&r.e2e, 0),
+                if started > 0 {
+                    format!("{:.1} %", 100.0 * wasted as f64 / started as f64)
+                } else {
+                    "-".into()
+                },
+                if wasted > 0 {
+                    format!("{:.0}", tokens as f64 / wasted as f64)
+                } else {
+                    "-".into()
+                },
+                m[0],
+                m[1],
+                m[2],
+                m[3]
+            );
+        }
+    }
+    println!(
+        "\nOnly the questions asked after the agent finished are timed here; a question spoken over the agent (barge-in) is not speculated on. `speculative-revised`: the fake STT's final revises the hypothesis of one phrase in {} (the hypothesis lacks the final's last word), so the reply started on it is thrown away and started again on the final. Wasted tokens are the daemon's estimate (prompt + text streamed before the cancel).",
+        run.revise_every
+    );
+
+    let line = run.line;
+    println!("\n## 6. False barge-ins per minute of agent speech\n");
+    println!(
+        "Callers' line: {}; {}.\n",
+        line.echo_db.map_or("no echo".into(), |db| format!(
+            "the agent's audio sent back {db} dB down, {} ms after it was read",
+            line.echo_delay.as_millis()
+        )),
+        line.noise.map_or("no noise".into(), |n| format!(
+            "{:?} noise at {} dBFS on every frame sent",
+            n.colour, n.dbfs
+        ))
+    );
+    println!(
+        "| pipeline | calls | agent speech heard (min) | barge-ins in the records | of which deliberate | **false** | **false per minute of agent speech** | caller lines in the records / questions asked |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in results.iter().filter(|r| r.not_run.is_none()) {
+        let minutes = r.agent_speech_ms / 60_000.0;
+        let false_ins = r.barge_ins_recorded.saturating_sub(r.barge_ins_deliberate);
+        println!(
+            "| {} | {} | {minutes:.1} | {} | {} | **{false_ins}** | **{:.2}** | {} / {} |",
+            r.pipeline,
+            r.calls,
+            r.barge_ins_recorded,
+            r.barge_ins_deliberate,
+            if minutes > 0.0 {
+                false_ins as f64 / minutes
+            } else {
+                0.0
+            },
+            r.caller_lines,
+            r.turns_asked + r.barge_attempted
+        );
+    }
+    println!(
+        "\nA barge-in is deliberate when the daemon decided it during one of the callers' barge-in questions (or within {DECISION_WINDOW_AFTER_END_MS:.0} ms after); any other is false. More caller lines than questions means the daemon took something (echo, noise) for a caller's turn."
     );
     for r in &results {
         if !r.errors.is_empty() {

@@ -477,6 +477,9 @@ struct Agent {
     last_speech_end: Option<Instant>,
     /// The caller's voice onset (VAD) of the phrase not yet in the transcript.
     phrase_started: Option<Instant>,
+    /// A final was taken while the VAD still held the caller's speech open (Azure can end a
+    /// phrase before the VAD times it out): that speech's end is not a new caller phrase.
+    speech_answered: bool,
     last_activity: Instant,
     still_there_asked: bool,
     /// The latest hypothesis (as said) and since when it has stood unchanged.
@@ -849,6 +852,7 @@ impl CallMachine {
             apology_after_greeting: false,
             last_speech_end: None,
             phrase_started: None,
+            speech_answered: false,
             last_activity: now,
             still_there_asked: false,
             hypothesis: None,
@@ -930,6 +934,7 @@ impl CallMachine {
                     // Never resume over the caller: wait for them to stop again.
                     p.resume_at = None;
                 }
+                a.speech_answered = false;
                 // The caller goes on: a reply started on their last hypothesis is premature.
                 if a.reply.as_ref().is_some_and(|r| r.speculative.is_some()) {
                     self.abandon_speculation("the caller went on talking");
@@ -937,7 +942,9 @@ impl CallMachine {
             }
             TurnEvent::SpeechEnded { at } => {
                 debug!("caller stopped speaking");
-                a.last_speech_end = Some(at);
+                if !std::mem::take(&mut a.speech_answered) {
+                    a.last_speech_end = Some(at);
+                }
                 a.last_activity = now;
                 let resume_after = a.cfg.resume_after;
                 if let Some(p) = a.paused.as_mut() {
@@ -950,6 +957,7 @@ impl CallMachine {
                 }
                 a.last_activity = now;
                 a.still_there_asked = false;
+                a.speech_answered = false;
                 info!(
                     at_ms = self.ms(at),
                     "barge-in: caller talked over the agent; stopping playout"
@@ -1085,6 +1093,7 @@ impl CallMachine {
         self.note_caller(text, now);
         if let Some(a) = self.agent.as_mut() {
             a.last_speech_end = None;
+            a.speech_answered = a.turns.caller_speaking();
         }
         self.start_reply(text.to_owned(), now, speech_end, speech_end_ms);
     }
@@ -1195,6 +1204,7 @@ impl CallMachine {
         let (u, turn, done, end_call) = (r.utterance, r.turn, r.done, r.end_call);
         let held = std::mem::take(&mut r.held);
         a.last_speech_end = None;
+        a.speech_answered = a.turns.caller_speaking();
         self.report.speculative.used += 1;
         self.metrics.llm_speculative("used", 0);
         let ms = self.ms(now);

@@ -739,6 +739,105 @@ fn a_listening_noise_over_the_agent_is_not_a_turn() {
     );
 }
 
+/// The line reflects the agent's own speech back (hybrid echo, here 20 dB down and 40 ms
+/// late) over line noise (white, -45 dBFS), and Azure transcribes that echo: the agent is
+/// neither interrupted nor answers itself.
+#[test]
+fn the_agents_own_echo_over_line_noise_never_interrupts_it() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let t = sim.ask(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    // A reply of real speech, so that the VAD hears its echo as a voice.
+    let voice = speech();
+    let text = "Pakej premium termasuk banyak perkara.";
+    sim.reply(t + 300 * MS, r1, ReplyEvent::FirstToken);
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Text(format!("{text} ")));
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Audio(voice.clone()));
+    sim.reply(t + 300 * MS, r1, ReplyEvent::Done);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let noise_rms = 32768.0 * 10f64.powf(-45.0 / 20.0);
+    let mut line = |sim: &mut Sim, from: Instant, ms: u64| {
+        let mut now = from;
+        while now < from + MS * ms as u32 {
+            let echo = sim
+                .frames
+                .iter()
+                .rev()
+                .find(|(at, _)| *at + 40 * MS <= now)
+                .map_or_else(|| vec![0; 160], |(_, f)| f.clone());
+            let pcm = echo
+                .iter()
+                .map(|&s| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    // Uniform in [-1, 1), RMS 1/sqrt(3).
+                    let u = (rng >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+                    let n = u * 3f64.sqrt() * noise_rms;
+                    (f64::from(s) * 0.1 + n).round() as i16
+                })
+                .collect();
+            sim.input(
+                now,
+                Input::CallerAudio {
+                    rate: SampleRate::Hz8000,
+                    pcm,
+                },
+            );
+            now += 20 * MS;
+        }
+        now
+    };
+    let t = line(&mut sim, t, 2000);
+    // Azure hears the echo's words.
+    sim.final_(t, "Pakej premium termasuk");
+    let t = line(&mut sim, t, 3000);
+    let report = sim.m.report().unwrap();
+    assert_eq!(report.barge_ins, 0, "the echo interrupted the agent");
+    assert_eq!(sim.replies.len(), 1, "the agent answered its own echo");
+    let lines = sim.transcript();
+    assert_eq!(
+        lines.last(),
+        Some(&(Role::Agent, text.to_owned(), false)),
+        "heard to its end: {lines:?}"
+    );
+    // And the caller's own words afterwards are answered.
+    let t = sim.silence(t, 1600);
+    sim.ask(t, "Terima kasih");
+    assert_eq!(sim.replies.len(), 2);
+}
+
+/// Azure's final can come before the VAD has timed out the caller's speech (a short
+/// segmentation silence, or line noise keeping the VAD's speech open a little longer). That
+/// speech has been answered: the echo of the reply, transcribed while the agent talks, is
+/// still echo and not the caller's next turn.
+#[test]
+fn a_final_before_the_vads_end_of_speech_does_not_let_the_echo_in() {
+    let mut sim = Sim::new(config());
+    let t = greeted(&mut sim);
+    let voiced = speech();
+    let t = sim.caller(t, &voiced[..6400]);
+    // The final 100 ms after the last voiced frame: the VAD still holds the speech open.
+    let t = sim.silence(t, 100);
+    sim.final_(t, "Terangkan pakej premium.");
+    let r1 = sim.last_reply();
+    sim.full_reply(
+        t + 300 * MS,
+        r1,
+        "Pakej premium termasuk banyak perkara.",
+        3000,
+        false,
+    );
+    let t = sim.silence(t, 1500);
+    // Azure transcribes the agent's echo; the VAD heard no caller voice.
+    sim.final_(t, "Pakej premium termasuk");
+    sim.silence(t, 3000);
+    assert_eq!(sim.replies.len(), 1, "the agent answered its own echo");
+    assert_eq!(sim.frames_of(2001), 150, "the reply is heard in full");
+    assert_eq!(sim.m.report().unwrap().barge_ins, 0);
+}
+
 #[test]
 fn an_interruption_without_words_resumes_the_sentence() {
     let mut sim = Sim::new(config());

@@ -16,7 +16,10 @@ pub struct TurnConfig {
     pub vad_threshold: f32,
     /// Continuous speech that counts as the caller starting to talk.
     pub min_speech: Duration,
-    /// Continuous speech over the agent that interrupts it.
+    /// Continuous speech over the agent that interrupts it. Echo is kept out by level (the
+    /// echo guard), not by this; it keeps out clicks and short noises, and the VAD's own rise
+    /// (about 60 ms into a soft onset) comes on top, so the caller hears the agent stop about
+    /// this plus 60 ms after they start.
     pub barge_in_min_speech: Duration,
     /// Non-speech that ends the caller's speech.
     pub min_silence: Duration,
@@ -34,7 +37,7 @@ impl Default for TurnConfig {
         Self {
             vad_threshold: 0.5,
             min_speech: Duration::from_millis(96),
-            barge_in_min_speech: Duration::from_millis(200),
+            barge_in_min_speech: Duration::from_millis(160),
             min_silence: Duration::from_millis(240),
             echo_margin_db: 12.0,
             window: Duration::from_millis(16),
@@ -242,10 +245,12 @@ mod tests {
     #[test]
     fn barge_in_needs_min_speech_over_the_agent() {
         let mut t = Instant::now();
-        let mut d = TurnDetector::new(TurnConfig::default());
+        let cfg = TurnConfig::default();
+        let mut d = TurnDetector::new(cfg);
         d.set_agent_speaking(true, -20.0, t);
-        // 192 ms of caller speech: reported as speech, not yet an interruption.
-        let ev = feed(&mut d, &mut t, 12, 0.9, -18.0);
+        // One window short of the minimum: reported as speech, not yet an interruption.
+        let windows = (cfg.barge_in_min_speech.as_millis() / 16) as usize;
+        let ev = feed(&mut d, &mut t, windows - 1, 0.9, -18.0);
         assert!(
             matches!(ev[..], [TurnEvent::SpeechStarted { .. }]),
             "{ev:?}"

@@ -17,6 +17,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::codec::{Encoder, FramedRead};
 use uuid::Uuid;
 
+use super::line::{Line, LineOptions};
 use super::observer::{FrameArrival, Observer, Verdict};
 use super::{CONNECT_TIMEOUT, CallerError, ClosedBy, WRITE_TIMEOUT, connect};
 use crate::audio::pcm;
@@ -50,6 +51,8 @@ pub struct DialogueOptions {
     pub max_duration: Duration,
     /// Bound on name resolution plus TCP connect.
     pub connect_timeout: Duration,
+    /// Echo of the agent and noise on the line (default: a clean line).
+    pub line: LineOptions,
 }
 
 impl DialogueOptions {
@@ -67,6 +70,7 @@ impl DialogueOptions {
             reply_timeout: Duration::from_secs(10),
             max_duration: Duration::from_secs(600),
             connect_timeout: CONNECT_TIMEOUT,
+            line: LineOptions::default(),
         }
     }
 }
@@ -283,6 +287,7 @@ pub async fn place_dialogue(opts: DialogueOptions) -> Result<DialogueReport, Cal
     let mut buf = BytesMut::with_capacity(512);
     let mut sent_ms = Vec::new();
     let mut max_lag = Duration::ZERO;
+    let mut line = Line::new(&opts.line, opts.call_id.as_u64_pair().0);
 
     let start = Instant::now();
     let started = start.into_std();
@@ -330,6 +335,8 @@ pub async fn place_dialogue(opts: DialogueOptions) -> Result<DialogueReport, Cal
                         s
                     }
                 };
+                let mut samples = samples;
+                line.send(&mut samples);
                 let mut bytes = Vec::with_capacity(SPF * 2);
                 pcm::samples_to_le_bytes(&samples, &mut bytes);
                 let msg = Inbound::Audio { rate: SampleRate::Hz8000, pcm: Bytes::from(bytes) };
@@ -357,6 +364,9 @@ pub async fn place_dialogue(opts: DialogueOptions) -> Result<DialogueReport, Cal
                         break at;
                     }
                     Some(Ok(frame)) => {
+                        if !opts.line.is_clean() && SampleRate::from_kind(frame.kind).is_some() {
+                            line.heard(&pcm::le_bytes_to_samples(&frame.payload));
+                        }
                         let seen = obs.arrivals.len();
                         let verdict = obs.on_frame(at, frame, None);
                         if obs.arrivals.len() > seen && obs.arrivals[seen].voiced {

@@ -14,6 +14,7 @@
 //! task and closes it when either side ends the call.
 
 mod dialogue;
+mod line;
 mod observer;
 mod script;
 #[cfg(test)]
@@ -38,6 +39,7 @@ use crate::audio::{pcm, wav};
 use crate::audiosocket::{CallerCodec, Digit, FrameError, Inbound, MAX_PAYLOAD, SampleRate};
 
 pub use dialogue::{DialogueOptions, DialogueReport, DialogueTurn, place_dialogue};
+pub use line::{LineNoise, LineOptions, NoiseColour};
 pub use observer::{FrameArrival, GAP_TOLERANCE, JitterStats, SILENCE_DBFS};
 use observer::{Observer, Verdict};
 use script::{Action, Script, ScriptSpec};

@@ -8,7 +8,7 @@
 //! transcripts. Faults (auth rejection, server closes, stalls) exercise the client's
 //! reconnect logic.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,6 +120,15 @@ pub struct FakeAzureConfig {
     /// last hypothesis usually is), ahead of the final by the segmentation silence plus
     /// `final_delay_ms`: what lets a reply start on the hypothesis.
     pub complete_hypothesis_at_pause: bool,
+    /// Every this many phrases (by transcript index: 1 = every phrase, 2 = every second,
+    /// 0 = never), the hypotheses are revised by the final: they miss its last word, as when
+    /// the recogniser has not committed to a word when the caller pauses. A reply started on
+    /// such a hypothesis is wasted.
+    pub revise_every: usize,
+    /// Voiced audio (20 ms blocks above the speech level) a phrase needs before it is
+    /// recognised: shorter bursts (a click, a peak of line noise) get no hypothesis and no
+    /// final, as the real service does not transcribe noise. 0: any voiced block is a phrase.
+    pub min_phrase_voiced_ms: u64,
     /// Fault injection.
     pub fault: AzureFault,
     /// The `RecognitionStatus` of each detected phrase, in order across the fake's life
@@ -159,6 +168,8 @@ impl Default for FakeAzureConfig {
             final_delay_ms: 150,
             hypothesis_every_ms: 200,
             complete_hypothesis_at_pause: true,
+            revise_every: 0,
+            min_phrase_voiced_ms: 0,
             fault: AzureFault::None,
             phrase_statuses: Vec::new(),
             status_as_number: false,
@@ -192,14 +203,13 @@ pub struct FakeAzureStats {
     pub contexts: Vec<Value>,
     /// Empty audio messages (end of stream).
     pub end_of_streams: usize,
-    /// `Success` phrases sent (also the index of the next transcript).
+    /// `Success` phrases sent.
     pub phrases_sent: usize,
     /// Connections closed for a protocol violation: close code and reason.
     pub violations: Vec<(u16, String)>,
     /// When each `Success` phrase was heard and sent, in the order sent (benchmarks).
     pub phrase_times: Vec<PhraseTimes>,
-    /// `speech.phrase` messages sent with any status other than `EndOfDictation` (also the
-    /// index into [`FakeAzureConfig::phrase_statuses`]).
+    /// `speech.phrase` messages sent with any status other than `EndOfDictation`.
     pub phrase_outcomes: usize,
     /// Turns (distinct request ids carrying audio) over all connections.
     pub turns: usize,
@@ -281,12 +291,83 @@ pub struct PhraseTimes {
 struct Shared {
     cfg: FakeAzureConfig,
     stats: Arc<Mutex<FakeAzureStats>>,
+    outcomes: Mutex<Outcomes>,
 }
 
 impl Shared {
     fn stats(&self) -> std::sync::MutexGuard<'_, FakeAzureStats> {
         // A panicked test thread must not hide the stats from the others.
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The outcome of a new phrase: the next status of
+    /// [`FakeAzureConfig::phrase_statuses`] (`Success` once they are used up) and, for a
+    /// `Success`, the next transcript.
+    fn decide(&self) -> Outcome {
+        let mut o = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        let status = o.statuses.take();
+        let success = self
+            .cfg
+            .phrase_statuses
+            .get(status)
+            .is_none_or(|s| s == "Success");
+        let transcript = success.then(|| o.transcripts.take());
+        Outcome { status, transcript }
+    }
+
+    /// A phrase that will never be sent gives its outcome back to the next phrase.
+    fn give_back(&self, outcome: Option<Outcome>) {
+        let Some(outcome) = outcome else { return };
+        let mut o = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        o.statuses.give_back(outcome.status);
+        if let Some(t) = outcome.transcript {
+            o.transcripts.give_back(t);
+        }
+    }
+
+    fn status(&self, outcome: Outcome) -> &str {
+        self.cfg
+            .phrase_statuses
+            .get(outcome.status)
+            .map_or("Success", String::as_str)
+    }
+}
+
+/// What a phrase will say: decided at its first hypothesis, so that its hypotheses and its
+/// final agree even while other connections send phrases in between (many concurrent calls
+/// on one fake), or at its final if it had no hypothesis.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    /// Index into [`FakeAzureConfig::phrase_statuses`].
+    status: usize,
+    /// Index into [`FakeAzureConfig::transcripts`] (cycled), for a `Success`.
+    transcript: Option<usize>,
+}
+
+/// The statuses and transcripts handed out so far, across all connections, in phrase order.
+#[derive(Debug, Default)]
+struct Outcomes {
+    statuses: Sequence,
+    transcripts: Sequence,
+}
+
+/// 0, 1, 2... with numbers given back (by phrases never sent) handed out again first.
+#[derive(Debug, Default)]
+struct Sequence {
+    next: usize,
+    returned: BTreeSet<usize>,
+}
+
+impl Sequence {
+    fn take(&mut self) -> usize {
+        self.returned.pop_first().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn give_back(&mut self, n: usize) {
+        self.returned.insert(n);
     }
 }
 
@@ -338,7 +419,11 @@ pub async fn spawn(cfg: FakeAzureConfig) -> std::io::Result<FakeAzure> {
 
 /// The fake's routes on every path the SDKs use.
 fn routes(cfg: FakeAzureConfig, stats: Arc<Mutex<FakeAzureStats>>) -> Router {
-    let shared = Arc::new(Shared { cfg, stats });
+    let shared = Arc::new(Shared {
+        cfg,
+        stats,
+        outcomes: Mutex::default(),
+    });
     let mut app = Router::new();
     for p in PATHS {
         app = app.route(p, get(upgrade));
@@ -442,6 +527,8 @@ enum Out {
         duration: u64,
         last_speech_at: Option<std::time::Instant>,
         segmented_at: Option<std::time::Instant>,
+        /// Its outcome, if its hypotheses already decided it.
+        outcome: Option<Outcome>,
     },
 }
 
@@ -461,6 +548,10 @@ struct Speech {
     last_voiced_at: std::time::Instant,
     next_hypothesis: u64,
     hypotheses: usize,
+    /// Voiced blocks so far.
+    voiced_blocks: u64,
+    /// Decided at the first hypothesis.
+    outcome: Option<Outcome>,
 }
 
 /// One turn (one `X-RequestId`) on a connection.
@@ -492,8 +583,6 @@ struct Connection {
     /// Of those, the turns the fake ended while audio flowed: audio in flight is ignored.
     cut_ids: HashSet<String>,
     queue: VecDeque<(Instant, Out)>,
-    /// Queued `Final`s not yet sent (their transcript index is still open).
-    finals_queued: usize,
     phrases_sent_here: usize,
     /// Language identification, from the last `speech.context` (`None`: off).
     lid: Option<Lid>,
@@ -522,7 +611,6 @@ impl Connection {
             finished_ids: HashSet::new(),
             cut_ids: HashSet::new(),
             queue: VecDeque::new(),
-            finals_queued: 0,
             phrases_sent_here: 0,
             lid: None,
         }
@@ -547,7 +635,24 @@ impl Connection {
         Some(json!({"Language": language, "Confidence": "High"}))
     }
 
-    async fn run(&mut self, mut socket: ServerSocket) {
+    async fn run(&mut self, socket: ServerSocket) {
+        self.serve(socket).await;
+        // Outcomes of phrases that will never be sent go to the next phrases.
+        let speech = self.turn.take().and_then(|t| t.speech);
+        self.give_back(speech);
+    }
+
+    /// Gives back the outcomes of the phrase in progress and of the finals not yet sent.
+    fn give_back(&mut self, speech: Option<Speech>) {
+        self.sh.give_back(speech.and_then(|sp| sp.outcome));
+        for (_, out) in self.queue.drain(..) {
+            if let Out::Final { outcome, .. } = out {
+                self.sh.give_back(outcome);
+            }
+        }
+    }
+
+    async fn serve(&mut self, mut socket: ServerSocket) {
         let fault = self.sh.cfg.fault;
         let (close_at, close_with) = match fault {
             AzureFault::CloseAfterMs(ms) => (Some(ms), close_code::ERROR),
@@ -617,24 +722,18 @@ impl Connection {
                     duration,
                     last_speech_at,
                     segmented_at,
+                    outcome,
                 } => {
-                    self.finals_queued = self.finals_queued.saturating_sub(1);
                     let cfg = &self.sh.cfg;
-                    let (status, text) = {
+                    let outcome = outcome.unwrap_or_else(|| self.sh.decide());
+                    let status = self.sh.status(outcome).to_owned();
+                    let text = outcome.transcript.map(|i| transcript(&cfg.transcripts, i));
+                    {
                         let mut st = self.sh.stats();
-                        let status = cfg
-                            .phrase_statuses
-                            .get(st.phrase_outcomes)
-                            .map_or("Success", String::as_str)
-                            .to_owned();
                         st.phrase_outcomes += 1;
-                        let text = (status == "Success").then(|| {
-                            let t = transcript(&cfg.transcripts, st.phrases_sent);
-                            st.phrases_sent += 1;
-                            (t, st.phrases_sent - 1)
-                        });
-                        (status, text)
-                    };
+                        st.phrases_sent += usize::from(text.is_some());
+                    }
+                    let text = text.zip(outcome.transcript);
                     let mut body = json!({"RecognitionStatus": status_value(cfg, &status),
                         "Offset": offset, "Duration": duration});
                     let text = text.map(|(t, index)| {
@@ -692,11 +791,10 @@ impl Connection {
     /// Ends the current turn while the client is still sending audio: `speech.endDetected`
     /// and `turn.end` now, and whatever was queued for the turn is dropped.
     async fn cut_turn(&mut self, socket: &mut ServerSocket) -> bool {
-        let Some(turn) = self.turn.take() else {
+        let Some(mut turn) = self.turn.take() else {
             return true;
         };
-        self.queue.clear();
-        self.finals_queued = 0;
+        self.give_back(turn.speech.take());
         self.sh.stats().turns_cut += 1;
         let end = wire::ticks(turn.pos, turn.rate);
         for (path, body) in [
@@ -922,6 +1020,7 @@ impl Connection {
     fn on_block(&mut self, block: &[i16]) {
         let seg_ms = self.segmentation_ms;
         let hyp_ms = self.sh.cfg.hypothesis_every_ms;
+        let min_blocks = self.sh.cfg.min_phrase_voiced_ms.div_ceil(BLOCK_MS);
         let Some(turn) = self.turn.as_mut() else {
             return;
         };
@@ -943,23 +1042,33 @@ impl Connection {
                     last_voiced_at: std::time::Instant::now(),
                     next_hypothesis: start + hyp_ms * rate / 1000,
                     hypotheses: 0,
+                    voiced_blocks: 1,
+                    outcome: None,
                 });
             }
             (Some(sp), true) => {
                 sp.last_voiced_end = end;
                 sp.last_voiced_at = std::time::Instant::now();
-                if hyp_ms > 0 && end >= sp.next_hypothesis {
+                sp.voiced_blocks += 1;
+                if hyp_ms > 0 && end >= sp.next_hypothesis && sp.voiced_blocks >= min_blocks {
                     sp.hypotheses += 1;
                     sp.next_hypothesis += hyp_ms * rate / 1000;
                     hypothesis = Some((sp.start, end - sp.start, sp.hypotheses));
                 }
             }
             (Some(sp), false) if end - sp.last_voiced_end >= seg_ms * rate / 1000 => {
-                ended = Some((sp.start, sp.last_voiced_end - sp.start, sp.last_voiced_at));
+                // Too little voice to be a phrase: noise, forgotten.
+                ended = (sp.voiced_blocks >= min_blocks).then_some((
+                    sp.start,
+                    sp.last_voiced_end - sp.start,
+                    sp.last_voiced_at,
+                    sp.outcome,
+                ));
                 turn.speech = None;
             }
             (Some(sp), false)
                 if hyp_ms > 0
+                    && sp.voiced_blocks >= min_blocks
                     && self.sh.cfg.complete_hypothesis_at_pause
                     && end - sp.last_voiced_end == block.len() as u64 =>
             {
@@ -972,9 +1081,16 @@ impl Connection {
             self.say("speech.startDetected", json!({"Offset": ticks(start)}));
         }
         if let Some((s, d, n)) = hypothesis {
-            let idx = self.sh.stats().phrases_sent + self.finals_queued;
+            let outcome = self.phrase_outcome();
+            // A phrase with no words (NoMatch...) still has hypotheses: some transcript.
+            let idx = outcome.transcript.unwrap_or(outcome.status);
             let full = transcript(&self.sh.cfg.transcripts, idx);
-            let words: Vec<&str> = full.split_whitespace().take(n).collect();
+            let every = self.sh.cfg.revise_every;
+            let mut words: Vec<&str> = full.split_whitespace().collect();
+            if every > 0 && (idx + 1).is_multiple_of(every) {
+                words.pop();
+            }
+            words.truncate(n);
             let path = if self.sh.cfg.fragments {
                 "speech.fragment"
             } else {
@@ -986,9 +1102,21 @@ impl Connection {
             }
             self.say(path, body);
         }
-        if let Some((s, d, heard)) = ended {
+        if let Some((s, d, heard, taken)) = ended {
             let segmented = std::time::Instant::now();
-            self.queue_final(ticks(s), ticks(d), Some(heard), Some(segmented));
+            self.queue_final(ticks(s), ticks(d), Some(heard), Some(segmented), taken);
+        }
+    }
+
+    /// The outcome of the phrase in progress, decided at its first hypothesis.
+    fn phrase_outcome(&mut self) -> Outcome {
+        let sh = Arc::clone(&self.sh);
+        match self.turn.as_mut().and_then(|t| t.speech.as_mut()) {
+            Some(sp) => *sp.outcome.get_or_insert_with(|| sh.decide()),
+            None => Outcome {
+                status: 0,
+                transcript: None,
+            },
         }
     }
 
@@ -998,12 +1126,13 @@ impl Connection {
         duration: u64,
         last_speech_at: Option<std::time::Instant>,
         segmented_at: Option<std::time::Instant>,
+        outcome: Option<Outcome>,
     ) {
         let Some(request_id) = self.turn.as_ref().map(|t| t.request_id.clone()) else {
+            self.sh.give_back(outcome);
             return;
         };
         let at = Instant::now() + Duration::from_millis(self.sh.cfg.final_delay_ms);
-        self.finals_queued += 1;
         self.push(
             at,
             Out::Final {
@@ -1012,6 +1141,7 @@ impl Connection {
                 duration,
                 last_speech_at,
                 segmented_at,
+                outcome,
             },
         );
     }
@@ -1030,12 +1160,18 @@ impl Connection {
         let pos = turn.pos;
         let rid = turn.request_id.clone();
         let ticks = |samples: u64| wire::ticks(samples, rate);
-        if let Some(sp) = turn.speech.take() {
+        let min_blocks = self.sh.cfg.min_phrase_voiced_ms.div_ceil(BLOCK_MS);
+        if let Some(sp) = turn
+            .speech
+            .take()
+            .filter(|sp| sp.voiced_blocks >= min_blocks)
+        {
             self.queue_final(
                 ticks(sp.start),
                 ticks(sp.last_voiced_end - sp.start),
                 Some(sp.last_voiced_at),
                 None,
+                sp.outcome,
             );
         }
         let now = Instant::now();
@@ -1481,6 +1617,175 @@ mod tests {
         assert_eq!(guess_language("Berapa harganya?", &both), "ms-MY");
         assert_eq!(guess_language("Okay", &c(&["en-GB", "ms-MY"])), "ms-MY");
         assert_eq!(guess_language("Thank you", &c(&["zh-CN"])), "zh-CN");
+    }
+
+    /// 8 kHz PCM bytes: `tone_ms` of a loud square wave, then `silence_ms` of silence.
+    fn tone_then_silence(tone_ms: usize, silence_ms: usize) -> Vec<u8> {
+        let mut pcm: Vec<i16> = (0..tone_ms * 8)
+            .map(|i| if (i / 10) % 2 == 0 { 8000 } else { -8000 })
+            .collect();
+        pcm.extend(std::iter::repeat_n(0i16, silence_ms * 8));
+        let mut bytes = Vec::new();
+        pcm::samples_to_le_bytes(&pcm, &mut bytes);
+        bytes
+    }
+
+    /// Reads until a `speech.hypothesis`; returns its text.
+    async fn next_hypothesis(ws: &mut Client) -> String {
+        loop {
+            match timeout(Duration::from_secs(10), ws.next())
+                .await
+                .expect("fake hung")
+            {
+                Some(Ok(WsMessage::Text(t))) => {
+                    let m = said(&t);
+                    if m.path == "speech.hypothesis" {
+                        return m.body["Text"].as_str().unwrap().to_owned();
+                    }
+                }
+                Some(Ok(_)) => {}
+                other => panic!("no hypothesis: {other:?}"),
+            }
+        }
+    }
+
+    fn final_text(msgs: &[Said]) -> String {
+        msgs.iter()
+            .find(|m| m.path == "speech.phrase" && m.body["RecognitionStatus"] == "Success")
+            .map(|m| m.body["DisplayText"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn phrase_cfg() -> FakeAzureConfig {
+        FakeAzureConfig {
+            transcripts: vec!["satu dua tiga".into(), "empat lima enam".into()],
+            // Only the hypothesis at the pause (no periodic ones within a short phrase).
+            hypothesis_every_ms: 10_000,
+            ..cfg()
+        }
+    }
+
+    /// Many calls share one fake: a phrase's final says what its hypothesis said even when
+    /// another connection's phrase is sent in between (a reply started on the hypothesis
+    /// must be confirmed by the final).
+    #[tokio::test]
+    async fn a_phrases_final_says_what_its_hypothesis_said_across_connections() {
+        let fake = FakeAzure::spawn(phrase_cfg()).await.unwrap();
+        let query = "&segmentationSilenceTimeoutMs=200";
+        let mut a = open(&fake, PATHS[0], query).await;
+        send_all(
+            &mut a,
+            vec![
+                config_frame(),
+                wav_header_frame(8000),
+                audio_frame(None, &tone_then_silence(400, 40)),
+            ],
+        )
+        .await;
+        let a_hypothesis = next_hypothesis(&mut a).await;
+        // Another call says a whole phrase meanwhile.
+        let mut b = open(&fake, PATHS[0], query).await;
+        send_all(
+            &mut b,
+            vec![
+                config_frame(),
+                wav_header_frame(8000),
+                audio_frame(None, &tone_then_silence(400, 400)),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (b_msgs, _) = read_all(&mut b).await;
+        send_all(
+            &mut a,
+            vec![
+                audio_frame(None, &tone_then_silence(0, 400)),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (a_msgs, _) = read_all(&mut a).await;
+        assert_eq!(final_text(&a_msgs), a_hypothesis);
+        let b_hypothesis = b_msgs
+            .iter()
+            .find(|m| m.path == "speech.hypothesis")
+            .map(|m| m.body["Text"].as_str().unwrap().to_owned());
+        assert_eq!(Some(final_text(&b_msgs)), b_hypothesis);
+        assert_ne!(final_text(&a_msgs), final_text(&b_msgs));
+    }
+
+    /// With `revise_every`, the final revises what the hypothesis said (its last word), for
+    /// benchmarking the replies started on a hypothesis and thrown away.
+    #[tokio::test]
+    async fn revised_phrases_finals_differ_from_their_hypotheses() {
+        let fake = FakeAzure::spawn(FakeAzureConfig {
+            revise_every: 2,
+            ..phrase_cfg()
+        })
+        .await
+        .unwrap();
+        let mut ws = open(&fake, PATHS[0], "&segmentationSilenceTimeoutMs=200").await;
+        send_all(&mut ws, vec![config_frame(), wav_header_frame(8000)]).await;
+        let mut said_then_final = Vec::new();
+        for _ in 0..2 {
+            send_all(
+                &mut ws,
+                vec![audio_frame(None, &tone_then_silence(400, 40))],
+            )
+            .await;
+            let hypothesis = next_hypothesis(&mut ws).await;
+            send_all(&mut ws, vec![audio_frame(None, &tone_then_silence(0, 400))]).await;
+            let fin = loop {
+                let m = match timeout(Duration::from_secs(10), ws.next()).await {
+                    Ok(Some(Ok(WsMessage::Text(t)))) => said(&t),
+                    other => panic!("{other:?}"),
+                };
+                if m.path == "speech.phrase" {
+                    break m.body["DisplayText"].as_str().unwrap().to_owned();
+                }
+            };
+            said_then_final.push((hypothesis, fin));
+        }
+        assert_eq!(
+            said_then_final,
+            [
+                ("satu dua tiga".to_owned(), "satu dua tiga".to_owned()),
+                ("empat lima".to_owned(), "empat lima enam".to_owned()),
+            ]
+        );
+    }
+
+    /// Line noise peaks above the speech level now and then: too short to be a phrase.
+    #[tokio::test]
+    async fn bursts_shorter_than_a_phrase_are_not_recognised() {
+        let fake = FakeAzure::spawn(FakeAzureConfig {
+            min_phrase_voiced_ms: 100,
+            ..phrase_cfg()
+        })
+        .await
+        .unwrap();
+        let mut ws = open(&fake, PATHS[0], "&segmentationSilenceTimeoutMs=200").await;
+        let mut audio = tone_then_silence(40, 400);
+        audio.extend(tone_then_silence(400, 400));
+        send_all(
+            &mut ws,
+            vec![
+                config_frame(),
+                wav_header_frame(8000),
+                audio_frame(None, &audio),
+                end_of_stream_frame(),
+            ],
+        )
+        .await;
+        let (msgs, _) = read_all(&mut ws).await;
+        let phrases: Vec<&Said> = msgs
+            .iter()
+            .filter(|m| m.path == "speech.phrase" && m.body["RecognitionStatus"] == "Success")
+            .collect();
+        assert_eq!(phrases.len(), 1, "{msgs:?}");
+        // The phrase is the tone, 440 ms in.
+        assert_eq!(phrases[0].body["Offset"], 4_400_000);
+        assert_eq!(phrases[0].body["DisplayText"], "satu dua tiga");
     }
 
     async fn expect_close(fake: &FakeAzure, frames: Vec<WsMessage>) -> Option<u16> {

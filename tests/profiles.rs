@@ -361,7 +361,7 @@ async fn a_reload_changes_the_greeting_for_new_calls_and_keeps_the_side_channel(
 }
 
 /// First-audio latency of a cached greeting against one with a variable (synthesized per
-/// call), with the realistic fakes (TTS first audio 150 ms, then 2x real time). A figure,
+/// call, streamed into the playout), with the realistic fakes (TTS first audio 150 ms, then 2x real time). A figure,
 /// not a test: `cargo test --test profiles -- --ignored --nocapture greeting_latency`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]

@@ -28,7 +28,8 @@ use uuid::Uuid;
 use super::context::{CONTEXT_DEADLINE, CallContext, CallControl, CallOutcome, DECISION_DEADLINE};
 use super::hangup::HangupReason;
 use super::machine::{
-    AgentConfig, AgentReport, CallMachine, Effect, Input, Mode, ReplyEvent, ReplyId,
+    AgentConfig, AgentReport, CallMachine, Effect, Input, Mode, PromptChunk, ReplyEvent, ReplyId,
+    STREAMED_PROMPTS,
 };
 use super::profile::ProfileSetup;
 use super::prompts::{PromptCache, PromptKind};
@@ -39,6 +40,7 @@ use crate::ops::live::{LiveCalls, LiveGuard};
 use crate::ops::metrics::{EndReason, Metrics};
 use crate::ops::profiles::{DEFAULT_PROFILE, DEFAULT_TIME_ZONE};
 use crate::providers::stt::{SttEvent, SttSession};
+use crate::providers::tts::TtsOutput;
 
 /// A single frame write that takes longer than this means the peer stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -52,9 +54,12 @@ const INPUT_BUDGET: u64 = 2;
 const INPUT_FLOOD: u64 = 10;
 /// Longest wait for a phrase that is not cached (the caller is hearing silence meanwhile).
 const PROMPT_DEADLINE: Duration = Duration::from_millis(800);
-/// Longest wait for a phrase with variables, which every call synthesizes whole before it
-/// plays (a greeting takes a good part of its own length to synthesize).
+/// Longest wait for a phrase with variables, which every call synthesizes for itself: for
+/// the first audio of a streamed one, for the whole of the others (a greeting takes a good
+/// part of its own length to synthesize).
 const PER_CALL_PROMPT_DEADLINE: Duration = Duration::from_secs(3);
+/// A streamed phrase whose audio stops arriving for this long ends where its audio ends.
+const PROMPT_STREAM_STALL: Duration = Duration::from_secs(2);
 /// Longest wait for the recognition's websocket to open.
 const STT_START_DEADLINE: Duration = Duration::from_secs(5);
 /// Room for control events from the provider tasks (they wait when it is full).
@@ -338,6 +343,8 @@ pub async fn serve_call<S: CallStream>(
         stt: None,
         stt_generation: 0,
         replies: HashMap::new(),
+        prompt_streams: HashMap::new(),
+        next_prompt_stream: 0,
         tasks: CancellationToken::new(),
         frames_in: 1,
         frames_out: 0,
@@ -454,6 +461,7 @@ fn log_end(summary: &CallSummary, metrics: &Metrics) {
 enum Control {
     SttStarted(u64, Result<SttSession, String>),
     Prompt(PromptKind, Result<Arc<Vec<i16>>, String>),
+    PromptStream(PromptKind, u64, PromptChunk),
 }
 
 /// Caller audio per one-second window, against the call's real-time rate.
@@ -516,6 +524,9 @@ struct Driver<S: CallStream> {
     stt: Option<SttSession>,
     stt_generation: u64,
     replies: HashMap<ReplyId, CancellationToken>,
+    /// The phrases being streamed, by stream id (see [`Input::PromptStream`]).
+    prompt_streams: HashMap<u64, CancellationToken>,
+    next_prompt_stream: u64,
     /// Parent of every task this call started: cancelled when the call ends.
     tasks: CancellationToken,
     frames_in: u64,
@@ -729,6 +740,11 @@ impl<S: CallStream> Driver<S> {
             return;
         }
         let generic = own.and_then(|_| agent.prompts.cached(kind, rate.hz()));
+        if own.is_some() && STREAMED_PROMPTS.contains(&kind) {
+            let own = Arc::clone(prompts);
+            self.stream_prompt(kind, own, generic, rate.hz());
+            return;
+        }
         let prompts = Arc::clone(prompts);
         let tx = self.control_tx.clone();
         let cancel = self.tasks.clone();
@@ -754,6 +770,71 @@ impl<S: CallStream> Driver<S> {
         });
     }
 
+    /// Plays this call's own phrase while it is synthesized: its audio goes to the machine
+    /// piece by piece, into the same playout a reply uses. If it fails or has no audio
+    /// within [`PER_CALL_PROMPT_DEADLINE`], the generic version plays instead; a failure or
+    /// a stall after some audio ends the phrase where its audio ends.
+    fn stream_prompt(
+        &mut self,
+        kind: PromptKind,
+        own: Arc<PromptCache>,
+        generic: Option<Arc<Vec<i16>>>,
+        rate: u32,
+    ) {
+        self.next_prompt_stream += 1;
+        let stream = self.next_prompt_stream;
+        let cancel = self.tasks.child_token();
+        self.prompt_streams.insert(stream, cancel.clone());
+        let tx = self.control_tx.clone();
+        tokio::spawn(
+            async move {
+                let result = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    r = stream_phrase(&own, kind, rate, stream, &tx) => r,
+                };
+                let Err(e) = result else { return };
+                let result = match generic {
+                    Some(generic) => {
+                        warn!(?kind, error = %e, "this call's own phrase failed before any audio; playing the generic one");
+                        Ok(generic)
+                    }
+                    None => Err(format!("prompt synthesis failed: {e}")),
+                };
+                let _ = tx.send(Control::Prompt(kind, result)).await;
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    /// Feeds one piece of a streamed phrase; stops the synthesis once the caller has
+    /// interrupted the phrase (its audio is no longer wanted).
+    fn on_prompt_stream(&mut self, kind: PromptKind, stream: u64, chunk: PromptChunk) {
+        let audio = matches!(chunk, PromptChunk::Audio(_));
+        let end = matches!(chunk, PromptChunk::Done | PromptChunk::Failed(_));
+        self.machine.handle(
+            Input::PromptStream {
+                kind,
+                stream,
+                chunk,
+            },
+            now(),
+        );
+        if end {
+            self.prompt_streams.remove(&stream);
+        } else if audio && !self.machine.wants_prompt_stream(stream) {
+            if let Some(t) = self.prompt_streams.remove(&stream) {
+                t.cancel();
+            }
+            let chunk = PromptChunk::Done;
+            let input = Input::PromptStream {
+                kind,
+                stream,
+                chunk,
+            };
+            self.machine.handle(input, now());
+        }
+    }
+
     fn on_control(&mut self, c: Control) {
         let now = now();
         match c {
@@ -770,6 +851,9 @@ impl<S: CallStream> Driver<S> {
                 }
             }
             Control::Prompt(kind, result) => self.machine.handle(Input::Prompt(kind, result), now),
+            Control::PromptStream(kind, stream, chunk) => {
+                self.on_prompt_stream(kind, stream, chunk);
+            }
         }
     }
 
@@ -890,6 +974,61 @@ impl<S: CallStream> Driver<S> {
                     "write blocked for {WRITE_TIMEOUT:?}: peer not reading"
                 )),
             )),
+        }
+    }
+}
+
+/// Sends a phrase's audio to the call as the TTS service produces it. `Err` when it failed
+/// before any audio (nothing was sent; the caller may get the generic version instead).
+async fn stream_phrase(
+    prompts: &PromptCache,
+    kind: PromptKind,
+    rate: u32,
+    stream: u64,
+    tx: &mpsc::Sender<Control>,
+) -> Result<(), String> {
+    let first_deadline = tokio::time::Instant::now() + PER_CALL_PROMPT_DEADLINE;
+    let late = || format!("no audio within {PER_CALL_PROMPT_DEADLINE:?}");
+    let tts = tokio::time::timeout_at(first_deadline, prompts.open_stream(kind, rate))
+        .await
+        .map_err(|_| late())??;
+    let mut audio = tts.audio;
+    let mut started = false;
+    loop {
+        let next = if started {
+            timeout(PROMPT_STREAM_STALL, audio.recv()).await
+        } else {
+            tokio::time::timeout_at(first_deadline, audio.recv()).await
+        };
+        let chunk = match next {
+            Err(_) if !started => return Err(late()),
+            Err(_) => PromptChunk::Failed(format!(
+                "no TTS audio for {PROMPT_STREAM_STALL:?} mid-phrase"
+            )),
+            Ok(Some(TtsOutput::Audio(pcm))) if pcm.is_empty() => continue,
+            Ok(Some(TtsOutput::Audio(pcm))) => {
+                started = true;
+                PromptChunk::Audio(pcm)
+            }
+            Ok(Some(TtsOutput::Alignment { .. })) if !started => continue,
+            Ok(Some(TtsOutput::Alignment {
+                chars, start_ms, ..
+            })) => PromptChunk::Alignment { chars, start_ms },
+            Ok(Some(TtsOutput::Done) | None) if !started => {
+                return Err("TTS returned no audio".into());
+            }
+            Ok(Some(TtsOutput::Done) | None) => PromptChunk::Done,
+            Ok(Some(TtsOutput::Failed(e))) if !started => return Err(e),
+            Ok(Some(TtsOutput::Failed(e))) => PromptChunk::Failed(e),
+        };
+        let end = matches!(chunk, PromptChunk::Done | PromptChunk::Failed(_));
+        if tx
+            .send(Control::PromptStream(kind, stream, chunk))
+            .await
+            .is_err()
+            || end
+        {
+            return Ok(());
         }
     }
 }

@@ -261,3 +261,153 @@ async fn an_echo_call_whose_peer_goes_quiet_is_ended() {
         summary.duration >= Duration::from_secs(60) && summary.duration < Duration::from_secs(62)
     );
 }
+
+/// A TTS that answers like the realistic fake, in virtual time: first audio 150 ms after the
+/// text is complete, then 200 ms of audio every 100 ms (twice real time), 3 s in all. A text
+/// containing `fail_if` fails before any audio.
+struct PacedTts {
+    fail_if: Option<&'static str>,
+}
+
+/// The level of [`PacedTts`]'s audio (the caller sends silence).
+const SPOKEN: i16 = 3000;
+
+impl TtsProvider for PacedTts {
+    fn open(&self, params: TtsParams) -> BoxFuture<'_, Result<TtsStream, TtsError>> {
+        use crate::providers::tts::{TtsInput, TtsOutput};
+        let fail_if = self.fail_if;
+        Box::pin(async move {
+            let (text_tx, mut text_rx) = tokio::sync::mpsc::channel(8);
+            let (audio_tx, audio_rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(async move {
+                let mut text = String::new();
+                while let Some(TtsInput::Text(t)) = text_rx.recv().await {
+                    text.push_str(&t);
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                if fail_if.is_some_and(|f| text.contains(f)) {
+                    let _ = audio_tx.send(TtsOutput::Failed("HTTP 500".into())).await;
+                    return;
+                }
+                let chunk = params.sample_rate as usize / 5;
+                for i in 0..15 {
+                    if i > 0 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    let _ = audio_tx.send(TtsOutput::Audio(vec![SPOKEN; chunk])).await;
+                }
+                let _ = audio_tx.send(TtsOutput::Done).await;
+            });
+            Ok(TtsStream {
+                text: text_tx,
+                audio: audio_rx,
+            })
+        })
+    }
+}
+
+/// The scenario agent whose greeting has a variable (`{call_id}`: the call's own), with a
+/// [`PacedTts`]; its generic version is cached first when `cache_generic`.
+async fn per_call_greeting_agent(tts: PacedTts, cache_generic: bool) -> Behaviour {
+    let mut cfg = super::scenarios::config();
+    cfg.prompts.greeting = "Rujukan {call_id}, selamat datang.".into();
+    let tts: Arc<dyn TtsProvider> = Arc::new(tts);
+    let prompts = PromptCache::new(cfg.prompts.clone(), Arc::clone(&tts));
+    if cache_generic {
+        prompts.preload(&[8_000]).await;
+    }
+    Behaviour::Agent(Arc::new(AgentSetup {
+        providers: Providers {
+            stt: Arc::new(DeafStt::default()),
+            llm: Arc::new(SilentLlm),
+            tts,
+            tools: Arc::new(super::tools::ToolBox::empty()),
+        },
+        prompts: Arc::new(prompts),
+        cfg: Arc::new(cfg),
+    }))
+}
+
+/// Runs a call that sends silence for `for_ms`; returns when each frame carrying
+/// [`SPOKEN`] went out (ms from the first audio message) and the summary.
+async fn greeted_call(behaviour: Behaviour, for_ms: u64) -> (Vec<u64>, CallSummary) {
+    let (mut asterisk, call) = start(config(behaviour));
+    asterisk.write_all(&uuid()).await.unwrap();
+    asterisk.write_all(&audio_8k()).await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    let (mut rx, mut tx) = tokio::io::split(asterisk);
+    let feeder = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.tick().await;
+        for _ in 0..for_ms / 20 {
+            tick.tick().await;
+            if tx.write_all(&audio_8k()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut spoken = Vec::new();
+    let mut header = [0u8; 3];
+    while rx.read_exact(&mut header).await.is_ok() {
+        let mut payload = vec![0; usize::from(u16::from_be_bytes([header[1], header[2]]))];
+        rx.read_exact(&mut payload).await.unwrap();
+        let at = (tokio::time::Instant::now() - t0).as_millis() as u64;
+        if header[0] == 0x10 && payload[..2] == SPOKEN.to_le_bytes() {
+            spoken.push(at);
+        }
+        if at >= for_ms {
+            break;
+        }
+    }
+    feeder.await.unwrap();
+    drop(rx);
+    (spoken, call.await.unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_greeting_with_a_variable_plays_as_its_tts_audio_arrives() {
+    let agent = per_call_greeting_agent(PacedTts { fail_if: None }, false).await;
+    let (spoken, summary) = greeted_call(agent, 4000).await;
+    // The first audio arrives at 150 ms; the whole phrase only at 1550 ms.
+    let first = spoken.first().copied().unwrap();
+    assert!(first <= 150 + 40, "first greeting frame at {first} ms");
+    assert_eq!(spoken.len(), 150, "all 3 s of it, once");
+    assert!(
+        spoken.windows(2).all(|w| w[1] - w[0] <= 20),
+        "no gap while it streams: {spoken:?}"
+    );
+    let report = summary.agent.unwrap();
+    let said: Vec<_> = report
+        .transcript
+        .iter()
+        .map(|l| (l.role, l.text.as_str(), l.interrupted))
+        .collect();
+    assert_eq!(
+        said,
+        [(
+            Role::Agent,
+            "Rujukan 07070707-0707-0707-0707-070707070707, selamat datang.",
+            false
+        )]
+    );
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_greeting_whose_synthesis_fails_before_any_audio_plays_the_generic_version() {
+    let tts = PacedTts {
+        fail_if: Some("0707"),
+    };
+    let agent = per_call_greeting_agent(tts, true).await;
+    let (spoken, summary) = greeted_call(agent, 4000).await;
+    assert_eq!(spoken.len(), 150, "the cached generic greeting, whole");
+    let first = spoken.first().copied().unwrap();
+    assert!(
+        first <= 150 + 40,
+        "played as soon as the failure came: {first} ms"
+    );
+    let report = summary.agent.unwrap();
+    // What the history and transcript say is the call's own text (as before this change).
+    assert_eq!(report.transcript.len(), 1, "{:?}", report.transcript);
+    assert_eq!(summary.reason, EndReason::CallerHangup);
+}

@@ -255,11 +255,49 @@ pub enum Input {
     Reply(ReplyId, ReplyEvent),
     /// A fixed phrase's audio at the call rate, or why it cannot be had.
     Prompt(PromptKind, Result<Arc<Vec<i16>>, String>),
+    /// A piece of a phrase synthesized for this call (one with variables), streamed as the
+    /// TTS service produces it: the driver's other answer to [`Effect::Prompt`] for the
+    /// greeting, the apology and the still-there question. A stream that fails before any
+    /// audio is answered with [`Input::Prompt`] (the generic version) instead.
+    PromptStream {
+        /// Which phrase (one of [`STREAMED_PROMPTS`]).
+        kind: PromptKind,
+        /// Tells this synthesis from an earlier one of the same phrase still running.
+        stream: u64,
+        /// What arrived.
+        chunk: PromptChunk,
+    },
     /// The deadline from [`CallMachine::poll_timeout`] has passed.
     Timeout,
     /// The daemon is shutting down: hang up once the frame in flight has played.
     Shutdown,
 }
+
+/// One piece of a streamed phrase ([`Input::PromptStream`]).
+#[derive(Debug)]
+pub enum PromptChunk {
+    /// Synthesized audio at the call rate (the first one starts the phrase).
+    Audio(Vec<i16>),
+    /// Which characters the audio so far speaks, as [`ReplyEvent::Alignment`].
+    Alignment {
+        /// The characters as the TTS service reported them.
+        chars: Vec<String>,
+        /// Start of each, ms from the start of the phrase's audio.
+        start_ms: Vec<u32>,
+    },
+    /// The phrase is all synthesized.
+    Done,
+    /// Synthesis failed after some audio: what was queued plays, then the phrase ends.
+    Failed(String),
+}
+
+/// The phrases the machine takes as a stream ([`Input::PromptStream`]); the others (hold,
+/// filler, handover) always come whole.
+pub const STREAMED_PROMPTS: [PromptKind; 3] = [
+    PromptKind::Greeting,
+    PromptKind::Apology,
+    PromptKind::StillThere,
+];
 
 /// Something the driver must do.
 #[derive(Debug)]
@@ -454,6 +492,8 @@ struct Agent {
     /// What the model is told first: the configured prompt, plus [`LANGUAGE_TAG_NOTE`] with
     /// language identification on.
     system_prompt: String,
+    /// Phrases streamed for this call whose audio is still arriving: stream id, utterance.
+    prompt_streams: Vec<(u64, UtteranceId)>,
 }
 
 #[derive(Debug, Default)]
@@ -554,9 +594,24 @@ impl CallMachine {
             Input::Stt(ev) => self.on_stt(ev, now),
             Input::Reply(id, ev) => self.on_reply(id, ev, now),
             Input::Prompt(kind, r) => self.on_prompt(kind, r, now),
+            Input::PromptStream {
+                kind,
+                stream,
+                chunk,
+            } => self.on_prompt_stream(kind, stream, chunk, now),
             Input::Timeout => self.on_timeout(now),
             Input::Shutdown => self.on_shutdown(now),
         }
+    }
+
+    /// Whether a streamed phrase's audio is still wanted: it has started and the caller has
+    /// not interrupted it for good (a paused phrase is still wanted).
+    pub fn wants_prompt_stream(&self, stream: u64) -> bool {
+        self.agent.as_ref().is_some_and(|a| {
+            (a.prompt_streams.iter())
+                .find(|(id, _)| *id == stream)
+                .is_some_and(|(_, u)| a.utterances.contains_key(u))
+        })
     }
 
     /// The next thing to do, if any.
@@ -853,6 +908,7 @@ impl CallMachine {
                 cfg.system_prompt.clone()
             },
             cfg: Arc::clone(&cfg),
+            prompt_streams: Vec::new(),
         });
         if greeting {
             self.effects.push_back(Effect::Prompt(PromptKind::Greeting));
@@ -1256,7 +1312,14 @@ impl CallMachine {
                 r.utterance = u;
                 (r.done, r.done && r.end_call)
             }
-            None => (true, false),
+            // A streamed phrase whose audio is still arriving goes on in the new utterance.
+            None => match a.prompt_streams.iter_mut().find(|(_, s)| *s == p.utterance) {
+                Some((_, s)) => {
+                    *s = u;
+                    (false, false)
+                }
+                None => (true, false),
+            },
         };
         a.utterances.insert(u, spoken);
         self.report.resumes += 1;
@@ -1752,6 +1815,115 @@ impl CallMachine {
             a.apology_after_greeting = false;
             self.effects.push_back(Effect::Prompt(PromptKind::Apology));
         }
+    }
+
+    /// A piece of a phrase streamed for this call. The first audio starts it as
+    /// [`CallMachine::on_prompt`] starts a whole one (same history entry, transcript and
+    /// barge-in); the rest follows into the playout as a reply's audio does. An apology held
+    /// for after the greeting waits for the greeting's end, so the two never interleave.
+    fn on_prompt_stream(
+        &mut self,
+        kind: PromptKind,
+        stream: u64,
+        chunk: PromptChunk,
+        now: Instant,
+    ) {
+        if !STREAMED_PROMPTS.contains(&kind) {
+            warn!(?kind, "this phrase cannot be streamed; ignored");
+            return;
+        }
+        let Some(a) = self.agent.as_mut() else {
+            return;
+        };
+        let current = (a.prompt_streams.iter())
+            .find(|(id, _)| *id == stream)
+            .map(|(_, u)| *u);
+        match (chunk, current) {
+            (PromptChunk::Audio(samples), _) if samples.is_empty() => {}
+            (PromptChunk::Audio(samples), None) => {
+                if self.hangup.is_final() {
+                    return;
+                }
+                let text = a.cfg.prompts.text(kind).to_owned();
+                let spoken = match kind {
+                    PromptKind::Greeting => SpokenKind::Greeting,
+                    PromptKind::Apology => SpokenKind::Apology,
+                    _ => SpokenKind::StillThere,
+                };
+                let entry = Some(a.history.push(Speaker::Agent, text.clone()));
+                self.next_utterance += 1;
+                let u = UtteranceId(self.next_utterance);
+                a.utterances.insert(
+                    u,
+                    Spoken {
+                        kind: spoken,
+                        text,
+                        samples: samples.len(),
+                        heard_before: 0,
+                        entry,
+                        aligned: Vec::new(),
+                        started_at: None,
+                    },
+                );
+                a.prompt_streams.push((stream, u));
+                if let Some(p) = self.playout.as_mut() {
+                    p.push(u, &samples);
+                }
+            }
+            (PromptChunk::Audio(samples), Some(u)) => {
+                // Gone when the caller interrupted it: the rest is not wanted.
+                let Some(s) = a.utterances.get_mut(&u) else {
+                    return;
+                };
+                s.samples += samples.len();
+                if let Some(p) = a.paused.as_mut().filter(|p| p.utterance == u) {
+                    p.rest.extend_from_slice(&samples);
+                } else if let Some(p) = self.playout.as_mut() {
+                    p.push(u, &samples);
+                }
+            }
+            (PromptChunk::Alignment { chars, start_ms }, Some(u)) => {
+                if let Some(s) = a.utterances.get_mut(&u) {
+                    s.aligned.extend(chars.into_iter().zip(start_ms));
+                }
+            }
+            (PromptChunk::Alignment { .. }, None) => {}
+            (end @ (PromptChunk::Done | PromptChunk::Failed(_)), current) => {
+                a.prompt_streams.retain(|(id, _)| *id != stream);
+                let error = match end {
+                    PromptChunk::Failed(e) => Some(e),
+                    _ => None,
+                };
+                if let Some(u) = current {
+                    if let Some(s) = a.utterances.get_mut(&u) {
+                        if let Some(e) = &error {
+                            warn!(?kind, error = %e, "this call's phrase failed part-way; it ends where its audio ends");
+                            // The caller hears the audio that came: the words it speaks.
+                            if !s.aligned.is_empty() {
+                                s.text = heard_by_alignment(&s.aligned, u32::MAX);
+                            }
+                        }
+                        let paused = a.paused.as_ref().is_some_and(|p| p.utterance == u);
+                        if !paused {
+                            if let Some(p) = self.playout.as_mut() {
+                                p.finish(u);
+                            }
+                        }
+                    }
+                }
+                if kind == PromptKind::Greeting && a.greeting_pending {
+                    a.greeting_pending = false;
+                    if a.apology_after_greeting {
+                        a.apology_after_greeting = false;
+                        self.effects.push_back(Effect::Prompt(PromptKind::Apology));
+                    }
+                }
+                if let Some(e) = error {
+                    self.provider_failed(Provider::Tts, classify(&e), &e);
+                }
+            }
+        }
+        self.drain_playout_events(now);
     }
 
     /// Text-to-speech is down and nothing cached can be said: rather than leave the caller

@@ -7,7 +7,8 @@
 //! The texts are templates: `{caller_name}`, `{now}`, `{var_NAME}`... are filled in per call
 //! ([`render`], [`PromptVars`]). A phrase without variables is cached per profile and rate as
 //! before; one with variables differs per call, so it is never preloaded and each call
-//! synthesizes its own (see `docs/profiles.md` for what that costs the greeting).
+//! synthesizes its own, the greeting streamed as it is synthesized
+//! ([`PromptCache::open_stream`], see `docs/profiles.md`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::RwLock;
 use tracing::{info, warn};
 
-use crate::providers::tts::{TtsError, TtsInput, TtsOutput, TtsParams, TtsProvider};
+use crate::providers::tts::{TtsError, TtsInput, TtsOutput, TtsParams, TtsProvider, TtsStream};
 
 /// Which phrase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -471,6 +472,28 @@ impl PromptCache {
                 warn!(?kind, rate, error = %e, "could not synthesize prompt at startup; will retry on first use")
             }
         }
+    }
+
+    /// Opens a synthesis of a phrase at `rate` and sends it its whole text: the audio comes
+    /// on the stream as the service produces it, for a phrase that plays while it is being
+    /// synthesized (one with variables, which no cache holds). No retry: the caller is
+    /// waiting, and the generic version is the fallback.
+    pub async fn open_stream(&self, kind: PromptKind, rate: u32) -> Result<TtsStream, String> {
+        let text = self.spoken_text(kind);
+        if text.trim().is_empty() {
+            return Err("empty prompt text".into());
+        }
+        let params = TtsParams {
+            sample_rate: rate,
+            call_id: format!("prompt-{kind:?}"),
+            language_code: None,
+        };
+        let stream = self.tts.open(params).await.map_err(|e| e.to_string())?;
+        let closed = |_| "TTS stream closed".to_owned();
+        let text = TtsInput::Text(format!("{} ", text.trim()));
+        stream.text.send(text).await.map_err(closed)?;
+        stream.text.send(TtsInput::Finish).await.map_err(closed)?;
+        Ok(stream)
     }
 
     /// The cached audio, if ready (never waits).

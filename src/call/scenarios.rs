@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::history::{HistoryBudget, estimate_tokens};
 use super::machine::{
-    AgentConfig, CallMachine, Effect, Input, Mode, Pipeline, ReplyEvent, ReplyId,
+    AgentConfig, CallMachine, Effect, Input, Mode, Pipeline, PromptChunk, ReplyEvent, ReplyId,
 };
 use super::prompts::{PromptKind, PromptTexts};
 use super::turn::TurnConfig;
@@ -96,6 +96,8 @@ struct Sim {
     stt_auto_up: bool,
     /// The synthesis settings of each reply started, in order.
     tts: Vec<TtsParams>,
+    /// Phrases the test streams itself ([`Input::PromptStream`]): asked for, not answered.
+    streamed: Vec<PromptKind>,
 }
 
 impl Sim {
@@ -124,6 +126,7 @@ impl Sim {
             hangup: None,
             stt_auto_up: true,
             tts: Vec::new(),
+            streamed: Vec::new(),
         }
     }
 
@@ -157,6 +160,9 @@ impl Sim {
                     self.tts.push(tts);
                 }
                 Effect::CancelReply(id) => self.cancelled.push(id),
+                Effect::Prompt(kind) if self.streamed.contains(&kind) => {
+                    self.prompt_requests.push((self.now, kind));
+                }
                 Effect::Prompt(kind) => {
                     self.prompt_requests.push((self.now, kind));
                     let r = self
@@ -1697,4 +1703,203 @@ fn the_live_state_follows_the_conversation() {
     );
     sim.silence(t, 1_000);
     assert_eq!(sim.m.activity(), Activity::Listening, "the reply is over");
+}
+
+// ---- per-call phrases streamed as they are synthesized ---------------------------------
+
+const LONG_GREETING: &str = "Selamat datang ke khidmat pelanggan kami, Aminah.";
+
+/// The greeting as the realistic TTS streams it: 3 s of audio, the first 200 ms at 150 ms,
+/// then 200 ms every 100 ms (twice real time), each with its characters' alignment (spread
+/// evenly over the audio); then done.
+fn greeting_stream(sim: &Sim) -> Vec<(Instant, PromptChunk)> {
+    let chars: Vec<String> = LONG_GREETING.chars().map(String::from).collect();
+    let per_char = 3000 / chars.len() as u32;
+    let mut out = Vec::new();
+    for i in 0..15u32 {
+        let at = sim.at(150 + 100 * u64::from(i));
+        out.push((at, PromptChunk::Audio(tone(GREETING, 200))));
+        let (from, to) = (i * 200, (i + 1) * 200);
+        let (c, s): (Vec<String>, Vec<u32>) = (chars.iter().enumerate())
+            .map(|(n, c)| (c.clone(), n as u32 * per_char))
+            .filter(|(_, s)| *s >= from && *s < to)
+            .unzip();
+        out.push((
+            at,
+            PromptChunk::Alignment {
+                chars: c,
+                start_ms: s,
+            },
+        ));
+    }
+    out.push((sim.at(150 + 1400), PromptChunk::Done));
+    out
+}
+
+/// The caller sends `samples` from `from` in 20 ms frames while the chunks due meanwhile
+/// arrive (stream 1 of the greeting); returns the end.
+fn caller_while_streaming(
+    sim: &mut Sim,
+    from: Instant,
+    samples: &[i16],
+    chunks: &mut std::collections::VecDeque<(Instant, PromptChunk)>,
+) -> Instant {
+    let mut t = from;
+    for frame in samples.chunks(160) {
+        while chunks.front().is_some_and(|(at, _)| *at <= t) {
+            let (at, chunk) = chunks.pop_front().unwrap();
+            let input = Input::PromptStream {
+                kind: PromptKind::Greeting,
+                stream: 1,
+                chunk,
+            };
+            sim.input(at, input);
+        }
+        sim.caller(t, frame);
+        t += 20 * MS;
+    }
+    t
+}
+
+/// A call whose 3 s greeting (`LONG_GREETING`) is cached, or has a variable and streams;
+/// the caller is silent for `before` ms, then sends `voiced` (400 ms of speech), then
+/// silence to 5 s, while the stream (if any) goes on arriving.
+fn greeting_heard(streamed: bool, before: u64, voiced: &[i16], final_text: Option<&str>) -> Sim {
+    let mut cfg = config();
+    cfg.prompts.greeting = LONG_GREETING.into();
+    let mut sim = Sim::new(cfg);
+    sim.prompts
+        .insert(PromptKind::Greeting, Arc::new(tone(GREETING, 3000)));
+    let mut chunks = std::collections::VecDeque::new();
+    if streamed {
+        sim.streamed.push(PromptKind::Greeting);
+        chunks.extend(greeting_stream(&sim));
+    }
+    let t0 = sim.t0;
+    let t = caller_while_streaming(&mut sim, t0, &vec![0; before as usize * 8], &mut chunks);
+    let t = caller_while_streaming(&mut sim, t, voiced, &mut chunks);
+    let t = caller_while_streaming(&mut sim, t, &vec![0; 460 * 8], &mut chunks);
+    if let Some(text) = final_text {
+        sim.final_(t, text);
+    }
+    let end = sim.at(5000);
+    let rest = (end - t).as_millis() as usize * 8;
+    caller_while_streaming(&mut sim, t, &vec![0; rest], &mut chunks);
+    sim
+}
+
+#[test]
+fn a_streamed_greeting_starts_with_its_first_audio_and_plays_without_gaps() {
+    let sim = greeting_heard(true, 4000, &[], None);
+    assert_eq!(prompts_asked(&sim, PromptKind::Greeting), [sim.t0]);
+    let first = first_frame_of(&sim, GREETING) - sim.t0;
+    assert!(
+        first >= 150 * MS && first <= 170 * MS,
+        "first greeting frame {first:?} after the call started (the first audio came at 150 ms)"
+    );
+    assert_eq!(sim.frames_of(GREETING), 150, "all of it, once");
+    let last = last_frame_of(&sim, GREETING);
+    assert_eq!(
+        sim.longest_silence(first_frame_of(&sim, GREETING), last),
+        Duration::ZERO
+    );
+    assert_eq!(
+        sim.transcript(),
+        [(Role::Agent, LONG_GREETING.to_owned(), false)]
+    );
+    assert!(!sim.m.wants_prompt_stream(1), "done");
+    // Idle from the greeting's end, as after a cached one.
+    assert!(sim.m.poll_timeout().is_some());
+}
+
+#[test]
+fn a_barge_in_during_a_streamed_greeting_is_one_during_a_cached_greeting() {
+    let voiced = speech();
+    let question = "Saya nak tanya pasal bil.";
+    let [cached, streamed] =
+        [false, true].map(|s| greeting_heard(s, 1000, &voiced[..3200], Some(question)));
+    for sim in [&cached, &streamed] {
+        let report = sim.m.report().unwrap();
+        assert_eq!(report.barge_ins, 1);
+        assert_eq!(sim.replies.len(), 1, "the caller's words are answered");
+        let lines = sim.transcript();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines.contains(&(Role::Caller, question.into(), false)));
+        let greeting = lines.iter().find(|l| l.0 == Role::Agent).unwrap();
+        assert!(greeting.2, "the greeting was interrupted: {lines:?}");
+        assert!(LONG_GREETING.starts_with(&greeting.1), "{lines:?}");
+        // Nothing of the greeting after the barge-in, though its audio went on arriving.
+        let cut = sim.at(report.barge_in_ms[0] + 40);
+        assert!(
+            sim.frames
+                .iter()
+                .all(|(t, f)| *t < cut || !f.contains(&GREETING))
+        );
+    }
+    // The caller heard about the same stretch of it (the stream started 150 ms later).
+    let heard = |sim: &Sim| sim.frames_of(GREETING) as i64;
+    assert!((heard(&cached) - heard(&streamed)).abs() <= 8 + 1);
+    assert!(
+        !streamed.m.wants_prompt_stream(1),
+        "the driver stops the synthesis"
+    );
+    // What the streamed one heard comes from the alignment: whole words, cut at the barge-in.
+    let lines = streamed.transcript();
+    let said = &lines.iter().find(|l| l.0 == Role::Agent).unwrap().1;
+    assert_eq!(lines, cached.transcript(), "the same words heard");
+    assert!(
+        !said.is_empty() && said.len() < LONG_GREETING.len(),
+        "{said}"
+    );
+}
+
+#[test]
+fn an_interruption_without_words_resumes_a_streamed_greeting_as_a_cached_one() {
+    let voiced = speech();
+    // At 300 ms the rest of the streamed greeting is still arriving when it resumes; at
+    // 1000 ms it has all arrived while it was paused.
+    for before in [300, 1000] {
+        let [cached, streamed] =
+            [false, true].map(|s| greeting_heard(s, before, &voiced[..3200], Some("")));
+        check_resumed(&cached);
+        check_resumed(&streamed);
+    }
+}
+
+fn check_resumed(sim: &Sim) {
+    {
+        let report = sim.m.report().unwrap();
+        assert_eq!((report.barge_ins, report.resumes), (1, 1));
+        assert!(sim.replies.is_empty());
+        // All of it, plus the stretch before the cut it goes back over.
+        let total = sim.frames_of(GREETING);
+        assert!((150..=150 + 16).contains(&total), "{total} greeting frames");
+        assert_eq!(
+            sim.transcript(),
+            [(Role::Agent, LONG_GREETING.to_owned(), false)]
+        );
+    }
+}
+
+#[test]
+fn a_streamed_greeting_that_fails_part_way_ends_where_its_audio_ends() {
+    let mut cfg = config();
+    cfg.prompts.greeting = LONG_GREETING.into();
+    let mut sim = Sim::new(cfg);
+    sim.streamed.push(PromptKind::Greeting);
+    let mut chunks: std::collections::VecDeque<_> =
+        greeting_stream(&sim).into_iter().take(8).collect();
+    chunks.push_back((sim.at(600), PromptChunk::Failed("connection reset".into())));
+    let t0 = sim.t0;
+    caller_while_streaming(&mut sim, t0, &vec![0; 3000 * 8], &mut chunks);
+    assert_eq!(sim.frames_of(GREETING), 40, "the 800 ms that came");
+    let report = sim.m.report().unwrap();
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    let lines = sim.transcript();
+    assert_eq!(lines.len(), 1);
+    assert!(
+        LONG_GREETING.starts_with(&lines[0].1) && lines[0].1.len() < LONG_GREETING.len(),
+        "what the audio spoke: {lines:?}"
+    );
+    assert!(!sim.m.wants_prompt_stream(1));
 }

@@ -396,6 +396,34 @@ struct Spoken {
     started_at: Option<Instant>,
 }
 
+/// Queues a phrase whose audio is all at hand (a cached or whole clip) as utterance `u`.
+fn queue_whole_phrase(
+    utterances: &mut HashMap<UtteranceId, Spoken>,
+    playout: Option<&mut Playout>,
+    u: UtteranceId,
+    kind: SpokenKind,
+    text: String,
+    entry: Option<EntryId>,
+    pcm: &[i16],
+) {
+    utterances.insert(
+        u,
+        Spoken {
+            kind,
+            text,
+            samples: pcm.len(),
+            heard_before: 0,
+            entry,
+            aligned: Vec::new(),
+            started_at: None,
+        },
+    );
+    if let Some(p) = playout {
+        p.push(u, pcm);
+        p.finish(u);
+    }
+}
+
 /// An utterance stopped by an interruption that may turn out to carry no words.
 #[derive(Debug)]
 struct Paused {
@@ -1795,22 +1823,15 @@ impl CallMachine {
             (spoken != SpokenKind::Hold).then(|| a.history.push(Speaker::Agent, text.clone()));
         self.next_utterance += 1;
         let u = UtteranceId(self.next_utterance);
-        a.utterances.insert(
+        queue_whole_phrase(
+            &mut a.utterances,
+            self.playout.as_mut(),
             u,
-            Spoken {
-                kind: spoken,
-                text,
-                samples: pcm.len(),
-                heard_before: 0,
-                entry,
-                aligned: Vec::new(),
-                started_at: None,
-            },
+            spoken,
+            text,
+            entry,
+            &pcm,
         );
-        if let Some(p) = self.playout.as_mut() {
-            p.push(u, &pcm);
-            p.finish(u);
-        }
         if kind == PromptKind::Greeting && a.apology_after_greeting {
             a.apology_after_greeting = false;
             self.effects.push_back(Effect::Prompt(PromptKind::Apology));
@@ -2342,22 +2363,15 @@ impl CallMachine {
         };
         let text = a.cfg.prompts.handover.clone();
         let entry = Some(a.history.push(Speaker::Agent, text.clone()));
-        a.utterances.insert(
+        queue_whole_phrase(
+            &mut a.utterances,
+            self.playout.as_mut(),
             u,
-            Spoken {
-                kind: SpokenKind::Handover,
-                text,
-                samples: pcm.len(),
-                heard_before: 0,
-                entry,
-                aligned: Vec::new(),
-                started_at: None,
-            },
+            SpokenKind::Handover,
+            text,
+            entry,
+            &pcm,
         );
-        if let Some(p) = self.playout.as_mut() {
-            p.push(u, &pcm);
-            p.finish(u);
-        }
         self.drain_playout_events(now);
     }
 

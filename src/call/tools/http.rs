@@ -64,6 +64,25 @@ pub fn expand_env(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<S
     Ok(out)
 }
 
+/// A tool's configured headers, `${ENV}` expanded and marked sensitive; the error says which
+/// header is wrong and why.
+pub fn header_pairs(
+    headers: &BTreeMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<impl Iterator<Item = (HeaderName, HeaderValue)>, String> {
+    let mut out = Vec::with_capacity(headers.len());
+    for (k, v) in headers {
+        let value = expand_env(v, env).map_err(|why| format!("header {k} {why}"))?;
+        let k = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("{k:?} is not a header name"))?;
+        let mut value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("header {k} has characters a header cannot carry"))?;
+        value.set_sensitive(true);
+        out.push((k, value));
+    }
+    Ok(out.into_iter())
+}
+
 impl HttpTool {
     /// Builds tool `name` from its declaration.
     pub fn new(
@@ -75,16 +94,7 @@ impl HttpTool {
         let bad = |why: String| ToolError::Config(format!("tools.{name}: {why}"));
         let method = Method::from_bytes(t.method.trim().to_ascii_uppercase().as_bytes())
             .map_err(|_| bad(format!("method {:?} is not an HTTP method", t.method)))?;
-        let mut headers = HeaderMap::new();
-        for (k, v) in &t.headers {
-            let value = expand_env(v, env).map_err(|why| bad(format!("header {k} {why}")))?;
-            let k = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| bad(format!("{k:?} is not a header name")))?;
-            let mut value = HeaderValue::from_str(&value)
-                .map_err(|_| bad(format!("header {k} has characters a header cannot carry")))?;
-            value.set_sensitive(true);
-            headers.insert(k, value);
-        }
+        let headers: HeaderMap = header_pairs(&t.headers, env).map_err(bad)?.collect();
         Ok(Self {
             name: name.to_owned(),
             description: t.description.clone(),

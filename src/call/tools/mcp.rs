@@ -16,7 +16,7 @@ use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::http::expand_env;
+use super::http::header_pairs;
 use super::{ToolError, ToolOutput, ToolStatus};
 use crate::ops::config::McpSettings;
 use crate::providers::llm::ToolDef;
@@ -51,16 +51,8 @@ impl McpServer {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ToolError> {
         let bad = |why: String| ToolError::Config(format!("mcp.{name}: {why}"));
-        let mut headers = HashMap::new();
-        for (k, v) in &m.headers {
-            let value = expand_env(v, env).map_err(|why| bad(format!("header {k} {why}")))?;
-            let k = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| bad(format!("{k:?} is not a header name")))?;
-            let mut value = HeaderValue::from_str(&value)
-                .map_err(|_| bad(format!("header {k} has characters a header cannot carry")))?;
-            value.set_sensitive(true);
-            headers.insert(k, value);
-        }
+        let headers: HashMap<HeaderName, HeaderValue> =
+            header_pairs(&m.headers, env).map_err(bad)?.collect();
         Ok(Self {
             name: name.to_owned(),
             url: m.url.clone(),
